@@ -1,0 +1,231 @@
+"""The parameter schema: one dataclass per `params.yaml` section, validated at load.
+
+Every stage reads exactly one section (plus nothing else), and `dvc.yaml` declares that section as
+the stage's params, so editing a key reruns only the stages downstream of it. All keys are required
+in the file: a default hidden in code would be invisible to DVC's parameter tracking, and a run
+could change behaviour without DVC noticing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, TypeVar
+
+import yaml
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A parameter file is missing, malformed, or holds a bad value. The message names file and key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """`prepare`: the prompt sets. `kind: addition` generates the embedded toy task."""
+
+    kind: Literal["addition", "file"]
+    digits: int
+    n_sft: int
+    n_opd: int
+    n_eval: int
+    seed: int
+    # For kind=file: a JSONL or Parquet file with columns `prompt` and optionally `prompt_id`,
+    # `answer` (reference answer for the verifier) and `split` (sft/opd/eval).
+    prompt_file: Optional[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A model to train from scratch (`source: scratch`) or an existing Hugging Face model path."""
+
+    source: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_frac: float
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig(ModelConfig):
+    """`teacher`: trains the toy teacher on reference answers, or resolves and fingerprints a real one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Settings shared by every stage that generates text with a model."""
+
+    backend: Literal["hf", "vllm"]
+    batch_size: int
+    max_new_tokens: int
+    temperature: float
+    rows_per_shard: int
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SftDataConfig(GenerationConfig):
+    """`sft_data`: the teacher answers the SFT prompts (this ties SFT to the teacher)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SftConfig(ModelConfig):
+    """`sft`: the student base (scratch toy model or a real path) fine-tuned on the teacher's answers."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutsConfig(GenerationConfig):
+    """`rollouts`: π_ref samples `n_samples` responses per OPD prompt, keeping its log-probs."""
+
+    n_samples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherTopkConfig:
+    """`teacher_topk`: the teacher scores every rollout token once (top-k + sampled token)."""
+
+    backend: Literal["hf", "vllm"]
+    k: int
+    batch_size: int
+    logprob_dtype: Literal["float16", "float32"]
+    # Optional privileged context prepended to the prompt for the teacher only, e.g.
+    # "Answer: {answer}\n{prompt}"; recorded in the shard footer.
+    privileged_context: Optional[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """`distill`: trains π_ref on the precomputed teacher shards; no teacher in memory."""
+
+    loss: str
+    loss_params: dict
+    kernel_backend: Literal["auto", "triton", "torch"]
+    batch_size: int
+    max_steps: int
+    lr: float
+    warmup_frac: float
+    weight_decay: float
+    grad_clip: float
+    ce_weight: float
+    tip_fraction: float
+    precision: str
+    seed: int
+    allow_inconsistent_teacher: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """`evaluate`: greedy accuracy with the task verifier and divergence to the teacher."""
+
+    batch_size: int
+    max_new_tokens: int
+    n_eval: Optional[int]
+
+
+SECTIONS: dict[str, type] = {
+    "task": TaskConfig,
+    "teacher": TeacherConfig,
+    "sft_data": SftDataConfig,
+    "sft": SftConfig,
+    "rollouts": RolloutsConfig,
+    "teacher_topk": TeacherTopkConfig,
+    "distill": DistillConfig,
+    "evaluate": EvaluateConfig,
+}
+
+C = TypeVar("C")
+
+
+def read_params(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: parameter file not found (run from the repo root, or pass --params)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_section(section: str, path: Path | str = DEFAULT_PARAMS) -> Any:
+    """Load and validate one section of the parameter file into its dataclass."""
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown section {section!r}; known: {', '.join(SECTIONS)}")
+    data = read_params(path)
+    if section not in data:
+        raise ConfigError(f"{path}: missing section '{section}:' (see configs/toy.yaml for a complete example)")
+    return parse_section(SECTIONS[section], data[section], f"{path}: {section}")
+
+
+def load_all(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
+    """Validate every section; used by `python -m pipeline.preset` and the tests."""
+    return {name: load_section(name, path) for name in SECTIONS}
+
+
+def parse_section(cls: type[C], raw: Any, where: str) -> C:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key; valid keys are {', '.join(fields)}")
+    missing = [f for f in fields if f not in raw]
+    if missing:
+        raise ConfigError(
+            f"{where}.{missing[0]}: missing key (every key must be set in the file so DVC tracks it; "
+            f"see configs/toy.yaml)"
+        )
+    values = {name: _coerce(raw[name], hints[name], f"{where}.{name}") for name in fields}
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML reads "3e-3" (no dot) as a string; accept numeric strings.
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if hint is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"unsupported config type {hint} at {where}")

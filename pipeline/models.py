@@ -1,0 +1,69 @@
+"""Loading models and tokenizers from local Hugging Face folders, with errors that say what to fix.
+
+A stage output such as `data/models/teacher/` is either a real model folder (the toy models) or a
+small folder holding `opd_model_ref.json`, which points at a large model elsewhere (a real teacher is
+fingerprinted, not copied). Every loader resolves refs first, so the toy path and the real path are
+the same code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REF_FILE = "opd_model_ref.json"
+
+
+class ModelPathError(FileNotFoundError):
+    """A model path does not exist or is not a Hugging Face model folder."""
+
+
+def resolve_model_dir(path: Path | str) -> Path:
+    """The real model folder behind `path` (following an `opd_model_ref.json` if present)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelPathError(f"model path {path} does not exist: run the stage that writes it "
+                             f"(`dvc repro`) or fix the path in params.yaml")
+    if not path.is_dir():
+        raise ModelPathError(f"model path {path} is a file; expected a Hugging Face model folder")
+    ref = path / REF_FILE
+    if ref.exists():
+        target = Path(json.loads(ref.read_text())["path"])
+        if not target.exists():
+            raise ModelPathError(f"{ref} points at {target}, which does not exist")
+        path = target
+    if not (path / "config.json").exists():
+        raise ModelPathError(f"{path} has no config.json: not a Hugging Face model folder")
+    return path
+
+
+def write_model_ref(out_dir: Path | str, target: Path | str, extra: dict | None = None) -> None:
+    from pipeline.atomic import write_json
+
+    write_json(Path(out_dir) / REF_FILE, {"path": str(Path(target).resolve()), **(extra or {})})
+
+
+def load_tokenizer(path: Path | str, padding_side: str = "left"):
+    """Tokenizer with a pad token and left padding (batched generation and scoring need both)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir(path))
+    tok.padding_side = padding_side
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: Path | str, device: str = "cpu", dtype: str = "float32"):
+    """A causal LM in eval mode on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(path), dtype=getattr(torch, dtype))
+    return model.to(device).eval()
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

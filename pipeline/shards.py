@@ -1,0 +1,188 @@
+"""The shard contract (design §4): schema, footer metadata, atomic writes, validated streaming reads.
+
+Rollout shards hold one row per sampled response; teacher shards are the same rows plus the teacher's
+columns, so `data/teacher_topk/part-i.parquet` is `data/rollouts/part-i.parquet` scored. Everything
+that writes or reads a shard goes through this module, so the contract lives in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = "1"
+META_PREFIX = "opd."
+ROW_GROUP_SIZE = 256
+COMPRESSION = "zstd"
+
+ROLLOUT_FIELDS = [
+    pa.field("sample_id", pa.string(), nullable=False),
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("prompt_len", pa.int32(), nullable=False),
+    pa.field("student_logprobs", pa.list_(pa.float32()), nullable=False),
+]
+
+
+def teacher_fields(logprob_dtype: str) -> list[pa.Field]:
+    value_type = {"float16": pa.float16(), "float32": pa.float32()}[logprob_dtype]
+    return [
+        pa.field("teacher_logprob", pa.list_(pa.float32()), nullable=False),
+        pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("topk_logprobs", pa.list_(value_type), nullable=False),
+    ]
+
+
+ROLLOUT_SCHEMA = pa.schema(ROLLOUT_FIELDS)
+
+
+def teacher_schema(logprob_dtype: str = "float16") -> pa.Schema:
+    return pa.schema(ROLLOUT_FIELDS + teacher_fields(logprob_dtype))
+
+
+# Footer keys every shard of a kind must carry (values are strings; JSON where structured).
+REQUIRED_META = {
+    "rollouts": ["schema_version", "kind", "policy_fingerprint", "tokenizer_fingerprint", "backend",
+                 "backend_version", "sampling_temperature", "created_at"],
+    "teacher_topk": ["schema_version", "kind", "teacher_fingerprint", "policy_fingerprint",
+                     "tokenizer_fingerprint", "k", "scoring_temperature", "privileged_context",
+                     "backend", "backend_version", "created_at"],
+    "sft_data": ["schema_version", "kind", "teacher_fingerprint", "tokenizer_fingerprint", "backend",
+                 "backend_version", "created_at"],
+}
+
+SFT_SCHEMA = pa.schema([
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("response", pa.string(), nullable=False),
+    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("prompt_len", pa.int32(), nullable=False),
+])
+
+
+class ShardError(ValueError):
+    """A shard is missing, unreadable, or breaks the contract. The message names the file."""
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def list_parts(folder: Path | str) -> list[Path]:
+    return sorted(Path(folder).glob("part-*.parquet"))
+
+
+def write_shard(path: Path | str, table: pa.Table, meta: Mapping[str, Any], schema: pa.Schema) -> Path:
+    """Validate and write one shard atomically: a crash leaves no file that looks complete.
+
+    `meta` keys are written with the `opd.` prefix; non-string values are JSON-encoded.
+    """
+    path = Path(path)
+    table = table.select(schema.names).cast(schema)
+    footer = {f"{META_PREFIX}{k}": (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
+    footer.setdefault(f"{META_PREFIX}schema_version", SCHEMA_VERSION)
+    footer.setdefault(f"{META_PREFIX}created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    table = table.replace_schema_metadata(footer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Plain (dictionary off) float16 is what DuckDB reads; BYTE_STREAM_SPLIT float16 it does not.
+    pq.write_table(table, tmp, compression=COMPRESSION, row_group_size=ROW_GROUP_SIZE,
+                   use_dictionary=["sample_id", "prompt_id"], write_statistics=["sample_id", "prompt_id", "prompt_len"])
+    os.replace(tmp, path)
+    return path
+
+
+def read_meta(path: Path | str) -> dict[str, str]:
+    """The `opd.*` footer metadata of a shard, without the prefix."""
+    path = Path(path)
+    try:
+        raw = pq.read_metadata(path).metadata or {}
+    except (OSError, pa.ArrowException) as exc:
+        raise ShardError(f"{path}: not a readable Parquet file ({exc}); delete it and rerun the stage") from exc
+    return {k.decode()[len(META_PREFIX):]: v.decode() for k, v in raw.items() if k.decode().startswith(META_PREFIX)}
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    meta: dict[str, str]
+    num_rows: int
+    num_row_groups: int
+
+
+def open_shard(path: Path | str, kind: str, schema: pa.Schema | None = None) -> ShardInfo:
+    """Check a shard's footer and schema against the contract before any training touches it."""
+    path = Path(path)
+    meta = read_meta(path)
+    missing = [k for k in REQUIRED_META[kind] if k not in meta]
+    if missing:
+        raise ShardError(f"{path}: footer metadata lacks {', '.join(META_PREFIX + m for m in missing)}; "
+                         f"it was not written by this pipeline's `{kind}` stage: rerun it")
+    if meta["kind"] != kind:
+        raise ShardError(f"{path}: is a '{meta['kind']}' shard, expected '{kind}'")
+    if meta["schema_version"] != SCHEMA_VERSION:
+        raise ShardError(f"{path}: schema version {meta['schema_version']}, this code reads {SCHEMA_VERSION}; "
+                         f"rerun the `{kind}` stage")
+    pf = pq.ParquetFile(path)
+    if schema is not None:
+        actual = pf.schema_arrow
+        for field in schema:
+            if field.name not in actual.names:
+                raise ShardError(f"{path}: missing column '{field.name}' ({field.type}); rerun the `{kind}` stage")
+            if not actual.field(field.name).type.equals(field.type):
+                raise ShardError(f"{path}: column '{field.name}' has type {actual.field(field.name).type}, "
+                                 f"expected {field.type}; rerun the `{kind}` stage")
+    return ShardInfo(path, meta, pf.metadata.num_rows, pf.metadata.num_row_groups)
+
+
+def iter_row_groups(info: ShardInfo, columns: list[str] | None = None,
+                    groups: list[int] | None = None) -> Iterator[pa.Table]:
+    """Stream a shard one row group at a time; a truncated or corrupt group names the file."""
+    pf = pq.ParquetFile(info.path)
+    for g in range(info.num_row_groups) if groups is None else groups:
+        try:
+            yield pf.read_row_group(g, columns=columns)
+        except (OSError, pa.ArrowException) as exc:
+            raise ShardError(f"{info.path}: row group {g} is unreadable ({exc}); the file is corrupt or "
+                             f"truncated: delete it and rerun the stage that wrote it") from exc
+
+
+def finished_parts(folder: Path | str, kind: str, run_key: str) -> set[str]:
+    """Names of parts already complete for this exact run (resume skips them).
+
+    A part counts only if its footer is intact and its `run_key` (a hash of the stage's settings and
+    input fingerprints) matches: parts left by a crashed run resume, parts from other settings and
+    half-written temporaries are deleted so they can never mix into this run's output.
+    """
+    folder = Path(folder)
+    for tmp in folder.glob(".part-*.tmp-*"):
+        tmp.unlink()
+    done = set()
+    for path in list_parts(folder):
+        try:
+            ok = open_shard(path, kind).meta.get("run_key") == run_key
+        except ShardError:
+            ok = False
+        if ok:
+            done.add(path.name)
+        else:
+            path.unlink()
+    return done
+
+
+def parse_shard_spec(spec: str) -> tuple[int, int]:
+    """`--shard i/n`: this process writes the parts whose index is i modulo n (design §8)."""
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard expects i/n such as 0/4, got {spec!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {spec}: need 0 <= i < n")
+    return i, n
