@@ -1,0 +1,66 @@
+"""What every stage entry point shares: the --params flag, logging, timing, and clean user errors.
+
+A stage module defines `add_args(parser)` and `run(args, cfg) -> dict` (extra metrics), then calls
+`stage_main("name", __doc__, add_args, run)`. Known input errors print one line naming the file and
+the fix and exit with status 2 instead of a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.atomic import write_json
+from pipeline.config import ConfigError, load_section
+
+log = logging.getLogger("opd")
+
+
+class UserError(Exception):
+    """Bad input a user can fix; stages raise it (or a subclass of ValueError/FileNotFoundError below)."""
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    from pipeline.models import ModelPathError
+    from pipeline.prompts import PromptFileError
+    from pipeline.shards import ShardError
+
+    types: list[type[BaseException]] = [UserError, ConfigError, ModelPathError, PromptFileError, ShardError]
+    try:
+        from pipeline.consistency import ConsistencyError
+
+        types.append(ConsistencyError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def stage_main(name: str, doc: str | None, add_args: Callable[[argparse.ArgumentParser], None],
+               run: Callable[[argparse.Namespace, Any], dict | None], argv: list[str] | None = None,
+               section: str | None = None) -> dict:
+    """Parse args, load the stage's params section, run, and write `metrics/<name>.json` with its wall time."""
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline.{name}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="parameter file (default: params.yaml, the one DVC tracks)")
+    parser.add_argument("--metrics-dir", type=Path, default=Path("metrics"),
+                        help="where the stage writes <stage>.json with its wall time (default: metrics)")
+    add_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    start = time.perf_counter()
+    try:
+        cfg = load_section(section or name, args.params)
+        metrics = run(args, cfg) or {}
+    except user_error_types() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    metrics = {"wall_s": round(time.perf_counter() - start, 2), **metrics}
+    write_json(args.metrics_dir / f"{name}.json", metrics)
+    log.info("%s done in %.1f s", name, metrics["wall_s"])
+    return metrics
