@@ -121,12 +121,12 @@ def open_shard(path: Path | str, kind: str, schema: pa.Schema | None = None) -> 
     """Check a shard's footer and schema against the contract before any training touches it."""
     path = Path(path)
     meta = read_meta(path)
+    if meta.get("kind", kind) != kind:
+        raise ShardError(f"{path}: is a '{meta['kind']}' shard, expected '{kind}'")
     missing = [k for k in REQUIRED_META[kind] if k not in meta]
     if missing:
         raise ShardError(f"{path}: footer metadata lacks {', '.join(META_PREFIX + m for m in missing)}; "
                          f"it was not written by this pipeline's `{kind}` stage: rerun it")
-    if meta["kind"] != kind:
-        raise ShardError(f"{path}: is a '{meta['kind']}' shard, expected '{kind}'")
     if meta["schema_version"] != SCHEMA_VERSION:
         raise ShardError(f"{path}: schema version {meta['schema_version']}, this code reads {SCHEMA_VERSION}; "
                          f"rerun the `{kind}` stage")
@@ -136,10 +136,17 @@ def open_shard(path: Path | str, kind: str, schema: pa.Schema | None = None) -> 
         for field in schema:
             if field.name not in actual.names:
                 raise ShardError(f"{path}: missing column '{field.name}' ({field.type}); rerun the `{kind}` stage")
-            if not actual.field(field.name).type.equals(field.type):
+            if not _same_type(actual.field(field.name).type, field.type):
                 raise ShardError(f"{path}: column '{field.name}' has type {actual.field(field.name).type}, "
                                  f"expected {field.type}; rerun the `{kind}` stage")
     return ShardInfo(path, meta, pf.metadata.num_rows, pf.metadata.num_row_groups)
+
+
+def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
+    """Type equality that ignores list item field names ('item' vs 'element' differ across writers)."""
+    if pa.types.is_list(a) and pa.types.is_list(b):
+        return a.value_type.equals(b.value_type)
+    return a.equals(b)
 
 
 def iter_row_groups(info: ShardInfo, columns: list[str] | None = None,

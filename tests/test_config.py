@@ -1,0 +1,90 @@
+"""The params schema: every preset validates, bad files fail naming the file and the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import SECTIONS, ConfigError, load_all, load_section
+from pipeline.preset import use_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, data) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def base() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_preset_is_complete_and_valid(preset):
+    cfgs = load_all(ROOT / "configs" / preset)
+    assert set(cfgs) == set(SECTIONS)
+
+
+def test_params_yaml_is_the_toy_preset():
+    assert yaml.safe_load((ROOT / "params.yaml").read_text()) == yaml.safe_load((ROOT / "configs/toy.yaml").read_text())
+
+
+def test_missing_key_names_key_and_file(tmp_path):
+    data = base()
+    del data["distill"]["lr"]
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError, match=r"params\.yaml: distill\.lr: missing key"):
+        load_section("distill", path)
+
+
+def test_unknown_key_is_refused(tmp_path):
+    data = base()
+    data["rollouts"]["n_sample"] = 3
+    with pytest.raises(ConfigError, match=r"rollouts\.n_sample: unknown key"):
+        load_section("rollouts", write(tmp_path, data))
+
+
+@pytest.mark.parametrize("section,key,value,msg", [
+    ("teacher_topk", "k", "eight", "expected an integer"),
+    ("distill", "kernel_backend", "cuda", "is not one of"),
+    ("distill", "allow_inconsistent_teacher", "yes", "expected true or false"),
+    ("task", "prompt_file", 3, "expected a string"),
+])
+def test_malformed_value_names_key(tmp_path, section, key, value, msg):
+    data = base()
+    data[section][key] = value
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}: .*{msg}"):
+        load_section(section, write(tmp_path, data))
+
+
+def test_missing_section_and_file(tmp_path):
+    data = base()
+    del data["sft"]
+    with pytest.raises(ConfigError, match="missing section 'sft:'"):
+        load_section("sft", write(tmp_path, data))
+    with pytest.raises(ConfigError, match="not found"):
+        load_section("sft", tmp_path / "nope.yaml")
+
+
+def test_float_written_without_dot_is_accepted(tmp_path):
+    text = (ROOT / "params.yaml").read_text().replace("lr: 1.0e-3", "lr: 1e-3", 1)
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    assert load_section("distill", path).lr == pytest.approx(1e-3)
+
+
+def test_preset_switch_validates_before_replacing(tmp_path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "good.yaml").write_text((ROOT / "params.yaml").read_text())
+    broken = base()
+    del broken["evaluate"]
+    (configs / "broken.yaml").write_text(yaml.safe_dump(broken))
+    dest = tmp_path / "params.yaml"
+    use_preset("good", dest, configs)
+    before = dest.read_text()
+    with pytest.raises(ConfigError, match="evaluate"):
+        use_preset("broken", dest, configs)
+    assert dest.read_text() == before

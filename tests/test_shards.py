@@ -1,0 +1,103 @@
+"""The shard contract: round trip, footer metadata, validation errors naming the file, resume rules."""
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import shards
+
+
+def teacher_table(n_rows: int = 5, k: int = 4, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_rows):
+        p, t = int(rng.integers(2, 6)), int(rng.integers(1, 9))
+        lp = np.sort(-rng.random((t, k)).astype(np.float32) * 5, axis=1)[:, ::-1]
+        rows.append({
+            "sample_id": f"q{i}#0", "prompt_id": f"q{i}",
+            "input_ids": rng.integers(0, 50, p + t).astype(np.int32).tolist(), "prompt_len": p,
+            "student_logprobs": (-rng.random(t)).astype(np.float32).tolist(),
+            "teacher_logprob": (-rng.random(t)).astype(np.float32).tolist(),
+            "topk_ids": rng.integers(0, 50, t * k).astype(np.int32).tolist(),
+            "topk_logprobs": lp.reshape(-1).tolist(),
+        })
+    return pa.Table.from_pylist(rows)
+
+
+META = {"kind": "teacher_topk", "teacher_fingerprint": "t" * 16, "policy_fingerprint": "p" * 16,
+        "tokenizer_fingerprint": "z" * 16, "k": 4, "scoring_temperature": "1.0", "privileged_context": None,
+        "backend": "hf", "backend_version": "x", "run_key": "r1"}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_round_trip_and_footer(tmp_path, dtype):
+    table = teacher_table()
+    path = shards.write_shard(tmp_path / shards.part_name(0), table, META, shards.teacher_schema(dtype))
+    info = shards.open_shard(path, "teacher_topk", shards.teacher_schema(dtype))
+    assert info.num_rows == 5 and info.meta["k"] == "4" and info.meta["privileged_context"] == "null"
+    assert info.meta["schema_version"] == shards.SCHEMA_VERSION and "created_at" in info.meta
+    back = pa.concat_tables(shards.iter_row_groups(info))
+    assert back.column("input_ids").to_pylist() == table.column("input_ids").to_pylist()
+    got = np.concatenate(back.column("topk_logprobs").to_pylist()).astype(np.float32)
+    want = np.concatenate(table.column("topk_logprobs").to_pylist()).astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-3 if dtype == "float16" else 0)
+    assert pq.ParquetFile(path).metadata.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_duckdb_and_polars_read_float16_shards(tmp_path):
+    shards.write_shard(tmp_path / shards.part_name(0), teacher_table(), META, shards.teacher_schema("float16"))
+    glob = str(tmp_path / "*.parquet")
+    n, k = duckdb.execute(f"select count(*), avg(len(topk_ids) / (len(input_ids) - prompt_len)) "
+                      f"from read_parquet('{glob}')").fetchone()
+    assert (n, k) == (5, 4.0)
+    (lp,) = duckdb.execute(f"select min(list_min(topk_logprobs)) from read_parquet('{glob}')").fetchone()
+    assert -5.01 < lp < 0
+    assert pl.read_parquet(glob)["topk_logprobs"].list.len().sum() == 4 * sum(
+        len(x) - p for x, p in zip(teacher_table()["input_ids"].to_pylist(), teacher_table()["prompt_len"].to_pylist()))
+
+
+def test_wrong_schema_names_file_and_column(tmp_path):
+    path = tmp_path / shards.part_name(0)
+    schema = shards.teacher_schema()
+    bad = teacher_table().drop_columns(["teacher_logprob"]).cast(pa.schema([f for f in schema if f.name != "teacher_logprob"]))
+    pq.write_table(bad.replace_schema_metadata({f"opd.{k}": str(v) for k, v in META.items()} | {"opd.schema_version": "1", "opd.created_at": "now"}), path)
+    with pytest.raises(shards.ShardError, match=rf"{path.name}.*missing column 'teacher_logprob'"):
+        shards.open_shard(path, "teacher_topk", shards.teacher_schema())
+
+
+def test_missing_footer_and_wrong_kind(tmp_path):
+    path = tmp_path / "part-00000.parquet"
+    pq.write_table(teacher_table(), path)
+    with pytest.raises(shards.ShardError, match="footer metadata lacks"):
+        shards.open_shard(path, "teacher_topk")
+    shards.write_shard(path, teacher_table(), META, shards.teacher_schema())
+    with pytest.raises(shards.ShardError, match="is a 'teacher_topk' shard, expected 'rollouts'"):
+        shards.open_shard(path, "rollouts")
+
+
+def test_truncated_file_is_reported_by_name(tmp_path):
+    path = shards.write_shard(tmp_path / shards.part_name(0), teacher_table(50), META, shards.teacher_schema())
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(shards.ShardError, match=path.name):
+        shards.open_shard(path, "teacher_topk")
+
+
+def test_finished_parts_keeps_only_this_runs_intact_parts(tmp_path):
+    schema = shards.teacher_schema()
+    shards.write_shard(tmp_path / shards.part_name(0), teacher_table(), META, schema)
+    shards.write_shard(tmp_path / shards.part_name(1), teacher_table(), META | {"run_key": "other"}, schema)
+    broken = shards.write_shard(tmp_path / shards.part_name(2), teacher_table(), META, schema)
+    broken.write_bytes(b"PAR1 garbage")
+    (tmp_path / ".part-00003.parquet.tmp-123").write_bytes(b"half")
+    assert shards.finished_parts(tmp_path, "teacher_topk", "r1") == {"part-00000.parquet"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.parquet"]
+
+
+def test_shard_spec():
+    assert shards.parse_shard_spec("1/4") == (1, 4)
+    for bad in ["4/4", "x", "1/0"]:
+        with pytest.raises(ValueError):
+            shards.parse_shard_spec(bad)
