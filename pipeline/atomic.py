@@ -27,10 +27,15 @@ def atomic_dir(dest: Path | str) -> Iterator[Path]:
     os.replace(tmp, dest)
 
 
-def write_json(path: Path | str, obj: Any) -> None:
-    """Write JSON through a temporary file and a rename."""
+def write_text(path: Path | str, text: str) -> None:
+    """Write a text file through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path | str, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
