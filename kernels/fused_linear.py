@@ -89,28 +89,23 @@ class FusedLinearSparseDivergence(torch.autograd.Function):
             loss, gh, gw = _fused_pass(hidden.detach(), W.detach(), inp, inp.weights, need_gh, need_gw,
                                        weight.dtype, backend, chunk)
         ctx.save_for_backward(hidden, weight, gh, gw)
-        ctx.inp, ctx.backend, ctx.chunk, ctx.used = inp, backend, chunk, False
+        ctx.inp, ctx.backend, ctx.chunk = inp, backend, chunk
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        if ctx.used:
-            raise RuntimeError("fused_linear_sparse_divergence: backward can run only once")
-        ctx.used = True
         hidden, weight, gh, gw = ctx.saved_tensors
         g = grad_output.reshape(-1)
         uniform = g.numel() == 0 or g.stride(0) == 0 or bool((g == g[:1]).all())
         if uniform:
             s = float(g[0].item()) if g.numel() else 1.0
-            if s != 1.0:
-                if gh is not None:
-                    gh.mul_(s)
-                if gw is not None:
-                    gw.mul_(s)
+            if s != 1.0:  # out of place, so that backward can be repeated (retain_graph, gradcheck)
+                gh = None if gh is None else gh * s
+                gw = None if gw is None else gw * s
             return gh, gw, None, None, None
         if gh is not None:
-            gh.mul_(g[:, None].to(gh.dtype if gh.dtype == torch.float64 else torch.float32))
+            gh = (gh * g[:, None].to(torch.float64 if gh.dtype == torch.float64 else torch.float32)).to(gh.dtype)
         if gw is not None:
             inp = ctx.inp
             row_w = g.to(torch.float32) if inp.weights is None else inp.weights.to(torch.float32) * g

@@ -114,5 +114,5 @@ def kernel_mode(mode: str, params: Mapping[str, Any] | None = None) -> Tuple[int
     if mode == "entropy_aware":
         return MODE_ID[mode], (prm["h"], prm["s"], 0.0, 0.0)
     if mode == "pg":
-        return MODE_ID[mode], (prm["tau"], prm["is_clip"], 0.0, 0.0)
+        return MODE_ID[mode], (prm["tau"], prm["is_clip"], math.log(prm["is_clip"]), 0.0)
     return MODE_ID[mode], (0.0, 0.0, 0.0, 0.0)

@@ -99,12 +99,13 @@ def chunk_loss_grad(
     lse = torch.logsumexp(zf, dim=-1)
     grad = None
     if mode == PG:
-        tau, is_clip = cst[0], cst[1]
+        tau = cst[0]
         a = sampled_ids.to(torch.long).clamp(0, V - 1)[:, None]
         lqa = zf.gather(1, a)[:, 0] - lse
         adv = (teacher_sampled_logprob.to(cd) - lqa).clamp(-tau, tau)
         if behavior_logprob is not None:
-            adv = adv * torch.exp(lqa - behavior_logprob.to(cd)).clamp(max=is_clip)
+            # min(exp(x), is_clip) as exp(min(x, log is_clip)): no overflow
+            adv = adv * torch.exp((lqa - behavior_logprob.to(cd)).clamp(max=cst[2]))
         loss = -adv * lqa
         if need_grad:
             grad = torch.exp(zf - lse[:, None]).mul_(adv[:, None])
@@ -162,22 +163,35 @@ def _take(t: Optional[torch.Tensor], s: int, e: int) -> Optional[torch.Tensor]:
     return None if t is None else t[s:e]
 
 
-def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """Multiply the precomputed [N, V] gradient row-wise by grad_output [N], in place where it costs.
+def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, inplace: bool) -> Tuple[torch.Tensor, bool]:
+    """Multiply the precomputed [N, V] gradient row-wise by grad_output [N]: (result, modified grad?).
 
-    grad_output all ones (loss.sum().backward()) costs nothing; a uniform value is one scalar multiply;
-    anything else a row-wise multiply. One device sync to decide.
+    grad_output all ones (loss.sum().backward()) returns `grad` itself: no pass over memory. Otherwise
+    one multiply, in place when `inplace` (the caller gave up the buffer with inplace_grad=True),
+    else into a new tensor so that backward can be repeated (retain_graph, gradcheck). One device sync.
     """
     g = grad_output.reshape(-1)
     if g.numel() == 0:
-        return grad
+        return grad, False
     first = g[:1]
     if g.stride(0) == 0 or bool((g == first).all()):
         s = float(first.item())
-        if s != 1.0:
-            grad.mul_(s)
-        return grad
-    return grad.mul_(g[:, None].to(torch.float32 if grad.dtype != torch.float64 else torch.float64))
+        if s == 1.0:
+            return grad, False
+        return (grad.mul_(s), True) if inplace else (grad * s, False)
+    col = g[:, None].to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    return (grad.mul_(col), True) if inplace else ((grad * col).to(grad.dtype), False)
+
+
+def run_backward(ctx, grad_output):
+    """Shared backward of the two sparse_divergence Functions."""
+    if ctx.consumed:
+        raise RuntimeError("sparse_divergence(inplace_grad=True): backward ran already and rescaled the "
+                           "gradient in place; it cannot run again")
+    (grad,) = ctx.saved_tensors
+    out, modified = scale_saved_grad(grad, grad_output, ctx.inplace)
+    ctx.consumed = modified
+    return out
 
 
 class SparseDivergenceTorch(torch.autograd.Function):
@@ -205,16 +219,10 @@ class SparseDivergenceTorch(torch.autograd.Function):
                     grad[s:e].copy_(gs)
         if grad is not None:
             ctx.save_for_backward(grad.detach())
-        ctx.used = False
+        ctx.inplace, ctx.consumed = bool(inplace_grad), False
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        if ctx.used:
-            raise RuntimeError("sparse_divergence: backward can run only once (the gradient is computed in "
-                               "forward and rescaled in place)")
-        ctx.used = True
-        (grad,) = ctx.saved_tensors
-        grad = scale_saved_grad(grad, grad_output)
-        return (grad,) + (None,) * 12
+        return (run_backward(ctx, grad_output),) + (None,) * 12

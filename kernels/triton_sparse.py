@@ -26,7 +26,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .modes import LOGP_MIN, MODE_ID, TAIL_EPS_FP32
-from .reference import scale_saved_grad
+from .reference import run_backward
 
 PG = tl.constexpr(MODE_ID["pg"])
 FKL = tl.constexpr(MODE_ID["fkl"])
@@ -144,7 +144,7 @@ def _sparse_div_kernel(
                 adv = tl.minimum(tl.maximum(tlp - lqa, -c0), c0)
                 if HAS_BEHAVIOR:
                     blp = tl.load(blp_ptr + row).to(tl.float32)
-                    adv = adv * tl.minimum(tl.exp(lqa - blp), c1)
+                    adv = adv * tl.exp(tl.minimum(lqa - blp, c2))  # min(ratio, is_clip)
                 loss = -adv * lqa
                 c = adv
             else:
@@ -306,15 +306,10 @@ class SparseDivergenceTriton(torch.autograd.Function):
             logits.detach(), topk_ids, topk_logprobs, keep, weights, mode, cst, sampled_ids,
             teacher_sampled_logprob, behavior_logprob, need_grad=True, inplace_grad=inplace_grad)
         ctx.save_for_backward(grad.detach())
-        ctx.used = False
+        ctx.inplace, ctx.consumed = bool(inplace_grad), False
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        if ctx.used:
-            raise RuntimeError("sparse_divergence: backward can run only once (the gradient is computed in "
-                               "forward and rescaled in place)")
-        ctx.used = True
-        (grad,) = ctx.saved_tensors
-        return (scale_saved_grad(grad, grad_output),) + (None,) * 10
+        return (run_backward(ctx, grad_output),) + (None,) * 10
