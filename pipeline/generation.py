@@ -86,10 +86,10 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device):
     return ids.to(device), mask.to(device), positions.to(device)
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
+def stop_token_ids(tokenizer, generation_config) -> list[int]:
     """EOS ids from the tokenizer and the model's generation config (chat models often list several)."""
     ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    gen_eos = getattr(generation_config, "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
     ids.discard(None)
     if not ids:
@@ -113,7 +113,7 @@ class HFGenerator:
         self.batch_size = batch_size
         self.tokenizer = load_tokenizer(model_path)
         self.model = load_model(model_path, self.device, model_dtype(self.device))
-        self.stop_ids = stop_token_ids(self.model, self.tokenizer)
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_new_tokens: int,
                  seed: int) -> list[list[Sample]]:

@@ -1,0 +1,93 @@
+"""Teacher scoring: for every response token, the teacher's top-k and the sampled token's log-prob.
+
+One prefill per batch, no decoding: position t of a sequence scores token input_ids[prompt_len + t]
+given everything before it, at temperature 1 (the teacher's own distribution; the student's sampling
+temperature is a property of the rollouts, not of the teacher). The sampled token's log-prob is
+gathered separately from the top-k, so it is exact even when the token ranks outside the top-k: the
+`pg` loss and the tail bucket of the sparse divergences both need it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from pipeline.generation import length_batches, left_pad, model_dtype
+
+SCORING_TEMPERATURE = 1.0
+
+
+@dataclass(frozen=True)
+class Scored:
+    teacher_logprob: np.ndarray   # [T] float32: log-prob of each response token
+    topk_ids: np.ndarray          # [T, k] int32: the teacher's k most likely tokens per position
+    topk_logprobs: np.ndarray     # [T, k] float32: their log-probs, descending
+
+
+class Scorer(Protocol):
+    def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int) -> list[Scored]:
+        """One Scored per sequence, for its len(ids) - prompt_len response positions."""
+        ...
+
+
+def get_scorer(backend: str, model_path: Path | str, *, batch_size: int, device: str | None = None) -> Scorer:
+    """The scoring backend named in the params (`hf` or `vllm`), loaded on `device` (default: cuda if any)."""
+    if backend == "hf":
+        return HFScorer(model_path, batch_size=batch_size, device=device)
+    if backend == "vllm":
+        from pipeline.vllm_backend import VLLMScorer
+
+        return VLLMScorer(model_path, batch_size=batch_size, device=device)
+    raise ValueError(f"unknown scoring backend {backend!r}; use hf or vllm")
+
+
+class HFScorer:
+    """Batched left-padded prefill with transformers; log_softmax in fp32 on the response positions only."""
+
+    def __init__(self, model_path: Path | str, *, batch_size: int, device: str | None = None) -> None:
+        from pipeline.models import default_device, load_model, load_tokenizer
+
+        self.device = device or default_device()
+        self.batch_size = batch_size
+        self.pad_id = load_tokenizer(model_path).pad_token_id
+        self.model = load_model(model_path, self.device, model_dtype(self.device))
+
+    def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int) -> list[Scored]:
+        from tqdm import tqdm
+
+        vocab = self.model.config.get_text_config().vocab_size
+        if not 0 <= k <= vocab:
+            raise ValueError(f"k={k} must be between 0 and the vocabulary size {vocab}")
+        for i, (ids, p) in enumerate(zip(input_ids, prompt_lens, strict=True)):
+            if not 1 <= p <= len(ids):
+                raise ValueError(f"sequence {i}: prompt_len {p} must be in [1, {len(ids)}] (the first token "
+                                 f"has no prediction to score)")
+        out: list[Scored | None] = [None] * len(input_ids)
+        for idx in tqdm(length_batches([len(s) for s in input_ids], self.batch_size), desc="score",
+                        unit="batch", leave=False):
+            for i, scored in zip(idx, self._score_batch([input_ids[i] for i in idx],
+                                                        [len(input_ids[i]) - prompt_lens[i] for i in idx], k)):
+                out[i] = scored
+        return out
+
+    def _score_batch(self, seqs: list[list[int]], resp_lens: list[int], k: int) -> list[Scored]:
+        import torch
+
+        ids, mask, positions = left_pad(seqs, self.pad_id, self.device)
+        # Left padding right-aligns every sequence, so all response tokens lie in the last
+        # max(resp_lens) columns and only those logits (plus one) are computed.
+        width = max(resp_lens)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                logits_to_keep=width + 1).logits[:, :-1]
+            logp = torch.log_softmax(logits.float() / SCORING_TEMPERATURE, dim=-1)    # [B, width, V]
+            targets = ids[:, ids.shape[1] - width:]
+            sampled = logp.gather(-1, targets[..., None]).squeeze(-1)
+            top_lp, top_ids = logp.topk(k, dim=-1, sorted=True)
+        sampled, top_lp = sampled.cpu().numpy(), top_lp.cpu().numpy()
+        top_ids = top_ids.to(torch.int32).cpu().numpy()
+        return [Scored(sampled[r, width - n:], top_ids[r, width - n:], top_lp[r, width - n:])
+                for r, n in enumerate(resp_lens)]
