@@ -10,7 +10,7 @@ from pipeline import fingerprint as fpm
 from pipeline.fingerprint import main, model_fingerprint, tokenizer_fingerprint
 from pipeline.models import ModelPathError, write_model_ref
 from pipeline.provenance import write_provenance
-from tests.tiny_models import CHARS, save_model
+from tests.tiny_models import save_model, swap_token_ids
 
 
 @pytest.fixture(autouse=True)
@@ -100,7 +100,7 @@ def test_tokenizer_fingerprint_follows_ids_and_rules_not_cosmetics(model, tmp_pa
     cfg = json.loads((cosmetic / "tokenizer_config.json").read_text())
     (cosmetic / "tokenizer_config.json").write_text(json.dumps({**cfg, "model_max_length": 4096}))
     assert tokenizer_fingerprint(cosmetic) == base
-    assert tokenizer_fingerprint(save_model(tmp_path / "reordered", chars=CHARS[::-1])) != base
+    assert tokenizer_fingerprint(swap_token_ids(save_model(tmp_path / "swapped"))) != base
     rules = tmp_path / "rules"  # same vocabulary, different pre-tokenizer: text splits differently
     shutil.copytree(model, rules)
     tok = json.loads((rules / "tokenizer.json").read_text())

@@ -6,40 +6,31 @@ Everything is built locally in well under a second (never downloaded), so tests 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline import shards
-
-CHARS = list("0123456789+=c ")
+from pipeline import shards, toy_task
 
 
-def save_tokenizer(out: Path, chars: list[str] = CHARS) -> None:
-    """A character-level fast tokenizer saved with save_pretrained, like the toy task's."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", *chars])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-    fast.save_pretrained(out)
-
-
-def save_model(out: Path, seed: int = 0, chars: list[str] = CHARS, hidden: int = 16) -> Path:
-    """A 2-layer Llama with random weights (seeded) plus its tokenizer, in `out`."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(chars) + 2, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                      max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=1)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    save_tokenizer(out, chars)
+def save_model(out: Path, seed: int = 0, hidden: int = 16) -> Path:
+    """A 2-layer toy Llama with random (seeded) weights plus the toy tokenizer, saved in `out`."""
+    tok = toy_task.build_tokenizer()
+    toy_task.build_model(tok, hidden, 2, 2, 2 * hidden, seed).save_pretrained(out)
+    tok.save_pretrained(out)
     return out
+
+
+def swap_token_ids(model_dir: Path, a: str = "0", b: str = "1") -> Path:
+    """Give two characters each other's ids: a tokenizer that reads the same text into different ids."""
+    path = model_dir / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    vocab = spec["model"]["vocab"]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    path.write_text(json.dumps(spec))
+    return model_dir
 
 
 def teacher_rows(n_rows: int = 6, k: int = 4, vocab: int = 16, seed: int = 0) -> pa.Table:
