@@ -64,7 +64,9 @@ def _fused_pass(h, W, inp, row_w, need_gh, need_gw, gw_dtype, backend, chunk):
             from . import triton_sparse as _tri
             loss_c, g_c = _tri.sparse_divergence_fwd(logits_c, *args, need_grad=need_grad, inplace_grad=True)
         else:
-            loss_c, g_c = _ref.chunk_loss_grad(logits_c, *args, need_grad=need_grad)
+            direct = logits_c.dtype in (torch.float32, torch.float64)  # gradient built in logits_c
+            loss_c, g_c = _ref.chunk_loss_grad(logits_c, *args, need_grad=need_grad,
+                                               out=logits_c if direct else None)
             if g_c is not None:
                 g_c = g_c.to(h.dtype)
         loss[s:e] = loss_c

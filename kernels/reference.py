@@ -87,11 +87,13 @@ def chunk_loss_grad(
     teacher_sampled_logprob: Optional[torch.Tensor] = None,
     behavior_logprob: Optional[torch.Tensor] = None,
     need_grad: bool = True,
+    out: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Loss [C] and gradient [C, V] (compute dtype: float64 for float64 logits, else float32) of a chunk.
 
     keep: [C] bool, rows to compute (others get loss 0 and gradient 0). weights: [C] or None, multiplies
-    the loss and the gradient of each row.
+    the loss and the gradient of each row. out: optional [C, V] buffer of the compute dtype to build the
+    gradient in (it may be `z` itself: z is fully read before out is written).
     """
     cd = torch.float64 if z.dtype == torch.float64 else torch.float32
     C, V = z.shape
@@ -108,7 +110,7 @@ def chunk_loss_grad(
             adv = adv * torch.exp((lqa - behavior_logprob.to(cd)).clamp(max=cst[2]))
         loss = -adv * lqa
         if need_grad:
-            grad = torch.exp(zf - lse[:, None]).mul_(adv[:, None])
+            grad = _softmax_into(zf, lse, out).mul_(adv[:, None])
             # dL/dz_a = adv * (q_a - 1): overwrite rather than add, to keep it exact.
             grad.scatter_(1, a, (adv * (torch.exp(lqa) - 1.0))[:, None])
     else:
@@ -146,17 +148,26 @@ def chunk_loss_grad(
             g_t = torch.where(live, u_t / qt, zero)
             G = u_s.sum(1) + torch.where(live, u_t, zero)
             c = g_t - G
-            grad = torch.exp(zf - lse[:, None]).mul_(c[:, None])
+            grad = _softmax_into(zf, lse, out).mul_(c[:, None])
             if ids.shape[1]:
                 vals = u_s - q * G[:, None]
                 rr, kk = valid.nonzero(as_tuple=True)
                 grad[rr, idc[rr, kk]] = vals[rr, kk]
-    w = torch.ones((), dtype=cd, device=z.device) if weights is None else weights.to(cd)
-    loss = torch.where(keep, loss * w, torch.zeros_like(loss))
+    if weights is not None:
+        loss = loss * weights.to(cd)
+        if grad is not None:
+            grad.mul_(weights.to(cd)[:, None])
+    loss = torch.where(keep, loss, torch.zeros_like(loss))  # where, not *: masked rows may hold NaN
     if grad is not None:
-        wcol = (w * torch.ones_like(loss))[:, None]
-        grad = torch.where(keep[:, None], grad * wcol, torch.zeros((), dtype=cd, device=z.device))
+        grad.masked_fill_(~keep[:, None], 0.0)
     return loss, grad
+
+
+def _softmax_into(zf: torch.Tensor, lse: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """exp(zf - lse[:, None]) with one [C, V] buffer (out if given)."""
+    if out is None:
+        return torch.sub(zf, lse[:, None]).exp_()
+    return torch.sub(zf, lse[:, None], out=out).exp_()
 
 
 def _take(t: Optional[torch.Tensor], s: int, e: int) -> Optional[torch.Tensor]:
@@ -210,12 +221,15 @@ class SparseDivergenceTorch(torch.autograd.Function):
         with torch.no_grad():
             for s in range(0, N, chunk):
                 e = min(N, s + chunk)
+                # build the gradient directly in the output when it has the compute dtype (fp32, fp64)
+                direct = grad is not None and grad.dtype == out_dtype
                 ls, gs = chunk_loss_grad(
                     logits[s:e], _take(topk_ids, s, e), _take(topk_logprobs, s, e), keep[s:e],
                     _take(weights, s, e), mode, cst, _take(sampled_ids, s, e),
-                    _take(teacher_sampled_logprob, s, e), _take(behavior_logprob, s, e), need_grad)
+                    _take(teacher_sampled_logprob, s, e), _take(behavior_logprob, s, e), need_grad,
+                    out=grad[s:e] if direct else None)
                 loss[s:e] = ls
-                if gs is not None:
+                if gs is not None and not direct:
                     grad[s:e].copy_(gs)
         if grad is not None:
             ctx.save_for_backward(grad.detach())
