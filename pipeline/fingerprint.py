@@ -88,23 +88,30 @@ def _file_digest(path: Path, bar: tqdm) -> str:
     return h.hexdigest()
 
 
+def _read_cache(path: Path) -> dict:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
 def _cached(kind: str, model_dir: Path, files: list[Path], compute: Callable[[], str]) -> str:
     """One entry per (kind, folder), valid while every file keeps its name, size and mtime.
 
     Keying entries on the folder (not on the stats) lets a retrained model replace its old entry,
-    so the cache stays as small as the number of model folders ever fingerprinted.
+    and entries of folders that no longer exist (atomic_dir temporaries) are dropped on write, so
+    the cache stays as small as the set of model folders on disk.
     """
     slot = f"{kind}:{model_dir.resolve()}"
     stats = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     path = cache_path()
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        cache = {}
-    entry = cache.get(slot)
+    entry = _read_cache(path).get(slot)
     if isinstance(entry, dict) and entry.get("files") == stats:
         return entry["fingerprint"]
     value = compute()
+    # Re-read: other processes may have added entries while this one was hashing.
+    cache = {k: v for k, v in _read_cache(path).items() if Path(k.partition(":")[2]).is_dir()}
     cache[slot] = {"files": stats, "fingerprint": value}
     try:
         write_json(path, cache)

@@ -125,6 +125,15 @@ def test_cache_skips_rehashing_and_invalidates_on_change(model, monkeypatch, cac
     assert sum(k.startswith("model:") for k in cache) == 1  # replaced, not accumulated
 
 
+def test_cache_forgets_folders_that_are_gone(model, tmp_path, cache_dir):
+    gone = tmp_path / ".student.tmp-123"  # what atomic_dir leaves behind in the cache: a renamed folder
+    shutil.copytree(model, gone)
+    model_fingerprint(gone)
+    shutil.rmtree(gone)
+    model_fingerprint(model)
+    assert list(json.loads((cache_dir / "fingerprints.json").read_text())) == [f"model:{model.resolve()}"]
+
+
 def test_model_refs_resolve_to_the_target(model, tmp_path):
     ref = tmp_path / "teacher_ref"
     ref.mkdir()
