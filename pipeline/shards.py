@@ -7,12 +7,14 @@ that writes or reads a shard goes through this module, so the contract lives in 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Collection, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -142,6 +144,28 @@ def open_shard(path: Path | str, kind: str, schema: pa.Schema | None = None) -> 
     return ShardInfo(path, meta, pf.metadata.num_rows, pf.metadata.num_row_groups)
 
 
+def open_teacher_shards(folder: Path | str) -> list[ShardInfo]:
+    """Every teacher_topk part in `folder`, footer- and schema-checked (cheap: footers only).
+
+    `topk_logprobs` may be float16 or float32 (the contract allows both); each shard is checked
+    against the schema of the encoding it holds.
+    """
+    parts = list_parts(folder)
+    if not parts:
+        raise ShardError(f"{folder}: no part-*.parquet teacher shards; run the `teacher_topk` stage")
+    return [open_shard(p, "teacher_topk", teacher_schema(_logprob_dtype(p))) for p in parts]
+
+
+def _logprob_dtype(path: Path) -> str:
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise ShardError(f"{path}: not a readable Parquet file ({exc}); delete it and rerun the stage") from exc
+    if "topk_logprobs" not in schema.names:
+        return "float16"  # open_shard then reports the missing column by name
+    return "float32" if pa.types.is_float32(schema.field("topk_logprobs").type.value_type) else "float16"
+
+
 def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
     """Type equality that ignores list item field names ('item' vs 'element' differ across writers)."""
     if pa.types.is_list(a) and pa.types.is_list(b):
@@ -161,18 +185,24 @@ def iter_row_groups(info: ShardInfo, columns: list[str] | None = None,
                              f"truncated: delete it and rerun the stage that wrote it") from exc
 
 
-def finished_parts(folder: Path | str, kind: str, run_key: str) -> set[str]:
+def finished_parts(folder: Path | str, kind: str, run_key: str,
+                   only: Collection[str] | None = None) -> set[str]:
     """Names of parts already complete for this exact run (resume skips them).
 
     A part counts only if its footer is intact and its `run_key` (a hash of the stage's settings and
     input fingerprints) matches: parts left by a crashed run resume, parts from other settings and
-    half-written temporaries are deleted so they can never mix into this run's output.
+    half-written temporaries are deleted so they can never mix into this run's output. `only`
+    limits all of this to the part names a process owns, so processes filling one folder with
+    `--shard i/n` never delete each other's parts or temporaries mid-write.
     """
     folder = Path(folder)
     for tmp in folder.glob(".part-*.tmp-*"):
-        tmp.unlink()
+        if only is None or tmp.name[1:].split(".tmp-")[0] in only:
+            tmp.unlink(missing_ok=True)
     done = set()
     for path in list_parts(folder):
+        if only is not None and path.name not in only:
+            continue
         try:
             ok = open_shard(path, kind).meta.get("run_key") == run_key
         except ShardError:
@@ -182,6 +212,33 @@ def finished_parts(folder: Path | str, kind: str, run_key: str) -> set[str]:
         else:
             path.unlink()
     return done
+
+
+def make_run_key(**inputs: Any) -> str:
+    """The resume key of a stage run: a hash of its settings and input fingerprints (JSON-able values)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def pending_parts(folder: Path | str, kind: str, run_key: str, n_parts: int,
+                  shard: tuple[int, int] = (0, 1)) -> list[int]:
+    """Indices of this process's parts (index % n == i) still to write for a run of `n_parts` parts.
+
+    First removes this process's stale and half-written parts (`finished_parts`) and its parts
+    numbered `n_parts` or more, left by an earlier run that had more, so the folder ends up holding
+    exactly this run's parts.
+    """
+    i, n = shard
+    folder = Path(folder)
+    existing = {int(m.group(1)): p for p in list_parts(folder) if (m := _PART_RE.fullmatch(p.name))}
+    owned = {part_name(j) for j in set(range(n_parts)) | set(existing) if j % n == i}
+    done = finished_parts(folder, kind, run_key, only=owned)
+    for j, path in existing.items():
+        if j >= n_parts and j % n == i:
+            path.unlink(missing_ok=True)
+    return [j for j in range(i, n_parts, n) if part_name(j) not in done]
+
+
+_PART_RE = re.compile(r"part-(\d+)\.parquet")
 
 
 def parse_shard_spec(spec: str) -> tuple[int, int]:
