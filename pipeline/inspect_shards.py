@@ -116,12 +116,13 @@ ORDER BY filename NULLS LAST;
 
 # The largest |log p_teacher - log p_student| of sampled tokens, with the ids before them as context.
 TOP_GAPS_SQL = """
+-- first: SET VARIABLE top = 10; SET VARIABLE context = 24;
 SELECT sample_id, t, token_id, round(teacher_lp, 3) AS teacher_lp, round(student_lp, 3) AS student_lp,
        round(gap, 3) AS gap, teacher_argmax,
-       input_ids[greatest(prompt_len + t - $context, 1) : prompt_len + t - 1] AS context_ids
+       input_ids[greatest(prompt_len + t - getvariable('context'), 1) : prompt_len + t - 1] AS context_ids
 FROM tokens
 ORDER BY abs(gap) DESC, sample_id, t
-LIMIT $top;
+LIMIT getvariable('top');
 """
 
 QUERIES = {"views": VIEWS_SQL, "tokens_view": TOKENS_VIEW_SQL, "summary": SUMMARY_SQL, "meta": META_SQL,
@@ -144,8 +145,8 @@ def connect(pattern: str) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def query(con: duckdb.DuckDBPyConnection, sql: str, params: dict | None = None) -> tuple[list[str], list[tuple]]:
-    rel = con.execute(sql, params or {})
+def query(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], list[tuple]]:
+    rel = con.execute(sql)
     return [d[0] for d in rel.description], rel.fetchall()
 
 
@@ -173,7 +174,8 @@ def top_gaps(con: duckdb.DuckDBPyConnection, top: int, context: int, tokenizer_d
     from pipeline.models import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
-    columns, rows = query(con, TOP_GAPS_SQL, {"top": top, "context": context})
+    con.execute(f"SET VARIABLE top = {int(top)}; SET VARIABLE context = {int(context)};")
+    columns, rows = query(con, TOP_GAPS_SQL)
     shown = [c for c in columns if c != "context_ids"]
     out = []
     for row in rows:

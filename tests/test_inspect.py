@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import shards, toy_task
-from pipeline.inspect_shards import (META_SQL, QUERIES, SUMMARY_SQL, TOKENS_SUMMARY_SQL, TOKENS_VIEW_SQL, VIEWS_SQL,
-                                     connect, format_table, main, query)
+from pipeline.inspect_shards import (META_SQL, QUERIES, SUMMARY_SQL, TOKENS_SUMMARY_SQL, TOKENS_VIEW_SQL,
+                                     TOP_GAPS_SQL, VIEWS_SQL, connect, format_table, main, query)
 from tests.tiny_models import save_model, teacher_meta, write_teacher_shards
 
 META = teacher_meta("a" * 16, "b" * 16, "c" * 16, k=4)
@@ -119,6 +119,10 @@ def test_printed_queries_run_in_plain_duckdb(folder, capsys):
     con.execute(VIEWS_SQL.format(glob=f"{folder}/*.parquet"))
     con.execute(TOKENS_VIEW_SQL)
     assert len(con.execute(TOKENS_SUMMARY_SQL).fetchall()) == 4  # three shards + total
+    con.execute("SET VARIABLE top = 3; SET VARIABLE context = 2;")
+    gaps = con.execute(TOP_GAPS_SQL).fetchall()
+    assert len(gaps) == 3 and all(len(row[-1]) <= 2 for row in gaps)
+    assert abs(gaps[0][5]) >= abs(gaps[1][5]) >= abs(gaps[2][5])
 
 
 def test_missing_and_broken_shards_fail_in_one_line(folder, tmp_path, capsys):
