@@ -25,7 +25,6 @@ from pipeline.provenance import PROVENANCE_FILE, ProvenanceError, read_provenanc
 
 log = logging.getLogger("opd.consistency")
 
-KIND = "teacher_topk"
 # Footer keys every shard of one distill run must share; the first group may be overridden for ablations.
 OVERRIDABLE_KEYS = ("teacher_fingerprint", "policy_fingerprint", "scoring_temperature", "privileged_context")
 STRUCTURAL_KEYS = ("schema_version", "k", "tokenizer_fingerprint")
@@ -65,7 +64,7 @@ def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inc
     report (fingerprints checked, `override_used`, `mismatches`) is for distill's metadata and metrics.
     """
     init_dir, shards_dir = Path(init_dir), Path(shards_dir)
-    infos = _open_shards(shards_dir)
+    infos = shards.open_teacher_shards(shards_dir)
     first = infos[0]
     mismatches = _shard_disagreements(infos)
     where = f"{first.path} (footer {shards.META_PREFIX}{{key}}; {len(infos)} shards)"
@@ -106,28 +105,6 @@ def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inc
         "override_used": bool(mismatches),
         "mismatches": [asdict(m) for m in mismatches],
     }
-
-
-def _open_shards(shards_dir: Path) -> list[shards.ShardInfo]:
-    parts = shards.list_parts(shards_dir)
-    if not parts:
-        raise ConsistencyError(f"{shards_dir}: no part-*.parquet teacher shards; run `dvc repro teacher_topk`")
-    return [shards.open_shard(p, KIND, shards.teacher_schema(_logprob_dtype(p))) for p in parts]
-
-
-def _logprob_dtype(path: Path) -> str:
-    """float16 or float32, whichever the shard holds, so the schema check accepts both encodings."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        field = pq.read_schema(path).field("topk_logprobs")
-    except KeyError:
-        return "float16"  # open_shard then reports the missing column by name
-    except (OSError, pa.ArrowException) as exc:
-        raise shards.ShardError(f"{path}: not a readable Parquet file ({exc}); the file is corrupt or "
-                                f"truncated: delete it and rerun `dvc repro teacher_topk`") from exc
-    return "float32" if pa.types.is_float32(field.type.value_type) else "float16"
 
 
 def _shard_disagreements(infos: list[shards.ShardInfo]) -> list[Mismatch]:

@@ -158,7 +158,7 @@ def test_corrupted_row_group_is_named_when_streamed(world):
 
 def test_missing_provenance_and_missing_shards(world, tmp_path):
     root, _, init, _ = world
-    with pytest.raises(ConsistencyError, match="no part-\\*.parquet teacher shards"):
+    with pytest.raises(shards.ShardError, match="no part-\\*.parquet teacher shards"):
         check_distill_inputs(init, tmp_path / "empty", False)
     (init / PROVENANCE_FILE).unlink()
     with pytest.raises(ConsistencyError, match=f"{PROVENANCE_FILE}: not found"):
