@@ -39,6 +39,21 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def add_shard_arg(parser: argparse.ArgumentParser) -> None:
+    """`--shard I/N` for stages that write parts (design §8); a bad value is a usage error naming the fix."""
+    from pipeline.shards import parse_shard_spec
+
+    def spec(value: str) -> tuple[int, int]:
+        try:
+            return parse_shard_spec(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parser.add_argument("--shard", type=spec, default=(0, 1), metavar="I/N",
+                        help="write only the parts whose index is I modulo N, so N processes (a SLURM array, "
+                             "several nodes) can fill one folder in parallel (default 0/1: all parts)")
+
+
 def stage_main(name: str, doc: str | None, add_args: Callable[[argparse.ArgumentParser], None],
                run: Callable[[argparse.Namespace, Any], dict | None], argv: list[str] | None = None,
                section: str | None = None) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -13,14 +14,20 @@ import torch
 from pipeline.generation import Sample, batch_seed, get_generator, length_batches
 from tests.tiny_models import save_model
 
-EOS = 1
-PROMPTS = [[2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12, 13], [3], [4, 4, 4, 4]]
+PROMPTS = [[1, 20, 21, 22], [1, 23], [1, 24, 25, 26, 27, 28, 29], [1], [1, 30, 30, 30]]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
+    """A toy model whose generation config lists extra stop tokens (as chat models do), so a random
+    model still ends some samples early: both stop reasons and the multi-eos path get exercised."""
     torch.set_num_threads(1)
-    return save_model(tmp_path_factory.mktemp("gen") / "policy", seed=3)
+    out = save_model(tmp_path_factory.mktemp("gen") / "policy", seed=3)
+    cfg_path = out / "generation_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["eos_token_id"] = [cfg["eos_token_id"], *range(40, 52)]
+    cfg_path.write_text(json.dumps(cfg))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +49,16 @@ def test_logprobs_match_manual_forward_and_eos_rules(gen, temperature):
     max_new = 12
     out = gen.generate(PROMPTS, n=3, temperature=temperature, max_new_tokens=max_new, seed=1)
     assert len(out) == len(PROMPTS) and all(len(row) == 3 for row in out)
+    stop = set(gen.stop_ids)
+    assert len(stop) == 13 and gen.tokenizer.eos_token_id in stop
     ended = {"eos": 0, "max": 0}
     for prompt, samples in zip(PROMPTS, out):
         for s in samples:
             assert isinstance(s, Sample) and len(s.response_ids) == len(s.logprobs) >= 1
             assert len(s.response_ids) <= max_new
-            assert EOS not in s.response_ids[:-1], "generation continued past eos"
-            ended["eos" if s.response_ids[-1] == EOS else "max"] += 1
-            if s.response_ids[-1] != EOS:
+            assert not stop & set(s.response_ids[:-1]), "generation continued past eos"
+            ended["eos" if s.response_ids[-1] in stop else "max"] += 1
+            if s.response_ids[-1] not in stop:
                 assert len(s.response_ids) == max_new
             np.testing.assert_allclose(s.logprobs, manual_logprobs(gen.model, prompt, s.response_ids, temperature),
                                        atol=2e-5)

@@ -56,8 +56,9 @@ def test_scorer_matches_manual_forward(model_dir):
 
 
 def test_batch_size_does_not_change_scores(model_dir):
-    seqs, prompt_lens = sequences(16, seed=1)
-    a = get_scorer("hf", model_dir, batch_size=7, device="cpu").score(seqs, prompt_lens, k=K)
+    scorer = get_scorer("hf", model_dir, batch_size=7, device="cpu")
+    seqs, prompt_lens = sequences(scorer.model.config.vocab_size, seed=1)
+    a = scorer.score(seqs, prompt_lens, k=K)
     b = get_scorer("hf", model_dir, batch_size=1, device="cpu").score(seqs, prompt_lens, k=K)
     for x, y in zip(a, b):
         np.testing.assert_allclose(x.teacher_logprob, y.teacher_logprob, atol=1e-5)

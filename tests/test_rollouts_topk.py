@@ -1,0 +1,277 @@
+"""Stages rollouts → teacher_topk on tiny toy models: contract-valid shards, resume, --shard, DuckDB/Polars, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from pipeline import rollouts, shards, teacher_topk, toy_task
+from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
+from pipeline.generation import HFGenerator
+from pipeline.prompts import PROMPT_SCHEMA
+from pipeline.scoring import HFScorer
+from tests.tiny_models import save_model
+
+N_PROMPTS, N_SAMPLES, ROWS_PER_SHARD, K = 7, 2, 4, 3   # 2 prompts per part -> 4 parts, the last one short
+ROLLOUTS = {"backend": "hf", "batch_size": 5, "max_new_tokens": 10, "temperature": 1.0,
+            "rows_per_shard": ROWS_PER_SHARD, "seed": 0, "n_samples": N_SAMPLES}
+TOPK = {"backend": "hf", "k": K, "batch_size": 6, "logprob_dtype": "float16", "privileged_context": None}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("stages")
+    save_model(root / "policy", seed=0, hidden=16)
+    save_model(root / "teacher", seed=1, hidden=24)
+    problems = toy_task.make_problems(3, N_PROMPTS, seed=0)
+    pq.write_table(pa.table({"prompt_id": [p.prompt_id for p in problems], "prompt": [p.prompt for p in problems],
+                             "answer": [p.answer for p in problems]}, schema=PROMPT_SCHEMA), root / "opd.parquet")
+    return root
+
+
+def params(root: Path, rollouts_cfg: dict | None = None, topk_cfg: dict | None = None) -> Path:
+    path = root / f"params-{len(list(root.glob('params-*')))}.yaml"
+    path.write_text(yaml.safe_dump({"rollouts": {**ROLLOUTS, **(rollouts_cfg or {})},
+                                    "teacher_topk": {**TOPK, **(topk_cfg or {})}}))
+    return path
+
+
+def run_rollouts(env: Path, out: Path, *extra: str, **cfg) -> dict:
+    return rollouts.main(["--params", str(params(env, rollouts_cfg=cfg)), "--metrics-dir", str(env / "metrics"),
+                          "--policy", str(env / "policy"), "--prompts", str(env / "opd.parquet"),
+                          "--out", str(out), *extra])
+
+
+def run_topk(env: Path, rollouts_dir: Path, out: Path, *extra: str, teacher: Path | None = None, **cfg) -> dict:
+    return teacher_topk.main(["--params", str(params(env, topk_cfg=cfg)), "--metrics-dir", str(env / "metrics"),
+                              "--teacher", str(teacher or env / "teacher"), "--rollouts", str(rollouts_dir),
+                              "--out", str(out), *extra])
+
+
+def folder_contents(folder: Path) -> tuple[list[str], pa.Table, list[dict]]:
+    """Part names, all rows, and footers without the creation time: what two equal runs must share."""
+    parts = shards.list_parts(folder)
+    metas = [{k: v for k, v in shards.read_meta(p).items() if k != "created_at"} for p in parts]
+    return [p.name for p in parts], pa.concat_tables(pq.read_table(p) for p in parts), metas
+
+
+@pytest.fixture(scope="module")
+def clean_run(env) -> tuple[Path, Path]:
+    run_rollouts(env, env / "clean" / "rollouts")
+    run_topk(env, env / "clean" / "rollouts", env / "clean" / "topk")
+    return env / "clean" / "rollouts", env / "clean" / "topk"
+
+
+def test_shards_follow_the_contract(env, clean_run):
+    rollouts_dir, topk_dir = clean_run
+    r_parts, t_parts = shards.list_parts(rollouts_dir), shards.list_parts(topk_dir)
+    assert [p.name for p in r_parts] == [p.name for p in t_parts] == [shards.part_name(i) for i in range(4)]
+    policy_fp, tok_fp = model_fingerprint(env / "policy"), tokenizer_fingerprint(env / "policy")
+    seen_prompts: set[str] = set()
+    teacher = HFScorer(env / "teacher", batch_size=1, device="cpu").model
+    for rp, tp in zip(r_parts, t_parts):
+        r = shards.open_shard(rp, "rollouts", shards.ROLLOUT_SCHEMA)
+        t = shards.open_shard(tp, "teacher_topk", shards.teacher_schema("float16"))
+        assert r.meta["kind"] == "rollouts" and r.meta["policy_fingerprint"] == policy_fp
+        assert r.meta["tokenizer_fingerprint"] == tok_fp and r.meta["policy_path"] == str(env / "policy")
+        assert r.meta["sampling_temperature"] == "1.0" and r.meta["backend"] == "hf"
+        assert json.loads(r.meta["config"]) == ROLLOUTS and r.meta["backend_version"].startswith("transformers")
+        for key in teacher_topk.POLICY_KEYS:
+            assert t.meta[key] == r.meta[key]
+        assert t.meta["teacher_fingerprint"] == model_fingerprint(env / "teacher")
+        assert t.meta["teacher_path"] == str(env / "teacher") and t.meta["k"] == str(K)
+        assert t.meta["scoring_temperature"] == "1.0" and t.meta["privileged_context"] == "null"
+        assert t.meta["logprob_dtype"] == "float16" and json.loads(t.meta["config"]) == TOPK
+        assert t.meta["rollouts_run_key"] == r.meta["run_key"] != t.meta["run_key"]
+
+        rows, scored = pq.read_table(rp).to_pylist(), pq.read_table(tp).to_pylist()
+        assert len(rows) <= ROWS_PER_SHARD
+        prompts_here = {row["prompt_id"] for row in rows}
+        assert not prompts_here & seen_prompts, "a prompt's samples must stay in one part"
+        seen_prompts |= prompts_here
+        for row, s in zip(rows, scored):
+            assert {k: s[k] for k in row} == row, "teacher shards carry the rollout rows unchanged"
+            assert row["sample_id"].split("#") == [row["prompt_id"], row["sample_id"][-1]]
+            ids, p = row["input_ids"], row["prompt_len"]
+            n = len(ids) - p
+            assert 1 <= n <= ROLLOUTS["max_new_tokens"] and len(row["student_logprobs"]) == n
+            assert len(s["teacher_logprob"]) == n and len(s["topk_ids"]) == len(s["topk_logprobs"]) == n * K
+            lp = np.asarray(s["topk_logprobs"], dtype=np.float32).reshape(n, K)
+            assert np.all(np.diff(lp, axis=1) <= 0)
+            with torch.no_grad():
+                ref = torch.log_softmax(teacher(torch.tensor([ids])).logits[0, p - 1:-1].float(), -1)
+            np.testing.assert_allclose(s["teacher_logprob"], ref[torch.arange(n), ids[p:]].numpy(), atol=1e-5)
+            np.testing.assert_array_equal(np.reshape(s["topk_ids"], (n, K)), ref.topk(K, -1).indices.numpy())
+            np.testing.assert_allclose(lp, ref.topk(K, -1).values.numpy(), atol=2e-2)   # float16 storage
+    assert len(seen_prompts) == N_PROMPTS
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_duckdb_and_polars_read_shards_as_they_are(env, clean_run, dtype):
+    import duckdb
+    import polars as pl
+
+    out = env / f"topk-{dtype}"
+    run_topk(env, clean_run[0], out, logprob_dtype=dtype)
+    glob = str(out / "*.parquet")
+    con = duckdb.connect()
+    count, k = con.execute(f"select count(*), avg(len(topk_ids) / (len(input_ids) - prompt_len)) "
+                          f"from read_parquet('{glob}')").fetchall()[0]
+    assert count == N_PROMPTS * N_SAMPLES and k == K
+    arrow = pa.concat_tables(pq.read_table(p) for p in shards.list_parts(out))
+    first = np.asarray(arrow.column("topk_logprobs").to_pylist()[0], dtype=np.float32)
+    via_duckdb = con.execute(f"select topk_logprobs from read_parquet('{glob}') where sample_id = "
+                            f"'{arrow.column('sample_id')[0]}'").fetchall()[0][0]
+    np.testing.assert_allclose(np.asarray(via_duckdb, dtype=np.float32), first)
+    frame = pl.read_parquet(glob)
+    assert frame.height == count
+    assert (frame["topk_ids"].list.len() == (frame["input_ids"].list.len() - frame["prompt_len"]) * K).all()
+
+
+def test_resume_after_a_crash_skips_finished_parts(env, clean_run, monkeypatch):
+    out = env / "resume"
+    real_write, calls = shards.write_shard, {"write": 0, "generate": 0, "score": 0}
+
+    def crash_after_first(*args, **kwargs):
+        calls["write"] += 1
+        if calls["write"] == 2:
+            raise RuntimeError("simulated crash")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_shard", crash_after_first)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_rollouts(env, out / "rollouts")
+    assert [p.name for p in shards.list_parts(out / "rollouts")] == ["part-00000.parquet"]
+    monkeypatch.setattr(shards, "write_shard", real_write)
+    first_mtime = (out / "rollouts" / "part-00000.parquet").stat().st_mtime_ns
+    real_generate, real_score = HFGenerator.generate, HFScorer.score
+
+    def counting(name, real):
+        def wrapper(self, *args, **kwargs):
+            calls[name] += 1
+            return real(self, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(HFGenerator, "generate", counting("generate", real_generate))
+    monkeypatch.setattr(HFScorer, "score", counting("score", real_score))
+    metrics = run_rollouts(env, out / "rollouts")
+    assert calls["generate"] == 3 and metrics["parts_skipped"] == 1
+    assert (out / "rollouts" / "part-00000.parquet").stat().st_mtime_ns == first_mtime
+    assert folder_contents(out / "rollouts") == folder_contents(clean_run[0])
+    assert run_rollouts(env, out / "rollouts")["parts_written"] == 0 and calls["generate"] == 3
+
+    (out / "topk").mkdir()
+    shutil.copy(clean_run[1] / "part-00002.parquet", out / "topk")
+    run_topk(env, out / "rollouts", out / "topk")
+    assert calls["score"] == 3, "the already scored part 2 must not be scored again"
+    assert folder_contents(out / "topk") == folder_contents(clean_run[1])
+
+
+def test_a_part_that_crashed_mid_write_never_looks_finished(env, clean_run, monkeypatch):
+    out = env / "midwrite"
+    real = pq.write_table
+
+    def half_then_die(table, where, **kwargs):
+        Path(where).write_bytes(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq, "write_table", half_then_die)
+    with pytest.raises(OSError, match="disk full"):
+        run_topk(env, clean_run[0], out)
+    assert shards.list_parts(out) == [], "a failed write must leave no part-*.parquet"
+    monkeypatch.setattr(pq, "write_table", real)
+    run_topk(env, clean_run[0], out)
+    assert sorted(p.name for p in out.iterdir()) == [shards.part_name(i) for i in range(4)]
+    assert folder_contents(out) == folder_contents(clean_run[1])
+
+
+def test_changed_settings_replace_stale_and_extra_parts(env, clean_run):
+    out = env / "stale"
+    shutil.copytree(clean_run[0], out / "rollouts")
+    shutil.copytree(clean_run[1], out / "topk")
+    old_key = shards.read_meta(out / "rollouts" / "part-00000.parquet")["run_key"]
+    metrics = run_rollouts(env, out / "rollouts", rows_per_shard=8, temperature=0.7)   # 4 prompts/part: 2 parts
+    assert metrics["parts_written"] == 2 and metrics["parts_skipped"] == 0
+    names, table, metas = folder_contents(out / "rollouts")
+    assert names == ["part-00000.parquet", "part-00001.parquet"] and table.num_rows == N_PROMPTS * N_SAMPLES
+    assert {m["run_key"] for m in metas} != {old_key} and len({m["run_key"] for m in metas}) == 1
+    assert run_topk(env, out / "rollouts", out / "topk")["parts_written"] == 2
+    names, _, metas = folder_contents(out / "topk")
+    assert names == ["part-00000.parquet", "part-00001.parquet"]
+    assert all(m["sampling_temperature"] == "0.7" for m in metas)
+
+
+def test_shard_halves_equal_a_full_run(env, clean_run):
+    out = env / "halves"
+    run_rollouts(env, out / "rollouts", "--shard", "1/2")
+    assert [p.name for p in shards.list_parts(out / "rollouts")] == ["part-00001.parquet", "part-00003.parquet"]
+    with pytest.raises(SystemExit) as exc:
+        run_topk(env, out / "rollouts", out / "topk")   # half the rollouts: refused, not half scored
+    assert exc.value.code == 2
+    run_rollouts(env, out / "rollouts", "--shard", "0/2")
+    assert folder_contents(out / "rollouts") == folder_contents(clean_run[0])
+    run_topk(env, out / "rollouts", out / "topk", "--shard", "0/2")
+    run_topk(env, out / "rollouts", out / "topk", "--shard", "1/2")
+    assert folder_contents(out / "topk") == folder_contents(clean_run[1])
+
+
+def test_bad_shard_spec_is_a_usage_error(env, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_rollouts(env, env / "never", "--shard", "2/2")
+    assert exc.value.code == 2 and "0 <= i < n" in capsys.readouterr().err
+
+
+def test_teacher_with_another_tokenizer_is_refused(env, clean_run, capsys):
+    other = env / "other-teacher"
+    shutil.copytree(env / "teacher", other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["0"], vocab["1"] = vocab["1"], vocab["0"]   # same text, different ids
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(SystemExit) as exc:
+        run_topk(env, clean_run[0], env / "refused", teacher=other)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "tokenizer mismatch" in err
+    assert tokenizer_fingerprint(other) in err and tokenizer_fingerprint(env / "policy") in err
+    assert shards.list_parts(env / "refused") == []
+
+
+def test_privileged_context_changes_only_the_teacher_prompt(env, clean_run):
+    template = "Answer: {answer}\n{prompt}"
+    out = env / "privileged"
+    run_topk(env, clean_run[0], out, privileged_context=template)
+    tok = toy_task.build_tokenizer()
+    answers = dict(zip(*(pq.read_table(env / "opd.parquet").column(c).to_pylist() for c in ("prompt_id", "answer"))))
+    prompts = dict(zip(*(pq.read_table(env / "opd.parquet").column(c).to_pylist() for c in ("prompt_id", "prompt"))))
+    teacher = HFScorer(env / "teacher", batch_size=1, device="cpu").model
+    plain = pq.read_table(clean_run[1] / "part-00000.parquet").to_pylist()
+    for row, base in zip(pq.read_table(out / "part-00000.parquet").to_pylist(), plain):
+        assert row["input_ids"] == base["input_ids"], "the rows keep the student's prompt"
+        prefix = tok(template.format(prompt=prompts[row["prompt_id"]], answer=answers[row["prompt_id"]]))["input_ids"]
+        response = row["input_ids"][row["prompt_len"]:]
+        with torch.no_grad():
+            logits = teacher(torch.tensor([prefix + response])).logits[0, len(prefix) - 1:-1]
+        ref = torch.log_softmax(logits.float(), -1)[torch.arange(len(response)), response].numpy()
+        np.testing.assert_allclose(row["teacher_logprob"], ref, atol=1e-5)
+        assert not np.allclose(row["teacher_logprob"], base["teacher_logprob"])
+    assert shards.read_meta(out / "part-00000.parquet")["privileged_context"] == json.dumps(template)
+
+
+def test_pending_parts_leaves_other_processes_parts_alone(tmp_path):
+    """With --shard i/n, process i cleans up only its own parts: another's temporaries are mid-write."""
+    (tmp_path / ".part-00001.parquet.tmp-999").write_bytes(b"being written by process 1/2")
+    (tmp_path / ".part-00002.parquet.tmp-998").write_bytes(b"left by a crashed 0/2")
+    (tmp_path / "part-00004.parquet").write_bytes(b"stale, from a run with more parts")
+    assert shards.pending_parts(tmp_path, "rollouts", "key", n_parts=4, shard=(0, 2)) == [0, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".part-00001.parquet.tmp-999"]
+    assert shards.pending_parts(tmp_path, "rollouts", "key", n_parts=4, shard=(1, 2)) == [1, 3]
+    assert list(tmp_path.iterdir()) == []
