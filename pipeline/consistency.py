@@ -44,16 +44,18 @@ class Mismatch:
     """One failed rule, with both sides' values and where each was read from."""
 
     check: str
+    found_what: str
     found: str
     found_from: str
+    expected_what: str
     expected: str
     expected_from: str
     fix: str
     overridable: bool
 
     def message(self) -> str:
-        return (f"{self.check} mismatch: {self.found} ({self.found_from}) vs {self.expected} "
-                f"({self.expected_from}); fix: {self.fix}")
+        return (f"{self.check} mismatch: {self.found_what} {self.found} in {self.found_from} but "
+                f"{self.expected_what} {self.expected} in {self.expected_from}; fix: {self.fix}")
 
 
 def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inconsistent_teacher: bool) -> dict:
@@ -76,17 +78,21 @@ def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inc
     sft_files = ", ".join(prov.get("sft_data_files") or []) or "unrecorded sft data files"
     init_fp = model_fingerprint(init_dir)
     fp = {key: first.meta[key] for key in ("teacher_fingerprint", "policy_fingerprint", "tokenizer_fingerprint")}
+    recomputed = f"{init_dir} (model fingerprint, recomputed)"
     checks = [
-        Mismatch("teacher", fp["teacher_fingerprint"], where.format(key="teacher_fingerprint"),
+        Mismatch("teacher", "the shards were scored by teacher", fp["teacher_fingerprint"],
+                 where.format(key="teacher_fingerprint"), "π_ref was fine-tuned on answers of teacher",
                  prov["sft_teacher_fingerprint"], f"{prov_path} (sft_teacher_fingerprint, from {sft_files})",
                  FIX_TEACHER, True),
-        Mismatch("policy (π_ref)", fp["policy_fingerprint"], where.format(key="policy_fingerprint"),
-                 init_fp, f"model fingerprint of {init_dir}, recomputed", FIX_POLICY, True),
-        Mismatch("π_ref provenance", prov["model_fingerprint"], f"{prov_path} (model_fingerprint)", init_fp,
-                 f"model fingerprint of {init_dir}, recomputed",
-                 "the model changed after the stage that wrote it: rerun `dvc repro sft`", True),
-        Mismatch("tokenizer", fp["tokenizer_fingerprint"], where.format(key="tokenizer_fingerprint"),
-                 prov["tokenizer_fingerprint"], f"{prov_path} (tokenizer_fingerprint)", FIX_TOKENIZER, False),
+        Mismatch("policy (π_ref)", "the rollouts were sampled by policy", fp["policy_fingerprint"],
+                 where.format(key="policy_fingerprint"), "distill starts from", init_fp, recomputed,
+                 FIX_POLICY, True),
+        Mismatch("π_ref provenance", "the sft stage recorded", prov["model_fingerprint"],
+                 f"{prov_path} (model_fingerprint)", "the folder holds", init_fp, recomputed,
+                 "the model changed after the sft stage wrote it: rerun `dvc repro sft`", True),
+        Mismatch("tokenizer", "the shards were tokenized with", fp["tokenizer_fingerprint"],
+                 where.format(key="tokenizer_fingerprint"), "π_ref's tokenizer is", prov["tokenizer_fingerprint"],
+                 f"{prov_path} (tokenizer_fingerprint)", FIX_TOKENIZER, False),
     ]
     mismatches += [m for m in checks if m.found != m.expected]
     _raise_or_warn(mismatches, allow_inconsistent_teacher)
@@ -114,8 +120,8 @@ def _shard_disagreements(infos: list[shards.ShardInfo]) -> list[Mismatch]:
         other = next((i for i in infos[1:] if i.meta[key] != first.meta[key]), None)
         if other is not None:
             out.append(Mismatch(
-                f"shards' {key}", other.meta[key], f"{other.path} (footer {shards.META_PREFIX}{key})",
-                first.meta[key], f"{first.path} (footer {shards.META_PREFIX}{key})",
+                f"shards' {key}", "one shard has", other.meta[key], f"{other.path} (footer {shards.META_PREFIX}{key})",
+                "another has", first.meta[key], f"{first.path} (footer {shards.META_PREFIX}{key})",
                 f"shards from different runs are mixed in {other.path.parent}: delete them and rerun "
                 f"`dvc repro teacher_topk`" if key in STRUCTURAL_KEYS else FIX_TEACHER, key in OVERRIDABLE_KEYS))
     return out

@@ -196,4 +196,4 @@ def test_stage_turns_consistency_error_into_exit_2(world, tmp_path, capsys):
                    ["--params", str(params), "--metrics-dir", str(tmp_path / "m")])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: teacher mismatch: 0000000000000000")
+    assert err[-1].startswith("error: teacher mismatch: the shards were scored by teacher 0000000000000000")
