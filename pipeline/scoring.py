@@ -44,6 +44,18 @@ def get_scorer(backend: str, model_path: Path | str, *, batch_size: int, device:
     raise ValueError(f"unknown scoring backend {backend!r}; use hf or vllm")
 
 
+def check_inputs(input_ids: list[list[int]], prompt_lens: list[int], k: int, vocab: int) -> None:
+    """Bad lengths would silently shift every score by a position; refuse them before any work."""
+    if not 0 <= k <= vocab:
+        raise ValueError(f"k={k} must be between 0 and the vocabulary size {vocab}")
+    if len(input_ids) != len(prompt_lens):
+        raise ValueError(f"{len(input_ids)} sequences but {len(prompt_lens)} prompt lengths")
+    for i, (ids, p) in enumerate(zip(input_ids, prompt_lens)):
+        if not 1 <= p <= len(ids):
+            raise ValueError(f"sequence {i}: prompt_len {p} must be in [1, {len(ids)}] (the first token "
+                             f"has no prediction to score)")
+
+
 class HFScorer:
     """Batched left-padded prefill with transformers; log_softmax in fp32 on the response positions only."""
 
@@ -58,13 +70,7 @@ class HFScorer:
     def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int) -> list[Scored]:
         from tqdm import tqdm
 
-        vocab = self.model.config.get_text_config().vocab_size
-        if not 0 <= k <= vocab:
-            raise ValueError(f"k={k} must be between 0 and the vocabulary size {vocab}")
-        for i, (ids, p) in enumerate(zip(input_ids, prompt_lens, strict=True)):
-            if not 1 <= p <= len(ids):
-                raise ValueError(f"sequence {i}: prompt_len {p} must be in [1, {len(ids)}] (the first token "
-                                 f"has no prediction to score)")
+        check_inputs(input_ids, prompt_lens, k, self.model.config.get_text_config().vocab_size)
         out: list[Scored | None] = [None] * len(input_ids)
         for idx in tqdm(length_batches([len(s) for s in input_ids], self.batch_size), desc="score",
                         unit="batch", leave=False):

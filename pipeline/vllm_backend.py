@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.generation import Sample, batch_seed, stop_token_ids
 from pipeline.models import resolve_model_dir
-from pipeline.scoring import Scored
+from pipeline.scoring import Scored, check_inputs
 from pipeline.stage import UserError
 
 INSTALL_HINT = "pip install 'offline-opd[vllm]'"
@@ -75,7 +75,7 @@ class VLLMGenerator:
 
 
 class VLLMScorer:
-    """Teacher scoring as a vLLM prefill with prompt log-probs (one engine per k: max_logprobs is fixed at start)."""
+    """Teacher scoring as a vLLM prefill with prompt log-probs (the engine's max_logprobs is fixed at its start)."""
 
     def __init__(self, model_path: Path | str, *, batch_size: int, device: str | None = None) -> None:
         _vllm()  # fail before any work when vLLM is missing, not at the first batch
@@ -85,11 +85,15 @@ class VLLMScorer:
     def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int) -> list[Scored]:
         from vllm import SamplingParams, TokensPrompt
 
-        if self.llm is None or k > self.k:
+        if self.llm is None:
             # Prefix caching would skip the prefill that computes prompt log-probs for cached blocks.
             self.llm = _engine(self.model_path, self.device, max_num_seqs=self.batch_size,
-                               max_logprobs=max(k, 1), enable_prefix_caching=False)
-            self.k = k
+                               max_logprobs=max(k, 20), enable_prefix_caching=False)
+            self.k = max(k, 20)
+        elif k > self.k:
+            # A second engine would not fit beside the first on the GPU, and vLLM frees one unreliably.
+            raise ValueError(f"this vLLM scorer was started for k <= {self.k}; make a new one for k={k}")
+        check_inputs(input_ids, prompt_lens, k, self.llm.llm_engine.model_config.get_vocab_size())
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in input_ids], params,
                                     use_tqdm=True)
