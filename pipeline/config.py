@@ -119,6 +119,12 @@ class DistillConfig:
     precision: str
     seed: int
     allow_inconsistent_teacher: bool
+    # Data reader: DataLoader worker processes per rank, and how many row groups are mixed in one
+    # shuffle window (the bounded shuffle buffer). Resuming needs the same values.
+    num_workers: int
+    shuffle_row_groups: int
+    # Steps between resume checkpoints (logs/distill/checkpoints/last.ckpt).
+    checkpoint_every_n_steps: int
 
 
 @dataclasses.dataclass(frozen=True)
