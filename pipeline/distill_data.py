@@ -1,0 +1,254 @@
+"""Streaming the teacher_topk shards into padded training batches, resumable to the exact batch.
+
+Nothing is loaded whole: every shard is checked up front from its footer, then each reader streams
+row groups. The unit of work is one row group. Per data epoch e, all row groups are put in an order
+drawn from (seed, e) and dealt round-robin to the G = ranks × dataloader-workers readers, so every
+row group goes to exactly one reader per epoch. A reader mixes its row groups `shuffle_row_groups` at
+a time (a bounded shuffle buffer: the rows of those groups in an order drawn from (seed, e, reader,
+window)), and cuts its row stream into batches of `batch_size` sequences, continuing across windows
+and epochs (the stream is endless; the Trainer stops at max_steps).
+
+Why this resumes exactly: a reader's stream is a pure function of (seed, layout, row-group sizes), so
+its position is just the number of rows it has handed out. The DataLoader takes batch i from worker
+i mod W, so the one number a checkpoint stores (batches consumed on each rank = the global step) gives
+every reader's row offset; a resumed reader skips that many rows using row-group sizes from the
+footers, reading only the window it resumes in, and the resumed workers take over the readers in the
+rotated order that keeps the round-robin sequence of batches unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline import shards
+from pipeline.config import ConfigError
+
+COLUMNS = ["sample_id", "input_ids", "prompt_len", "student_logprobs", "teacher_logprob", "topk_ids",
+           "topk_logprobs"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One row group of one shard: what a reader is dealt."""
+
+    shard: int
+    group: int
+    rows: int
+
+
+def shard_units(infos: list[shards.ShardInfo]) -> list[Unit]:
+    """All row groups of all shards, with their row counts (from the footers)."""
+    units = []
+    for s, info in enumerate(infos):
+        meta = pq.ParquetFile(info.path).metadata
+        units += [Unit(s, g, meta.row_group(g).num_rows) for g in range(info.num_row_groups)]
+    return units
+
+
+def common_k(infos: list[shards.ShardInfo]) -> int:
+    """The top-k width every shard shares (one batch holds a [B, T, k] tensor)."""
+    ks = {int(json.loads(i.meta["k"])) for i in infos}
+    if len(ks) != 1:
+        first = infos[0]
+        other = next(i for i in infos if i.meta["k"] != first.meta["k"])
+        raise shards.ShardError(f"{other.path}: k={other.meta['k']} but {first.path} has k={first.meta['k']}; "
+                                f"shards of one run must share k: rerun the `teacher_topk` stage")
+    return ks.pop()
+
+
+def reader_units(units: list[Unit], seed: int, epoch: int, reader: int, readers: int) -> list[Unit]:
+    """The row groups reader `reader` of `readers` streams in data epoch `epoch`, in order."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(units))
+    return [units[i] for i in order[reader::readers]]
+
+
+def batches_of_worker(batches: int, worker: int, workers: int) -> int:
+    """How many of the first `batches` batches a DataLoader with `workers` workers took from `worker`."""
+    return max(0, -(-(batches - worker) // workers))
+
+
+class TeacherShardStream(IterableDataset):
+    """An endless stream of collated batches for one rank (split further across its DataLoader workers)."""
+
+    def __init__(self, infos: list[shards.ShardInfo], batch_size: int, seed: int, shuffle_row_groups: int,
+                 rank: int = 0, world_size: int = 1, start_batches: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1 or shuffle_row_groups < 1:
+            raise ValueError(f"batch_size and shuffle_row_groups must be >= 1, got {batch_size}, {shuffle_row_groups}")
+        self.infos, self.units, self.k = infos, shard_units(infos), common_k(infos)
+        self.batch_size, self.seed, self.window = batch_size, seed, shuffle_row_groups
+        self.rank, self.world_size, self.start_batches = rank, world_size, start_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        readers = self.world_size * workers
+        if len(self.units) < readers:
+            raise ConfigError(f"{len(self.units)} row groups cannot feed {readers} readers "
+                              f"({self.world_size} ranks x {workers} workers): lower distill.num_workers")
+        # The resumed loader's batch j is the original run's batch start + j, which came from worker
+        # (start + j) mod W: so this worker continues the stream of that one.
+        role = (worker + self.start_batches) % workers
+        skip = batches_of_worker(self.start_batches, role, workers) * self.batch_size
+        pending: list[pa.Table] = []
+        have = 0
+        for table in self._rows(self.rank * workers + role, readers, skip):
+            pending.append(table)
+            have += table.num_rows
+            while have >= self.batch_size:
+                rows = pa.concat_tables(pending)
+                yield collate(rows.slice(0, self.batch_size), self.k)
+                pending, have = [rows.slice(self.batch_size)], rows.num_rows - self.batch_size
+
+    def _rows(self, reader: int, readers: int, skip: int) -> Iterator[pa.Table]:
+        """This reader's row stream, window by window, starting `skip` rows in."""
+        for epoch in itertools.count():
+            units = reader_units(self.units, self.seed, epoch, reader, readers)
+            for w in range(0, len(units), self.window):
+                window = units[w:w + self.window]
+                n = sum(u.rows for u in window)
+                if skip >= n:  # resume: skip whole windows without reading them
+                    skip -= n
+                    continue
+                table = pa.concat_tables([self._read(u) for u in window])
+                order = np.random.default_rng([self.seed, epoch, reader, w]).permutation(table.num_rows)
+                yield table.take(pa.array(order[skip:]))
+                skip = 0
+
+    def _read(self, unit: Unit) -> pa.Table:
+        info = self.infos[unit.shard]
+        (table,) = shards.iter_row_groups(info, COLUMNS, [unit.group])
+        check_rows(table, self.k, f"{info.path}: row group {unit.group}")
+        return table
+
+
+def check_rows(table: pa.Table, k: int, where: str) -> None:
+    """Row-level contract the footer cannot show: per-token columns match the response length."""
+    length = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+    prompt = table.column("prompt_len").to_numpy()
+    resp = length - prompt
+    problems = [("prompt_len must be in [1, len(input_ids)]", (prompt < 1) | (resp < 0))]
+    for name, width in (("student_logprobs", 1), ("teacher_logprob", 1), ("topk_ids", k), ("topk_logprobs", k)):
+        got = pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False)
+        problems.append((f"{name} must hold {width} value(s) per response token", got != resp * width))
+    for what, bad in problems:
+        if bad.any():
+            sid = table.column("sample_id")[int(np.argmax(bad))].as_py()
+            raise shards.ShardError(f"{where}, sample_id {sid}: {what} (k={k}); the shard is inconsistent: "
+                                    f"rerun the `teacher_topk` stage")
+
+
+def collate(table: pa.Table, k: int) -> dict[str, Any]:
+    """Right-padded [B, T] / [B, T, k] tensors; per-token values sit at the position of their token.
+
+    Keys: input_ids, attention_mask, response_mask (True at response tokens), topk_ids (-1 elsewhere),
+    topk_logprobs, teacher_logprob, student_logprob (π_ref's behaviour log-prob), sample_id (list).
+    """
+    length = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
+    prompt = table.column("prompt_len").to_numpy().astype(np.int64)
+    resp = length - prompt
+    B, T = len(length), int(length.max(initial=1))
+    rows, cols = _positions(length, np.zeros_like(length))
+    rrows, rcols = _positions(resp, prompt)
+
+    def flat(name: str) -> np.ndarray:
+        return pc.list_flatten(table.column(name)).to_numpy(zero_copy_only=False)
+
+    ids = np.zeros((B, T), np.int64)
+    ids[rows, cols] = flat("input_ids")
+    attn = np.zeros((B, T), np.int64)
+    attn[rows, cols] = 1
+    resp_mask = np.zeros((B, T), bool)
+    resp_mask[rrows, rcols] = True
+    per_token = {}
+    for name, key in (("teacher_logprob", "teacher_logprob"), ("student_logprobs", "student_logprob")):
+        arr = np.zeros((B, T), np.float32)
+        arr[rrows, rcols] = flat(name)
+        per_token[key] = torch.from_numpy(arr)
+    topk_lp_values = flat("topk_logprobs")
+    topk_ids = np.full((B, T, k), -1, np.int32)
+    topk_lp = np.zeros((B, T, k), topk_lp_values.dtype)
+    topk_ids[rrows, rcols] = flat("topk_ids").reshape(-1, k)
+    topk_lp[rrows, rcols] = topk_lp_values.reshape(-1, k)
+    return {
+        "input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
+        "response_mask": torch.from_numpy(resp_mask), "topk_ids": torch.from_numpy(topk_ids),
+        "topk_logprobs": torch.from_numpy(topk_lp), **per_token,
+        "sample_id": table.column("sample_id").to_pylist(),
+    }
+
+
+def _positions(counts: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of every element when row b holds counts[b] values from column starts[b] on."""
+    rows = np.repeat(np.arange(len(counts)), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    return rows, np.arange(int(counts.sum())) - first + starts[rows]
+
+
+def unwrap_worker_error(exc: shards.ShardError) -> shards.ShardError:
+    """A ShardError a DataLoader worker raised reaches the main process with the worker's traceback
+    folded into its message: keep only the original message (file, row group, fix), on one line."""
+    marker = f"{shards.ShardError.__module__}.{shards.ShardError.__qualname__}: "
+    text = str(exc)
+    if marker not in text:
+        return exc
+    return shards.ShardError(" ".join(text.rsplit(marker, 1)[1].split()))
+
+
+class TeacherShardDataModule(pl.LightningDataModule):
+    """The teacher shards of one distill run; its state in a checkpoint is the reader position."""
+
+    def __init__(self, shards_dir: Path | str, batch_size: int, seed: int, shuffle_row_groups: int,
+                 num_workers: int) -> None:
+        super().__init__()
+        self.shards_dir, self.batch_size, self.seed = Path(shards_dir), batch_size, seed
+        self.shuffle_row_groups, self.num_workers = shuffle_row_groups, num_workers
+        self.infos: Optional[list[shards.ShardInfo]] = None
+        self.start_batches = 0
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Validate every shard's footer and schema (idempotent: distill calls it before loading the model)."""
+        if self.infos is None:
+            self.infos = shards.open_teacher_shards(self.shards_dir)
+            common_k(self.infos)
+
+    def _rank_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        rank, world = self._rank_world()
+        stream = TeacherShardStream(self.infos, self.batch_size, self.seed, self.shuffle_row_groups, rank, world,
+                                    self.start_batches)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                          pin_memory=torch.cuda.is_available())
+
+    def layout(self) -> dict[str, Any]:
+        """What a reader position is relative to: resuming under a different layout would mis-skip."""
+        self.setup()
+        return {"world_size": self._rank_world()[1], "num_workers": self.num_workers, "batch_size": self.batch_size,
+                "seed": self.seed, "shuffle_row_groups": self.shuffle_row_groups,
+                "shards": [[i.path.name, i.num_rows] for i in self.infos]}
+
+    def state_dict(self) -> dict[str, Any]:
+        # One batch per optimizer step (distill never accumulates), so batches consumed = global step.
+        return {"batches_consumed": int(self.trainer.global_step), "layout": self.layout()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["layout"] != self.layout():
+            raise ConfigError(f"the checkpoint's data reader ran with {state_dict['layout']}, this run has "
+                              f"{self.layout()}: resume with the same devices and settings, or delete the "
+                              f"checkpoint folder to start over")
+        self.start_batches = int(state_dict["batches_consumed"])
