@@ -131,6 +131,7 @@ class DistillConfig:
 class EvaluateConfig:
     """`evaluate`: greedy accuracy with the task verifier and divergence to the teacher."""
 
+    backend: Literal["hf", "vllm"]   # greedy generation; the divergences always use HF forwards
     batch_size: int
     max_new_tokens: int
     n_eval: Optional[int]
