@@ -197,32 +197,42 @@ def bench_gpu_fused(args):
     b = fused()
     out["rel_err_grad_h"] = ((a[0].float() - b[0].float()).norm() / a[0].float().norm()).item()
     out["rel_err_grad_w"] = ((a[1].float() - b[1].float()).norm() / a[1].float().norm()).item()
-    out.update(N=N, V=V, H=H, k=k)
+    from kernels.fused_linear import default_chunk_rows
+
+    out.update(N=N, V=V, H=H, k=k, chunk_rows=default_chunk_rows(N, V, h.device))
     return out
+
+
+SWEEP = [  # (kernel, BLOCK_V or SEG, num_warps, programs per SM)
+    ("coop", 16384, 16, 2), ("coop", 8192, 8, 4), ("coop", 8192, 16, 2), ("coop", 4096, 8, 4),
+    ("coop", 4096, 4, 8), ("coop", 2048, 4, 8), ("twopass", 16384, 16, 1), ("twopass", 8192, 8, 2),
+]
 
 
 def bench_gpu_sweep(args, peak_bw):
     import triton.testing as tt
 
-    N, V, k = 16384, 151936, 64
-    z, ids, lp = make_inputs(N, V, k, "cuda", torch.bfloat16)
-    zr = z.requires_grad_(True)
-
-    def ours():
-        loss = sparse_divergence(zr, ids, lp, args.mode)
-        return torch.autograd.grad(loss.sum(), zr)[0]
-
     res = []
-    configs = [(4096, 8, 1), (4096, 8, 2), (4096, 8, 4), (8192, 16, 1), (8192, 16, 2), (2048, 4, 4),
-               (4096, 16, 1), (8192, 8, 2), (16384, 16, 1)]
-    nbytes = N * V * 4 + N * k * 6 + N * 4
-    for bv, nw, per_sm in configs:
-        os.environ.update(OPD_SPARSE_BLOCK_V=str(bv), OPD_SPARSE_WARPS=str(nw), OPD_SPARSE_PROGS_PER_SM=str(per_sm))
-        ms = tt.do_bench(ours, warmup=25, rep=args.rep, return_mode="median")
-        r = dict(block_v=bv, warps=nw, progs_per_sm=per_sm, ms=ms, pct_peak=100 * nbytes / (ms * 1e-3) / peak_bw)
-        print(json.dumps(r), flush=True)
-        res.append(r)
-    for key in ("OPD_SPARSE_BLOCK_V", "OPD_SPARSE_WARPS", "OPD_SPARSE_PROGS_PER_SM"):
+    for N, V, k in ((16384, 151936, 64), (16384, 32000, 64)):
+        z, ids, lp = make_inputs(N, V, k, "cuda", torch.bfloat16)
+        zr = z.requires_grad_(True)
+
+        def ours():
+            loss = sparse_divergence(zr, ids, lp, args.mode)
+            return torch.autograd.grad(loss.sum(), zr)[0]
+
+        nbytes = N * V * 4 + N * k * 6 + N * 4
+        for kern, bv, nw, per_sm in SWEEP:
+            os.environ.update(OPD_SPARSE_KERNEL=kern, OPD_SPARSE_BLOCK_V=str(bv), OPD_SPARSE_WARPS=str(nw),
+                              OPD_SPARSE_PROGS_PER_SM=str(per_sm))
+            ms = tt.do_bench(ours, warmup=25, rep=args.rep, return_mode="median")
+            r = dict(N=N, V=V, k=k, kernel=kern, block_v=bv, warps=nw, progs_per_sm=per_sm, ms=ms,
+                     pct_peak=100 * nbytes / (ms * 1e-3) / peak_bw)
+            print(json.dumps(r), flush=True)
+            res.append(r)
+        del z, zr, ids, lp
+        torch.cuda.empty_cache()
+    for key in ("OPD_SPARSE_KERNEL", "OPD_SPARSE_BLOCK_V", "OPD_SPARSE_WARPS", "OPD_SPARSE_PROGS_PER_SM"):
         os.environ.pop(key, None)
     return res
 
@@ -249,14 +259,16 @@ def _gb(x):
 
 def print_gpu_tables(res):
     if res["sweep"]:
-        print("\nKernel configurations at N=16384, V=151936, k=64 (fwd+bwd):\n")
-        print("| BLOCK_V | warps | programs/SM | ms | % of copy peak |")
-        print("|---|---|---|---|---|")
+        print("\nKernel configurations, k=64, fwd+bwd:\n")
+        print("| N | V | kernel | BLOCK_V / SEG | warps | programs/SM | ms | % of copy peak |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in res["sweep"]:
-            print(f"| {r['block_v']} | {r['warps']} | {r['progs_per_sm']} | {r['ms']:.3f} | {r['pct_peak']:.0f}% |")
+            print(f"| {r['N']} | {r['V']} | {r['kernel']} | {r['block_v']} | {r['warps']} | {r['progs_per_sm']} | "
+                  f"{r['ms']:.3f} | {r['pct_peak']:.0f}% |")
     f = res["fused"]
     if f:
-        print(f"\nFused linear vs unfused, N={f['N']}, V={f['V']}, H={f['H']}, k={f['k']}, bf16, mode {res['mode']} "
+        print(f"\nFused linear vs unfused, N={f['N']}, V={f['V']}, H={f['H']}, k={f['k']}, bf16, mode {res['mode']}, "
+              f"{f['chunk_rows']} tokens per chunk "
               f"(fwd+bwd; peak allocated above inputs; grad rel. error fused vs unfused: "
               f"h {f['rel_err_grad_h']:.1e}, W {f['rel_err_grad_w']:.1e}):\n")
         print("| path | ms | peak extra GB | peak vs fused |")

@@ -38,6 +38,7 @@ TAID = tl.constexpr(MODE_ID["taid"])
 ENTROPY_AWARE = tl.constexpr(MODE_ID["entropy_aware"])
 
 MAX_K = 256
+MAX_SEGMENTS = 64  # coop kernel: at most this many programs cooperate on one row
 
 
 def is_interpreted() -> bool:
@@ -92,6 +93,53 @@ def _outcome(lp, lq, p, q, c0, c1, c2, ea, MODE: tl.constexpr):
 
 
 @triton.jit
+def _row_terms(lse, zs, lp_raw, valid, za, tlp, blp, c0, c1, c2, tail_eps, logp_min,
+               MODE: tl.constexpr, HAS_BEHAVIOR: tl.constexpr):
+    """Loss and gradient pieces of one row given its log-sum-exp (kernels/MATH.md).
+
+    Returns (loss, c, u_s, q, G, adv, lqa): the gradient is q_i * c off S, u_j - q_j * G on S, and for pg
+    adv * (q_a - 1) at the sampled token a (u_s, q, G unused for pg; adv, lqa unused otherwise).
+    """
+    if MODE == PG:
+        lqa = za - lse
+        adv = tl.minimum(tl.maximum(tlp - lqa, -c0), c0)
+        if HAS_BEHAVIOR:
+            adv = adv * tl.exp(tl.minimum(lqa - blp, c2))  # min(ratio, is_clip)
+        loss = -adv * lqa
+        c = adv
+        u_s = zs
+        q = zs
+        G = adv
+    else:
+        lq = tl.where(valid, zs - lse, 0.0)
+        lp = tl.where(valid, tl.minimum(tl.maximum(lp_raw, logp_min), 0.0), 0.0)
+        q = tl.where(valid, tl.exp(lq), 0.0)
+        p = tl.where(valid, tl.exp(lp), 0.0)
+        p_raw = 1.0 - tl.sum(p, 0)
+        q_raw = 1.0 - tl.sum(q, 0)
+        pt = tl.maximum(p_raw, tail_eps)
+        qt = tl.maximum(q_raw, tail_eps)
+        lpt = tl.log(pt)
+        lqt = tl.log(qt)
+        ea = 0.0
+        if MODE == ENTROPY_AWARE:
+            ent = -tl.sum(tl.where(valid, p * lp, 0.0), 0) - pt * lpt
+            ea = 1.0 / (1.0 + tl.exp(-(ent - c0) / c1))
+        ell_s, u_s = _outcome(lp, lq, p, q, c0, c1, c2, ea, MODE)
+        ell_s = tl.where(valid, ell_s, 0.0)
+        u_s = tl.where(valid, u_s, 0.0)
+        ell_t, u_t = _outcome(lpt, lqt, pt, qt, c0, c1, c2, ea, MODE)
+        loss = tl.sum(ell_s, 0) + ell_t
+        live = q_raw >= tail_eps  # a clamped tail is a constant: no gradient through it
+        g_t = tl.where(live, u_t / qt, 0.0)
+        G = tl.sum(u_s, 0) + tl.where(live, u_t, 0.0)
+        c = g_t - G
+        adv = c
+        lqa = c
+    return loss, c, u_s, q, G, adv, lqa
+
+
+@triton.jit
 def _sparse_div_kernel(
     z_ptr, stride_z, g_ptr, stride_g,
     ids_ptr, stride_ids, lp_ptr, stride_lp,
@@ -137,40 +185,16 @@ def _sparse_div_kernel(
                 s_vec = s_vec * tl.exp(m - m_safe) + tl.exp(x - m_safe)
                 m = m_new
             lse = m + tl.log(tl.sum(s_vec, 0))
-            # ---- the k+1 outcomes
             if MODE == PG:
-                lqa = za - lse
                 tlp = tl.load(tlp_ptr + row).to(tl.float32)
-                adv = tl.minimum(tl.maximum(tlp - lqa, -c0), c0)
+                blp = 0.0
                 if HAS_BEHAVIOR:
                     blp = tl.load(blp_ptr + row).to(tl.float32)
-                    adv = adv * tl.exp(tl.minimum(lqa - blp, c2))  # min(ratio, is_clip)
-                loss = -adv * lqa
-                c = adv
+                loss, c, u_s, q, G, adv, lqa = _row_terms(lse, za, za, za, za, tlp, blp, c0, c1, c2, tail_eps,
+                                                          logp_min, MODE, HAS_BEHAVIOR)
             else:
-                lq = tl.where(valid, zs - lse, 0.0)
-                lp = tl.where(valid, tl.minimum(tl.maximum(lp_raw, logp_min), 0.0), 0.0)
-                q = tl.where(valid, tl.exp(lq), 0.0)
-                p = tl.where(valid, tl.exp(lp), 0.0)
-                p_raw = 1.0 - tl.sum(p, 0)
-                q_raw = 1.0 - tl.sum(q, 0)
-                pt = tl.maximum(p_raw, tail_eps)
-                qt = tl.maximum(q_raw, tail_eps)
-                lpt = tl.log(pt)
-                lqt = tl.log(qt)
-                ea = 0.0
-                if MODE == ENTROPY_AWARE:
-                    ent = -tl.sum(tl.where(valid, p * lp, 0.0), 0) - pt * lpt
-                    ea = 1.0 / (1.0 + tl.exp(-(ent - c0) / c1))
-                ell_s, u_s = _outcome(lp, lq, p, q, c0, c1, c2, ea, MODE)
-                ell_s = tl.where(valid, ell_s, 0.0)
-                u_s = tl.where(valid, u_s, 0.0)
-                ell_t, u_t = _outcome(lpt, lqt, pt, qt, c0, c1, c2, ea, MODE)
-                loss = tl.sum(ell_s, 0) + ell_t
-                live = q_raw >= tail_eps
-                g_t = tl.where(live, u_t / qt, 0.0)
-                G = tl.sum(u_s, 0) + tl.where(live, u_t, 0.0)
-                c = g_t - G
+                loss, c, u_s, q, G, adv, lqa = _row_terms(lse, zs, lp_raw, valid, 0.0, 0.0, 0.0, c0, c1, c2,
+                                                          tail_eps, logp_min, MODE, HAS_BEHAVIOR)
             tl.store(loss_ptr + row, loss * w)
             if COMPUTE_GRAD:
                 cw = c * w
@@ -201,6 +225,107 @@ def _sparse_div_kernel(
                     tl.store(g_row + cols, zeros, mask=cols < V)
 
 
+@triton.jit
+def _sparse_div_coop_kernel(
+    z_ptr, stride_z, g_ptr, stride_g,
+    ids_ptr, stride_ids, lp_ptr, stride_lp,
+    keep_ptr, w_ptr, samp_ptr, tlp_ptr, blp_ptr, loss_ptr,
+    pm_ptr, ps_ptr, zs_ptr, cnt_ptr, work_ptr,
+    N, V, K, G,
+    c0, c1, c2, tail_eps, logp_min,
+    MODE: tl.constexpr, SEG: tl.constexpr, BLOCK_K: tl.constexpr, GMAX: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, HAS_BEHAVIOR: tl.constexpr,
+):
+    """CUDA only: each row is split into G segments of SEG logits, one work item each; the segment stays
+    in registers, so the logits are read from memory once. The G programs of a row exchange their partial
+    (max, sum exp) and gathered logits through small scratch buffers and a per-row arrival counter.
+
+    Work items are taken in order from an atomic counter, so a program only ever waits for items that
+    running programs hold or that the next free program takes: no deadlock as long as G programs can
+    be resident at once (G <= 64 here, against >= one program per SM). Not for the interpreter (it runs
+    programs one after another).
+    """
+    offs = tl.arange(0, SEG)
+    ks = tl.arange(0, BLOCK_K)
+    gs_ = tl.arange(0, GMAX)
+    total = N * G
+    item = tl.atomic_add(work_ptr, 1)
+    while item < total:
+        row = (item // G).to(tl.int64)
+        seg = item % G
+        start = seg * SEG
+        cols = start + offs
+        msk = cols < V
+        z_row = z_ptr + row * stride_z
+        g_row = g_ptr + row * stride_g
+        keep = tl.load(keep_ptr + row)
+        if keep != 0:
+            x = tl.load(z_row + cols, mask=msk, other=float("-inf")).to(tl.float32)
+            m_loc = tl.max(x, 0)
+            m_safe = tl.where(m_loc == float("-inf"), 0.0, m_loc)
+            s_loc = tl.sum(tl.exp(x - m_safe), 0)
+            # this segment's share of the gathered logits, published before arrival (so that with
+            # inplace_grad no program overwrites a logit another one still has to gather)
+            if MODE == PG:
+                a = tl.load(samp_ptr + row).to(tl.int64)
+                a = tl.minimum(tl.maximum(a, 0), V - 1)
+                mine_a = (a >= start) & (a < start + SEG)
+                za_own = tl.load(z_row + a, mask=mine_a, other=0.0).to(tl.float32)
+                tl.store(zs_ptr + row * BLOCK_K, za_own, mask=mine_a)
+            else:
+                ids = tl.load(ids_ptr + row * stride_ids + ks, mask=ks < K, other=-1).to(tl.int64)
+                valid = (ks < K) & (ids >= 0) & (ids < V)
+                ids_c = tl.where(valid, ids, 0)
+                mine = valid & (ids_c >= start) & (ids_c < start + SEG)
+                z_own = tl.load(z_row + ids_c, mask=mine, other=0.0).to(tl.float32)
+                tl.store(zs_ptr + row * BLOCK_K + ks, z_own, mask=mine)
+            tl.store(pm_ptr + row * G + seg, m_loc)
+            tl.store(ps_ptr + row * G + seg, s_loc)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + row, 1, sem="release") + 1
+            while arrived < G:
+                arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire")
+            tl.debug_barrier()
+            pm = tl.load(pm_ptr + row * G + gs_, mask=gs_ < G, other=float("-inf"), cache_modifier=".cg")
+            ps = tl.load(ps_ptr + row * G + gs_, mask=gs_ < G, other=0.0, cache_modifier=".cg")
+            mx = tl.max(pm, 0)
+            mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+            lse = mx_safe + tl.log(tl.sum(ps * tl.exp(pm - mx_safe), 0))
+            w = tl.load(w_ptr + row).to(tl.float32)
+            if MODE == PG:
+                za = tl.load(zs_ptr + row * BLOCK_K, cache_modifier=".cg")
+                tlp = tl.load(tlp_ptr + row).to(tl.float32)
+                blp = 0.0
+                if HAS_BEHAVIOR:
+                    blp = tl.load(blp_ptr + row).to(tl.float32)
+                loss, c, u_s, q, Gs, adv, lqa = _row_terms(lse, za, za, za, za, tlp, blp, c0, c1, c2, tail_eps,
+                                                           logp_min, MODE, HAS_BEHAVIOR)
+            else:
+                zs = tl.load(zs_ptr + row * BLOCK_K + ks, mask=valid, other=0.0, cache_modifier=".cg")
+                lp_raw = tl.load(lp_ptr + row * stride_lp + ks, mask=valid, other=0.0).to(tl.float32)
+                loss, c, u_s, q, Gs, adv, lqa = _row_terms(lse, zs, lp_raw, valid, 0.0, 0.0, 0.0, c0, c1, c2,
+                                                           tail_eps, logp_min, MODE, HAS_BEHAVIOR)
+            if seg == 0:
+                tl.store(loss_ptr + row, loss * w)
+            if COMPUTE_GRAD:
+                g = tl.exp(x - lse) * (c * w)
+                tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=msk)
+                tl.debug_barrier()
+                if MODE == PG:
+                    ga = adv * (tl.exp(lqa) - 1.0) * w
+                    tl.store(g_row + a, ga.to(g_ptr.dtype.element_ty), mask=mine_a)
+                else:
+                    gv = (u_s - q * Gs) * w
+                    tl.store(g_row + ids_c, gv.to(g_ptr.dtype.element_ty), mask=mine)
+                tl.debug_barrier()
+        else:
+            if seg == 0:
+                tl.store(loss_ptr + row, 0.0)
+            if COMPUTE_GRAD:
+                tl.store(g_row + cols, tl.zeros([SEG], dtype=g_ptr.dtype.element_ty), mask=msk)
+        item = tl.atomic_add(work_ptr, 1)
+
+
 _SM_COUNT = {}
 
 
@@ -211,17 +336,28 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def default_config(V: int, dtype: torch.dtype, device: torch.device) -> Tuple[int, int, int]:
-    """(BLOCK_V, num_warps, programs) for a row of V logits of `dtype`.
+def kernel_choice(device: torch.device) -> str:
+    """'coop' (single read, CUDA) or 'twopass' (the interpreter; OPD_SPARSE_KERNEL=twopass forces it)."""
+    if device.type != "cuda":
+        return "twopass"
+    return os.environ.get("OPD_SPARSE_KERNEL", "coop")
+
+
+def default_config(V: int, dtype: torch.dtype, device: torch.device, kernel: str) -> Tuple[int, int, int]:
+    """(BLOCK_V or SEG, num_warps, programs) for rows of V logits of `dtype`.
 
     Overridable with OPD_SPARSE_BLOCK_V / OPD_SPARSE_WARPS / OPD_SPARSE_PROGS_PER_SM (benchmarks).
     """
     if device.type != "cuda":  # interpreter: big blocks mean few Python-level steps
         return min(triton.next_power_of_2(V), 1024), 1, 1 << 30
-    block = int(os.environ.get("OPD_SPARSE_BLOCK_V", 4096 if dtype.itemsize <= 2 else 2048))
+    if kernel == "coop":
+        block, warps, per_sm = 16384, 16, 2
+    else:
+        block, warps, per_sm = (4096 if dtype.itemsize <= 2 else 2048), 8, 2
+    block = int(os.environ.get("OPD_SPARSE_BLOCK_V", block))
     block = min(block, triton.next_power_of_2(V))
-    warps = int(os.environ.get("OPD_SPARSE_WARPS", 8))
-    per_sm = int(os.environ.get("OPD_SPARSE_PROGS_PER_SM", 2))
+    warps = int(os.environ.get("OPD_SPARSE_WARPS", warps))
+    per_sm = int(os.environ.get("OPD_SPARSE_PROGS_PER_SM", per_sm))
     return block, warps, _sm_count(device) * per_sm
 
 
@@ -241,8 +377,12 @@ def sparse_divergence_fwd(
     block_v: Optional[int] = None,
     num_warps: Optional[int] = None,
     programs: Optional[int] = None,
+    kernel: Optional[str] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Launch the kernel on 2-D inputs; returns (loss [N] fp32, grad [N, V] logits dtype or None)."""
+    """Launch the kernel on 2-D inputs; returns (loss [N] fp32, grad [N, V] logits dtype or None).
+
+    block_v, num_warps, programs, kernel ('coop' / 'twopass'): overrides for tests and benchmarks.
+    """
     if logits.device.type != "cuda" and not is_interpreted():
         raise RuntimeError("the Triton backend on CPU tensors needs TRITON_INTERPRET=1 in the environment "
                            "before kernels.triton_sparse is imported (use backend='torch' on CPU)")
@@ -258,10 +398,14 @@ def sparse_divergence_fwd(
         grad = logits if inplace_grad else torch.empty_like(logits)
     if N == 0:
         return loss, grad
-    bv, nw, progs = default_config(V, logits.dtype, dev)
+    kernel = kernel or kernel_choice(dev)
+    bv, nw, progs = default_config(V, logits.dtype, dev, kernel)
     bv = block_v or bv
     nw = num_warps or nw
-    progs = min(N, programs or progs)
+    if kernel == "coop" and triton.cdiv(V, bv) > MAX_SEGMENTS:
+        bv = triton.next_power_of_2(triton.cdiv(V, MAX_SEGMENTS))
+    if kernel == "coop" and dev.type != "cuda" and triton.cdiv(V, bv) > 1:
+        raise ValueError("the coop kernel needs concurrent programs: on the interpreter only with V <= block_v")
     if mode == MODE_ID["pg"] or topk_ids is None:
         K = 0
         ids = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -283,16 +427,29 @@ def sparse_divergence_fwd(
     tlp = teacher_sampled_logprob.contiguous() if teacher_sampled_logprob is not None else dummy
     blp = behavior_logprob.contiguous() if behavior_logprob is not None else dummy
     g = grad if grad is not None else logits
-    _sparse_div_kernel[(progs,)](
-        logits, logits.stride(0), g, g.stride(0),
-        ids, s_ids, lps, s_lp,
-        keep.to(torch.int8).contiguous(), w, samp, tlp, blp, loss,
-        N, V, K,
-        float(cst[0]), float(cst[1]), float(cst[2]), TAIL_EPS_FP32, LOGP_MIN,
-        MODE=mode, BLOCK_V=bv, BLOCK_K=block_k,
-        COMPUTE_GRAD=need_grad, HAS_BEHAVIOR=behavior_logprob is not None,
-        num_warps=nw,
-    )
+    keep8 = keep.to(torch.int8).contiguous()
+    common = dict(MODE=mode, BLOCK_K=block_k, COMPUTE_GRAD=need_grad, HAS_BEHAVIOR=behavior_logprob is not None,
+                  num_warps=nw)
+    if kernel == "coop":
+        G = triton.cdiv(V, bv)
+        pm = torch.empty(N * G, dtype=torch.float32, device=dev)
+        ps = torch.empty(N * G, dtype=torch.float32, device=dev)
+        zs = torch.empty(N * block_k, dtype=torch.float32, device=dev)
+        counters = torch.zeros(N + 1, dtype=torch.int32, device=dev)  # per-row arrivals, then the work counter
+        grid = (min(N * G, programs or progs),)
+        _sparse_div_coop_kernel[grid](
+            logits, logits.stride(0), g, g.stride(0), ids, s_ids, lps, s_lp,
+            keep8, w, samp, tlp, blp, loss, pm, ps, zs, counters, counters[N:],
+            N, V, K, G,
+            float(cst[0]), float(cst[1]), float(cst[2]), TAIL_EPS_FP32, LOGP_MIN,
+            SEG=bv, GMAX=max(triton.next_power_of_2(G), 2), **common)
+    else:
+        _sparse_div_kernel[(min(N, programs or progs),)](
+            logits, logits.stride(0), g, g.stride(0), ids, s_ids, lps, s_lp,
+            keep8, w, samp, tlp, blp, loss,
+            N, V, K,
+            float(cst[0]), float(cst[1]), float(cst[2]), TAIL_EPS_FP32, LOGP_MIN,
+            BLOCK_V=bv, **common)
     return loss, grad
 
 

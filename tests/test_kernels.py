@@ -355,21 +355,29 @@ CASES = {
 }
 
 
+def _kernels(V, block_v):
+    """Kernel variants to check: the two-pass kernel always; the cooperative split-row kernel (the CUDA
+    default) on the GPU, and on the interpreter only when a row is one segment (it runs programs one
+    after another, so programs cannot wait for each other)."""
+    return ["twopass", "coop"] if ON_GPU or V <= block_v else ["twopass"]
+
+
 def _compare(d, mode, dtype, block_v, prm=None):
     tri = _triton()
     prm = prm or {}
     mid, cst = kernels.modes.kernel_mode(mode, prm)
     kw = pg_kw(d) if mode == "pg" else {}
     a, ga = run(d, mode, "torch", **prm)
-    b, gb = tri.sparse_divergence_fwd(d["z"], d["ids"], d["lp"], d["mask"], None, mid, cst,
-                                      kw.get("sampled_ids"), kw.get("teacher_sampled_logprob"),
-                                      kw.get("behavior_logprob"), block_v=block_v)
-    assert torch.isfinite(b).all() and torch.isfinite(gb.float()).all()
-    assert rel(b, a) < 1e-5
-    if dtype == torch.float32:
-        assert rel(gb, ga) < 1e-5
-    else:
-        assert_close_bf16_grad(gb, ga)
+    for kern in _kernels(d["z"].shape[1], block_v):
+        b, gb = tri.sparse_divergence_fwd(d["z"], d["ids"], d["lp"], d["mask"], None, mid, cst,
+                                          kw.get("sampled_ids"), kw.get("teacher_sampled_logprob"),
+                                          kw.get("behavior_logprob"), block_v=block_v, kernel=kern)
+        assert torch.isfinite(b).all() and torch.isfinite(gb.float()).all(), kern
+        assert rel(b, a) < 1e-5, kern
+        if dtype == torch.float32:
+            assert rel(gb, ga) < 1e-5, kern
+        else:
+            assert_close_bf16_grad(gb, ga)
     return a, ga
 
 
@@ -386,6 +394,13 @@ def test_triton_matches_reference(mode, dtype, case):
     if case == "kV" and mode != "pg":
         # nothing outside S: the loss is the full divergence and every row's gradient sums to 0
         assert grad.double().sum(1).abs().max() < 1e-2 * grad.double().abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_single_segment_rows(mode):
+    """Rows of one block: on the interpreter this is where the cooperative kernel can run too."""
+    d = make_inputs(6, 300, 9, mask_frac=0.3)
+    _compare(d, mode, torch.float32, 512)
 
 
 @pytest.mark.parametrize("mode", ["fkl", "rkl", "jsd", "taid", "entropy_aware"])
