@@ -16,6 +16,8 @@ from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
 from pipeline.provenance import PROVENANCE_FILE, write_provenance
 from tests.tiny_models import save_model, swap_token_ids, teacher_meta, write_teacher_shards
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(autouse=True)
 def fingerprint_cache(tmp_path, monkeypatch):
@@ -165,35 +167,40 @@ def test_missing_provenance_and_missing_shards(world, tmp_path):
         check_distill_inputs(init, root / "teacher_topk", False)
 
 
-def test_check_never_loads_a_model(world, monkeypatch):
+def refuse_model_loading(monkeypatch):
     import transformers
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the consistency check loaded a model or tokenizer")
+        raise AssertionError("a model or tokenizer was loaded before the consistency check")
 
-    root, _, init, _ = world
     for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
         monkeypatch.setattr(cls, "from_pretrained", refuse)
+
+
+def test_check_never_loads_a_model(world, monkeypatch):
+    root, _, init, _ = world
+    refuse_model_loading(monkeypatch)
     start = time.perf_counter()
     check_distill_inputs(init, root / "teacher_topk", False)
     assert time.perf_counter() - start < 0.5
 
 
-def test_stage_turns_consistency_error_into_exit_2(world, tmp_path, capsys):
-    """What distill gets by calling the check first thing inside stage_main: one line, exit 2."""
-    from pipeline.stage import stage_main
+def test_distill_on_another_teachers_shards_fails_fast_before_loading_anything(world, tmp_path, capsys, monkeypatch):
+    """The issue's acceptance check at stage level: the default params, shards from a different toy teacher."""
+    from pipeline import distill
 
-    root, _, init, _ = world
-    rescore(world, teacher_fingerprint="0" * 16)
-    params = tmp_path / "params.yaml"
-    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", params)
-
-    def run(args, cfg):
-        check_distill_inputs(init, root / "teacher_topk", cfg.allow_inconsistent_teacher)
-
+    root, teacher, init, _ = world
+    other = save_model(root / "other_teacher", seed=5, hidden=32)
+    rescore(world, teacher_fingerprint=model_fingerprint(other))
+    refuse_model_loading(monkeypatch)
+    start = time.perf_counter()
     with pytest.raises(SystemExit) as exc:
-        stage_main("distill", None, lambda p: None, run,
-                   ["--params", str(params), "--metrics-dir", str(tmp_path / "m")])
+        distill.main(["--params", str(REPO / "params.yaml"), "--metrics-dir", str(tmp_path / "metrics"),
+                      "--init", str(init), "--shards", str(root / "teacher_topk"), "--out", str(tmp_path / "out"),
+                      "--logs", str(tmp_path / "logs"), "--plots", str(tmp_path / "plots")])
+    assert time.perf_counter() - start < 2.0
     assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: teacher mismatch: the shards were scored by teacher 0000000000000000")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: teacher mismatch: the shards were scored by teacher")
+    assert model_fingerprint(other) in err and model_fingerprint(teacher) in err
+    assert not any((tmp_path / d).exists() for d in ("out", "logs", "plots", "metrics"))
