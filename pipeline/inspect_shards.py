@@ -38,7 +38,8 @@ CREATE OR REPLACE VIEW shard_files AS
 # One row per response token. Position t (1-based) of a response is input_ids[prompt_len + t]; its
 # top-k block is topk_ids[(t-1)*k + 1 : t*k] (DuckDB slices are 1-based, both ends inclusive).
 # Teacher entropy is over the k+1 outcomes top-k + tail bucket (the distribution the losses use):
-# a lower bound on the full-vocabulary entropy, equal to it when the tail mass is zero.
+# a lower bound on the full-vocabulary entropy, equal to it when the tail mass is zero. With k = 0
+# (shards for the `pg` loss) the top-k columns, entropy and argmax agreement are NULL.
 TOKENS_VIEW_SQL = """
 CREATE OR REPLACE VIEW tokens AS
 WITH rows AS (
@@ -56,14 +57,14 @@ WITH rows AS (
          list_transform(topk_logprobs[(t - 1) * k + 1 : t * k], lambda x: exp(x)) AS top_p
   FROM positions
 ), tails AS (
-  SELECT *, greatest(1 - coalesce(list_sum(top_p), 0), 0) AS tail_p FROM blocks
+  SELECT *, CASE WHEN k > 0 THEN greatest(1 - list_sum(top_p), 0) END AS tail_p FROM blocks
 )
 SELECT filename, sample_id, input_ids, prompt_len, k, t, token_id, teacher_lp, student_lp,
        teacher_lp - student_lp AS gap,
        top_ids, top_p, tail_p,
        top_ids[1] AS teacher_argmax,
-       CASE WHEN k > 0 THEN token_id = top_ids[1] END AS sampled_is_teacher_argmax,
-       -coalesce(list_sum(list_transform(top_p, lambda p: CASE WHEN p > 0 THEN p * ln(p) ELSE 0 END)), 0)
+       token_id = top_ids[1] AS sampled_is_teacher_argmax,
+       -list_sum(list_transform(top_p, lambda p: CASE WHEN p > 0 THEN p * ln(p) ELSE 0 END))
          - CASE WHEN tail_p > 0 THEN tail_p * ln(tail_p) ELSE 0 END AS teacher_entropy
 FROM tails;
 """

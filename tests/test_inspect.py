@@ -101,6 +101,16 @@ def test_tail_bucket_is_zero_when_topk_holds_all_mass(tmp_path):
     assert rows[1][1] == pytest.approx(0, abs=1e-9)
 
 
+def test_k0_shards_have_no_entropy_but_keep_log_probs(tmp_path):
+    write_teacher_shards(tmp_path, {**META, "k": 0}, n_parts=1)
+    con = connect(f"{tmp_path}/*.parquet")
+    con.execute(TOKENS_VIEW_SQL)
+    (_, rows) = query(con, "SELECT count(*), count(teacher_entropy), count(tail_p), count(sampled_is_teacher_argmax), "
+                           "count(gap) FROM tokens")
+    n, entropy, tail, agree, gap = rows[0]
+    assert n > 0 and (entropy, tail, agree) == (0, 0, 0) and gap == n
+
+
 def test_sql_command_has_all_views(folder, capsys):
     main(["--shards", f"{folder}/*.parquet", "sql",
           "select count(*) as n, count(distinct filename) as files from tokens join shard_files using (filename)"])
