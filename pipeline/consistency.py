@@ -32,7 +32,8 @@ FIX_TEACHER = ("rerun `dvc repro teacher_topk` with the SFT teacher (or `dvc rep
                "teacher), or set distill.allow_inconsistent_teacher: true for an ablation")
 FIX_POLICY = ("rerun `dvc repro rollouts teacher_topk` so π_ref samples the rollouts, or set "
               "distill.allow_inconsistent_teacher: true for an ablation")
-FIX_TOKENIZER = "teacher and student must share one tokenizer: rebuild them with the same tokenizer and rerun `dvc repro`"
+FIX_TOKENIZER = ("teacher and student must share one tokenizer: rebuild them with the same tokenizer and rerun "
+                 "`dvc repro`")
 
 
 class ConsistencyError(ValueError):

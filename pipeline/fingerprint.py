@@ -3,9 +3,10 @@
 A model fingerprint hashes the config, the weight file contents, the tokenizer files and the chat
 template, so two copies of one model in different folders agree and any changed weight byte
 disagrees. A tokenizer fingerprint hashes what decides token ids (vocabulary, added and special
-tokens, normalizer, pre-tokenizer, merges, post-processor), so a teacher and a student that tokenize identically agree even when their
-`tokenizer_config.json` differ in cosmetic fields. Hashing tens of GB of weights is slow, so both are
-cached, keyed on each file's path, size and mtime.
+tokens, normalizer, pre-tokenizer, merges, post-processor), so a teacher and a student that
+tokenize identically agree even when their `tokenizer_config.json` differ in cosmetic fields.
+Hashing tens of GB of weights is slow, so both are cached, keyed on the folder's path and each
+file's name, size and mtime.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def weight_files(model_dir: Path) -> list[Path]:
             try:
                 names = sorted(set(json.loads((model_dir / index).read_text())["weight_map"].values()))
             except (OSError, json.JSONDecodeError, KeyError, AttributeError) as exc:
-                raise ModelPathError(f"{model_dir / index}: unreadable weight index ({exc!r}); re-save the model") from None
+                raise ModelPathError(f"{model_dir / index}: unreadable weight index ({exc!r}); "
+                                     f"re-save the model") from None
             missing = [n for n in names if not (model_dir / n).is_file()]
             if missing:
                 raise ModelPathError(f"{model_dir / index} lists {missing[0]}, which is missing: the download or "

@@ -1,6 +1,6 @@
 """`opd-inspect`: explain logit shards with DuckDB SQL (what they hold, who wrote them, what they teach).
 
-Every view and query below is plain DuckDB SQL kept as a named string, so the README can show them
+Every view and query is plain DuckDB SQL kept as a named string in this module, so the README shows them
 verbatim and users can run them in the `duckdb` CLI or build their own. Three views are defined over
 the shard glob: `shards` (the rows, plus `filename`), `shard_meta` (the `opd.*` footer key/values via
 `parquet_kv_metadata`) and `shard_files` (file sizes via `read_blob`, which does not read contents).
@@ -215,18 +215,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="opd-inspect", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__ + "\nRun `opd-inspect queries` to print the SQL and use it in plain DuckDB.")
     parser.add_argument("--shards", default=DEFAULT_GLOB, help=f"shard files (glob; default {DEFAULT_GLOB})")
+    # Also accepted after the subcommand (`opd-inspect summary --shards ...`), where users tend to put it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--shards", default=argparse.SUPPRESS, help="shard files (glob)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("summary", help="per shard: rows, response tokens, k, teacher fingerprint, file bytes, bytes/token")
-    sub.add_parser("meta", help="every opd.* footer key/value (once when all shards agree, else per shard)")
-    tokens = sub.add_parser("tokens", help="token-level view: teacher entropy (top-k + tail), argmax agreement, "
-                                           "log-probs, and the largest teacher-student gaps decoded to text")
+    sub.add_parser("summary", parents=[common],
+                   help="per shard: rows, response tokens, k, teacher fingerprint, file bytes, bytes/token")
+    sub.add_parser("meta", parents=[common],
+                   help="every opd.* footer key/value (once when all shards agree, else per shard)")
+    tokens = sub.add_parser("tokens", parents=[common],
+                            help="token-level view: teacher entropy (top-k + tail), argmax agreement, "
+                                 "log-probs, and the largest teacher-student gaps decoded to text")
     tokens.add_argument("--top", type=int, default=10, help="how many largest-gap tokens to decode (0: none)")
     tokens.add_argument("--context", type=int, default=24, help="tokens of context shown before each one")
     tokens.add_argument("--tokenizer", type=Path, default=Path(DEFAULT_TOKENIZER),
                         help=f"model folder whose tokenizer decodes the ids (default {DEFAULT_TOKENIZER})")
-    sql = sub.add_parser("sql", help="run any DuckDB query; views shards, shard_meta, shard_files, tokens exist")
+    sql = sub.add_parser("sql", parents=[common],
+                         help="run any DuckDB query; views shards, shard_meta, shard_files, tokens exist")
     sql.add_argument("query", help='e.g. "select count(*) from tokens where sampled_is_teacher_argmax"')
-    sub.add_parser("queries", help="print the SQL of the views and queries, with this --shards glob filled in")
+    sub.add_parser("queries", parents=[common],
+                   help="print the SQL of the views and queries, with this --shards glob filled in")
     return parser
 
 

@@ -112,11 +112,11 @@ def test_k0_shards_have_no_entropy_but_keep_log_probs(tmp_path):
 
 
 def test_sql_command_has_all_views(folder, capsys):
-    main(["--shards", f"{folder}/*.parquet", "sql",
+    main(["sql", "--shards", f"{folder}/*.parquet",  # --shards after the subcommand works too
           "select count(*) as n, count(distinct filename) as files from tokens join shard_files using (filename)"])
     out = capsys.readouterr().out.splitlines()
-    want = sum(len(x) - p for path in shards.list_parts(folder)
-               for x, p in zip(pq.read_table(path)["input_ids"].to_pylist(), pq.read_table(path)["prompt_len"].to_pylist()))
+    tables = [pq.read_table(path) for path in shards.list_parts(folder)]
+    want = sum(len(x) - p for t in tables for x, p in zip(t["input_ids"].to_pylist(), t["prompt_len"].to_pylist()))
     assert out[2].split() == [str(want), "3"]
 
 
