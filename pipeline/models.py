@@ -9,6 +9,7 @@ the same code.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 REF_FILE = "opd_model_ref.json"
@@ -35,6 +36,38 @@ def resolve_model_dir(path: Path | str) -> Path:
     if not (path / "config.json").exists():
         raise ModelPathError(f"{path} has no config.json: not a Hugging Face model folder")
     return path
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_model_source(source: str) -> Path:
+    """A params `source` (a local model folder, or a Hugging Face hub id such as `Qwen/Qwen3-0.6B`)
+    as a local folder. Anything that exists locally, or looks like a path, is a path; only a bare
+    `org/name` that does not exist locally is fetched with huggingface_hub (into its usual cache)."""
+    path = Path(source).expanduser()
+    if path.exists() or source.startswith((".", "/", "~")) or not HUB_ID.fullmatch(source):
+        return resolve_model_dir(path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(source)
+    except Exception as exc:  # offline, unknown id, gated repo: all end the same way for the user
+        raise ModelPathError(f"model {source!r} is not a local folder and could not be fetched from the "
+                             f"Hugging Face hub ({type(exc).__name__}: {exc}); download it first and put "
+                             f"its local path in params.yaml") from exc
+    return resolve_model_dir(local)
+
+
+def parameter_count(path: Path | str) -> int:
+    """Number of parameters of the model in `path`, from its config alone (no weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve_model_dir(path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
 
 
 def write_model_ref(out_dir: Path | str, target: Path | str, extra: dict | None = None) -> None:

@@ -1,0 +1,141 @@
+"""Stage `sft`: π_ref, the student fine-tuned on the teacher's own answers (data/sft), loss on response tokens.
+
+The student must share the teacher's tokenizer (the teacher's top-k ids are only meaningful in the
+student's vocabulary if the ids mean the same tokens), so a real student base (`sft.source`: a model
+folder or hub id) with a different tokenizer fingerprint is refused. `sft.source: scratch` builds a
+small Llama on the teacher's own tokenizer, at most a quarter of the teacher's size, so there is
+something left to distil. The SFT parts must all come from one teacher, the one passed as --teacher;
+the output's opd_provenance.json records it (`sft_teacher_fingerprint`) and the parts it trained on,
+which is what `distill` checks the teacher_topk shards against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline import shards
+from pipeline.atomic import atomic_dir
+from pipeline.config import SftConfig
+from pipeline.consistency import FIX_TOKENIZER, ConsistencyError
+from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
+from pipeline.lm_training import Example, train_lm
+from pipeline.models import default_device, load_model, parameter_count, resolve_model_dir, resolve_model_source
+from pipeline.provenance import write_provenance
+from pipeline.stage import UserError, stage_main
+
+log = logging.getLogger("opd")
+
+MAX_STUDENT_FRACTION = 0.25
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="the sft_data shards (data/sft)")
+    parser.add_argument("--teacher", type=Path, required=True,
+                        help="the teacher that wrote --data (data/models/teacher): its tokenizer for a scratch "
+                             "student, its size for the quarter-size rule, its fingerprint checked against the parts")
+    parser.add_argument("--out", type=Path, required=True, help="π_ref model folder (data/models/student_sft)")
+    parser.add_argument("--plots", type=Path, default=Path("plots/sft"),
+                        help="folder for loss.csv, the SFT training curve (default: plots/sft)")
+
+
+def read_sft_parts(folder: Path) -> tuple[list[Example], list[shards.ShardInfo]]:
+    """All parts of one complete sft_data run, checked to come from a single teacher and tokenizer."""
+    parts = shards.list_parts(folder)
+    if not parts:
+        raise UserError(f"{folder}: no part-*.parquet files; run the `sft_data` stage first (dvc repro sft_data)")
+    infos = [shards.open_shard(p, "sft_data", shards.SFT_SCHEMA) for p in parts]
+    first = infos[0]
+    for info in infos[1:]:
+        for key in ("teacher_fingerprint", "tokenizer_fingerprint", "run_key"):
+            if info.meta.get(key) != first.meta.get(key):
+                raise ConsistencyError(
+                    f"{folder}: parts disagree on {key}: {first.meta.get(key)} in {first.path.name} but "
+                    f"{info.meta.get(key)} in {info.path.name}; SFT data must come from one teacher in one run: "
+                    f"delete {folder} and rerun `dvc repro sft_data`")
+    expected = int(first.meta.get("num_parts", len(parts)))
+    if len(parts) != expected:
+        raise UserError(f"{folder}: {len(parts)} of {expected} parts present; finish the sft_data run "
+                        f"(every --shard i/n) before training")
+    examples = []
+    for info in infos:
+        for group in shards.iter_row_groups(info, columns=["input_ids", "prompt_len"]):
+            for ids, plen in zip(group.column("input_ids").to_pylist(), group.column("prompt_len").to_pylist()):
+                if len(ids) > plen:
+                    examples.append(Example(ids, plen))
+    if not examples:
+        raise UserError(f"{folder}: every response is empty; nothing to fine-tune on")
+    return examples, infos
+
+
+def scratch_student(cfg: SftConfig, teacher_dir: Path):
+    """A fresh toy Llama on the teacher's tokenizer, refused if it is more than a quarter of the teacher."""
+    from transformers import AutoTokenizer
+
+    from pipeline.toy_task import build_model
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    model = build_model(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size, cfg.seed)
+    student, teacher = sum(p.numel() for p in model.parameters()), parameter_count(teacher_dir)
+    if student > MAX_STUDENT_FRACTION * teacher:
+        raise UserError(f"sft: the scratch student has {student:,} parameters, more than a quarter of the "
+                        f"teacher's {teacher:,}; lower sft.hidden_size / num_layers / intermediate_size")
+    return model, tokenizer
+
+
+def pretrained_student(cfg: SftConfig, data_tokenizer_fp: str, data: Path):
+    """A real student base, refused unless it tokenizes exactly like the teacher that wrote the data."""
+    from transformers import AutoTokenizer
+
+    base = resolve_model_source(cfg.source)
+    base_fp = tokenizer_fingerprint(base)
+    if base_fp != data_tokenizer_fp:
+        raise ConsistencyError(
+            f"tokenizer mismatch: student base {cfg.source} has tokenizer {base_fp} but the SFT data in {data} "
+            f"was tokenized by the teacher's tokenizer {data_tokenizer_fp}; fix: {FIX_TOKENIZER} "
+            f"(pick a student base from the teacher's model family)")
+    return load_model(base, default_device()), AutoTokenizer.from_pretrained(base)
+
+
+def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
+    examples, infos = read_sft_parts(args.data)
+    meta = infos[0].meta
+    teacher_dir = resolve_model_dir(args.teacher)
+    teacher_fp = model_fingerprint(args.teacher)
+    if teacher_fp != meta["teacher_fingerprint"]:
+        raise ConsistencyError(
+            f"teacher mismatch: {args.data} was written by teacher {meta['teacher_fingerprint']} "
+            f"({meta.get('teacher_path', '?')}) but --teacher {args.teacher} is {teacher_fp}; "
+            f"rerun `dvc repro sft_data` with this teacher")
+    if cfg.source == "scratch":
+        model, tokenizer = scratch_student(cfg, teacher_dir)
+        model = model.to(default_device())
+    else:
+        model, tokenizer = pretrained_student(cfg, meta["tokenizer_fingerprint"], args.data)
+    start = time.perf_counter()
+    result = train_lm(model, examples, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                      warmup_frac=cfg.warmup_frac, seed=cfg.seed, pad_id=tokenizer.pad_token_id or 0,
+                      curve_csv=args.plots / "loss.csv", desc="sft")
+    train_s = time.perf_counter() - start
+    with atomic_dir(args.out) as tmp:
+        model.cpu().save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = write_provenance(tmp, "sft", source=cfg.source if cfg.source == "scratch" else str(
+            resolve_model_source(cfg.source)), config=asdict(cfg), sft_teacher_fingerprint=teacher_fp,
+            sft_data_files=[i.path.name for i in infos], teacher_path=str(args.teacher))
+        if record["tokenizer_fingerprint"] != meta["tokenizer_fingerprint"]:
+            raise ConsistencyError(f"the saved student's tokenizer {record['tokenizer_fingerprint']} differs from "
+                                   f"the SFT data's {meta['tokenizer_fingerprint']} ({args.data}); fix: {FIX_TOKENIZER}")
+    return {"params": sum(p.numel() for p in model.parameters()), "teacher_params": parameter_count(teacher_dir),
+            "final_loss": round(result.final_loss, 5), "train_s": round(train_s, 1), "examples": len(examples)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return stage_main("sft", __doc__, add_args, run, argv)
+
+
+if __name__ == "__main__":
+    main()
