@@ -203,9 +203,11 @@ def bench_gpu_fused(args):
     return out
 
 
-SWEEP = [  # (kernel, BLOCK_V or SEG, num_warps, programs per SM)
-    ("coop", 16384, 16, 2), ("coop", 8192, 8, 4), ("coop", 8192, 16, 2), ("coop", 4096, 8, 4),
-    ("coop", 4096, 4, 8), ("coop", 2048, 4, 8), ("twopass", 16384, 16, 1), ("twopass", 8192, 8, 2),
+SWEEP = [  # (kernel, BLOCK_V or SEG, num_warps, programs per SM, L2 hints (two-pass only))
+    ("twopass", 8192, 8, 2, True), ("twopass", 8192, 8, 2, False), ("twopass", 16384, 16, 1, True),
+    ("twopass", 4096, 8, 2, True), ("twopass", 8192, 8, 1, True), ("twopass", 4096, 4, 4, True),
+    ("coop", 4096, 4, 8, False), ("coop", 2048, 4, 8, False), ("coop", 8192, 8, 4, False),
+    ("coop", 2048, 2, 16, False),
 ]
 
 
@@ -222,17 +224,19 @@ def bench_gpu_sweep(args, peak_bw):
             return torch.autograd.grad(loss.sum(), zr)[0]
 
         nbytes = N * V * 4 + N * k * 6 + N * 4
-        for kern, bv, nw, per_sm in SWEEP:
+        for kern, bv, nw, per_sm, hints in SWEEP:
             os.environ.update(OPD_SPARSE_KERNEL=kern, OPD_SPARSE_BLOCK_V=str(bv), OPD_SPARSE_WARPS=str(nw),
-                              OPD_SPARSE_PROGS_PER_SM=str(per_sm))
+                              OPD_SPARSE_PROGS_PER_SM=str(per_sm), OPD_SPARSE_EV1="evict_last" if hints else "",
+                              OPD_SPARSE_EV2="evict_first" if hints else "")
             ms = tt.do_bench(ours, warmup=25, rep=args.rep, return_mode="median")
-            r = dict(N=N, V=V, k=k, kernel=kern, block_v=bv, warps=nw, progs_per_sm=per_sm, ms=ms,
+            r = dict(N=N, V=V, k=k, kernel=kern, block_v=bv, warps=nw, progs_per_sm=per_sm, hints=hints, ms=ms,
                      pct_peak=100 * nbytes / (ms * 1e-3) / peak_bw)
             print(json.dumps(r), flush=True)
             res.append(r)
         del z, zr, ids, lp
         torch.cuda.empty_cache()
-    for key in ("OPD_SPARSE_KERNEL", "OPD_SPARSE_BLOCK_V", "OPD_SPARSE_WARPS", "OPD_SPARSE_PROGS_PER_SM"):
+    for key in ("OPD_SPARSE_KERNEL", "OPD_SPARSE_BLOCK_V", "OPD_SPARSE_WARPS", "OPD_SPARSE_PROGS_PER_SM",
+                "OPD_SPARSE_EV1", "OPD_SPARSE_EV2"):
         os.environ.pop(key, None)
     return res
 
@@ -260,11 +264,11 @@ def _gb(x):
 def print_gpu_tables(res):
     if res["sweep"]:
         print("\nKernel configurations, k=64, fwd+bwd:\n")
-        print("| N | V | kernel | BLOCK_V / SEG | warps | programs/SM | ms | % of copy peak |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| N | V | kernel | BLOCK_V / SEG | warps | programs/SM | L2 hints | ms | % of copy peak |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in res["sweep"]:
             print(f"| {r['N']} | {r['V']} | {r['kernel']} | {r['block_v']} | {r['warps']} | {r['progs_per_sm']} | "
-                  f"{r['ms']:.3f} | {r['pct_peak']:.0f}% |")
+                  f"{'yes' if r.get('hints') else 'no'} | {r['ms']:.3f} | {r['pct_peak']:.0f}% |")
     f = res["fused"]
     if f:
         print(f"\nFused linear vs unfused, N={f['N']}, V={f['V']}, H={f['H']}, k={f['k']}, bf16, mode {res['mode']}, "

@@ -97,8 +97,7 @@ class _Inputs:
             if mode == "pg" else None
         self.behavior_logprob = _flat(behavior_logprob, n, "behavior_logprob") if mode == "pg" else None
         keep = _flat(mask, n, "mask")
-        self.keep = torch.ones(n, dtype=torch.bool, device=device) if keep is None else keep.to(device=device,
-                                                                                             dtype=torch.bool)
+        self.keep = None if keep is None else keep.to(device=device, dtype=torch.bool)  # None: every row
         w = _flat(weights, n, "weights")
         self.weights = None if w is None else w.detach()
 

@@ -57,7 +57,7 @@ def _fused_pass(h, W, inp, row_w, need_gh, need_gw, gw_dtype, backend, chunk):
         e = min(N, s + chunk)
         h_c = h[s:e]
         logits_c = h_c @ W.t()
-        args = (_slice(inp.topk_ids, s, e), _slice(inp.topk_logprobs, s, e), inp.keep[s:e], _slice(row_w, s, e),
+        args = (_slice(inp.topk_ids, s, e), _slice(inp.topk_logprobs, s, e), _slice(inp.keep, s, e), _slice(row_w, s, e),
                 inp.mode_id, inp.cst, _slice(inp.sampled_ids, s, e), _slice(inp.teacher_sampled_logprob, s, e),
                 _slice(inp.behavior_logprob, s, e))
         if backend == "triton":

@@ -79,7 +79,7 @@ def chunk_loss_grad(
     z: torch.Tensor,
     topk_ids: Optional[torch.Tensor],
     topk_logprobs: Optional[torch.Tensor],
-    keep: torch.Tensor,
+    keep: Optional[torch.Tensor],
     weights: Optional[torch.Tensor],
     mode: int,
     cst: Tuple[float, float, float, float],
@@ -91,7 +91,7 @@ def chunk_loss_grad(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Loss [C] and gradient [C, V] (compute dtype: float64 for float64 logits, else float32) of a chunk.
 
-    keep: [C] bool, rows to compute (others get loss 0 and gradient 0). weights: [C] or None, multiplies
+    keep: [C] bool or None (all), rows to compute (others get loss 0 and gradient 0). weights: [C] or None, multiplies
     the loss and the gradient of each row. out: optional [C, V] buffer of the compute dtype to build the
     gradient in (it may be `z` itself: z is fully read before out is written).
     """
@@ -157,9 +157,10 @@ def chunk_loss_grad(
         loss = loss * weights.to(cd)
         if grad is not None:
             grad.mul_(weights.to(cd)[:, None])
-    loss = torch.where(keep, loss, torch.zeros_like(loss))  # where, not *: masked rows may hold NaN
-    if grad is not None:
-        grad.masked_fill_(~keep[:, None], 0.0)
+    if keep is not None:
+        loss = torch.where(keep, loss, torch.zeros_like(loss))  # where, not *: masked rows may hold NaN
+        if grad is not None:
+            grad.masked_fill_(~keep[:, None], 0.0)
     return loss, grad
 
 
@@ -224,7 +225,7 @@ class SparseDivergenceTorch(torch.autograd.Function):
                 # build the gradient directly in the output when it has the compute dtype (fp32, fp64)
                 direct = grad is not None and grad.dtype == out_dtype
                 ls, gs = chunk_loss_grad(
-                    logits[s:e], _take(topk_ids, s, e), _take(topk_logprobs, s, e), keep[s:e],
+                    logits[s:e], _take(topk_ids, s, e), _take(topk_logprobs, s, e), _take(keep, s, e),
                     _take(weights, s, e), mode, cst, _take(sampled_ids, s, e),
                     _take(teacher_sampled_logprob, s, e), _take(behavior_logprob, s, e), need_grad,
                     out=grad[s:e] if direct else None)

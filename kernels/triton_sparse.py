@@ -147,8 +147,11 @@ def _sparse_div_kernel(
     N, V, K,
     c0, c1, c2, tail_eps, logp_min,
     MODE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, HAS_BEHAVIOR: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, HAS_BEHAVIOR: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    EV1: tl.constexpr, EV2: tl.constexpr,
 ):
+    # EV1 / EV2: L2 eviction hints for pass 1 loads / pass 2 loads and stores ("evict_last" keeps the
+    # row in L2 for the second read, "evict_first" streams).
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs = tl.arange(0, BLOCK_V)
@@ -157,9 +160,15 @@ def _sparse_div_kernel(
         row = tl.cast(row32, tl.int64)
         z_row = z_ptr + row * stride_z
         g_row = g_ptr + row * stride_g
-        keep = tl.load(keep_ptr + row)
+        if HAS_MASK:
+            keep = tl.load(keep_ptr + row)
+        else:
+            keep = 1
         if keep != 0:
-            w = tl.load(w_ptr + row).to(tl.float32)
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + row).to(tl.float32)
+            else:
+                w = 1.0
             if MODE == PG:
                 a = tl.load(samp_ptr + row).to(tl.int64)
                 a = tl.minimum(tl.maximum(a, 0), V - 1)
@@ -175,11 +184,12 @@ def _sparse_div_kernel(
             # The next block is loaded before the current one is reduced (manual prefetch).
             m = float("-inf")
             s_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
-            x_next = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+            x_next = tl.load(z_row + offs, mask=offs < V, other=float("-inf"), eviction_policy=EV1).to(tl.float32)
             for b in range(0, nblk):
                 x = x_next
                 cols_n = (b + 1) * BLOCK_V + offs
-                x_next = tl.load(z_row + cols_n, mask=cols_n < V, other=float("-inf")).to(tl.float32)
+                x_next = tl.load(z_row + cols_n, mask=cols_n < V, other=float("-inf"),
+                                 eviction_policy=EV1).to(tl.float32)
                 m_new = tl.maximum(m, tl.max(x, 0))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 s_vec = s_vec * tl.exp(m - m_safe) + tl.exp(x - m_safe)
@@ -204,9 +214,9 @@ def _sparse_div_kernel(
                 for b in range(0, nblk):
                     cols = (nblk - 1 - b) * BLOCK_V + offs
                     msk = cols < V
-                    x = tl.load(z_row + cols, mask=msk, other=float("-inf")).to(tl.float32)
+                    x = tl.load(z_row + cols, mask=msk, other=float("-inf"), eviction_policy=EV2).to(tl.float32)
                     g = tl.exp(x - lse) * cw
-                    tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=msk)
+                    tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=msk, eviction_policy=EV2)
                 tl.debug_barrier()
                 # ---- sparse entries overwrite the base value
                 if MODE == PG:
@@ -234,7 +244,7 @@ def _sparse_div_coop_kernel(
     N, V, K, G,
     c0, c1, c2, tail_eps, logp_min,
     MODE: tl.constexpr, SEG: tl.constexpr, BLOCK_K: tl.constexpr, GMAX: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, HAS_BEHAVIOR: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, HAS_BEHAVIOR: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
 ):
     """CUDA only: each row is split into G segments of SEG logits, one work item each; the segment stays
     in registers, so the logits are read from memory once. The G programs of a row exchange their partial
@@ -258,27 +268,38 @@ def _sparse_div_coop_kernel(
         msk = cols < V
         z_row = z_ptr + row * stride_z
         g_row = g_ptr + row * stride_g
-        keep = tl.load(keep_ptr + row)
+        if HAS_MASK:
+            keep = tl.load(keep_ptr + row)
+        else:
+            keep = 1
         if keep != 0:
+            # the loads that only depend on the row are issued first, together
+            if MODE == PG:
+                a = tl.load(samp_ptr + row).to(tl.int64)
+            else:
+                ids = tl.load(ids_ptr + row * stride_ids + ks, mask=ks < K, other=-1).to(tl.int64)
+                lp_raw = tl.load(lp_ptr + row * stride_lp + ks, mask=ks < K, other=0.0).to(tl.float32)
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + row).to(tl.float32)
+            else:
+                w = 1.0
             x = tl.load(z_row + cols, mask=msk, other=float("-inf")).to(tl.float32)
-            m_loc = tl.max(x, 0)
-            m_safe = tl.where(m_loc == float("-inf"), 0.0, m_loc)
-            s_loc = tl.sum(tl.exp(x - m_safe), 0)
             # this segment's share of the gathered logits, published before arrival (so that with
             # inplace_grad no program overwrites a logit another one still has to gather)
             if MODE == PG:
-                a = tl.load(samp_ptr + row).to(tl.int64)
                 a = tl.minimum(tl.maximum(a, 0), V - 1)
                 mine_a = (a >= start) & (a < start + SEG)
                 za_own = tl.load(z_row + a, mask=mine_a, other=0.0).to(tl.float32)
                 tl.store(zs_ptr + row * BLOCK_K, za_own, mask=mine_a)
             else:
-                ids = tl.load(ids_ptr + row * stride_ids + ks, mask=ks < K, other=-1).to(tl.int64)
                 valid = (ks < K) & (ids >= 0) & (ids < V)
                 ids_c = tl.where(valid, ids, 0)
                 mine = valid & (ids_c >= start) & (ids_c < start + SEG)
                 z_own = tl.load(z_row + ids_c, mask=mine, other=0.0).to(tl.float32)
                 tl.store(zs_ptr + row * BLOCK_K + ks, z_own, mask=mine)
+            m_loc = tl.max(x, 0)
+            m_safe = tl.where(m_loc == float("-inf"), 0.0, m_loc)
+            s_loc = tl.sum(tl.exp(x - m_safe), 0)
             tl.store(pm_ptr + row * G + seg, m_loc)
             tl.store(ps_ptr + row * G + seg, s_loc)
             tl.debug_barrier()
@@ -291,7 +312,6 @@ def _sparse_div_coop_kernel(
             mx = tl.max(pm, 0)
             mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
             lse = mx_safe + tl.log(tl.sum(ps * tl.exp(pm - mx_safe), 0))
-            w = tl.load(w_ptr + row).to(tl.float32)
             if MODE == PG:
                 za = tl.load(zs_ptr + row * BLOCK_K, cache_modifier=".cg")
                 tlp = tl.load(tlp_ptr + row).to(tl.float32)
@@ -302,7 +322,6 @@ def _sparse_div_coop_kernel(
                                                            logp_min, MODE, HAS_BEHAVIOR)
             else:
                 zs = tl.load(zs_ptr + row * BLOCK_K + ks, mask=valid, other=0.0, cache_modifier=".cg")
-                lp_raw = tl.load(lp_ptr + row * stride_lp + ks, mask=valid, other=0.0).to(tl.float32)
                 loss, c, u_s, q, Gs, adv, lqa = _row_terms(lse, zs, lp_raw, valid, 0.0, 0.0, 0.0, c0, c1, c2,
                                                            tail_eps, logp_min, MODE, HAS_BEHAVIOR)
             if seg == 0:
@@ -337,10 +356,10 @@ def _sm_count(device: torch.device) -> int:
 
 
 def kernel_choice(device: torch.device) -> str:
-    """'coop' (single read, CUDA) or 'twopass' (the interpreter; OPD_SPARSE_KERNEL=twopass forces it)."""
+    """'twopass' (default) or 'coop' (single read, CUDA only; OPD_SPARSE_KERNEL=coop selects it)."""
     if device.type != "cuda":
         return "twopass"
-    return os.environ.get("OPD_SPARSE_KERNEL", "coop")
+    return os.environ.get("OPD_SPARSE_KERNEL", "twopass")
 
 
 def default_config(V: int, dtype: torch.dtype, device: torch.device, kernel: str) -> Tuple[int, int, int]:
@@ -353,7 +372,7 @@ def default_config(V: int, dtype: torch.dtype, device: torch.device, kernel: str
     if kernel == "coop":
         block, warps, per_sm = 16384, 16, 2
     else:
-        block, warps, per_sm = (4096 if dtype.itemsize <= 2 else 2048), 8, 2
+        block, warps, per_sm = (8192 if dtype.itemsize <= 2 else 4096), 8, 2
     block = int(os.environ.get("OPD_SPARSE_BLOCK_V", block))
     block = min(block, triton.next_power_of_2(V))
     warps = int(os.environ.get("OPD_SPARSE_WARPS", warps))
@@ -365,7 +384,7 @@ def sparse_divergence_fwd(
     logits: torch.Tensor,
     topk_ids: Optional[torch.Tensor],
     topk_logprobs: Optional[torch.Tensor],
-    keep: torch.Tensor,
+    keep: Optional[torch.Tensor],
     weights: Optional[torch.Tensor],
     mode: int,
     cst: Tuple[float, float, float, float],
@@ -421,15 +440,16 @@ def sparse_divergence_fwd(
             ids, lps = ids.contiguous(), lps.contiguous()
             s_ids, s_lp = ids.stride(0), lps.stride(0)
     block_k = max(triton.next_power_of_2(max(K, 1)), 2)
-    w = torch.ones(N, dtype=torch.float32, device=dev) if weights is None else weights.to(torch.float32).contiguous()
     dummy = loss  # never read when unused
+    w = dummy if weights is None else weights.to(torch.float32).contiguous()
     samp = sampled_ids.contiguous() if sampled_ids is not None else dummy
     tlp = teacher_sampled_logprob.contiguous() if teacher_sampled_logprob is not None else dummy
     blp = behavior_logprob.contiguous() if behavior_logprob is not None else dummy
     g = grad if grad is not None else logits
-    keep8 = keep.to(torch.int8).contiguous()
+    has_mask = keep is not None
+    keep8 = keep.to(torch.int8).contiguous() if has_mask else dummy
     common = dict(MODE=mode, BLOCK_K=block_k, COMPUTE_GRAD=need_grad, HAS_BEHAVIOR=behavior_logprob is not None,
-                  num_warps=nw)
+                  HAS_MASK=has_mask, HAS_WEIGHT=weights is not None, num_warps=nw)
     if kernel == "coop":
         G = triton.cdiv(V, bv)
         pm = torch.empty(N * G, dtype=torch.float32, device=dev)
@@ -449,7 +469,8 @@ def sparse_divergence_fwd(
             keep8, w, samp, tlp, blp, loss,
             N, V, K,
             float(cst[0]), float(cst[1]), float(cst[2]), TAIL_EPS_FP32, LOGP_MIN,
-            BLOCK_V=bv, **common)
+            BLOCK_V=bv, EV1=os.environ.get("OPD_SPARSE_EV1", "evict_last") if dev.type == "cuda" else "",
+            EV2=os.environ.get("OPD_SPARSE_EV2", "evict_first") if dev.type == "cuda" else "", **common)
     return loss, grad
 
 
