@@ -200,12 +200,14 @@ def run(args: argparse.Namespace) -> str:
     if args.command == "meta":
         return format_table(*query(con, META_SQL))
     if args.command == "sql":
-        con.execute(TOKENS_VIEW_SQL)
+        columns = {row[0] for row in con.execute("DESCRIBE shards").fetchall()}
+        if {"teacher_logprob", "topk_ids", "topk_logprobs"} <= columns:  # rollout shards have no `tokens` view
+            con.execute(TOKENS_VIEW_SQL)
         return format_table(*query(con, args.query))
     con.execute(TOKENS_VIEW_SQL)
     report = format_table(*query(con, TOKENS_SUMMARY_SQL))
     if args.top > 0:
-        report += f"\n\nlargest teacher-student gaps (gap = log p_teacher - log p_student of the sampled token):\n"
+        report += "\n\nlargest teacher-student gaps (gap = log p_teacher - log p_student of the sampled token):\n"
         report += top_gaps(con, args.top, args.context, args.tokenizer)
     return report
 

@@ -1,6 +1,7 @@
 """opd-inspect: the DuckDB views and queries agree with values computed independently from the shards."""
 
 import math
+import re
 
 import duckdb
 import numpy as np
@@ -118,6 +119,17 @@ def test_sql_command_has_all_views(folder, capsys):
     tables = [pq.read_table(path) for path in shards.list_parts(folder)]
     want = sum(len(x) - p for t in tables for x, p in zip(t["input_ids"].to_pylist(), t["prompt_len"].to_pylist()))
     assert out[2].split() == [str(want), "3"]
+
+
+def test_sql_and_meta_work_on_rollout_shards(tmp_path, capsys):
+    table = pq.read_table(write_teacher_shards(tmp_path / "t", META, n_parts=1)[0]).select(shards.ROLLOUT_SCHEMA.names)
+    meta = {"kind": "rollouts", "policy_fingerprint": "b" * 16, "tokenizer_fingerprint": "c" * 16, "backend": "hf",
+            "backend_version": "x", "sampling_temperature": 1.0}
+    shards.write_shard(tmp_path / "r" / shards.part_name(0), table, meta, shards.ROLLOUT_SCHEMA)
+    main(["sql", "--shards", f"{tmp_path}/r/*.parquet", "select count(*) as n from shards"])
+    assert capsys.readouterr().out.splitlines()[2].strip() == str(table.num_rows)
+    main(["meta", "--shards", f"{tmp_path}/r/*.parquet"])
+    assert re.search(r"^policy_fingerprint +b{16} +all 1$", capsys.readouterr().out, re.M)
 
 
 def test_printed_queries_run_in_plain_duckdb(folder, capsys):
