@@ -33,7 +33,7 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 
 from kernels import MODE_PARAMS, MODES, check_mode_params, fused_linear_sparse_divergence, sparse_divergence
-from kernels.reference import default_chunk_rows
+from kernels.fused_linear import default_chunk_rows
 from pipeline.config import ConfigError, DistillConfig
 
 # Kernel parameters that may follow a schedule instead of a fixed value: param -> (start key, end key,
@@ -223,8 +223,10 @@ class DistillLoss:
 
 def _logit_chunks(logits, hidden, weight, chunk_size: Optional[int]) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Row chunks of the logits, computed from hidden @ weight.T on the fused path (never [N, V] at once)."""
-    n, vocab = (logits.shape[0], logits.shape[1]) if logits is not None else (hidden.shape[0], weight.shape[0])
-    step = chunk_size or default_chunk_rows(n, vocab)
+    src = logits if logits is not None else hidden
+    vocab = logits.shape[1] if logits is not None else weight.shape[0]
+    n = src.shape[0]
+    step = chunk_size or default_chunk_rows(n, vocab, src.device)
     w = None if weight is None else weight.to(hidden.dtype)
     for s in range(0, n, step):
         e = min(n, s + step)
