@@ -33,8 +33,11 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 
 from kernels import MODE_PARAMS, MODES, check_mode_params, fused_linear_sparse_divergence, sparse_divergence
-from kernels.fused_linear import default_chunk_rows
 from pipeline.config import ConfigError, DistillConfig
+
+# Rows per chunk of the TIP statistics pass: about 128 MiB per float32 [chunk, V] temporary, so the
+# pass stays well under the memory the fused path saves, in a few dozen chunks at real vocabularies.
+STATS_CHUNK_ELEMS = 1 << 25
 
 # Kernel parameters that may follow a schedule instead of a fixed value: param -> (start key, end key,
 # start default, end default). Setting the parameter itself in loss_params fixes it instead.
@@ -223,10 +226,9 @@ class DistillLoss:
 
 def _logit_chunks(logits, hidden, weight, chunk_size: Optional[int]) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Row chunks of the logits, computed from hidden @ weight.T on the fused path (never [N, V] at once)."""
-    src = logits if logits is not None else hidden
+    n = logits.shape[0] if logits is not None else hidden.shape[0]
     vocab = logits.shape[1] if logits is not None else weight.shape[0]
-    n = src.shape[0]
-    step = chunk_size or default_chunk_rows(n, vocab, src.device)
+    step = chunk_size or max(1, STATS_CHUNK_ELEMS // vocab)
     w = None if weight is None else weight.to(hidden.dtype)
     for s in range(0, n, step):
         e = min(n, s + step)
