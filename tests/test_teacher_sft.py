@@ -1,0 +1,190 @@
+"""Stages `teacher`, `sft_data`, `sft` on a tiny config, and the shared training loop's determinism."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from pipeline import lm_training, prepare, sft, sft_data, shards, teacher, toy_task
+from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
+from pipeline.models import REF_FILE, ModelPathError, resolve_model_source
+from pipeline.provenance import read_provenance
+from tests import tiny_models
+
+TASK = {"kind": "addition", "digits": 3, "n_sft": 60, "n_opd": 8, "n_eval": 8, "seed": 0, "prompt_file": None}
+TEACHER = {"source": "scratch", "hidden_size": 48, "num_layers": 2, "num_heads": 2, "intermediate_size": 96,
+           "steps": 4, "batch_size": 16, "lr": 3.0e-3, "warmup_frac": 0.25, "seed": 0}
+SFT_DATA = {"backend": "hf", "batch_size": 32, "max_new_tokens": 12, "temperature": 0.0, "rows_per_shard": 25,
+            "seed": 0}
+SFT = {**TEACHER, "hidden_size": 16, "num_layers": 1, "intermediate_size": 32}
+
+
+def write_params(folder, **sections):
+    folder.mkdir(parents=True, exist_ok=True)
+    params = {"task": TASK, "teacher": TEACHER, "sft_data": SFT_DATA, "sft": SFT}
+    for name, overrides in sections.items():
+        params[name] = {**params[name], **overrides}
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return ["--params", str(path), "--metrics-dir", str(folder / "metrics")]
+
+
+def stage_error(capsys, main, argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    """prepare -> teacher -> sft_data on the tiny config, once for the module."""
+    root = tmp_path_factory.mktemp("h2")
+    common = write_params(root)
+    prepare.main(common + ["--out", str(root / "prompts")])
+    teacher.main(common + ["--prompts", str(root / "prompts/sft.parquet"), "--out", str(root / "teacher"),
+                           "--plots", str(root / "plots/teacher")])
+    sft_data.main(common + ["--teacher", str(root / "teacher"), "--prompts", str(root / "prompts/sft.parquet"),
+                            "--out", str(root / "sft")])
+    return root, common
+
+
+def test_teacher_is_a_loadable_hf_folder_with_provenance(pipeline_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, _ = pipeline_dir
+    model = AutoModelForCausalLM.from_pretrained(root / "teacher")
+    tok = AutoTokenizer.from_pretrained(root / "teacher")
+    assert (root / "teacher" / "model.safetensors").exists()
+    assert tok.decode(tok("12+34=")["input_ids"], skip_special_tokens=True) == "12+34="
+    assert model.config.vocab_size == len(tok)
+    record = read_provenance(root / "teacher")
+    assert record["stage"] == "teacher" and record["source"] == "scratch"
+    assert record["config"] == TEACHER
+    assert record["model_fingerprint"] == model_fingerprint(root / "teacher")
+    metrics = json.loads((root / "metrics" / "teacher.json").read_text())
+    assert metrics["params"] == sum(p.numel() for p in model.parameters())
+    assert 0.0 <= metrics["heldout_accuracy"] <= 1.0 and metrics["heldout_n"] == 6
+    assert metrics["final_loss"] > 0 and metrics["wall_s"] > 0
+    curve = (root / "plots/teacher/loss.csv").read_text().splitlines()
+    assert curve[0] == "step,loss,lr" and len(curve) == TEACHER["steps"] + 1
+
+
+def test_sft_data_parts_carry_the_teacher(pipeline_dir):
+    root, common = pipeline_dir
+    parts = shards.list_parts(root / "sft")
+    assert [p.name for p in parts] == [shards.part_name(i) for i in range(3)]   # 60 prompts / 25 per part
+    info = shards.open_shard(parts[0], "sft_data", shards.SFT_SCHEMA)
+    assert info.meta["teacher_fingerprint"] == model_fingerprint(root / "teacher")
+    assert info.meta["tokenizer_fingerprint"] == tokenizer_fingerprint(root / "teacher")
+    row = next(shards.iter_row_groups(info)).to_pylist()[0]
+    tok = toy_task.build_tokenizer()
+    assert row["input_ids"][:row["prompt_len"]] == tok(row["prompt"])["input_ids"]
+    response_ids = row["input_ids"][row["prompt_len"]:]
+    assert 1 <= len(response_ids) <= SFT_DATA["max_new_tokens"]
+    assert tok.decode(response_ids, skip_special_tokens=True) == row["response"]
+    mtimes = [p.stat().st_mtime_ns for p in parts]
+    sft_data.main(common + ["--teacher", str(root / "teacher"), "--prompts", str(root / "prompts/sft.parquet"),
+                            "--out", str(root / "sft")])
+    assert json.loads((root / "metrics" / "sft_data.json").read_text())["parts_written"] == 0   # resumed: all done
+    assert [p.stat().st_mtime_ns for p in parts] == mtimes
+
+
+def test_sft_trains_pi_ref_with_teacher_provenance(pipeline_dir):
+    from transformers import AutoModelForCausalLM
+
+    root, common = pipeline_dir
+    sft.main(common + ["--data", str(root / "sft"), "--teacher", str(root / "teacher"),
+                       "--out", str(root / "student"), "--plots", str(root / "plots/sft")])
+    model = AutoModelForCausalLM.from_pretrained(root / "student")
+    record = read_provenance(root / "student")
+    assert record["sft_teacher_fingerprint"] == model_fingerprint(root / "teacher")
+    assert record["sft_data_files"] == [p.name for p in shards.list_parts(root / "sft")]
+    assert record["tokenizer_fingerprint"] == tokenizer_fingerprint(root / "teacher")
+    metrics = json.loads((root / "metrics" / "sft.json").read_text())
+    assert metrics["params"] == sum(p.numel() for p in model.parameters()) <= metrics["teacher_params"] / 4
+    assert metrics["examples"] == TASK["n_sft"]
+
+
+def test_sft_refuses_a_student_base_with_another_tokenizer(pipeline_dir, tmp_path, capsys):
+    root, _ = pipeline_dir
+    base = tiny_models.swap_token_ids(tiny_models.save_model(tmp_path / "base"))   # same chars, other ids
+    argv = write_params(tmp_path, sft={"source": str(base)})
+    err = stage_error(capsys, sft.main, argv + ["--data", str(root / "sft"), "--teacher", str(root / "teacher"),
+                                               "--out", str(tmp_path / "student")])
+    assert "tokenizer mismatch" in err and tokenizer_fingerprint(base) in err
+    assert not (tmp_path / "student").exists()
+
+
+def test_sft_refuses_parts_from_two_teachers_and_too_big_students(pipeline_dir, tmp_path, capsys):
+    root, common = pipeline_dir
+    mixed = tmp_path / "sft"
+    mixed.mkdir()
+    for i, part in enumerate(shards.list_parts(root / "sft")):
+        info = shards.open_shard(part, "sft_data")
+        table = next(shards.iter_row_groups(info))
+        meta = {**info.meta, "teacher_fingerprint": "someotherteacher"} if i == 1 else info.meta
+        shards.write_shard(mixed / part.name, table, meta, shards.SFT_SCHEMA)
+    args = ["--teacher", str(root / "teacher"), "--out", str(tmp_path / "student")]
+    err = stage_error(capsys, sft.main, common + ["--data", str(mixed)] + args)
+    assert "someotherteacher" in err and "part-00001.parquet" in err
+    big = write_params(tmp_path / "big", sft={"hidden_size": 48, "num_layers": 2, "intermediate_size": 96})
+    err = stage_error(capsys, sft.main, big + ["--data", str(root / "sft")] + args)
+    assert "more than a quarter" in err
+    assert not (tmp_path / "student").exists()
+
+
+def test_teacher_from_a_local_model_is_referenced_not_copied(tmp_path):
+    base = tiny_models.save_model(tmp_path / "real")
+    argv = write_params(tmp_path, teacher={"source": str(base)})
+    teacher.main(argv + ["--prompts", str(tmp_path / "unused.parquet"), "--out", str(tmp_path / "teacher")])
+    assert json.loads((tmp_path / "teacher" / REF_FILE).read_text())["path"] == str(base.resolve())
+    assert not list((tmp_path / "teacher").glob("*.safetensors"))
+    record = read_provenance(tmp_path / "teacher")
+    assert record["model_fingerprint"] == model_fingerprint(base) and record["source"] == str(base)
+
+
+def test_missing_model_path_is_a_model_path_error(tmp_path, capsys):
+    missing = tmp_path / "no" / "such-model"
+    with pytest.raises(ModelPathError, match=str(missing)):
+        resolve_model_source(str(missing))
+    argv = write_params(tmp_path, teacher={"source": str(missing)})
+    err = stage_error(capsys, teacher.main, argv + ["--prompts", "x.parquet", "--out", str(tmp_path / "t")])
+    assert str(missing) in err
+
+
+def test_scratch_teacher_refuses_prompts_that_are_not_the_toy_task(tmp_path, capsys):
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"What is {i} apples?"}) for i in range(40)))
+    argv = write_params(tmp_path, task={"kind": "file", "prompt_file": str(prompts), "n_sft": 20, "n_opd": 10,
+                                        "n_eval": 10})
+    prepare.main(argv + ["--out", str(tmp_path / "prompts")])
+    err = stage_error(capsys, teacher.main, argv + ["--prompts", str(tmp_path / "prompts/sft.parquet"),
+                                                    "--out", str(tmp_path / "teacher")])
+    assert "not a toy addition" in err and "teacher.source" in err
+
+
+def test_training_is_deterministic():
+    tok = toy_task.build_tokenizer()
+    examples = [lm_training.Example(tok(p.prompt + p.solution)["input_ids"] + [tok.eos_token_id],
+                                    len(tok(p.prompt)["input_ids"])) for p in toy_task.make_problems(3, 40, seed=0)]
+
+    def train(seed: int) -> dict:
+        model = toy_task.build_model(tok, 32, 1, 2, 64, seed=0)
+        result = lm_training.train_lm(model, examples, steps=6, batch_size=8, lr=3e-3, warmup_frac=0.2, seed=seed,
+                                      pad_id=tok.pad_token_id)
+        assert result.final_loss < 5
+        return model.state_dict()
+
+    first, second, other = train(0), train(0), train(1)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)   # the seed orders the batches
+
+
+def test_loss_mask_covers_responses_only():
+    ids, labels, lengths = lm_training.pad_examples([lm_training.Example([5, 6, 7, 8], 2),
+                                                     lm_training.Example([5, 6, 9], 1)], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7, 8], [5, 6, 9, 0]]
+    assert labels.tolist() == [[-100, -100, 7, 8], [-100, 6, 9, -100]]
+    assert lengths.tolist() == [4, 3]
