@@ -204,10 +204,8 @@ def bench_gpu_fused(args):
 
 
 SWEEP = [  # (kernel, BLOCK_V or SEG, num_warps, programs per SM, L2 hints (two-pass only))
-    ("twopass", 8192, 8, 2, True), ("twopass", 8192, 8, 2, False), ("twopass", 16384, 16, 1, True),
-    ("twopass", 4096, 8, 2, True), ("twopass", 8192, 8, 1, True), ("twopass", 4096, 4, 4, True),
-    ("coop", 4096, 4, 8, False), ("coop", 2048, 4, 8, False), ("coop", 8192, 8, 4, False),
-    ("coop", 2048, 2, 16, False),
+    ("twopass", 16384, 16, 1, True), ("twopass", 8192, 8, 2, True), ("twopass", 16384, 32, 1, True),
+    ("twopass", 8192, 16, 1, True), ("twopass", 16384, 16, 1, False), ("coop", 2048, 2, 16, False),
 ]
 
 

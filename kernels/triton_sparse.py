@@ -210,13 +210,18 @@ def _sparse_div_kernel(
                 cw = c * w
                 # every thread's gathers are done before any gradient store (inplace_grad aliasing)
                 tl.debug_barrier()
-                # ---- pass 2, back to front: grad = exp(z - lse) * c
+                # ---- pass 2, back to front: grad = exp(z - lse) * c; the next block is loaded before the
+                # current one is stored (manual prefetch: two blocks of loads in flight)
+                cols_n = (nblk - 1) * BLOCK_V + offs
+                x_next = tl.load(z_row + cols_n, mask=cols_n < V, other=float("-inf"), eviction_policy=EV2)
                 for b in range(0, nblk):
                     cols = (nblk - 1 - b) * BLOCK_V + offs
-                    msk = cols < V
-                    x = tl.load(z_row + cols, mask=msk, other=float("-inf"), eviction_policy=EV2).to(tl.float32)
+                    x = x_next.to(tl.float32)
+                    cols_n = cols - BLOCK_V
+                    x_next = tl.load(z_row + cols_n, mask=(cols_n >= 0) & (cols_n < V), other=float("-inf"),
+                                     eviction_policy=EV2)
                     g = tl.exp(x - lse) * cw
-                    tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=msk, eviction_policy=EV2)
+                    tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cols < V, eviction_policy=EV2)
                 tl.debug_barrier()
                 # ---- sparse entries overwrite the base value
                 if MODE == PG:
@@ -370,9 +375,11 @@ def default_config(V: int, dtype: torch.dtype, device: torch.device, kernel: str
     if device.type != "cuda":  # interpreter: big blocks mean few Python-level steps
         return min(triton.next_power_of_2(V), 1024), 1, 1 << 30
     if kernel == "coop":
-        block, warps, per_sm = 16384, 16, 2
+        block, warps, per_sm = 2048, 2, 16
+    elif V * dtype.itemsize >= 1 << 17:  # long rows (>= 128 KiB): fewer rows in flight, bigger blocks
+        block, warps, per_sm = 16384 // dtype.itemsize * 2, 16, 1
     else:
-        block, warps, per_sm = (8192 if dtype.itemsize <= 2 else 4096), 8, 2
+        block, warps, per_sm = 8192 // dtype.itemsize * 2, 8, 2
     block = int(os.environ.get("OPD_SPARSE_BLOCK_V", block))
     block = min(block, triton.next_power_of_2(V))
     warps = int(os.environ.get("OPD_SPARSE_WARPS", warps))
