@@ -10,8 +10,9 @@ Public API:
 
 The loss is per token (shape of logits without its last dim), float32 (float64 for float64 logits),
 0 on masked rows. The gradient with respect to the logits (or hidden and weight) is computed in the
-forward pass; backward only rescales it by grad_output, and can run once. The teacher inputs get no
-gradient. The math (every mode's gradient) is in kernels/MATH.md.
+forward pass; backward only rescales it by grad_output (free when grad_output is all ones, e.g.
+loss.sum(); fold token weights in with `weights=`). The teacher inputs get no gradient. The math
+(every mode's gradient) is in kernels/MATH.md.
 """
 
 from __future__ import annotations
