@@ -112,7 +112,7 @@ def test_sft_refuses_a_student_base_with_another_tokenizer(pipeline_dir, tmp_pat
     base = tiny_models.swap_token_ids(tiny_models.save_model(tmp_path / "base"))   # same chars, other ids
     argv = write_params(tmp_path, sft={"source": str(base)})
     err = stage_error(capsys, sft.main, argv + ["--data", str(root / "sft"), "--teacher", str(root / "teacher"),
-                                               "--out", str(tmp_path / "student")])
+                                               "--out", str(tmp_path / "student"), "--plots", str(tmp_path)])
     assert "tokenizer mismatch" in err and tokenizer_fingerprint(base) in err
     assert not (tmp_path / "student").exists()
 
@@ -126,7 +126,7 @@ def test_sft_refuses_parts_from_two_teachers_and_too_big_students(pipeline_dir, 
         table = next(shards.iter_row_groups(info))
         meta = {**info.meta, "teacher_fingerprint": "someotherteacher"} if i == 1 else info.meta
         shards.write_shard(mixed / part.name, table, meta, shards.SFT_SCHEMA)
-    args = ["--teacher", str(root / "teacher"), "--out", str(tmp_path / "student")]
+    args = ["--teacher", str(root / "teacher"), "--out", str(tmp_path / "student"), "--plots", str(tmp_path)]
     err = stage_error(capsys, sft.main, common + ["--data", str(mixed)] + args)
     assert "someotherteacher" in err and "part-00001.parquet" in err
     big = write_params(tmp_path / "big", sft={"hidden_size": 48, "num_layers": 2, "intermediate_size": 96})
@@ -161,7 +161,7 @@ def test_scratch_teacher_refuses_prompts_that_are_not_the_toy_task(tmp_path, cap
                                         "n_eval": 10})
     prepare.main(argv + ["--out", str(tmp_path / "prompts")])
     err = stage_error(capsys, teacher.main, argv + ["--prompts", str(tmp_path / "prompts/sft.parquet"),
-                                                    "--out", str(tmp_path / "teacher")])
+                                                    "--out", str(tmp_path / "teacher"), "--plots", str(tmp_path)])
     assert "not a toy addition" in err and "teacher.source" in err
 
 
