@@ -210,18 +210,13 @@ def _sparse_div_kernel(
                 cw = c * w
                 # every thread's gathers are done before any gradient store (inplace_grad aliasing)
                 tl.debug_barrier()
-                # ---- pass 2, back to front: grad = exp(z - lse) * c; the next block is loaded before the
-                # current one is stored (manual prefetch: two blocks of loads in flight)
-                cols_n = (nblk - 1) * BLOCK_V + offs
-                x_next = tl.load(z_row + cols_n, mask=cols_n < V, other=float("-inf"), eviction_policy=EV2)
+                # ---- pass 2, back to front: grad = exp(z - lse) * c
                 for b in range(0, nblk):
                     cols = (nblk - 1 - b) * BLOCK_V + offs
-                    x = x_next.to(tl.float32)
-                    cols_n = cols - BLOCK_V
-                    x_next = tl.load(z_row + cols_n, mask=(cols_n >= 0) & (cols_n < V), other=float("-inf"),
-                                     eviction_policy=EV2)
+                    msk = cols < V
+                    x = tl.load(z_row + cols, mask=msk, other=float("-inf"), eviction_policy=EV2).to(tl.float32)
                     g = tl.exp(x - lse) * cw
-                    tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cols < V, eviction_policy=EV2)
+                    tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=msk, eviction_policy=EV2)
                 tl.debug_barrier()
                 # ---- sparse entries overwrite the base value
                 if MODE == PG:
