@@ -79,6 +79,13 @@ def batches_of_worker(batches: int, worker: int, workers: int) -> int:
     return max(0, -(-(batches - worker) // workers))
 
 
+def check_readers(row_groups: int, world_size: int, workers: int) -> None:
+    """Every reader needs a row group per epoch, or its stream would never yield."""
+    if row_groups < world_size * workers:
+        raise ConfigError(f"{row_groups} row groups cannot feed {world_size * workers} readers "
+                          f"({world_size} ranks x {workers} workers): lower distill.num_workers")
+
+
 class TeacherShardStream(IterableDataset):
     """An endless stream of collated batches for one rank (split further across its DataLoader workers)."""
 
@@ -95,9 +102,7 @@ class TeacherShardStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         readers = self.world_size * workers
-        if len(self.units) < readers:
-            raise ConfigError(f"{len(self.units)} row groups cannot feed {readers} readers "
-                              f"({self.world_size} ranks x {workers} workers): lower distill.num_workers")
+        check_readers(len(self.units), self.world_size, workers)
         # The resumed loader's batch j is the original run's batch start + j, which came from worker
         # (start + j) mod W: so this worker continues the stream of that one.
         role = (worker + self.start_batches) % workers
@@ -232,6 +237,7 @@ class TeacherShardDataModule(pl.LightningDataModule):
         rank, world = self._rank_world()
         stream = TeacherShardStream(self.infos, self.batch_size, self.seed, self.shuffle_row_groups, rank, world,
                                     self.start_batches)
+        check_readers(len(stream.units), world, max(1, self.num_workers))  # here, not deep in a worker
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available())
 

@@ -163,3 +163,6 @@ def test_too_few_row_groups_for_the_readers(tmp_path):
     stream = TeacherShardStream(shards.open_teacher_shards(tmp_path / "shards"), 2, 0, 1, rank=0, world_size=2)
     with pytest.raises(ConfigError, match="num_workers"):
         next(iter(stream))
+    dm = TeacherShardDataModule(tmp_path / "shards", batch_size=2, seed=0, shuffle_row_groups=1, num_workers=2)
+    with pytest.raises(ConfigError, match=r"1 row groups cannot feed 2 readers"):   # in the main process
+        dm.train_dataloader()
