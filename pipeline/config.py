@@ -16,10 +16,12 @@ from typing import Any, Literal, Optional, TypeVar
 
 import yaml
 
+from pipeline.errors import UserError
+
 DEFAULT_PARAMS = Path("params.yaml")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A parameter file is missing, malformed, or holds a bad value. The message names file and key."""
 
 

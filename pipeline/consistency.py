@@ -19,6 +19,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.errors import UserError
 from pipeline import shards
 from pipeline.fingerprint import model_fingerprint
 from pipeline.provenance import PROVENANCE_FILE, ProvenanceError, read_provenance
@@ -36,7 +37,7 @@ FIX_TOKENIZER = ("teacher and student must share one tokenizer: rebuild them wit
                  "`dvc repro`")
 
 
-class ConsistencyError(ValueError):
+class ConsistencyError(UserError, ValueError):
     """distill's inputs come from different teachers, policies or tokenizers. The message says which and how to fix."""
 
 

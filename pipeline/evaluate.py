@@ -20,7 +20,8 @@ from typing import Sequence
 
 from pipeline.atomic import write_json, write_text
 from pipeline.config import EvaluateConfig
-from pipeline.stage import UserError, stage_main
+from pipeline.errors import UserError
+from pipeline.stage import stage_main
 
 SEED = 0
 

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import duckdb
 
+from pipeline.errors import UserError
 from pipeline import shards as shard_contract
 from pipeline.models import ModelPathError
 
@@ -130,7 +131,7 @@ QUERIES = {"views": VIEWS_SQL, "tokens_view": TOKENS_VIEW_SQL, "summary": SUMMAR
            "tokens": TOKENS_SUMMARY_SQL, "top_gaps": TOP_GAPS_SQL}
 
 
-class InspectError(ValueError):
+class InspectError(UserError, ValueError):
     """No shards match, or one is unreadable; the message names the glob or file."""
 
 

@@ -12,10 +12,12 @@ import json
 import re
 from pathlib import Path
 
+from pipeline.errors import UserError
+
 REF_FILE = "opd_model_ref.json"
 
 
-class ModelPathError(FileNotFoundError):
+class ModelPathError(UserError, FileNotFoundError):
     """A model path does not exist or is not a Hugging Face model folder."""
 
 

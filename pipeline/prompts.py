@@ -12,6 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import UserError
+
 SPLITS = ("sft", "opd", "eval")
 PROMPT_SCHEMA = pa.schema([
     pa.field("prompt_id", pa.string(), nullable=False),
@@ -20,7 +22,7 @@ PROMPT_SCHEMA = pa.schema([
 ])
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UserError, ValueError):
     """A prompt file is unreadable or has the wrong columns. The message names the file and the fix."""
 
 

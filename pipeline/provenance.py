@@ -12,13 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UserError
 from pipeline.atomic import write_json
 
 PROVENANCE_FILE = "opd_provenance.json"
 REQUIRED = ("stage", "model_fingerprint", "tokenizer_fingerprint", "source", "config", "created_at")
 
 
-class ProvenanceError(ValueError):
+class ProvenanceError(UserError, ValueError):
     """A model folder's provenance file is missing or incomplete. The message names the file and the fix."""
 
 

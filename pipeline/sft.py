@@ -25,7 +25,8 @@ from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
 from pipeline.lm_training import Example, train_lm
 from pipeline.models import default_device, load_model, parameter_count, resolve_model_dir, resolve_model_source
 from pipeline.provenance import write_provenance
-from pipeline.stage import UserError, stage_main
+from pipeline.errors import UserError
+from pipeline.stage import stage_main
 
 log = logging.getLogger("opd")
 

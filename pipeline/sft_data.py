@@ -26,7 +26,8 @@ from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
 from pipeline.generation import Sample, backend_version, batch_seed, get_generator
 from pipeline.models import load_tokenizer
 from pipeline.prompts import encode_prompt, read_prompts
-from pipeline.stage import UserError, add_shard_arg, stage_main
+from pipeline.errors import UserError
+from pipeline.stage import add_shard_arg, stage_main
 
 KIND = "sft_data"
 

@@ -19,6 +19,8 @@ from typing import Any, Collection, Iterator, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import UserError
+
 SCHEMA_VERSION = "1"
 META_PREFIX = "opd."
 ROW_GROUP_SIZE = 256
@@ -69,7 +71,7 @@ SFT_SCHEMA = pa.schema([
 ])
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard is missing, unreadable, or breaks the contract. The message names the file."""
 
 
@@ -239,14 +241,3 @@ def pending_parts(folder: Path | str, kind: str, run_key: str, n_parts: int,
 
 
 _PART_RE = re.compile(r"part-(\d+)\.parquet")
-
-
-def parse_shard_spec(spec: str) -> tuple[int, int]:
-    """`--shard i/n`: this process writes the parts whose index is i modulo n (design §8)."""
-    try:
-        i, n = (int(x) for x in spec.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard expects i/n such as 0/4, got {spec!r}") from None
-    if not 0 <= i < n:
-        raise ValueError(f"--shard {spec}: need 0 <= i < n")
-    return i, n

@@ -15,33 +15,25 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.atomic import write_json
-from pipeline.config import ConfigError, load_section
+from pipeline.config import load_section
+from pipeline.errors import UserError
 
 log = logging.getLogger("opd")
 
 
-class UserError(Exception):
-    """Bad input a user can fix; stages raise it (or a subclass of ValueError/FileNotFoundError below)."""
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    from pipeline.models import ModelPathError
-    from pipeline.prompts import PromptFileError
-    from pipeline.shards import ShardError
-
-    types: list[type[BaseException]] = [UserError, ConfigError, ModelPathError, PromptFileError, ShardError]
+def parse_shard_spec(spec: str) -> tuple[int, int]:
+    """`--shard i/n`: this process writes the parts whose index is i modulo n (design §8)."""
     try:
-        from pipeline.consistency import ConsistencyError
-
-        types.append(ConsistencyError)
-    except ImportError:
-        pass
-    return tuple(types)
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard expects i/n such as 0/4, got {spec!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {spec}: need 0 <= i < n")
+    return i, n
 
 
 def add_shard_arg(parser: argparse.ArgumentParser) -> None:
     """`--shard I/N` for stages that write parts (design §8); a bad value is a usage error naming the fix."""
-    from pipeline.shards import parse_shard_spec
 
     def spec(value: str) -> tuple[int, int]:
         try:
@@ -72,7 +64,7 @@ def stage_main(name: str, doc: str | None, add_args: Callable[[argparse.Argument
     try:
         cfg = load_section(section or name, args.params)
         metrics = run(args, cfg) or {}
-    except user_error_types() as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     metrics = {"wall_s": round(time.perf_counter() - start, 2), **metrics}

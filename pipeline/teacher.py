@@ -23,7 +23,8 @@ from pipeline.lm_training import Example, train_lm
 from pipeline.models import default_device, load_tokenizer, parameter_count, resolve_model_source, write_model_ref
 from pipeline.prompts import encode_prompt, read_prompts
 from pipeline.provenance import write_provenance
-from pipeline.stage import UserError, stage_main
+from pipeline.errors import UserError
+from pipeline.stage import stage_main
 
 log = logging.getLogger("opd")
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 from pipeline import shards
 from pipeline.atomic import write_json
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
-from pipeline.stage import UserError, user_error_types
+from pipeline.errors import UserError
 
 log = logging.getLogger("opd.teacher_mismatch")
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         report = measure(args.teacher_a, args.teacher_b, args.rollouts, args.max_rows, args.backend,
                          args.batch_size, args.device)
-    except user_error_types() as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     write_json(args.out, report)

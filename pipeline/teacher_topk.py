@@ -35,7 +35,8 @@ from pipeline.generation import backend_version
 from pipeline.models import load_tokenizer
 from pipeline.prompts import encode_prompt, read_prompts
 from pipeline.scoring import SCORING_TEMPERATURE, Scored, get_scorer
-from pipeline.stage import UserError, add_shard_arg, stage_main
+from pipeline.errors import UserError
+from pipeline.stage import add_shard_arg, stage_main
 
 KIND = "teacher_topk"
 # Rollout footer fields every teacher shard carries unchanged: which policy sampled the rows, and how.

@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.generation import Sample, batch_seed, stop_token_ids
 from pipeline.models import resolve_model_dir
 from pipeline.scoring import Scored, check_inputs
-from pipeline.stage import UserError
+from pipeline.errors import UserError
 
 INSTALL_HINT = "pip install 'offline-opd[vllm]'"
 

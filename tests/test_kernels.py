@@ -1,6 +1,6 @@
 """Sparse-teacher divergence kernels: reference math, Triton vs reference, fused linear.
 
-Without CUDA the Triton kernel runs in Triton's CPU interpreter: TRITON_INTERPRET=1 is set here, before
+Without CUDA the Triton kernel runs in Triton's CPU interpreter: TRITON_INTERPRET=1 is set in conftest.py, before
 `kernels.triton_sparse` is imported (kernels imports it lazily). With CUDA the same tests run the
 compiled kernel on the GPU.
 
@@ -16,18 +16,14 @@ Tolerances.
 from __future__ import annotations
 
 import math
-import os
 import zlib
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import kernels  # noqa: E402
-from kernels import MODE_PARAMS, MODES, check_mode_params, fused_linear_sparse_divergence, sparse_divergence  # noqa: E402
-from kernels import reference as ref  # noqa: E402
+import kernels
+from kernels import MODE_PARAMS, MODES, check_mode_params, fused_linear_sparse_divergence, sparse_divergence
+from kernels import reference as ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEV == "cuda"
@@ -36,8 +32,7 @@ ON_GPU = DEV == "cuda"
 def _triton():
     from kernels import triton_sparse
 
-    if not ON_GPU and not triton_sparse.is_interpreted():
-        pytest.skip("kernels.triton_sparse was imported before TRITON_INTERPRET=1 was set")
+    assert ON_GPU or triton_sparse.is_interpreted(), "tests/conftest.py sets TRITON_INTERPRET=1 without CUDA"
     return triton_sparse
 
 

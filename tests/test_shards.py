@@ -97,7 +97,9 @@ def test_finished_parts_keeps_only_this_runs_intact_parts(tmp_path):
 
 
 def test_shard_spec():
-    assert shards.parse_shard_spec("1/4") == (1, 4)
+    from pipeline.stage import parse_shard_spec
+
+    assert parse_shard_spec("1/4") == (1, 4)
     for bad in ["4/4", "x", "1/0"]:
         with pytest.raises(ValueError):
-            shards.parse_shard_spec(bad)
+            parse_shard_spec(bad)
