@@ -92,8 +92,8 @@ def train_lm(model, examples: Sequence[Example], *, steps: int, batch_size: int,
     ids, labels, lengths = pad_examples(examples, pad_id)
     ids, labels = ids.to(device), labels.to(device)
     order = batch_order(len(examples), batch_size, steps, seed)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for p in model.parameters() if p.ndim >= 2]      # matrices decay; norms do not
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=ADAM_BETAS)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup_frac))

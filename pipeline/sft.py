@@ -118,7 +118,8 @@ def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
         model, tokenizer = pretrained_student(cfg, meta["tokenizer_fingerprint"], args.data)
     start = time.perf_counter()
     result = train_lm(model, examples, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                      warmup_frac=cfg.warmup_frac, seed=cfg.seed, pad_id=tokenizer.pad_token_id or 0,
+                      warmup_frac=cfg.warmup_frac, seed=cfg.seed,
+                      pad_id=tokenizer.pad_token_id or 0,   # right padding is never attended: any id will do
                       curve_csv=args.plots / "loss.csv", desc="sft")
     train_s = time.perf_counter() - start
     with atomic_dir(args.out) as tmp:

@@ -28,6 +28,7 @@ from pipeline.models import load_tokenizer
 from pipeline.prompts import encode_prompt, read_prompts
 from pipeline.errors import UserError
 from pipeline.stage import add_shard_arg, stage_main
+from pipeline.toy_task import verify
 
 KIND = "sft_data"
 
@@ -77,8 +78,6 @@ def run(args: argparse.Namespace, cfg: SftDataConfig) -> dict:
              "at_max_new_tokens": 0, "verified": 0, "with_answer": 0}
     if not todo:
         return stats
-    from pipeline.toy_task import verify
-
     generator = get_generator(cfg.backend, args.teacher, batch_size=cfg.batch_size)
     for j in tqdm(todo, desc="sft_data", unit="part"):
         lo, hi = j * cfg.rows_per_shard, min((j + 1) * cfg.rows_per_shard, len(tokens))
