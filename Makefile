@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml
 
 run: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
+	@echo "accuracy (teacher, pi_ref = student_sft, distilled = student_opd); all metrics: dvc metrics show"
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show metrics/eval.json
 
 test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow" -q
