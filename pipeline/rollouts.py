@@ -11,11 +11,7 @@ array) fill one folder, process i writing the parts whose index is i modulo n.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,11 +19,9 @@ from tqdm import tqdm
 
 from pipeline import shards
 from pipeline.config import RolloutsConfig
-from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
-from pipeline.generation import Sample, backend_version, batch_seed, get_generator
-from pipeline.models import load_tokenizer
-from pipeline.prompts import encode_prompt, read_prompts
 from pipeline.errors import UserError
+from pipeline.generation import Sample, batch_seed, get_generator
+from pipeline.prompt_parts import plan_parts
 from pipeline.stage import add_shard_arg, stage_main
 
 KIND = "rollouts"
@@ -55,42 +49,23 @@ def rollout_table(prompt_ids: list[str], prompt_tokens: list[list[int]], samples
 
 
 def run(args: argparse.Namespace, cfg: RolloutsConfig) -> dict:
-    shard = args.shard
     if cfg.n_samples < 1 or cfg.rows_per_shard < 1:
         raise UserError(f"{args.params}: rollouts.n_samples and rollouts.rows_per_shard must be >= 1 "
                         f"(got {cfg.n_samples}, {cfg.rows_per_shard})")
-    prompts = read_prompts(args.prompts)
-    if prompts.num_rows == 0:
-        raise UserError(f"{args.prompts}: no prompts; rerun `dvc repro prepare` with task.n_opd > 0")
-    prompt_ids, texts = prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()
-    tokenizer = load_tokenizer(args.policy)
-    tokens = [encode_prompt(tokenizer, t) for t in texts]
-    policy_fp = model_fingerprint(args.policy)
-    digest = hashlib.sha256(json.dumps([prompt_ids, texts]).encode()).hexdigest()
-    key = shards.make_run_key(config=asdict(cfg), policy=policy_fp, prompts=digest)
-    per_part = max(1, cfg.rows_per_shard // cfg.n_samples)   # whole prompts per part
-    n_parts = math.ceil(len(tokens) / per_part)
-    args.out.mkdir(parents=True, exist_ok=True)
-    todo = shards.pending_parts(args.out, KIND, key, n_parts, shard)
-    meta = {
-        "kind": KIND, "run_key": key, "num_parts": n_parts,
-        "policy_fingerprint": policy_fp, "tokenizer_fingerprint": tokenizer_fingerprint(args.policy),
-        "policy_path": str(args.policy), "prompts_path": str(args.prompts),
-        "sampling_temperature": cfg.temperature, "backend": cfg.backend,
-        "backend_version": backend_version(cfg.backend), "config": asdict(cfg),
-    }
-    stats = {"parts_total": n_parts, "parts_skipped": len(range(shard[0], n_parts, shard[1])) - len(todo),
+    plan = plan_parts(KIND, "policy", args.policy, args.prompts, args.out, cfg,
+                      per_part=max(1, cfg.rows_per_shard // cfg.n_samples), shard=args.shard, size_key="n_opd")
+    stats = {"parts_total": plan.meta["num_parts"], "parts_skipped": plan.skipped,
              "parts_written": 0, "rows": 0, "response_tokens": 0, "at_max_new_tokens": 0}
-    if not todo:
+    if not plan.todo:
         return stats
     generator = get_generator(cfg.backend, args.policy, batch_size=cfg.batch_size)
     start = time.perf_counter()
-    for j in tqdm(todo, desc="rollouts", unit="part"):
-        lo, hi = j * per_part, min((j + 1) * per_part, len(tokens))
-        samples = generator.generate(tokens[lo:hi], cfg.n_samples, cfg.temperature, cfg.max_new_tokens,
+    for j in tqdm(plan.todo, desc="rollouts", unit="part"):
+        part = plan.bounds(j)
+        samples = generator.generate(plan.tokens[part], cfg.n_samples, cfg.temperature, cfg.max_new_tokens,
                                      seed=batch_seed(cfg.seed, j))
-        table = rollout_table(prompt_ids[lo:hi], tokens[lo:hi], samples)
-        shards.write_shard(args.out / shards.part_name(j), table, meta, shards.ROLLOUT_SCHEMA)
+        table = rollout_table(plan.prompt_ids[part], plan.tokens[part], samples)
+        shards.write_shard(args.out / shards.part_name(j), table, plan.meta, shards.ROLLOUT_SCHEMA)
         flat = [s for row in samples for s in row]
         stats["parts_written"] += 1
         stats["rows"] += len(flat)

@@ -11,10 +11,6 @@ independent: a rerun skips finished parts, and `--shard i/n` lets n processes fi
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import math
-from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,11 +18,9 @@ from tqdm import tqdm
 
 from pipeline import shards
 from pipeline.config import SftDataConfig
-from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
-from pipeline.generation import Sample, backend_version, batch_seed, get_generator
-from pipeline.models import load_tokenizer
-from pipeline.prompts import encode_prompt, read_prompts
 from pipeline.errors import UserError
+from pipeline.generation import Sample, batch_seed, get_generator
+from pipeline.prompt_parts import plan_parts
 from pipeline.stage import add_shard_arg, stage_main
 from pipeline.toy_task import verify
 
@@ -54,42 +48,24 @@ def sft_table(prompt_ids: list[str], prompts: list[str], prompt_tokens: list[lis
 def run(args: argparse.Namespace, cfg: SftDataConfig) -> dict:
     if cfg.rows_per_shard < 1:
         raise UserError(f"{args.params}: sft_data.rows_per_shard must be >= 1 (got {cfg.rows_per_shard})")
-    table = read_prompts(args.prompts)
-    if table.num_rows == 0:
-        raise UserError(f"{args.prompts}: no prompts; rerun `dvc repro prepare` with task.n_sft > 0")
-    prompt_ids, texts = table.column("prompt_id").to_pylist(), table.column("prompt").to_pylist()
-    answers = table.column("answer").to_pylist()
-    tokenizer = load_tokenizer(args.teacher)
-    tokens = [encode_prompt(tokenizer, t) for t in texts]
-    teacher_fp = model_fingerprint(args.teacher)
-    digest = hashlib.sha256(json.dumps([prompt_ids, texts]).encode()).hexdigest()
-    key = shards.make_run_key(config=asdict(cfg), teacher=teacher_fp, prompts=digest)
-    n_parts = math.ceil(len(tokens) / cfg.rows_per_shard)
-    args.out.mkdir(parents=True, exist_ok=True)
-    todo = shards.pending_parts(args.out, KIND, key, n_parts, args.shard)
-    meta = {
-        "kind": KIND, "run_key": key, "num_parts": n_parts,
-        "teacher_fingerprint": teacher_fp, "tokenizer_fingerprint": tokenizer_fingerprint(args.teacher),
-        "teacher_path": str(args.teacher), "prompts_path": str(args.prompts),
-        "sampling_temperature": cfg.temperature, "backend": cfg.backend,
-        "backend_version": backend_version(cfg.backend), "config": asdict(cfg),
-    }
-    stats = {"parts_total": n_parts, "parts_written": 0, "rows": 0, "response_tokens": 0,
+    plan = plan_parts(KIND, "teacher", args.teacher, args.prompts, args.out, cfg,
+                      per_part=cfg.rows_per_shard, shard=args.shard, size_key="n_sft")
+    stats = {"parts_total": plan.meta["num_parts"], "parts_written": 0, "rows": 0, "response_tokens": 0,
              "at_max_new_tokens": 0, "verified": 0, "with_answer": 0}
-    if not todo:
+    if not plan.todo:
         return stats
     generator = get_generator(cfg.backend, args.teacher, batch_size=cfg.batch_size)
-    for j in tqdm(todo, desc="sft_data", unit="part"):
-        lo, hi = j * cfg.rows_per_shard, min((j + 1) * cfg.rows_per_shard, len(tokens))
-        samples = [row[0] for row in generator.generate(tokens[lo:hi], 1, cfg.temperature, cfg.max_new_tokens,
+    for j in tqdm(plan.todo, desc="sft_data", unit="part"):
+        rows = plan.bounds(j)
+        samples = [row[0] for row in generator.generate(plan.tokens[rows], 1, cfg.temperature, cfg.max_new_tokens,
                                                         seed=batch_seed(cfg.seed, j))]
-        part = sft_table(prompt_ids[lo:hi], texts[lo:hi], tokens[lo:hi], samples, tokenizer)
-        shards.write_shard(args.out / shards.part_name(j), part, meta, shards.SFT_SCHEMA)
+        part = sft_table(plan.prompt_ids[rows], plan.texts[rows], plan.tokens[rows], samples, plan.tokenizer)
+        shards.write_shard(args.out / shards.part_name(j), part, plan.meta, shards.SFT_SCHEMA)
         stats["parts_written"] += 1
         stats["rows"] += len(samples)
         stats["response_tokens"] += sum(len(s.response_ids) for s in samples)
         stats["at_max_new_tokens"] += sum(len(s.response_ids) == cfg.max_new_tokens for s in samples)
-        checked = [(r, a) for r, a in zip(part.column("response").to_pylist(), answers[lo:hi]) if a is not None]
+        checked = [(r, a) for r, a in zip(part.column("response").to_pylist(), plan.answers[rows]) if a is not None]
         stats["with_answer"] += len(checked)
         stats["verified"] += sum(verify(r, a) for r, a in checked)
     if stats["with_answer"]:
