@@ -27,6 +27,7 @@ from typing import Any, Optional
 from pipeline.atomic import atomic_dir, write_json, write_text
 from pipeline.config import DistillConfig
 from pipeline.consistency import check_distill_inputs
+from pipeline.shards import ShardError, ShardInfo
 from pipeline.stage import stage_main
 
 log = logging.getLogger("opd.distill")
@@ -49,14 +50,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plots", type=Path, required=True, help="folder for loss.csv (columns step, train_loss)")
 
 
-def run_key(cfg: DistillConfig, report: dict, shards_dir: Path) -> str:
+def run_key(cfg: DistillConfig, report: dict, infos: list[ShardInfo]) -> str:
     """Identity of a training run: its settings and its exact inputs. A checkpoint resumes only under it."""
-    from pipeline.shards import list_parts, read_meta
-
-    shard_ids = []
-    for path in list_parts(shards_dir):
-        meta = read_meta(path)
-        shard_ids.append([path.name, meta.get("run_key"), meta.get("created_at")])
+    shard_ids = [[i.path.name, i.meta.get("run_key"), i.meta.get("created_at")] for i in infos]
     payload = {"config": dataclasses.asdict(cfg), "init": report["init_fingerprint"],
                "teacher": report["teacher_fingerprint"], "shards": shard_ids}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -133,12 +129,11 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     from pipeline.distill_data import TeacherShardDataModule, unwrap_worker_error
     from pipeline.distill_module import DistillModule
     from pipeline.losses import loss_from_config
-    from pipeline.shards import ShardError
 
     objective = loss_from_config(cfg, f"{args.params}: distill")
     data = TeacherShardDataModule(args.shards, cfg.batch_size, cfg.seed, cfg.shuffle_row_groups, cfg.num_workers)
     data.setup()
-    ckpt = resume_checkpoint(args.logs, run_key(cfg, report, args.shards))
+    ckpt = resume_checkpoint(args.logs, run_key(cfg, report, data.infos))
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = DistillModule(args.init, cfg, objective)
