@@ -72,26 +72,27 @@ def read_sft_parts(folder: Path) -> tuple[list[Example], list[shards.ShardInfo]]
     return examples, infos
 
 
-def scratch_student(cfg: SftConfig, teacher_dir: Path):
-    """A fresh toy Llama on the teacher's tokenizer, refused if it is more than a quarter of the teacher."""
+def scratch_student(cfg: SftConfig, teacher_dir: Path, teacher: int):
+    """A fresh toy Llama on the teacher's tokenizer, refused if it is more than a quarter of the teacher
+    (`teacher` parameters)."""
     from transformers import AutoTokenizer
 
     from pipeline.toy_task import build_model
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     model = build_model(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size, cfg.seed)
-    student, teacher = sum(p.numel() for p in model.parameters()), parameter_count(teacher_dir)
+    student = sum(p.numel() for p in model.parameters())
     if student > MAX_STUDENT_FRACTION * teacher:
         raise UserError(f"sft: the scratch student has {student:,} parameters, more than a quarter of the "
                         f"teacher's {teacher:,}; lower sft.hidden_size / num_layers / intermediate_size")
     return model, tokenizer
 
 
-def pretrained_student(cfg: SftConfig, data_tokenizer_fp: str, data: Path):
-    """A real student base, refused unless it tokenizes exactly like the teacher that wrote the data."""
+def pretrained_student(cfg: SftConfig, base: Path, data_tokenizer_fp: str, data: Path):
+    """A real student base (`cfg.source`, resolved to `base`), refused unless it tokenizes exactly like the
+    teacher that wrote the data."""
     from transformers import AutoTokenizer
 
-    base = resolve_model_source(cfg.source)
     base_fp = tokenizer_fingerprint(base)
     if base_fp != data_tokenizer_fp:
         raise ConsistencyError(
@@ -111,11 +112,15 @@ def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
             f"teacher mismatch: {args.data} was written by teacher {meta['teacher_fingerprint']} "
             f"({meta.get('teacher_path', '?')}) but --teacher {args.teacher} is {teacher_fp}; "
             f"rerun `dvc repro sft_data` with this teacher")
+    teacher_params = parameter_count(teacher_dir)
     if cfg.source == "scratch":
-        model, tokenizer = scratch_student(cfg, teacher_dir)
+        source = "scratch"
+        model, tokenizer = scratch_student(cfg, teacher_dir, teacher_params)
         model = model.to(default_device())
     else:
-        model, tokenizer = pretrained_student(cfg, meta["tokenizer_fingerprint"], args.data)
+        base = resolve_model_source(cfg.source)   # a hub id is looked up once, not again for provenance
+        source = str(base)
+        model, tokenizer = pretrained_student(cfg, base, meta["tokenizer_fingerprint"], args.data)
     start = time.perf_counter()
     result = train_lm(model, examples, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                       warmup_frac=cfg.warmup_frac, seed=cfg.seed,
@@ -125,13 +130,13 @@ def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
     with atomic_dir(args.out) as tmp:
         model.cpu().save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        record = write_provenance(tmp, "sft", source=cfg.source if cfg.source == "scratch" else str(
-            resolve_model_source(cfg.source)), config=asdict(cfg), sft_teacher_fingerprint=teacher_fp,
+        record = write_provenance(
+            tmp, "sft", source=source, config=asdict(cfg), sft_teacher_fingerprint=teacher_fp,
             sft_data_files=[i.path.name for i in infos], teacher_path=str(args.teacher))
         if record["tokenizer_fingerprint"] != meta["tokenizer_fingerprint"]:
             raise ConsistencyError(f"the saved student's tokenizer {record['tokenizer_fingerprint']} differs from "
                                    f"the SFT data's {meta['tokenizer_fingerprint']} ({args.data}); fix: {FIX_TOKENIZER}")
-    return {"params": sum(p.numel() for p in model.parameters()), "teacher_params": parameter_count(teacher_dir),
+    return {"params": sum(p.numel() for p in model.parameters()), "teacher_params": teacher_params,
             "final_loss": round(result.final_loss, 5), "train_s": round(train_s, 1), "examples": len(examples)}
 
 
