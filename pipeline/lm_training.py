@@ -35,9 +35,7 @@ class Example:
 
 @dataclass(frozen=True)
 class TrainResult:
-    steps: int
     final_loss: float   # mean loss over the last tenth of the steps (one step's loss is noisy)
-    tokens_trained: int
 
 
 def pad_examples(examples: Sequence[Example], pad_id: int):
@@ -100,7 +98,6 @@ def train_lm(model, examples: Sequence[Example], *, steps: int, batch_size: int,
     model.train()
     losses: list[float] = []
     rows = ["step,loss,lr"]
-    tokens = 0
     bar = tqdm(range(steps), desc=desc, unit="step")
     for step in bar:
         idx = order[step]
@@ -115,7 +112,6 @@ def train_lm(model, examples: Sequence[Example], *, steps: int, batch_size: int,
         sched.step()
         loss = float(out.loss.detach())
         losses.append(loss)
-        tokens += int((batch_labels[:, 1:] != IGNORE).sum())
         rows.append(f"{step},{loss:.6f},{lr_now:.6g}")
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -123,6 +119,6 @@ def train_lm(model, examples: Sequence[Example], *, steps: int, batch_size: int,
     if curve_csv is not None:
         write_text(curve_csv, "\n".join(rows) + "\n")
     tail = losses[-max(1, steps // 10):]
-    result = TrainResult(steps=steps, final_loss=sum(tail) / len(tail), tokens_trained=tokens)
+    result = TrainResult(final_loss=sum(tail) / len(tail))
     log.info("%s: %d steps, final loss %.4f", desc, steps, result.final_loss)
     return result
