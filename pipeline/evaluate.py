@@ -14,7 +14,6 @@ and with --plots DIR also DIR/accuracy.csv (model, accuracy) for `dvc plots`.
 from __future__ import annotations
 
 import argparse
-import gc
 from pathlib import Path
 from typing import Sequence
 
@@ -22,8 +21,6 @@ from pipeline.atomic import write_json, write_text
 from pipeline.config import EvaluateConfig
 from pipeline.errors import UserError
 from pipeline.stage import stage_main
-
-SEED = 0
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -35,29 +32,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="JSON file the results are written to")
     parser.add_argument("--plots", type=Path, default=None,
                         help="optional folder for accuracy.csv (columns model, accuracy)")
-
-
-def greedy_responses(backend: str, model_dir: Path, prompts: Sequence[str], cfg: EvaluateConfig):
-    """Prompt ids and greedy response ids of one model, and the decoded response texts."""
-    from pipeline.generation import get_generator
-    from pipeline.models import load_tokenizer
-    from pipeline.prompts import encode_prompt
-
-    tokenizer = load_tokenizer(model_dir)
-    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
-    generator = get_generator(backend, model_dir, batch_size=cfg.batch_size)
-    samples = generator.generate(prompt_ids, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, seed=SEED)
-    del generator
-    gc.collect()
-    responses = [s[0].response_ids for s in samples]
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    return prompt_ids, responses, texts
-
-
-def accuracy(texts: Sequence[str], answers: Sequence[str]) -> float:
-    from pipeline.toy_task import verify
-
-    return sum(verify(t, a) for t, a in zip(texts, answers)) / len(answers)
 
 
 def divergence_to_teacher(teacher, student, prompt_ids: Sequence[list[int]], responses: Sequence[list[int]],
@@ -94,9 +68,10 @@ def divergence_to_teacher(teacher, student, prompt_ids: Sequence[list[int]], res
 
 
 def run(args: argparse.Namespace, cfg: EvaluateConfig) -> dict:
-    from pipeline.generation import model_dtype
+    from pipeline.generation import greedy_decode, model_dtype
     from pipeline.models import default_device, load_model, resolve_model_dir
     from pipeline.prompts import read_prompts
+    from pipeline.toy_task import accuracy
 
     models = {"teacher": args.teacher, "student_sft": args.ref, "student_opd": args.student}
     for path in models.values():
@@ -115,7 +90,8 @@ def run(args: argparse.Namespace, cfg: EvaluateConfig) -> dict:
     results: dict = {}
     generated = {}
     for name, path in models.items():
-        prompt_ids, responses, texts = greedy_responses(cfg.backend, path, prompts, cfg)
+        prompt_ids, responses, texts = greedy_decode(cfg.backend, path, prompts, batch_size=cfg.batch_size,
+                                                     max_new_tokens=cfg.max_new_tokens)
         results[name] = {"accuracy": accuracy(texts, answers)}
         generated[name] = (prompt_ids, responses)
     device = default_device()

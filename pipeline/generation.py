@@ -58,6 +58,27 @@ def backend_version(backend: str) -> str:
     return f"transformers {transformers.__version__}, torch {torch.__version__}"
 
 
+def greedy_decode(backend: str, model_dir: Path | str, prompts: Sequence[str], *, batch_size: int,
+                  max_new_tokens: int) -> tuple[list[list[int]], list[list[int]], list[str]]:
+    """Prompt ids, greedy response ids and decoded response texts of one model, which is freed on return.
+
+    Greedy decoding draws no random numbers, so the result is deterministic (the seed is irrelevant).
+    """
+    import gc
+
+    from pipeline.models import load_tokenizer
+    from pipeline.prompts import encode_prompt
+
+    tokenizer = load_tokenizer(model_dir)
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    generator = get_generator(backend, model_dir, batch_size=batch_size)
+    samples = generator.generate(prompt_ids, n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
+    del generator
+    gc.collect()
+    responses = [s[0].response_ids for s in samples]
+    return prompt_ids, responses, tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+
 def batch_seed(seed: int, index: int) -> int:
     """A well-mixed 63-bit seed for batch `index` (seed 0 batch 1 and seed 1 batch 0 must differ)."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))

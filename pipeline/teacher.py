@@ -19,6 +19,7 @@ from pathlib import Path
 from pipeline import toy_task
 from pipeline.atomic import atomic_dir
 from pipeline.config import TeacherConfig
+from pipeline.generation import greedy_decode
 from pipeline.lm_training import Example, train_lm
 from pipeline.models import default_device, load_tokenizer, parameter_count, resolve_model_source, write_model_ref
 from pipeline.prompts import encode_prompt, read_prompts
@@ -57,16 +58,6 @@ def toy_examples(tokenizer, prompts: list[str], where: Path) -> list[Example]:
     return examples
 
 
-def greedy_accuracy(model_dir: Path, prompts: list[str], answers: list[str], max_new_tokens: int) -> float:
-    from pipeline.generation import get_generator
-
-    generator = get_generator("hf", model_dir, batch_size=EVAL_BATCH)
-    ids = [encode_prompt(generator.tokenizer, p) for p in prompts]
-    samples = generator.generate(ids, n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
-    texts = [generator.tokenizer.decode(s[0].response_ids, skip_special_tokens=True) for s in samples]
-    return sum(toy_task.verify(t, a) for t, a in zip(texts, answers)) / max(1, len(answers))
-
-
 def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     table = read_prompts(args.prompts)
     prompts, answers = table.column("prompt").to_pylist(), table.column("answer").to_pylist()
@@ -87,7 +78,10 @@ def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     with atomic_dir(args.out) as tmp:
         model.cpu().save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        accuracy = (greedy_accuracy(tmp, prompts[-holdout:], answers[-holdout:], max_new) if holdout else None)
+        accuracy = None
+        if holdout:
+            texts = greedy_decode("hf", tmp, prompts[-holdout:], batch_size=EVAL_BATCH, max_new_tokens=max_new)[2]
+            accuracy = toy_task.accuracy(texts, answers[-holdout:])
         write_provenance(tmp, "teacher", source="scratch", config=asdict(cfg),
                          train_prompts=str(args.prompts), heldout_prompts=holdout)
     metrics = {"params": sum(p.numel() for p in model.parameters()), "final_loss": round(result.final_loss, 5),

@@ -22,7 +22,7 @@ import re
 import string
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Collection
+from typing import Collection, Sequence
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 # Printable ASCII plus newline: enough for the task and for any plain-text prompt a user tries.
@@ -164,3 +164,8 @@ def verify(response: str, answer: str) -> bool:
         return final_segment(response) == expected
     got = extract_answer(response)
     return got is not None and _as_number(got) == want
+
+
+def accuracy(responses: Sequence[str], answers: Sequence[str]) -> float:
+    """Fraction of `responses` that `verify` accepts against the matching reference answer."""
+    return sum(verify(r, a) for r, a in zip(responses, answers)) / max(1, len(answers))

@@ -12,7 +12,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from pipeline import evaluate
+from pipeline import evaluate, toy_task
 from pipeline.prompts import PROMPT_SCHEMA
 from pipeline.toy_task import make_problems
 from tests.distill_helpers import REPO, tiny_model
@@ -91,7 +91,7 @@ def test_divergence_matches_a_per_token_reference(setup):
 
 
 def test_accuracy_uses_the_task_verifier():
-    assert evaluate.accuracy(["4+4+0=08 =8", "=19", "no answer"], ["8", "18", "3"]) == pytest.approx(1 / 3)
+    assert toy_task.accuracy(["4+4+0=08 =8", "=19", "no answer"], ["8", "18", "3"]) == pytest.approx(1 / 3)
 
 
 def test_missing_model_is_a_clear_error(setup, capsys):
