@@ -22,7 +22,7 @@ from pipeline.fingerprint import model_fingerprint
 from pipeline.losses import loss_from_config
 from pipeline.models import default_device
 from pipeline.provenance import read_provenance
-from tests.distill_helpers import params_file, pi_ref, teacher_rows, tiny_model, write_teacher_shards
+from tests.tiny_models import params_file, pi_ref, pi_ref_meta, save_model, teacher_rows, write_teacher_shards
 
 K = 4
 
@@ -37,7 +37,7 @@ def _cache(tmp_path, monkeypatch):
 def inputs(tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "ROW_GROUP_SIZE", 8)
     init = pi_ref(tmp_path / "pi_ref")
-    write_teacher_shards(tmp_path / "shards", init, n_rows=48, rows_per_shard=24, k=K)
+    write_teacher_shards(tmp_path / "shards", pi_ref_meta(init, k=K), n_parts=2, rows_per_part=24)
     return tmp_path, init
 
 
@@ -173,10 +173,10 @@ def test_checkpoint_from_other_settings_is_discarded(inputs):
 
 
 def test_teacher_is_never_loaded(tmp_path, monkeypatch):
-    teacher = tiny_model(tmp_path / "teacher", seed=9)
+    teacher = save_model(tmp_path / "teacher", seed=9, hidden=32, layers=1)
     init = pi_ref(tmp_path / "pi_ref", teacher_fp=model_fingerprint(teacher))
-    write_teacher_shards(tmp_path / "shards", init, n_rows=16, rows_per_shard=16, k=K,
-                         teacher_fp=model_fingerprint(teacher), teacher_path=str(teacher))
+    write_teacher_shards(tmp_path / "shards", pi_ref_meta(init, k=K, teacher_fp=model_fingerprint(teacher),
+                                                          teacher_path=str(teacher)), n_parts=1, rows_per_part=16)
     for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer, transformers.AutoConfig):
         real = cls.from_pretrained.__func__
 
@@ -190,7 +190,7 @@ def test_teacher_is_never_loaded(tmp_path, monkeypatch):
 
 def test_mismatched_teacher_is_refused_then_recorded_with_the_override(tmp_path, capsys):
     init = pi_ref(tmp_path / "pi_ref")
-    write_teacher_shards(tmp_path / "shards", init, n_rows=16, rows_per_shard=16, k=K, teacher_fp="0" * 16)
+    write_teacher_shards(tmp_path / "shards", pi_ref_meta(init, k=K, teacher_fp="0" * 16), n_parts=1, rows_per_part=16)
     with pytest.raises(SystemExit) as exit_info:
         run_distill(tmp_path, init)
     assert exit_info.value.code == 2

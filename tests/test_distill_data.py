@@ -16,7 +16,7 @@ from pipeline import shards
 from pipeline.config import ConfigError
 from pipeline.distill_data import (TeacherShardDataModule, TeacherShardStream, collate, reader_units,
                                    shard_units, unwrap_worker_error)
-from tests.distill_helpers import pi_ref, teacher_rows, write_teacher_shards
+from tests.tiny_models import pi_ref, pi_ref_meta, teacher_rows, write_teacher_shards
 
 K = 3
 
@@ -31,7 +31,7 @@ def shard_dir(tmp_path, monkeypatch):
     """128 rows in 2 shards of 8 row groups of 8 rows."""
     monkeypatch.setattr(shards, "ROW_GROUP_SIZE", 8)
     init = pi_ref(tmp_path / "pi_ref")
-    write_teacher_shards(tmp_path / "shards", init, n_rows=128, rows_per_shard=64, k=K)
+    write_teacher_shards(tmp_path / "shards", pi_ref_meta(init, k=K), n_parts=2, rows_per_part=64)
     return tmp_path / "shards"
 
 
@@ -146,7 +146,7 @@ def test_corrupt_row_group_in_a_worker_surfaces_as_shard_error(shard_dir):
 
 def test_rows_that_break_the_length_contract_name_file_and_sample(tmp_path):
     init = pi_ref(tmp_path / "pi_ref")
-    [path] = write_teacher_shards(tmp_path / "shards", init, n_rows=4, rows_per_shard=4, k=K)
+    [path] = write_teacher_shards(tmp_path / "shards", pi_ref_meta(init, k=K), n_parts=1, rows_per_part=4)
     table = pq.read_table(path)
     ids = table.column("topk_ids").to_pylist()
     ids[2] = ids[2][:-1]
@@ -159,7 +159,7 @@ def test_rows_that_break_the_length_contract_name_file_and_sample(tmp_path):
 
 def test_too_few_row_groups_for_the_readers(tmp_path):
     init = pi_ref(tmp_path / "pi_ref")
-    write_teacher_shards(tmp_path / "shards", init, n_rows=4, rows_per_shard=4, k=K)
+    write_teacher_shards(tmp_path / "shards", pi_ref_meta(init, k=K), n_parts=1, rows_per_part=4)
     stream = TeacherShardStream(shards.open_teacher_shards(tmp_path / "shards"), 2, 0, 1, rank=0, world_size=2)
     with pytest.raises(ConfigError, match="num_workers"):
         next(iter(stream))

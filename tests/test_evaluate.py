@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from pipeline import evaluate, toy_task
 from pipeline.prompts import PROMPT_SCHEMA
 from pipeline.toy_task import make_problems
-from tests.distill_helpers import REPO, tiny_model
+from tests.tiny_models import REPO, save_model
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +25,7 @@ def _threads():
 
 @pytest.fixture
 def setup(tmp_path):
-    models = {name: tiny_model(tmp_path / name, seed=seed) for name, seed in
+    models = {name: save_model(tmp_path / name, seed=seed, hidden=32, layers=1) for name, seed in
               (("teacher", 1), ("student_sft", 2), ("student_opd", 3))}
     problems = make_problems(digits=2, n=6, seed=0)
     table = pa.Table.from_pylist([{"prompt_id": p.prompt_id, "prompt": p.prompt, "answer": p.answer}

@@ -1,24 +1,33 @@
-"""Tiny Hugging Face models, tokenizers and synthetic teacher shards for the consistency tests.
+"""Tiny Hugging Face models, π_ref folders, synthetic teacher shards and params files for the tests.
 
-Everything is built locally in well under a second (never downloaded), so tests can make as many
-"different teachers" as they need.
+Everything is built locally in well under a second (never downloaded): character-level Llamas of a few
+thousand parameters, so tests can make as many "different teachers" as they need, and teacher shards
+whose top-k lists are drawn from random teacher distributions.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import yaml
 
 from pipeline import shards, toy_task
+from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
+from pipeline.provenance import write_provenance
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER_FP = "feedc0de" * 2
+FIRST_CHAR_ID = 4  # ids below are <pad>, <bos>, <eos>, <unk>
 
 
-def save_model(out: Path, seed: int = 0, hidden: int = 16) -> Path:
-    """A 2-layer toy Llama with random (seeded) weights plus the toy tokenizer, saved in `out`."""
+def save_model(out: Path, seed: int = 0, hidden: int = 16, layers: int = 2) -> Path:
+    """A toy Llama with random (seeded) weights plus the toy tokenizer, saved in `out`."""
     tok = toy_task.build_tokenizer()
-    toy_task.build_model(tok, hidden, 2, 2, 2 * hidden, seed).save_pretrained(out)
+    toy_task.build_model(tok, hidden, layers, 2, 2 * hidden, seed).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -33,24 +42,31 @@ def swap_token_ids(model_dir: Path, a: str = "0", b: str = "1") -> Path:
     return model_dir
 
 
-def teacher_rows(n_rows: int = 6, k: int = 4, vocab: int = 16, seed: int = 0) -> pa.Table:
-    """Random rows with the teacher_topk columns; top-k log-probs sorted descending, as the contract says."""
+def pi_ref(path: Path, teacher_fp: str = TEACHER_FP, seed: int = 0) -> Path:
+    """A π_ref folder as the sft stage leaves it: model, tokenizer and provenance naming its SFT teacher."""
+    save_model(path, seed=seed, hidden=32, layers=1)
+    write_provenance(path, "sft", source="scratch", config={}, sft_teacher_fingerprint=teacher_fp,
+                     sft_data_files=["part-00000.parquet"])
+    return path
+
+
+def teacher_rows(n: int, k: int, vocab: int, seed: int, start: int = 0) -> pa.Table:
+    """Rows of a teacher_topk shard: random prompts and responses, top-k of random teacher distributions."""
     rng = np.random.default_rng(seed)
     rows = []
-    for i in range(n_rows):
-        p, t = int(rng.integers(2, 6)), int(rng.integers(2, 9))
-        logits = rng.normal(size=(t, vocab))
+    for i in range(start, start + n):
+        p, r = int(rng.integers(2, 6)), int(rng.integers(1, 7))
+        ids = rng.integers(FIRST_CHAR_ID, vocab, p + r)
+        logits = rng.normal(size=(r, vocab)) * 3
         logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-        ids = np.argsort(-logp, axis=1)[:, :k]
-        response = rng.integers(0, vocab, t)
+        top = np.argsort(-logp, axis=1, kind="stable")[:, :k]
         rows.append({
-            "sample_id": f"q{i}#0", "prompt_id": f"q{i}",
-            "input_ids": np.concatenate([rng.integers(0, vocab, p), response]).astype(np.int32).tolist(),
+            "sample_id": f"s{i:05d}", "prompt_id": f"q{i // 2:05d}", "input_ids": ids.astype(np.int32).tolist(),
             "prompt_len": p,
-            "student_logprobs": (-rng.random(t)).astype(np.float32).tolist(),
-            "teacher_logprob": logp[np.arange(t), response].astype(np.float32).tolist(),
-            "topk_ids": ids.reshape(-1).astype(np.int32).tolist(),
-            "topk_logprobs": np.take_along_axis(logp, ids, 1).reshape(-1).astype(np.float32).tolist(),
+            "student_logprobs": (-rng.random(r) * 3).astype(np.float32).tolist(),
+            "teacher_logprob": logp[np.arange(r), ids[p:]].astype(np.float32).tolist(),
+            "topk_ids": top.reshape(-1).astype(np.int32).tolist(),
+            "topk_logprobs": np.take_along_axis(logp, top, 1).reshape(-1).astype(np.float32).tolist(),
         })
     return pa.Table.from_pylist(rows)
 
@@ -62,10 +78,30 @@ def teacher_meta(teacher: str, policy: str, tokenizer: str, k: int = 4, **extra)
             **extra}
 
 
-def write_teacher_shards(folder: Path, meta: dict, n_parts: int = 2, dtype: str = "float16",
-                         per_part: dict[int, dict] | None = None) -> list[Path]:
-    """`n_parts` shards with footer `meta` (part i updated with `per_part[i]`)."""
-    k = int(meta["k"])
-    return [shards.write_shard(folder / shards.part_name(i), teacher_rows(k=k, seed=i),
+def pi_ref_meta(init_dir: Path, k: int = 4, teacher_fp: str = TEACHER_FP, teacher_path: str = "") -> dict:
+    """The footer of teacher shards that score rollouts of `init_dir` (π_ref)."""
+    return teacher_meta(teacher_fp, model_fingerprint(init_dir), tokenizer_fingerprint(init_dir), k=k,
+                        teacher_path=teacher_path, policy_path=str(init_dir), sampling_temperature=1.0,
+                        run_key="test", config={})
+
+
+def write_teacher_shards(folder: Path, meta: dict, n_parts: int = 2, rows_per_part: int = 6,
+                         dtype: str = "float16", per_part: dict[int, dict] | None = None,
+                         seed: int = 0) -> list[Path]:
+    """`n_parts` shards of `rows_per_part` rows (sample ids unique across parts) with footer `meta`,
+    part i's footer updated with `per_part[i]`."""
+    k, vocab = int(meta["k"]), len(toy_task.build_tokenizer())
+    return [shards.write_shard(folder / shards.part_name(i),
+                               teacher_rows(rows_per_part, k, vocab, seed + i, start=i * rows_per_part),
                                {**meta, **(per_part or {}).get(i, {})}, shards.teacher_schema(dtype))
             for i in range(n_parts)]
+
+
+def params_file(folder: Path, **distill) -> Path:
+    """The repo's params.yaml with `distill` keys overridden (small and fast by default)."""
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["distill"] = {**copy.deepcopy(data["distill"]), "batch_size": 4, "max_steps": 3, "lr": 1e-2,
+                       "warmup_frac": 0.0, "checkpoint_every_n_steps": 1, **distill}
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
