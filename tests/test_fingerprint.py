@@ -134,6 +134,23 @@ def test_cache_forgets_folders_that_are_gone(model, tmp_path, cache_dir):
     assert list(json.loads((cache_dir / "fingerprints.json").read_text())) == [f"model:{model.resolve()}"]
 
 
+def test_cache_follows_a_folder_renamed_into_place(model, tmp_path, monkeypatch):
+    """A stage fingerprints its output inside atomic_dir's temporary folder, then renames it: the next
+    stage must not hash the weights again, while a copy (new inodes, mtimes preserved) is hashed."""
+    tmp = tmp_path / ".student.tmp-123"
+    shutil.copytree(model, tmp)
+    first = model_fingerprint(tmp)
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp, copy)
+    final = tmp_path / "student"
+    os.replace(tmp, final)
+    hashed = []
+    digest = fpm._file_digest
+    monkeypatch.setattr(fpm, "_file_digest", lambda path, bar: hashed.append(path.parent) or digest(path, bar))
+    assert model_fingerprint(final) == first and hashed == []
+    assert model_fingerprint(copy) == first and set(hashed) == {copy}
+
+
 def test_model_refs_resolve_to_the_target(model, tmp_path):
     ref = tmp_path / "teacher_ref"
     ref.mkdir()
