@@ -41,10 +41,6 @@ def default_chunk_rows(n: int, vocab: int, device: torch.device) -> int:
     return max(1, min(n, rows))
 
 
-def _slice(t, s, e):
-    return None if t is None else t[s:e]
-
-
 def _fused_pass(h, W, inp, row_w, need_gh, need_gw, gw_dtype, backend, chunk):
     """One chunked pass: loss [N] fp32 and the requested gradients (grad_W accumulated in gw_dtype)."""
     N, H = h.shape
@@ -57,9 +53,10 @@ def _fused_pass(h, W, inp, row_w, need_gh, need_gw, gw_dtype, backend, chunk):
         e = min(N, s + chunk)
         h_c = h[s:e]
         logits_c = h_c @ W.t()
-        args = (_slice(inp.topk_ids, s, e), _slice(inp.topk_logprobs, s, e), _slice(inp.keep, s, e), _slice(row_w, s, e),
-                inp.mode_id, inp.cst, _slice(inp.sampled_ids, s, e), _slice(inp.teacher_sampled_logprob, s, e),
-                _slice(inp.behavior_logprob, s, e))
+        take = _ref.take_rows
+        args = (take(inp.topk_ids, s, e), take(inp.topk_logprobs, s, e), take(inp.keep, s, e), take(row_w, s, e),
+                inp.mode_id, inp.cst, take(inp.sampled_ids, s, e), take(inp.teacher_sampled_logprob, s, e),
+                take(inp.behavior_logprob, s, e))
         if backend == "triton":
             from . import triton_sparse as _tri
             loss_c, g_c = _tri.sparse_divergence_fwd(logits_c, *args, need_grad=need_grad, inplace_grad=True)

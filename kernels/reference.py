@@ -171,7 +171,8 @@ def _softmax_into(zf: torch.Tensor, lse: torch.Tensor, out: Optional[torch.Tenso
     return torch.sub(zf, lse[:, None], out=out).exp_()
 
 
-def _take(t: Optional[torch.Tensor], s: int, e: int) -> Optional[torch.Tensor]:
+def take_rows(t: Optional[torch.Tensor], s: int, e: int) -> Optional[torch.Tensor]:
+    """Rows s:e of an optional per-row input (None stays None): one chunk's share."""
     return None if t is None else t[s:e]
 
 
@@ -225,9 +226,9 @@ class SparseDivergenceTorch(torch.autograd.Function):
                 # build the gradient directly in the output when it has the compute dtype (fp32, fp64)
                 direct = grad is not None and grad.dtype == out_dtype
                 ls, gs = chunk_loss_grad(
-                    logits[s:e], _take(topk_ids, s, e), _take(topk_logprobs, s, e), _take(keep, s, e),
-                    _take(weights, s, e), mode, cst, _take(sampled_ids, s, e),
-                    _take(teacher_sampled_logprob, s, e), _take(behavior_logprob, s, e), need_grad,
+                    logits[s:e], take_rows(topk_ids, s, e), take_rows(topk_logprobs, s, e), take_rows(keep, s, e),
+                    take_rows(weights, s, e), mode, cst, take_rows(sampled_ids, s, e),
+                    take_rows(teacher_sampled_logprob, s, e), take_rows(behavior_logprob, s, e), need_grad,
                     out=grad[s:e] if direct else None)
                 loss[s:e] = ls
                 if gs is not None and not direct:
