@@ -108,7 +108,7 @@ def test_bad_arguments(gen):
 
 def test_vllm_backend_without_vllm_says_how_to_install(model_dir, monkeypatch):
     from pipeline.scoring import get_scorer
-    from pipeline.stage import UserError
+    from pipeline.errors import UserError
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # an import of vllm now fails as if not installed
     with pytest.raises(UserError, match=re.escape("pip install 'offline-opd[vllm]'")):
