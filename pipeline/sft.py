@@ -45,22 +45,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def read_sft_parts(folder: Path) -> tuple[list[Example], list[shards.ShardInfo]]:
     """All parts of one complete sft_data run, checked to come from a single teacher and tokenizer."""
-    parts = shards.list_parts(folder)
-    if not parts:
-        raise UserError(f"{folder}: no part-*.parquet files; run the `sft_data` stage first (dvc repro sft_data)")
-    infos = [shards.open_shard(p, "sft_data", shards.SFT_SCHEMA) for p in parts]
-    first = infos[0]
-    for info in infos[1:]:
-        for key in ("teacher_fingerprint", "tokenizer_fingerprint", "run_key"):
-            if info.meta.get(key) != first.meta.get(key):
-                raise ConsistencyError(
-                    f"{folder}: parts disagree on {key}: {first.meta.get(key)} in {first.path.name} but "
-                    f"{info.meta.get(key)} in {info.path.name}; SFT data must come from one teacher in one run: "
-                    f"delete {folder} and rerun `dvc repro sft_data`")
-    expected = int(first.meta.get("num_parts", len(parts)))
-    if len(parts) != expected:
-        raise UserError(f"{folder}: {len(parts)} of {expected} parts present; finish the sft_data run "
-                        f"(every --shard i/n) before training")
+    infos = shards.open_run(folder, "sft_data", shards.SFT_SCHEMA,
+                            agree=("teacher_fingerprint", "tokenizer_fingerprint", "run_key"))
     examples = []
     for info in infos:
         for group in shards.iter_row_groups(info, columns=["input_ids", "prompt_len"]):

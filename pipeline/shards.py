@@ -146,6 +146,36 @@ def open_shard(path: Path | str, kind: str, schema: pa.Schema | None = None) -> 
     return ShardInfo(path, meta, pf.metadata.num_rows, pf.metadata.num_row_groups)
 
 
+def open_run(folder: Path | str, kind: str, schema: pa.Schema,
+             agree: tuple[str, ...] = ("run_key",)) -> list[ShardInfo]:
+    """Every part of one complete run of stage `kind` in `folder`, footer- and schema-checked.
+
+    A stage that consumes half a run would silently drop prompts, and one that mixes two runs would
+    train on two sources: the parts must agree on the footer keys `agree` (the run key at least) and
+    be exactly parts 0 .. num_parts-1 of the run their footers describe.
+    """
+    folder = Path(folder)
+    parts = list_parts(folder)
+    if not parts:
+        raise ShardError(f"{folder}: no part-*.parquet {kind} shards; run the `{kind}` stage first (dvc repro {kind})")
+    infos = [open_shard(p, kind, schema) for p in parts]
+    first = infos[0]
+    for info in infos[1:]:
+        for key in agree:
+            if info.meta.get(key) != first.meta.get(key):
+                raise ShardError(f"{folder}: parts disagree on {key}: {first.meta.get(key)} in {first.path.name} but "
+                                 f"{info.meta.get(key)} in {info.path.name}; parts of two `{kind}` runs are mixed: "
+                                 f"delete {folder} and rerun `dvc repro {kind}`")
+    expected = [part_name(j) for j in range(int(first.meta.get("num_parts", len(infos))))]
+    names = [i.path.name for i in infos]
+    if names != expected:
+        missing = sorted(set(expected) - set(names))
+        raise ShardError(f"{folder}: the `{kind}` run is incomplete ({len(names)} parts, its footers say "
+                         f"{len(expected)}; missing {', '.join(missing[:3]) or 'none'}); finish every "
+                         f"`--shard i/n` of it, or rerun `dvc repro {kind}`")
+    return infos
+
+
 def open_teacher_shards(folder: Path | str) -> list[ShardInfo]:
     """Every teacher_topk part in `folder`, footer- and schema-checked (cheap: footers only).
 

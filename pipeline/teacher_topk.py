@@ -53,26 +53,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_shard_arg(parser)
 
 
-def open_rollouts(folder: Path) -> list[shards.ShardInfo]:
-    """All parts of one complete rollouts run, checked: scoring half a run would silently drop prompts."""
-    infos = [shards.open_shard(p, "rollouts", shards.ROLLOUT_SCHEMA) for p in shards.list_parts(folder)]
-    if not infos:
-        raise UserError(f"{folder}: no part-*.parquet rollout shards; run the `rollouts` stage first")
-    first = infos[0].meta
-    for info in infos[1:]:
-        if info.meta.get("run_key") != first.get("run_key"):
-            raise UserError(f"{info.path} and {infos[0].path} come from different rollouts runs (footer "
-                            f"opd.run_key differs); rerun `dvc repro rollouts`")
-    expected = [shards.part_name(j) for j in range(int(first.get("num_parts", len(infos))))]
-    names = [i.path.name for i in infos]
-    if names != expected:
-        missing = sorted(set(expected) - set(names))
-        raise UserError(f"{folder}: rollouts are incomplete or mixed ({len(names)} parts, footer says "
-                        f"{len(expected)}; missing {', '.join(missing[:3]) or 'none'}); finish every "
-                        f"`--shard i/n` of the rollouts run, or rerun `dvc repro rollouts`")
-    return infos
-
-
 def check_tokenizer(teacher: Path, teacher_tok: str, rollouts: shards.ShardInfo) -> None:
     """Teacher and π_ref must read token ids identically (design §3), or every score is of the wrong token."""
     policy_tok = rollouts.meta["tokenizer_fingerprint"]
@@ -144,7 +124,7 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     shard = args.shard
     if cfg.k < 0:
         raise UserError(f"{args.params}: teacher_topk.k must be >= 0 (0 stores only the sampled token's log-prob)")
-    parts = open_rollouts(args.rollouts)
+    parts = shards.open_run(args.rollouts, "rollouts", shards.ROLLOUT_SCHEMA)
     first = parts[0]
     teacher_fp, teacher_tok = model_fingerprint(args.teacher), tokenizer_fingerprint(args.teacher)
     check_tokenizer(args.teacher, teacher_tok, first)

@@ -103,3 +103,24 @@ def test_shard_spec():
     for bad in ["4/4", "x", "1/0"]:
         with pytest.raises(ValueError):
             parse_shard_spec(bad)
+
+
+def test_open_run_refuses_mixed_and_incomplete_runs(tmp_path):
+    schema = shards.teacher_schema()
+    for j in range(3):
+        shards.write_shard(tmp_path / shards.part_name(j), teacher_table(), META | {"num_parts": 3}, schema)
+    assert [i.path.name for i in shards.open_run(tmp_path, "teacher_topk", schema)] == [
+        shards.part_name(j) for j in range(3)]
+    shards.write_shard(tmp_path / shards.part_name(2), teacher_table(), META | {"num_parts": 3, "run_key": "r2"},
+                       schema)
+    with pytest.raises(shards.ShardError, match=r"disagree on run_key: r1 in part-00000.parquet but r2 in "
+                                                r"part-00002.parquet"):
+        shards.open_run(tmp_path, "teacher_topk", schema)
+    (tmp_path / shards.part_name(2)).unlink()
+    (tmp_path / shards.part_name(1)).unlink()
+    shards.write_shard(tmp_path / shards.part_name(3), teacher_table(), META | {"num_parts": 3}, schema)
+    with pytest.raises(shards.ShardError, match=r"incomplete \(2 parts, its footers say 3; missing "
+                                                r"part-00001.parquet, part-00002.parquet\)"):
+        shards.open_run(tmp_path, "teacher_topk", schema)
+    with pytest.raises(shards.ShardError, match="no part-"):
+        shards.open_run(tmp_path / "empty", "teacher_topk", schema)
