@@ -6,7 +6,7 @@ disagrees. A tokenizer fingerprint hashes what decides token ids (vocabulary, ad
 tokens, normalizer, pre-tokenizer, merges, post-processor), so a teacher and a student that
 tokenize identically agree even when their `tokenizer_config.json` differ in cosmetic fields.
 Hashing tens of GB of weights is slow, so both are cached, keyed on the folder's path and each
-file's name, size, mtime and inode (so a folder renamed into place keeps its entry).
+file's name, size and mtime (and inode, so that a folder renamed into place keeps its entry).
 """
 
 from __future__ import annotations
@@ -99,31 +99,32 @@ def _read_cache(path: Path) -> dict:
 
 
 def _cached(kind: str, model_dir: Path, files: list[Path], compute: Callable[[], str]) -> str:
-    """One entry per (kind, folder), valid while every file keeps its name, size, mtime and inode.
+    """One entry per (kind, folder), valid while every file keeps its name, size and mtime.
 
     Keying entries on the folder (not on the stats) lets a retrained model replace its old entry,
     and entries of folders that no longer exist (atomic_dir temporaries) are dropped on write, so
     the cache stays as small as the set of model folders on disk. A folder renamed into place (what
-    atomic_dir does after a stage fingerprints its output) keeps its files' inodes, so the next
-    stage finds the entry made under the temporary name instead of reading every weight byte again;
+    atomic_dir does after a stage fingerprints its output) keeps its files' inodes too, so the next
+    stage takes the entry made under the temporary name instead of reading every weight byte again;
     a copy (new inodes, even with mtimes preserved) is hashed.
     """
     slot = f"{kind}:{model_dir.resolve()}"
-    stats = []
+    stats, inodes = [], []
     for p in files:
         st = p.stat()
-        stats.append([p.name, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino])
+        stats.append([p.name, st.st_size, st.st_mtime_ns])
+        inodes.append([st.st_dev, st.st_ino])
     path = cache_path()
     cache = _read_cache(path)
     entry = cache.get(slot)
     if isinstance(entry, dict) and entry.get("files") == stats:
         return entry["fingerprint"]
     renamed = next((e for k, e in cache.items() if k.startswith(f"{kind}:") and isinstance(e, dict)
-                    and e.get("files") == stats), None)
+                    and e.get("files") == stats and e.get("inodes") == inodes), None)
     value = renamed["fingerprint"] if renamed is not None else compute()
     # Re-read: other processes may have added entries while this one was hashing.
     cache = {k: v for k, v in _read_cache(path).items() if Path(k.partition(":")[2]).is_dir()}
-    cache[slot] = {"files": stats, "fingerprint": value}
+    cache[slot] = {"files": stats, "inodes": inodes, "fingerprint": value}
     try:
         write_json(path, cache)
     except OSError:
