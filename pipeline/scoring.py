@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.generation import length_batches, left_pad, model_dtype
 
 SCORING_TEMPERATURE = 1.0
+LOGPROB_CHUNK_ELEMS = 1 << 26  # fp32 log-prob elements per block of positions (256 MiB)
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,16 @@ class HFScorer:
         with torch.inference_mode():
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                 logits_to_keep=width + 1).logits[:, :-1]
-            logp = torch.log_softmax(logits.float() / SCORING_TEMPERATURE, dim=-1)    # [B, width, V]
             targets = ids[:, ids.shape[1] - width:]
-            sampled = logp.gather(-1, targets[..., None]).squeeze(-1)
-            top_lp, top_ids = logp.topk(k, dim=-1, sorted=True)
+            # fp32 log-probs a block of positions at a time: peak memory stays near the logits
+            # themselves instead of three [B, width, V] fp32 copies (gigabytes at V = 152k).
+            step = max(1, LOGPROB_CHUNK_ELEMS // (logits.shape[0] * logits.shape[-1]))
+            parts = []
+            for s in range(0, max(width, 1), step):  # one (empty) block when no response tokens
+                logp = torch.log_softmax(logits[:, s:s + step].float() / SCORING_TEMPERATURE, dim=-1)
+                parts.append((logp.gather(-1, targets[:, s:s + step, None]).squeeze(-1),
+                              *logp.topk(k, dim=-1, sorted=True)))
+            sampled, top_lp, top_ids = (torch.cat(x, dim=1) for x in zip(*parts))
         sampled, top_lp = sampled.cpu().numpy(), top_lp.cpu().numpy()
         top_ids = top_ids.to(torch.int32).cpu().numpy()
         return [Scored(sampled[r, width - n:], top_ids[r, width - n:], top_lp[r, width - n:])

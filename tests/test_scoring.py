@@ -73,3 +73,18 @@ def test_k_zero_and_bad_inputs(model_dir):
         scorer.score([[2, 3]], [0], k=2)
     with pytest.raises(ValueError, match="vocabulary size"):
         scorer.score([[2, 3]], [1], k=10_000)
+
+
+def test_position_blocks_do_not_change_scores(model_dir, monkeypatch):
+    """Log-probs are computed a block of positions at a time; one position per block must agree exactly."""
+    import pipeline.scoring as scoring
+
+    scorer = get_scorer("hf", model_dir, batch_size=7, device="cpu")
+    seqs, prompt_lens = sequences(scorer.model.config.vocab_size, seed=3)
+    whole = scorer.score(seqs, prompt_lens, k=K)
+    monkeypatch.setattr(scoring, "LOGPROB_CHUNK_ELEMS", 1)
+    blocked = scorer.score(seqs, prompt_lens, k=K)
+    for a, b in zip(whole, blocked):
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
+        np.testing.assert_array_equal(a.teacher_logprob, b.teacher_logprob)
