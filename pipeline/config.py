@@ -12,7 +12,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar
+from typing import Annotated, Any, Literal, Optional, TypeVar
 
 import yaml
 
@@ -26,15 +26,44 @@ class ConfigError(UserError, ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric key, attached as `Annotated[int, Range(ge=1)]`.
+
+    Why in the type and not in each stage: the bound is then checked once, at load, before any
+    stage writes anything, and the error names `params.yaml: section.key` like every other
+    schema error. `gt`/`lt` are strict bounds, `ge`/`le` inclusive.
+    """
+
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+
+    def check(self, value: float, where: str) -> None:
+        for bound, ok, word in ((self.ge, lambda b: value >= b, ">="), (self.gt, lambda b: value > b, ">"),
+                                (self.le, lambda b: value <= b, "<="), (self.lt, lambda b: value < b, "<")):
+            if bound is not None and not ok(bound):
+                raise ConfigError(f"{where}: {value!r} is out of range; it must be {word} {bound:g}")
+
+
+# The bounds most keys need, named once.
+Count = Annotated[int, Range(ge=1)]            # sizes, steps, batch sizes: at least 1
+NonNegInt = Annotated[int, Range(ge=0)]        # seeds, worker counts
+Positive = Annotated[float, Range(gt=0)]       # learning rates, temperatures used as divisors
+NonNeg = Annotated[float, Range(ge=0)]         # weights, clip norms, temperatures (0 = greedy)
+Fraction = Annotated[float, Range(ge=0, le=1)]  # fractions and probabilities
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskConfig:
     """`prepare`: the prompt sets. `kind: addition` generates the embedded toy task."""
 
     kind: Literal["addition", "file"]
-    digits: int
-    n_sft: int
-    n_opd: int
-    n_eval: int
-    seed: int
+    digits: Count
+    n_sft: Count
+    n_opd: Count
+    n_eval: Count
+    seed: NonNegInt
     # For kind=file: a JSONL or Parquet file with columns `prompt` and optionally `prompt_id`,
     # `answer` (reference answer for the verifier) and `split` (sft/opd/eval).
     prompt_file: Optional[str]
@@ -45,15 +74,15 @@ class ModelConfig:
     """A model to train from scratch (`source: scratch`) or an existing Hugging Face model path."""
 
     source: str
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    steps: int
-    batch_size: int
-    lr: float
-    warmup_frac: float
-    seed: int
+    hidden_size: Count
+    num_layers: Count
+    num_heads: Count
+    intermediate_size: Count
+    steps: Count
+    batch_size: Count
+    lr: Positive
+    warmup_frac: Fraction
+    seed: NonNegInt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +95,11 @@ class GenerationConfig:
     """Settings shared by every stage that generates text with a model."""
 
     backend: Literal["hf", "vllm"]
-    batch_size: int
-    max_new_tokens: int
-    temperature: float
-    rows_per_shard: int
-    seed: int
+    batch_size: Count
+    max_new_tokens: Count
+    temperature: NonNeg
+    rows_per_shard: Count
+    seed: NonNegInt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +116,7 @@ class SftConfig(ModelConfig):
 class RolloutsConfig(GenerationConfig):
     """`rollouts`: π_ref samples `n_samples` responses per OPD prompt, keeping its log-probs."""
 
-    n_samples: int
+    n_samples: Count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +124,8 @@ class TeacherTopkConfig:
     """`teacher_topk`: the teacher scores every rollout token once (top-k + sampled token)."""
 
     backend: Literal["hf", "vllm"]
-    k: int
-    batch_size: int
+    k: NonNegInt
+    batch_size: Count
     logprob_dtype: Literal["float16", "float32"]
     # Optional privileged context prepended to the prompt for the teacher only, e.g.
     # "Answer: {answer}\n{prompt}"; recorded in the shard footer.
@@ -110,23 +139,23 @@ class DistillConfig:
     loss: str
     loss_params: dict
     kernel_backend: Literal["auto", "triton", "torch"]
-    batch_size: int
-    max_steps: int
-    lr: float
-    warmup_frac: float
-    weight_decay: float
-    grad_clip: float
-    ce_weight: float
-    tip_fraction: float
+    batch_size: Count
+    max_steps: Count
+    lr: Positive
+    warmup_frac: Fraction
+    weight_decay: NonNeg
+    grad_clip: NonNeg
+    ce_weight: NonNeg
+    tip_fraction: Fraction
     precision: str
-    seed: int
+    seed: NonNegInt
     allow_inconsistent_teacher: bool
     # Data reader: DataLoader worker processes per rank, and how many row groups are mixed in one
     # shuffle window (the bounded shuffle buffer). Resuming needs the same values.
-    num_workers: int
-    shuffle_row_groups: int
+    num_workers: NonNegInt
+    shuffle_row_groups: Count
     # Steps between resume checkpoints (logs/distill/checkpoints/last.ckpt).
-    checkpoint_every_n_steps: int
+    checkpoint_every_n_steps: Count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,9 +163,9 @@ class EvaluateConfig:
     """`evaluate`: greedy accuracy with the task verifier and divergence to the teacher."""
 
     backend: Literal["hf", "vllm"]   # greedy generation; the divergences always use HF forwards
-    batch_size: int
-    max_new_tokens: int
-    n_eval: Optional[int]
+    batch_size: Count
+    max_new_tokens: Count
+    n_eval: Optional[Count]
 
 
 SECTIONS: dict[str, type] = {
@@ -184,7 +213,7 @@ def load_all(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
 def parse_section(cls: type[C], raw: Any, where: str) -> C:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(raw) - set(fields))
     if unknown:
@@ -202,6 +231,12 @@ def parse_section(cls: type[C], raw: Any, where: str) -> C:
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if origin is Annotated:
+        value = _coerce(value, args[0], where)
+        for extra in args[1:]:
+            if isinstance(extra, Range) and value is not None:
+                extra.check(value, where)
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -88,3 +88,19 @@ def test_preset_switch_validates_before_replacing(tmp_path):
     with pytest.raises(ConfigError, match="evaluate"):
         use_preset("broken", dest, configs)
     assert dest.read_text() == before
+
+
+@pytest.mark.parametrize("section,key,value", [
+    ("distill", "max_steps", -1),
+    ("distill", "batch_size", 0),
+    ("distill", "lr", 0),
+    ("distill", "tip_fraction", 1.5),
+    ("rollouts", "temperature", -0.1),
+    ("task", "digits", 0),
+    ("teacher_topk", "k", -2),
+])
+def test_out_of_range_value_names_key_and_bound(tmp_path, section, key, value):
+    data = base()
+    data[section][key] = value
+    with pytest.raises(ConfigError, match=rf"params\.yaml: {section}\.{key}: .* out of range; it must be"):
+        load_section(section, write(tmp_path, data))
