@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,15 @@ from pipeline.config import load_section
 from pipeline.errors import UserError
 
 log = logging.getLogger("opd")
+
+
+def is_rank_zero() -> bool:
+    """Whether this is the first process of a distributed run (or the only one); only it writes outputs.
+
+    Read from the variables launchers set (torchrun: RANK; Lightning's launcher: NODE_RANK, LOCAL_RANK;
+    srun: SLURM_PROCID), so it holds before any process group exists.
+    """
+    return all(int(os.environ.get(key, "0")) == 0 for key in ("RANK", "NODE_RANK", "LOCAL_RANK", "SLURM_PROCID"))
 
 
 def parse_shard_spec(spec: str) -> tuple[int, int]:
@@ -68,6 +78,8 @@ def stage_main(name: str, doc: str | None, add_args: Callable[[argparse.Argument
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     metrics = {"wall_s": round(time.perf_counter() - start, 2), **metrics}
+    if not is_rank_zero():
+        return metrics
     write_json(args.metrics_dir / f"{name}.json", metrics)
     log.info("%s done in %.1f s", name, metrics["wall_s"])
     return metrics
