@@ -168,3 +168,25 @@ def test_scratch_teacher_refuses_prompts_that_are_not_the_toy_task(tmp_path, cap
     err = stage_error(capsys, teacher.main, argv + ["--prompts", str(tmp_path / "prompts/sft.parquet"),
                                                     "--out", str(tmp_path / "teacher"), "--plots", str(tmp_path)])
     assert "not a toy addition" in err and "teacher.source" in err
+
+
+def test_sft_from_a_pretrained_student_trains_and_keeps_its_dtype(pipeline_dir, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    root, _ = pipeline_dir
+    base = tiny_models.save_model(tmp_path / "base")      # the teacher's toy tokenizer, random weights
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(base)   # stored in bf16
+    argv = write_params(tmp_path, sft={"source": str(base), "max_steps": 8, "lr": 1e-2, "warmup_frac": 0.0})
+    metrics = sft.main(argv + ["--data", str(root / "sft"), "--teacher", str(root / "teacher"),
+                               "--out", str(tmp_path / "student"), "--plots", str(tmp_path / "plots"),
+                               "--logs", str(tmp_path / "logs")])
+    before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "student" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert {t.dtype for t in after.values()} == {torch.bfloat16}              # trained in fp32, saved as stored
+    assert json.loads((tmp_path / "student" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    curve = [float(line.split(",")[1]) for line in (tmp_path / "plots" / "loss.csv").read_text().splitlines()[1:]]
+    assert len(curve) == 8 and curve[-1] < curve[0]
+    assert read_provenance(tmp_path / "student")["source"] == str(base)
+    assert metrics["params"] == sum(t.numel() for t in after.values())

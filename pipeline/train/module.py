@@ -57,6 +57,10 @@ class TrainModule(pl.LightningModule):
         # Matrices decay, norms and biases do not: decided here, by name, because under FSDP the
         # parameters configure_optimizers sees are flat shards whose shape says nothing.
         self.decay_names = {n for n, p in self.model.named_parameters() if p.dim() >= 2}
+        # Second names of tied parameters (lm_head tied to the embeddings): not saved twice.
+        first: dict[int, str] = {}
+        self.tied_names = {n for n, p in self.model.named_parameters(remove_duplicate=False)
+                           if first.setdefault(id(p), n) != n}
         self.model.train()
         self.loss_history: list[list[float]] = []   # [step, train_loss], kept in the checkpoint
         self.response_tokens = 0                     # trained in this process (for tokens/s)

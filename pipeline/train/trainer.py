@@ -199,7 +199,8 @@ def save_model(result: FitResult, out_dir: Path, dtype: torch.dtype, finish: Cal
         return None
     model = result.module.model
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state.items()})
+        model.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state.items()
+                                               if k not in result.module.tied_names})
         model.config.dtype = dtype            # save_pretrained records the in-memory (training) dtype
         model.config.save_pretrained(tmp)
         return finish(tmp)
