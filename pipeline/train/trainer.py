@@ -177,6 +177,8 @@ def full_state_dict(result: FitResult) -> dict[str, torch.Tensor]:
 
     strategy = result.trainer.strategy
     if not isinstance(strategy, FSDPStrategy):
+        if not result.trainer.is_global_zero:
+            return {}
         return {k: v.detach().cpu() for k, v in result.module.model.state_dict().items()}
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
