@@ -25,6 +25,7 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline import prepare
+from pipeline import teacher as teacher_stage
 from pipeline.config import load_section
 from pipeline.train.examples import Example, ExampleStream, collate
 from pipeline.train.module import TrainModule
@@ -64,13 +65,22 @@ def teacher_cmd(root: Path, prompts: Path, **teacher) -> list[str]:
             "--plots", str(root / "plots"), "--logs", str(root / "logs")]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)      # as the subprocesses (OMP_NUM_THREADS=1): the same reduction order
+
+
 def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def run_teacher(root: Path, prompts: Path, **teacher) -> None:
-    proc = subprocess.run(teacher_cmd(root, prompts, **teacher), env=env(), capture_output=True, text=True,
-                          timeout=600)
+    """In this process (cheaper), unless it needs its own: DDP re-launches the command for rank 1."""
+    cmd = teacher_cmd(root, prompts, **teacher)
+    if teacher.get("devices", 1) == 1:
+        teacher_stage.main(cmd[3:])
+        return
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
