@@ -210,3 +210,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     for name in grads[0]:
         assert grads[0][name].abs().sum() > 0, name
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_fsdp_without_cuda_is_a_one_line_error_naming_the_key(tmp_path, prompts, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_teacher(tmp_path, prompts, strategy="fsdp")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and f"{tmp_path / 'params.yaml'}: teacher.strategy" in err and "ddp" in err

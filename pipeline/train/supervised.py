@@ -37,7 +37,8 @@ def run_key(cfg: TrainConfig, examples: Sequence[Example], **inputs: Any) -> str
 
 
 def train_supervised(model: torch.nn.Module, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
-                     logs: Path, key: str) -> FitResult:
-    """Fine-tune `model` (already in the training dtype) on `examples`, resuming `logs` under `key`."""
+                     logs: Path, key: str, where: str) -> FitResult:
+    """Fine-tune `model` (already in the training dtype) on `examples`, resuming `logs` under `key`;
+    `where` names the params section in errors."""
     data = ExampleDataModule(examples, cfg.batch_size, cfg.seed, pad_id)
-    return fit(TrainModule(model, cfg, cross_entropy_objective()), data, cfg, logs, key)
+    return fit(TrainModule(model, cfg, cross_entropy_objective()), data, cfg, logs, key, where)

@@ -28,7 +28,7 @@ import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.config import TrainConfig
+from pipeline.config import ConfigError, TrainConfig
 from pipeline.models import resolve_model_dir
 from pipeline.stage import is_rank_zero
 from pipeline.train.data import ResumableDataModule
@@ -69,8 +69,12 @@ def decoder_layer_classes(model: torch.nn.Module) -> set[type]:
     return classes
 
 
-def build_strategy(cfg: TrainConfig, model: torch.nn.Module) -> Any:
+def build_strategy(cfg: TrainConfig, model: torch.nn.Module, where: str) -> Any:
+    """The Lightning strategy for `cfg.strategy`; `where` names the params section in errors."""
     if cfg.strategy == "fsdp":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{where}.strategy: fsdp needs CUDA GPUs (Lightning's FSDP has no CPU path); "
+                              f"use ddp or auto on this machine")
         from pytorch_lightning.strategies import FSDPStrategy
 
         layers = decoder_layer_classes(model)
@@ -89,7 +93,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
-def build_trainer(cfg: TrainConfig, logs: Path, model: torch.nn.Module) -> pl.Trainer:
+def build_trainer(cfg: TrainConfig, logs: Path, model: torch.nn.Module, where: str) -> pl.Trainer:
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
@@ -105,7 +109,7 @@ def build_trainer(cfg: TrainConfig, logs: Path, model: torch.nn.Module) -> pl.Tr
     plugins = [] if cfg.strategy == "fsdp" else [AtomicCheckpointIO()]   # FSDP writes its own sharded folders
     return pl.Trainer(
         max_steps=cfg.max_steps, precision=cfg.precision, gradient_clip_val=cfg.grad_clip or None,
-        accumulate_grad_batches=cfg.accumulate_grad_batches, strategy=build_strategy(cfg, model),
+        accumulate_grad_batches=cfg.accumulate_grad_batches, strategy=build_strategy(cfg, model, where),
         devices=cfg.devices, num_nodes=cfg.num_nodes, plugins=plugins,
         logger=loggers, callbacks=[checkpoint], enable_progress_bar=True, deterministic=True,
         log_every_n_steps=min(10, cfg.max_steps), num_sanity_val_steps=0, use_distributed_sampler=False,
@@ -157,12 +161,15 @@ class FitResult:
                 "device": None if m.train_device is None else str(m.train_device)}
 
 
-def fit(module: TrainModule, data: ResumableDataModule, cfg: TrainConfig, logs: Path, key: str) -> FitResult:
-    """Train to cfg.max_steps, resuming `<logs>` if it holds a checkpoint of the run `key`."""
+def fit(module: TrainModule, data: ResumableDataModule, cfg: TrainConfig, logs: Path, key: str,
+        where: str) -> FitResult:
+    """Train to cfg.max_steps, resuming `<logs>` if it holds a checkpoint of the run `key`.
+
+    `where` names the params section in errors, e.g. "params.yaml: sft"."""
     ckpt = resume_checkpoint(logs, key)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    trainer = build_trainer(cfg, logs, module.model)
+    trainer = build_trainer(cfg, logs, module.model, where)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt)
     if trainer.global_step < cfg.max_steps:
         raise RuntimeError(f"training stopped at step {trainer.global_step} of {cfg.max_steps}")
