@@ -37,7 +37,7 @@ WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 class TrainModule(pl.LightningModule):
-    """`model`: a Hugging Face causal LM, already in the training dtype (pipeline.train.weights).
+    """`model`: a Hugging Face causal LM, already in the training dtype (pipeline.train.trainer.load_for_training).
 
     `fused`: None picks the fused-linear path on CUDA when the model's lm_head allows it.
     """
