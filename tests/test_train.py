@@ -219,3 +219,13 @@ def test_fsdp_without_cuda_is_a_one_line_error_naming_the_key(tmp_path, prompts,
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and f"{tmp_path / 'params.yaml'}: teacher.strategy" in err and "ddp" in err
+
+
+def test_weights_load_in_the_training_dtype_and_report_their_stored_dtype(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = save_model(tmp_path / "m")
+    AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(folder)   # stored in bf16
+    for precision, want in (("bf16-true", torch.bfloat16), ("bf16-mixed", torch.float32), ("32-true", torch.float32)):
+        model, stored = load_for_training(folder, precision)
+        assert {p.dtype for p in model.parameters()} == {want} and stored == torch.bfloat16, precision
