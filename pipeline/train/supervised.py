@@ -8,6 +8,7 @@ lm_head on GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -32,7 +33,7 @@ def run_key(cfg: TrainConfig, examples: Sequence[Example], **inputs: Any) -> str
     digest = hashlib.sha256()
     for e in examples:
         digest.update(json.dumps([e.prompt_len, e.input_ids]).encode())
-    payload = {"config": cfg.__dict__, "examples": digest.hexdigest(), **inputs}
+    payload = {"config": dataclasses.asdict(cfg), "examples": digest.hexdigest(), **inputs}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
