@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import shards, toy_task
+from pipeline.shard_codec import Codec, TeacherFormat
 from pipeline.inspect_shards import (META_SQL, QUERIES, SUMMARY_SQL, TOKENS_SUMMARY_SQL, TOKENS_VIEW_SQL,
-                                     TOP_GAPS_SQL, VIEWS_SQL, connect, format_table, main, query)
+                                     TOP_GAPS_SQL, connect, format_table, main, query, views_sql)
 from tests.tiny_models import save_model, teacher_meta, write_teacher_shards
 
 META = teacher_meta("a" * 16, "b" * 16, "c" * 16, k=4)
@@ -58,6 +59,7 @@ def hand_shard(path, dtype):
     row = {"sample_id": "s#0", "prompt_id": "s", "input_ids": prompt + [one, five], "prompt_len": len(prompt),
            "student_logprobs": [math.log(0.5), math.log(0.01)],
            "teacher_logprob": [math.log(0.6), math.log(0.25)],
+           "tail_logprob": [math.log(0.1), math.log(0.25)],
            "topk_ids": [one, two, four, five],
            "topk_logprobs": [math.log(p) for p in (0.6, 0.3, 0.5, 0.25)]}
     shards.write_shard(path, pa.Table.from_pylist([row]), {**META, "k": 2}, shards.teacher_schema(dtype))
@@ -89,12 +91,14 @@ def test_tokens_command_decodes_the_largest_gap_in_context(tmp_path, capsys):
 
 
 def test_tail_bucket_is_zero_when_topk_holds_all_mass(tmp_path):
-    """float16 rounding can make the top-k sum exceed 1: the tail clamps to 0 and entropy stays finite."""
+    """Version 1 shards rebuild the tail: float16 rounding can make the top-k sum exceed 1, so the tail
+    clamps to 0 and entropy stays finite."""
     row = {"sample_id": "s#0", "prompt_id": "s", "input_ids": [1, 5, 6], "prompt_len": 1,
            "student_logprobs": [-0.1, -0.1], "teacher_logprob": [-0.69, 0.0],
            "topk_ids": [5, 7, 6, 8], "topk_logprobs": [math.log(0.5), math.log(0.5001), 0.0, -30.0]}
-    shards.write_shard(tmp_path / shards.part_name(0), pa.Table.from_pylist([row]), {**META, "k": 2},
-                       shards.teacher_schema("float32"))
+    v1 = TeacherFormat(Codec("plain", logprob_dtype="float32"), width=2, samples=0, exact_tail=False)
+    shards.write_shard(tmp_path / shards.part_name(0), pa.Table.from_pylist([row]),
+                       {**META, "k": 2, "schema_version": "1"}, shards.teacher_schema(v1))
     con = connect(f"{tmp_path}/*.parquet")
     con.execute(TOKENS_VIEW_SQL)
     (_, rows) = query(con, "SELECT tail_p, teacher_entropy FROM tokens ORDER BY t")
@@ -138,7 +142,7 @@ def test_printed_queries_run_in_plain_duckdb(folder, capsys):
     printed = capsys.readouterr().out
     assert "parquet_kv_metadata" in printed and all(f"-- {name}" in printed for name in QUERIES)
     con = duckdb.connect()
-    con.execute(VIEWS_SQL.format(glob=f"{folder}/*.parquet"))
+    con.execute(views_sql(f"{folder}/*.parquet"))
     con.execute(TOKENS_VIEW_SQL)
     assert len(con.execute(TOKENS_SUMMARY_SQL).fetchall()) == 4  # three shards + total
     con.execute("SET VARIABLE top = 3; SET VARIABLE context = 2;")

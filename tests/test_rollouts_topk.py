@@ -23,7 +23,8 @@ from tests.tiny_models import save_model
 N_PROMPTS, N_SAMPLES, ROWS_PER_SHARD, K = 7, 2, 4, 3   # 2 prompts per part -> 4 parts, the last one short
 ROLLOUTS = {"backend": "hf", "batch_size": 5, "max_new_tokens": 10, "temperature": 1.0,
             "rows_per_shard": ROWS_PER_SHARD, "seed": 0, "n_samples": N_SAMPLES}
-TOPK = {"backend": "hf", "k": K, "batch_size": 6, "logprob_dtype": "float16", "privileged_context": None}
+TOPK = {"backend": "hf", "k": K, "batch_size": 6, "logprob_dtype": "float16", "privileged_context": None,
+        "selection": "topk", "samples": 0, "union_student_k": 0, "seed": 0, "codec": "plain"}
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ def teacher_table(n_rows: int = 5, k: int = 4, seed: int = 0) -> pa.Table:
             "input_ids": rng.integers(0, 50, p + t).astype(np.int32).tolist(), "prompt_len": p,
             "student_logprobs": (-rng.random(t)).astype(np.float32).tolist(),
             "teacher_logprob": (-rng.random(t)).astype(np.float32).tolist(),
+            "tail_logprob": np.log1p(-np.exp(lp.astype(np.float64)).sum(1).clip(max=0.999)).tolist(),
             "topk_ids": rng.integers(0, 50, t * k).astype(np.int32).tolist(),
             "topk_logprobs": lp.reshape(-1).tolist(),
         })
