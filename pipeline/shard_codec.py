@@ -105,7 +105,8 @@ def encode(codec: Codec, ids: np.ndarray, logprobs: np.ndarray) -> dict[str, np.
 
 
 def decode(codec: Codec, table: pa.Table, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int32 [n, W] with -1 empty, log-probs [n, W]) of every response token in `table`, row-major."""
+    """(ids int32 [n, W], log-probs [n, W]) of every response token in `table`, row-major; an empty
+    slot is id -1 with log-prob -inf (as the scorer writes it and the DuckDB views decode it)."""
     ids = _flat(table, "topk_ids").reshape(-1, width)
     if not codec.quantised:
         return ids.astype(np.int32), _flat(table, "topk_logprobs").reshape(-1, width)
@@ -113,7 +114,7 @@ def decode(codec: Codec, table: pa.Table, width: int) -> tuple[np.ndarray, np.nd
     ids = np.where(ids == empty, -1, ids.astype(np.int64)).astype(np.int32)
     top = _flat(table, "topk_lpmax").astype(np.float32)
     codes = _flat(table, "topk_lpq").reshape(-1, width).astype(np.float32)
-    return ids, top[:, None] - codes * np.float32(codec.lp_step)
+    return ids, np.where(ids < 0, -np.inf, top[:, None] - codes * np.float32(codec.lp_step)).astype(np.float32)
 
 
 @dataclass(frozen=True)

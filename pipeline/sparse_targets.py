@@ -66,7 +66,7 @@ def select(logp, sel: Selection, extra_ids=None, uniforms=None):
     extra_ids: [R, e] ids to add to the top ids (union with π_ref's top ids, -1 = none; ignored by
     `sampled`). uniforms: [R, samples] numbers in [0, 1) that drive the draws (inverse CDF), made per
     sequence by the caller so that the draws do not depend on batching or blocking.
-    Returns (ids [R, W] int64 with -1 in empty slots, their log-probs [R, W] fp32, counts [R, W]
+    Returns (ids [R, W] int64 with -1 in empty slots, their log-probs [R, W] fp32 (-inf when empty), counts [R, W]
     uint8 (0: not a draw) or None for `topk`, tail_logprob [R] fp32).
     """
     import torch
@@ -99,7 +99,7 @@ def select(logp, sel: Selection, extra_ids=None, uniforms=None):
         taken.scatter_(1, torch.where(drawn < 0, V, drawn), True)
         ids = torch.cat([det, drawn], 1)
     valid = ids >= 0
-    lps = torch.where(valid, logp.gather(1, ids.clamp(min=0)), torch.zeros((), dtype=logp.dtype, device=logp.device))
+    lps = logp.gather(1, ids.clamp(min=0)).masked_fill_(~valid, float("-inf"))
     tail = torch.logsumexp(logp.masked_fill(taken[:, :V], float("-inf")), dim=-1).clamp(min=TAIL_FLOOR)
     return ids, lps, counts, tail
 
