@@ -240,7 +240,26 @@ def decode_in_context(tok: Any, context_ids: list[int], token_id: int) -> str:
     return repr(f"{before}⟦{piece}⟧")[1:-1]
 
 
+def verify(pattern: str) -> str:
+    """Every page of every matching shard read and CRC-checked: a line per shard, or one error naming
+    each corrupt file and row group."""
+    files = sorted(globlib.glob(pattern))
+    if not files:
+        raise InspectError(f"no shards match {pattern!r}: run `dvc repro teacher_topk`, or pass --shards GLOB")
+    rows, bad = [], []
+    for path in files:
+        try:
+            rows.append((Path(path).name, shard_contract.verify_pages(path), "ok"))
+        except shard_contract.ShardError as exc:
+            bad.append(str(exc))
+    if bad:
+        raise InspectError(" | ".join(bad))
+    return format_table(["shard", "row_groups", "pages"], rows)
+
+
 def run(args: argparse.Namespace) -> str:
+    if args.command == "verify":
+        return verify(args.shards)
     con = connect(args.shards)
     if args.command == "summary":
         return format_table(*query(con, SUMMARY_SQL))
@@ -282,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     sql = sub.add_parser("sql", parents=[common],
                          help="run any DuckDB query; views shards, shard_meta, shard_files, tokens exist")
     sql.add_argument("query", help='e.g. "select count(*) from tokens where sampled_is_teacher_argmax"')
+    sub.add_parser("verify", parents=[common],
+                   help="read every page of every shard, checking its CRC: run before a long training run "
+                        "(distill also checks each page as it reads it)")
     sub.add_parser("queries", parents=[common],
                    help="print the SQL of the views and queries, with this --shards glob filled in")
     return parser

@@ -243,6 +243,19 @@ def iter_row_groups(info: ShardInfo, columns: list[str] | None = None,
                              f"truncated: delete it and rerun the stage that wrote it") from exc
 
 
+def verify_pages(path: Path | str) -> int:
+    """Read every page of a shard, checking its CRC (and decompression): the number of row groups read.
+
+    A full read, so it costs one pass of I/O; the ShardError names the file and the row group.
+    """
+    path = Path(path)
+    meta = read_meta(path)  # a broken footer is a ShardError naming the file
+    info = ShardInfo(path, meta, 0, pq.read_metadata(path).num_row_groups)
+    for _ in iter_row_groups(info):
+        pass
+    return info.num_row_groups
+
+
 def finished_parts(folder: Path | str, kind: str, run_key: str,
                    only: Collection[str] | None = None) -> set[str]:
     """Names of parts already complete for this exact run (resume skips them).

@@ -1,5 +1,7 @@
 """The shard contract: round trip, footer metadata, validation errors naming the file, resume rules."""
 
+import re
+
 import duckdb
 import numpy as np
 import polars as pl
@@ -167,3 +169,20 @@ def test_version_1_teacher_shards_read_with_a_warning(tmp_path):
                        shards.teacher_schema())
     with pytest.raises(shards.ShardError, match="schema version 0, this code reads 1, 2"):
         shards.open_teacher_shards(tmp_path)
+
+
+def test_opd_inspect_verify_reads_every_page(tmp_path, monkeypatch, capsys):
+    from pipeline.inspect_shards import main
+
+    monkeypatch.setattr(shards, "ROW_GROUP_SIZE", 10)
+    for j in range(2):
+        shards.write_shard(tmp_path / shards.part_name(j), teacher_table(30), META, shards.teacher_schema())
+    main(["verify", "--shards", f"{tmp_path}/*.parquet"])
+    lines = capsys.readouterr().out.splitlines()[2:]
+    assert [line.split() for line in lines] == [[shards.part_name(j), "3", "ok"] for j in range(2)]
+    flip_byte_in_data_page(tmp_path / shards.part_name(1), 1, "topk_ids")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["verify", "--shards", f"{tmp_path}/*.parquet"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert re.search(r"part-00001\.parquet: row group 1 is unreadable.*CRC", err)
