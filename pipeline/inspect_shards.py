@@ -51,7 +51,8 @@ DECODE_SQL = {
     "stored": "*",
     "no_tail": "*, NULL::FLOAT[] AS tail_logprob",
     "quantised": "* EXCLUDE (topk_ids, topk_lpmax, topk_lpq),\n"
-                 "    list_transform(topk_ids, lambda x: CASE WHEN x = {empty} THEN -1 ELSE x::INTEGER END) AS topk_ids,\n"
+                 "    list_transform(topk_ids, lambda x: CASE WHEN x = {empty} THEN -1 ELSE x::INTEGER END)"
+                 " AS topk_ids,\n"
                  "    opd_dequant(topk_ids, topk_lpmax, topk_lpq, {step}, {empty}) AS topk_logprobs",
 }
 

@@ -35,14 +35,14 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline import shards
-from pipeline.config import TeacherTopkConfig
+from pipeline.config import ConfigError, TeacherTopkConfig
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
 from pipeline.generation import backend_version
 from pipeline.models import load_tokenizer
 from pipeline.prompts import encode_prompt, read_prompts
 from pipeline.scoring import SCORING_TEMPERATURE, Extras, Scored, get_scorer
 from pipeline.errors import UserError
-from pipeline.shard_codec import Codec, TeacherFormat, encode, make_codec
+from pipeline.shard_codec import TeacherFormat, encode, make_codec
 from pipeline.sparse_targets import Selection, draw_uniforms
 from pipeline.stage import add_shard_arg, stage_main
 
@@ -131,13 +131,13 @@ def scored_table(rollouts: pa.Table, scored: list[Scored], fmt: TeacherFormat) -
 def check_config(cfg: TeacherTopkConfig, where: str) -> Selection:
     """Cross-key rules the schema cannot express, as one-line errors naming the key."""
     if (cfg.selection == "topk") != (cfg.samples == 0):
-        raise UserError(f"{where}.samples: {cfg.samples} with selection {cfg.selection}: draws need "
+        raise ConfigError(f"{where}.samples: {cfg.samples} with selection {cfg.selection}: draws need "
                         f"selection sampled or topk+sampled and samples >= 1; top-k alone needs samples: 0")
     if cfg.union_student_k and cfg.selection == "sampled":
-        raise UserError(f"{where}.union_student_k: adds π_ref's ids to the top-k, but selection sampled stores "
+        raise ConfigError(f"{where}.union_student_k: adds π_ref's ids to the top-k, but selection sampled stores "
                         f"no top-k; use selection topk or topk+sampled, or union_student_k: 0")
     if cfg.backend == "vllm" and (cfg.selection != "topk" or cfg.union_student_k):
-        raise UserError(f"{where}.backend: vllm returns only top-k log-probs; selection {cfg.selection} and "
+        raise ConfigError(f"{where}.backend: vllm returns only top-k log-probs; selection {cfg.selection} and "
                         f"union_student_k {cfg.union_student_k} need backend: hf")
     return Selection(cfg.selection, cfg.k, cfg.samples)
 
@@ -147,7 +147,7 @@ def teacher_format(cfg: TeacherTopkConfig, selection: Selection, teacher: Path) 
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(teacher).get_text_config().vocab_size
-    codec: Codec = make_codec(cfg.codec, cfg.logprob_dtype, vocab)
+    codec = make_codec(cfg.codec, cfg.logprob_dtype, vocab)
     return TeacherFormat(codec, selection.width(cfg.union_student_k), cfg.samples, exact_tail=True)
 
 

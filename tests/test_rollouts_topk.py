@@ -320,3 +320,17 @@ def test_compressed_sampled_union_shards_decode_to_the_teacher(env, clean_run):
         assert counts.sum(1).tolist() == [m] * len(ids)
         drawn = counts > 0
         assert (w[~drawn] == 1).all() and (w[drawn] > 0).all() and not drawn[:, :K].any()
+
+
+@pytest.mark.parametrize("cfg, key", [({"selection": "sampled"}, "teacher_topk.samples"),
+                                      ({"samples": 3}, "teacher_topk.samples"),
+                                      ({"selection": "sampled", "samples": 2, "union_student_k": 1},
+                                       "teacher_topk.union_student_k"),
+                                      ({"backend": "vllm", "selection": "topk+sampled", "samples": 2},
+                                       "teacher_topk.backend")])
+def test_inconsistent_selection_keys_are_one_line_errors(env, clean_run, capsys, cfg, key):
+    with pytest.raises(SystemExit) as exc:
+        run_topk(env, clean_run[0], env / "never", **cfg)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and key in err and err.count("\n") == 0
+    assert not (env / "never").exists()
