@@ -2,6 +2,7 @@
 
 import math
 import re
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -166,3 +167,34 @@ def test_missing_and_broken_shards_fail_in_one_line(folder, tmp_path, capsys):
 def test_format_table_aligns_numbers_right():
     text = format_table(["name", "n"], [("a", 1), ("long", 100), ("b", None)]).splitlines()
     assert text[0] == "name    n" and text[2] == "a       1" and text[3] == "long  100" and text[4] == "b"
+
+
+def test_q8_shards_decode_in_sql_as_the_readme_shows(tmp_path):
+    """A q8 shard: the `shards` view gives the same ids and log-probs as the data path's decoder, the
+    tokens view works on it, and the views `opd-inspect queries` prints are the README's, verbatim."""
+    from pipeline.shard_codec import encode, make_codec
+    from tests.tiny_models import teacher_rows
+
+    rows = teacher_rows(6, 4, 100, seed=2)
+    fmt = TeacherFormat(make_codec("q8", "", 100), width=4, samples=0, exact_tail=True)
+    n = [len(x) - p for x, p in zip(rows["input_ids"].to_pylist(), rows["prompt_len"].to_pylist())]
+    enc = [encode(fmt.codec, np.reshape(i, (t, 4)), np.reshape(lp, (t, 4)).astype(np.float32))
+           for i, lp, t in zip(rows["topk_ids"].to_pylist(), rows["topk_logprobs"].to_pylist(), n)]
+    table = rows.drop_columns(["topk_ids", "topk_logprobs"])
+    for f in fmt.fields():
+        if f.name in enc[0]:
+            table = table.append_column(f.name, pa.array([e[f.name].tolist() for e in enc], f.type))
+    shards.write_shard(tmp_path / shards.part_name(0), table, {**META, "codec": fmt.codec.to_meta()},
+                       shards.teacher_schema(fmt))
+    con = connect(f"{tmp_path}/*.parquet")
+    got = con.execute("SELECT topk_ids, topk_logprobs FROM shards ORDER BY sample_id").fetchall()
+    dec = fmt.decode(pq.read_table(tmp_path / shards.part_name(0)))
+    np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), dec["topk_ids"].reshape(-1))
+    np.testing.assert_allclose(np.concatenate([g[1] for g in got]), dec["topk_logprobs"].reshape(-1), atol=1e-6)
+    np.testing.assert_allclose(dec["topk_logprobs"].reshape(-1), np.concatenate(rows["topk_logprobs"].to_pylist()),
+                               atol=fmt.codec.lp_step / 2 + 1e-6)
+    con.execute(TOKENS_VIEW_SQL)
+    assert con.execute("SELECT count(*) FROM tokens WHERE tail_p > 0").fetchone()[0] == sum(n)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert views_sql(f"{tmp_path}/*.parquet").replace(f"{tmp_path}/*.parquet", "data/teacher_topk/*.parquet") \
+        .strip() in readme
