@@ -24,7 +24,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where the scorer runs, not by readers of this module's numpy side
+    import torch
 
 SELECTIONS = ("topk", "sampled", "topk+sampled")
 MAX_SAMPLES = 255     # counts are stored as uint8
@@ -60,7 +65,8 @@ class Selection:
         return det + (self.samples if self.sampled else 0)
 
 
-def select(logp, sel: Selection, extra_ids=None, uniforms=None):
+def select(logp: "torch.Tensor", sel: Selection, extra_ids: Optional["torch.Tensor"] = None,
+           uniforms: Optional["torch.Tensor"] = None) -> tuple:
     """Entries of R positions from their fp32 teacher log-probs `logp` [R, V] (torch).
 
     extra_ids: [R, e] ids to add to the top ids (union with π_ref's top ids, -1 = none; ignored by
@@ -110,7 +116,7 @@ def draw_uniforms(seed: int, sample_id: str, positions: int, samples: int) -> np
     return np.random.default_rng(digest).random((positions, samples))
 
 
-def _earlier_duplicate(ids):
+def _earlier_duplicate(ids: "torch.Tensor") -> "torch.Tensor":
     """[R, e] bool: the id already appears earlier in its row (a union list may repeat nothing twice)."""
     import torch
 
