@@ -2,13 +2,18 @@
 
 A stage module defines `add_args(parser)` and `run(args, cfg) -> dict` (extra metrics), then calls
 `stage_main("name", __doc__, add_args, run)`. Known input errors print one line naming the file and
-the fix and exit with status 2 instead of a traceback; anything else is a bug and keeps its traceback.
+the fix and exit with status 2 instead of a traceback; so does a full disk (the path it was writing).
+Ctrl-C prints one line and exits with 130 (outputs are atomic, so nothing half-written is left).
+Anything else is a bug and keeps its traceback. A stage with a --plots folder gets an SVG picture of
+each CSV there (pipeline.plots), which `dvc plots show` displays without network.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +22,7 @@ from typing import Any, Callable
 from pipeline.atomic import write_json
 from pipeline.config import load_section
 from pipeline.errors import UserError
+from pipeline.plots import render_folder
 
 log = logging.getLogger("opd")
 
@@ -46,6 +52,15 @@ def add_shard_arg(parser: argparse.ArgumentParser) -> None:
                              "several nodes) can fill one folder in parallel (default 0/1: all parts)")
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def fail(message: str, status: int) -> None:
+    """The one line a user sees for an error they can fix (newlines in wrapped messages flattened)."""
+    print(' '.join(message.splitlines()), file=sys.stderr)
+    raise SystemExit(status) from None
+
+
 def stage_main(name: str, doc: str | None, add_args: Callable[[argparse.ArgumentParser], None],
                run: Callable[[argparse.Namespace, Any], dict | None], argv: list[str] | None = None,
                section: str | None = None) -> dict:
@@ -64,9 +79,18 @@ def stage_main(name: str, doc: str | None, add_args: Callable[[argparse.Argument
     try:
         cfg = load_section(section or name, args.params)
         metrics = run(args, cfg) or {}
+        plots = getattr(args, "plots", None)
+        if plots is not None and plots.is_dir():
+            render_folder(plots, name)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(f"error: {exc}", 2)
+    except KeyboardInterrupt:
+        fail(f"interrupted: {name} stopped by Ctrl-C; no partial output was kept, rerun to start again", 130)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        where = exc.filename or getattr(args, "out", None) or "the stage's outputs"
+        fail(f"error: {where}: {os.strerror(exc.errno)} while {name} was writing; free space there and rerun", 2)
     metrics = {"wall_s": round(time.perf_counter() - start, 2), **metrics}
     write_json(args.metrics_dir / f"{name}.json", metrics)
     log.info("%s done in %.1f s", name, metrics["wall_s"])

@@ -155,7 +155,8 @@ def test_missing_model_path_is_a_model_path_error(tmp_path, capsys):
 
 
 def test_scratch_teacher_refuses_prompts_that_are_not_the_toy_task(tmp_path, capsys):
-    prompts = tmp_path / "mine.jsonl"
+    prompts = tmp_path / "prompt_files" / "mine.jsonl"
+    prompts.parent.mkdir(parents=True)
     prompts.write_text("\n".join(json.dumps({"prompt": f"What is {i} apples?"}) for i in range(40)))
     argv = write_params(tmp_path, task={"kind": "file", "prompt_file": str(prompts), "n_sft": 20, "n_opd": 10,
                                         "n_eval": 10})
