@@ -22,7 +22,7 @@ from pipeline.atomic import atomic_dir, write_text
 from pipeline.config import TeacherConfig
 from pipeline.generation import greedy_decode
 from pipeline.lm_training import Example, train_lm
-from pipeline.models import default_device, load_tokenizer, parameter_count, resolve_model_source, write_model_ref
+from pipeline.models import default_device, load_config, load_tokenizer, parameter_count, resolve_model_source, write_model_ref
 from pipeline.prompts import encode_prompt, read_prompts
 from pipeline.provenance import write_provenance
 from pipeline.errors import UserError
@@ -95,15 +95,9 @@ def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
 
 def adopt_existing(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     """A real teacher: check it loads, fingerprint it, and point at it (tens of GB are not copied)."""
-    from transformers import AutoConfig
-
     target = resolve_model_source(cfg.source)
-    try:
-        AutoConfig.from_pretrained(target)
-        load_tokenizer(target)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"teacher.source {cfg.source} ({target}): config or tokenizer does not load "
-                        f"({type(exc).__name__}: {exc})") from exc
+    load_config(target)
+    load_tokenizer(target)
     with atomic_dir(args.out) as tmp:
         write_model_ref(tmp, target, {"source": cfg.source})
         write_provenance(tmp, "teacher", source=str(target), config=asdict(cfg))
