@@ -126,7 +126,7 @@ def load_model(path: Path | str, device: str = "cpu", dtype: str = "float32"):
 
     folder = resolve_model_dir(path)
     load_config(folder)  # a corrupt config.json is named as such, not as a weights problem
-    with loading(folder, "weights (*.safetensors)"):
+    with loading(folder, ", ".join(sorted(p.name for p in folder.glob("*.safetensors"))) or "weights"):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
     return model.to(device).eval()
 
