@@ -140,7 +140,7 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     todo = shards.pending_parts(args.out, KIND, key, len(parts), shard)
     meta = {
         **{k: first.meta[k] for k in POLICY_KEYS},
-        "kind": KIND, "run_key": key, "rollouts_run_key": first.meta["run_key"],
+        "kind": KIND, "run_key": key, "rollouts_run_key": first.meta["run_key"], "num_parts": len(parts),
         "teacher_fingerprint": teacher_fp, "teacher_path": str(args.teacher), "k": cfg.k,
         "scoring_temperature": SCORING_TEMPERATURE,
         # Always JSON (write_shard passes strings through): json.loads gives None or the template.
