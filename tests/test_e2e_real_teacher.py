@@ -2,11 +2,13 @@
 
 `teacher.source` is a local Hugging Face folder (not `scratch`), so `teacher` trains nothing; `dvc repro`
 must still find every output dvc.yaml declares. The prompts come from `prompt_files/`, the folder
-`prepare` depends on: editing the file must rerun `prepare` and every stage after it.
+`prepare` depends on: editing the file must rerun `prepare` and every stage after it. Slow (2-4 min on
+2 shared cores: a whole repro plus three stages, each paying the Python/torch start-up).
 """
 
 import json
 
+import pytest
 import yaml
 
 from pipeline import toy_task
@@ -22,6 +24,7 @@ def write_prompt_file(path, seed: int) -> None:
     path.write_text("".join(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in problems))
 
 
+@pytest.mark.slow
 def test_real_teacher_folder_and_prompt_file_edits(tmp_path):
     teacher = save_model(tmp_path / "pretrained_teacher", seed=3, hidden=48, layers=2)
     root = tmp_path / "project"
