@@ -254,3 +254,24 @@ def test_disk_full_names_the_path_and_leaves_nothing(tmp_path, capsys, monkeypat
     line = run_stage(tmp_path, capsys, "task", copy.deepcopy(CI))
     assert "No space left on device" in line and ".out.tmp-" in line and "sft.parquet" in line, line
 
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2"])
+def test_bad_thread_count_in_the_environment(tmp_path, capsys, monkeypatch, value):
+    monkeypatch.setenv(stage.THREADS_ENV, value)
+    assert f"{stage.THREADS_ENV}={value!r}" in run_stage(tmp_path, capsys, "task", copy.deepcopy(CI))
+
+
+def test_thread_policy_default_and_override(monkeypatch):
+    """1 torch thread unless OPD_NUM_THREADS (then OMP_NUM_THREADS) says otherwise; applied to a loaded torch."""
+    before = torch.get_num_threads()
+    monkeypatch.delenv(stage.THREADS_ENV, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert stage.torch_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert stage.torch_threads() == 3
+    monkeypatch.setenv(stage.THREADS_ENV, "2")
+    try:
+        assert stage.apply_thread_policy() == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
