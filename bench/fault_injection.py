@@ -5,9 +5,11 @@
 
 What it does, on configs/ci.yaml-sized data (parts made smaller so each stage writes several):
   1. runs the whole chain once, uninterrupted, through the stages' real CLIs (the reference), timing
-     each stage;
-  2. per trial and stage: starts the stage on the reference inputs into a fresh output folder, kills
-     its process group with SIGKILL after a uniform random delay in [0, that stage's reference time),
+     each stage under test from the moment it starts writing;
+  2. per trial and stage: starts the stage on the reference inputs into a fresh output folder, waits
+     until it starts writing (its output folder, or distill's logs, appears: start-up is over), then
+     kills its process group with SIGKILL after a uniform random delay in [0, the time the reference
+     run spent from that point to its end),
      reruns the same command to completion (what `dvc repro` does after a crash: the parts folders and
      logs/distill persist), and checks the result: the shard run check passes (every part, one run key,
      no row twice), no row lost or duplicated against the reference, and every part's rows equal to
@@ -77,24 +79,45 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
-def run_to_end(work: Path, stage: str, out: str, metrics: str = "metrics") -> float:
-    start = time.perf_counter()
+def run_to_end(work: Path, stage: str, out: str, metrics: str = "metrics") -> None:
     proc = subprocess.run(command(stage, out, metrics), cwd=work, env=env(), capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{stage} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start
+
+
+def work_started(stage: str, out: Path) -> Path:
+    """What appears on disk when a stage has finished starting up (imports, model load) and begins writing."""
+    return Path(f"{out}_logs") if stage == "distill" else out
+
+
+def start_and_wait(work: Path, stage: str, out: str, metrics: str) -> subprocess.Popen:
+    """Start a stage in its own process group (stderr to <work>/<stage>.log); return once it begins
+    writing, or has ended."""
+    with open(work / f"{stage}.log", "w") as log:
+        proc = subprocess.Popen(command(stage, out, metrics), cwd=work, env=env(), stdout=subprocess.DEVNULL,
+                                stderr=log, start_new_session=True)
+    while proc.poll() is None and not work_started(stage, work / out).exists():
+        time.sleep(0.02)
+    return proc
 
 
 def build_reference(work: Path) -> dict[str, float]:
-    """The uninterrupted chain; returns each stage's wall time."""
+    """The uninterrupted chain; returns, per stage under test, the seconds it spent working after start-up."""
     params = yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
     for section, keys in OVERRIDES.items():
         params[section].update(keys)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    times = {}
+    busy = {}
     for stage in ["prepare", "teacher", "sft_data", "sft", "rollouts", "teacher_topk", "distill"]:
-        times[stage] = run_to_end(work, stage, REFERENCE_OUT.get(stage, ""))
-    return times
+        if stage not in STAGES:
+            run_to_end(work, stage, "")
+            continue
+        proc = start_and_wait(work, stage, REFERENCE_OUT[stage], "metrics")
+        started = time.perf_counter()
+        if proc.wait():
+            raise RuntimeError(f"{stage} failed ({proc.returncode}):\n{(work / f'{stage}.log').read_text()[-3000:]}")
+        busy[stage] = time.perf_counter() - started
+    return busy
 
 
 def on_disk(stage: str, out: Path) -> int:
@@ -140,8 +163,7 @@ def trial(work: Path, stage: str, index: int, rng: random.Random, budget_s: floa
     out = f"trials/{stage}-{index}"
     shutil.rmtree(work / "trials", ignore_errors=True)
     delay = rng.uniform(0, budget_s)
-    proc = subprocess.Popen(command(stage, out, f"trials/metrics-{index}"), cwd=work, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_and_wait(work, stage, out, f"trials/metrics-{index}")
     try:
         proc.wait(timeout=delay)
     except subprocess.TimeoutExpired:
@@ -154,14 +176,14 @@ def trial(work: Path, stage: str, index: int, rng: random.Random, budget_s: floa
 
 
 def run_trials(stages: list[str], trials: int, seed: int, work: Path) -> tuple[dict[str, float], list[Trial]]:
-    times = build_reference(work)
+    times = build_reference(work)  # every stage's reference, so the kill window is known for each
     rng = random.Random(seed)
     results = [trial(work, stage, i, rng, times[stage]) for stage in stages for i in range(trials)]
     return times, results
 
 
 def table(times: dict[str, float], results: list[Trial]) -> str:
-    lines = ["| stage | reference s | trials | identical | rows lost | rows duplicated | kills with parts/ckpts on disk |",
+    lines = ["| stage | reference s working | trials | identical | rows lost | rows duplicated | kills with parts/ckpts on disk |",
              "|---|---|---|---|---|---|---|"]
     for stage in dict.fromkeys(r.stage for r in results):
         mine = [r for r in results if r.stage == stage]
