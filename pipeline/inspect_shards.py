@@ -8,6 +8,8 @@ NULL for shards written before it existed), `shard_meta` (the `opd.*` footer key
 `parquet_kv_metadata`) and `shard_files` (file sizes via `read_blob`, which does not read contents).
 `tokens` (one row per response token) is a view over `shards`. The decoding is the macro
 `opd_dequant` (pipeline/shard_codec.py describes the codecs); its parameters come from the footer.
+`check DIR` and `verify` are not SQL: `check` runs the shard contract's run check
+(pipeline.shards.check_folder), the one distill applies before training; `verify` reads every page.
 """
 
 from __future__ import annotations
@@ -258,7 +260,15 @@ def verify(pattern: str) -> str:
     return format_table(["shard", "row_groups", "pages"], rows)
 
 
+def check(folder: Path) -> str:
+    infos = shard_contract.check_folder(folder)
+    return (f"{folder}: ok, {len(infos)} parts of one {infos[0].meta['kind']} run "
+            f"({sum(i.num_rows for i in infos)} rows, run key {infos[0].meta.get('run_key', '?')[:12]})")
+
+
 def run(args: argparse.Namespace) -> str:
+    if args.command == "check":
+        return check(args.dir)
     if args.command == "verify":
         return verify(args.shards)
     con = connect(args.shards)
@@ -307,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(distill also checks each page as it reads it)")
     sub.add_parser("queries", parents=[common],
                    help="print the SQL of the views and queries, with this --shards glob filled in")
+    check = sub.add_parser("check", help="are the parts in DIR one complete run: every part present, one run "
+                                         "key, no row twice (what distill enforces)? Exit 2 naming the problem if not")
+    check.add_argument("dir", type=Path, help="a shard folder (data/rollouts, data/teacher_topk or data/sft)")
     return parser
 
 

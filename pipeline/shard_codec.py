@@ -105,16 +105,17 @@ def encode(codec: Codec, ids: np.ndarray, logprobs: np.ndarray) -> dict[str, np.
             "topk_lpq": np.where(valid, codes, 0).reshape(-1)}
 
 
-def decode(codec: Codec, table: pa.Table, width: int) -> tuple[np.ndarray, np.ndarray]:
+def decode(codec: Codec, table: pa.Table, width: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32 [n, W], log-probs [n, W]) of every response token in `table`, row-major; an empty
-    slot is id -1 with log-prob -inf (as the scorer writes it and the DuckDB views decode it)."""
-    ids = _flat(table, "topk_ids").reshape(-1, width)
+    slot is id -1 with log-prob -inf (as the scorer writes it and the DuckDB views decode it). n is the
+    number of response tokens."""
+    ids = _flat(table, "topk_ids").reshape(n, width)  # n, not -1: width may be 0 (pg)
     if not codec.quantised:
-        return ids.astype(np.int32), _flat(table, "topk_logprobs").reshape(-1, width)
+        return ids.astype(np.int32), _flat(table, "topk_logprobs").reshape(n, width)
     empty = np.iinfo(ID_TYPES[codec.id_type].to_pandas_dtype()).max
     ids = np.where(ids == empty, -1, ids.astype(np.int64)).astype(np.int32)
     top = _flat(table, "topk_lpmax").astype(np.float32)
-    codes = _flat(table, "topk_lpq").reshape(-1, width).astype(np.float32)
+    codes = _flat(table, "topk_lpq").reshape(n, width).astype(np.float32)
     return ids, np.where(ids < 0, -np.inf, top[:, None] - codes * np.float32(codec.lp_step)).astype(np.float32)
 
 
@@ -148,11 +149,12 @@ class TeacherFormat:
     def decode(self, table: pa.Table) -> dict[str, np.ndarray | None]:
         """Per response token, row-major: topk_ids / topk_logprobs [n, W], tail_logprob [n] (None without
         an exact tail), entry_weights [n, W] (None unless sampled)."""
-        ids, lps = decode(self.codec, table, self.width)
+        n = len(table.column("teacher_logprob").combine_chunks().flatten())
+        ids, lps = decode(self.codec, table, self.width, n)
         tail = _flat(table, "tail_logprob").astype(np.float32) if self.exact_tail else None
         weights = None
         if self.samples:
-            counts = _flat(table, "sample_counts").reshape(-1, self.width)
+            counts = _flat(table, "sample_counts").reshape(n, self.width)
             weights = entry_weights(counts, lps, tail, self.samples)
         return {"topk_ids": ids, "topk_logprobs": lps, "tail_logprob": tail, "entry_weights": weights}
 

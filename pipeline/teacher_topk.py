@@ -38,7 +38,7 @@ from pipeline import shards
 from pipeline.config import ConfigError, TeacherTopkConfig
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
 from pipeline.generation import backend_version
-from pipeline.models import load_tokenizer
+from pipeline.models import load_config, load_tokenizer
 from pipeline.prompts import encode_prompt, read_prompts
 from pipeline.scoring import SCORING_TEMPERATURE, Extras, Scored, get_scorer
 from pipeline.errors import UserError
@@ -142,11 +142,8 @@ def check_config(cfg: TeacherTopkConfig, where: str) -> Selection:
     return Selection(cfg.selection, cfg.k, cfg.samples)
 
 
-def teacher_format(cfg: TeacherTopkConfig, selection: Selection, teacher: Path) -> TeacherFormat:
+def teacher_format(cfg: TeacherTopkConfig, selection: Selection, vocab: int) -> TeacherFormat:
     """The format this run writes: the codec sized to the teacher's vocabulary."""
-    from transformers import AutoConfig
-
-    vocab = AutoConfig.from_pretrained(teacher).get_text_config().vocab_size
     codec = make_codec(cfg.codec, cfg.logprob_dtype, vocab)
     return TeacherFormat(codec, selection.width(cfg.union_student_k), cfg.samples, exact_tail=True)
 
@@ -167,6 +164,10 @@ def extras_for(rollouts: pa.Table, selection: Selection, seed: int, policy_score
 def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     shard = args.shard
     selection = check_config(cfg, f"{args.params}: teacher_topk")
+    vocab = load_config(args.teacher).vocab_size
+    if cfg.k > vocab:
+        raise UserError(f"{args.params}: teacher_topk.k: {cfg.k} is more than the teacher's vocabulary ({vocab} "
+                        f"tokens, {args.teacher}); lower k")
     parts = shards.open_run(args.rollouts, "rollouts", shards.ROLLOUT_SCHEMA)
     first = parts[0]
     teacher_fp, teacher_tok = model_fingerprint(args.teacher), tokenizer_fingerprint(args.teacher)
@@ -177,12 +178,12 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
         privileged = PrivilegedPrompts(cfg.privileged_context, prompts_path, load_tokenizer(args.teacher))
     key = shards.make_run_key(config=asdict(cfg), teacher=teacher_fp, rollouts=first.meta["run_key"],
                               prompts=privileged.digest if privileged else None)
-    fmt = teacher_format(cfg, selection, args.teacher)
+    fmt = teacher_format(cfg, selection, vocab)
     args.out.mkdir(parents=True, exist_ok=True)
     todo = shards.pending_parts(args.out, KIND, key, len(parts), shard)
     meta = {
         **{k: first.meta[k] for k in POLICY_KEYS},
-        "kind": KIND, "run_key": key, "rollouts_run_key": first.meta["run_key"],
+        "kind": KIND, "run_key": key, "rollouts_run_key": first.meta["run_key"], "num_parts": len(parts),
         "teacher_fingerprint": teacher_fp, "teacher_path": str(args.teacher), "k": cfg.k,
         "scoring_temperature": SCORING_TEMPERATURE,
         # Always JSON (write_shard passes strings through): json.loads gives None or the template.
