@@ -68,6 +68,12 @@ class TaskConfig:
     # `answer` (reference answer for the verifier) and `split` (sft/opd/eval).
     prompt_file: Optional[str]
 
+    def check(self, where: str) -> None:
+        """A prompt file with the toy task would be silently ignored; refuse it."""
+        if self.kind == "addition" and self.prompt_file is not None:
+            raise ConfigError(f"{where}.prompt_file: set, but task.kind 'addition' ignores it; set "
+                              f"task.kind: file to use it, or prompt_file: null")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -110,6 +116,13 @@ class ModelConfig(TrainConfig):
     num_layers: Count
     num_heads: Count
     intermediate_size: Count
+
+    def check(self, where: str) -> None:
+        """A scratch Llama splits hidden_size into num_heads heads of an even size (rotary embeddings)."""
+        if self.source == "scratch" and (self.hidden_size % self.num_heads or self.hidden_size // self.num_heads % 2):
+            raise ConfigError(f"{where}.num_heads: {self.num_heads} heads do not split hidden_size "
+                              f"{self.hidden_size} into heads of an even size; pick num_heads so that "
+                              f"hidden_size / num_heads is an even integer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +170,14 @@ class TeacherTopkConfig:
     # Optional privileged context prepended to the prompt for the teacher only, e.g.
     # "Answer: {answer}\n{prompt}"; recorded in the shard footer.
     privileged_context: Optional[str]
+    # What is stored per position (pipeline/sparse_targets.py): the top k ids, `samples` draws from the
+    # teacher with unbiased importance weights, or both; plus π_ref's own top `union_student_k` ids.
+    selection: Literal["topk", "sampled", "topk+sampled"]
+    samples: Annotated[int, Range(ge=0, le=255)]   # draws per position (counts are stored in one byte)
+    union_student_k: NonNegInt
+    seed: NonNegInt                                # the draws are a function of (seed, sample_id)
+    # Storage of ids and log-probs (pipeline/shard_codec.py); logprob_dtype applies to `plain` only.
+    codec: Literal["plain", "q8", "q16"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +263,11 @@ def parse_section(cls: type[C], raw: Any, where: str) -> C:
             f"see configs/toy.yaml)"
         )
     values = {name: _coerce(raw[name], hints[name], f"{where}.{name}") for name in fields}
-    return cls(**values)
+    parsed = cls(**values)
+    check = getattr(parsed, "check", None)
+    if check is not None:
+        check(where)
+    return parsed
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

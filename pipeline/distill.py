@@ -20,11 +20,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 from pipeline.atomic import write_text
 from pipeline.config import DistillConfig
 from pipeline.consistency import check_distill_inputs
+from pipeline.errors import UserError
 from pipeline.shards import ShardError, ShardInfo
 from pipeline.stage import stage_main
 
@@ -51,7 +53,17 @@ def run_key(cfg: DistillConfig, report: dict, infos: list[ShardInfo]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def check_kernel_backend(cfg: DistillConfig, params: Path) -> None:
+    """`triton` without a GPU would fail deep in training (or crawl in the interpreter unasked); say so first."""
+    import torch
+
+    if cfg.kernel_backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(f"{params}: distill.kernel_backend: 'triton' needs a CUDA GPU and none is visible; set it to "
+                        f"'auto' (Triton on GPU, PyTorch on CPU) or 'torch'")
+
+
 def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
+    check_kernel_backend(cfg, args.params)
     report = check_distill_inputs(args.init, args.shards, cfg.allow_inconsistent_teacher)
 
     from transformers import AutoTokenizer

@@ -5,11 +5,17 @@ trained on). `task.kind: file` reads your JSONL or Parquet `task.prompt_file` wi
 optionally `prompt_id`, `answer` (what the verifier compares against; numbers are compared by value,
 GSM8K "#### 42" works) and `split` (sft/opd/eval). Without `split`, the rows are shuffled with
 `task.seed` and cut into task.n_sft / n_opd / n_eval. The three files appear together or not at all.
+
+The prompt file must sit in `prompt_files/` next to params.yaml: dvc.yaml declares that folder as a
+dependency of `prepare` (a `${task.prompt_file}` dependency cannot be written, DVC templating fails
+on the toy default `null`), so editing the file reruns `prepare` and whatever its output changes.
+A file elsewhere would be read without DVC noticing its edits, so it is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 from pathlib import Path
@@ -39,6 +45,54 @@ def addition_splits(cfg: TaskConfig) -> dict[str, pa.Table]:
             for name, rows in problems.items()}
 
 
+PROMPT_DIR = "prompt_files"
+
+
+def tracked_prompt_file(cfg: TaskConfig, params: Path) -> Path:
+    """`task.prompt_file`, checked to lie inside the `prompt_files/` folder DVC tracks for `prepare`."""
+    if not cfg.prompt_file:
+        raise PromptFileError(f"{params}: task.prompt_file is null but task.kind is 'file'; "
+                              f"set it to a .jsonl or .parquet file in {PROMPT_DIR}/")
+    path = Path(cfg.prompt_file)
+    folder = (params.parent / PROMPT_DIR).resolve()
+    if not path.resolve().is_relative_to(folder):
+        raise PromptFileError(f"{params}: task.prompt_file {path} is outside {PROMPT_DIR}/; move it into "
+                              f"{folder} (the folder dvc.yaml tracks for prepare, so edits rerun it)")
+    return path
+
+
+# A longer line is refused with its number: pyarrow's reader fails on lines over its block size and
+# can then hang; no prompt of a text task needs more than this.
+MAX_LINE_BYTES = 4 << 20
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The objects of a JSONL file, read line by line so a bad line is reported by its number."""
+    rows = []
+    with path.open("rb") as f:
+        for number, line in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+            if len(line) > MAX_LINE_BYTES:
+                raise PromptFileError(f"{path}: line {number} is longer than {MAX_LINE_BYTES >> 20} MiB; "
+                                      f"split or shorten that prompt")
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PromptFileError(f"{path}: line {number} is not UTF-8 (byte {exc.start}); "
+                                      f"re-save the file as UTF-8") from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise PromptFileError(f"{path}: line {number} is not JSON ({exc.msg}); "
+                                      f"write one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise PromptFileError(f"{path}: line {number} is a JSON {type(row).__name__}, not an object "
+                                      f"with a 'prompt' key")
+            rows.append(row)
+    return rows
+
+
 def read_prompt_file(path: Path) -> pa.Table:
     """A user's JSONL (one object per line) or Parquet file, as an Arrow table."""
     if not path.exists():
@@ -46,9 +100,7 @@ def read_prompt_file(path: Path) -> pa.Table:
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".json", ".ndjson"):
-            import pyarrow.json as pj
-
-            return pj.read_json(path)
+            return pa.Table.from_pylist(read_jsonl(path))
         if suffix in (".parquet", ".pq"):
             return pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
@@ -92,10 +144,7 @@ def run(args: argparse.Namespace, cfg: TaskConfig) -> dict:
     if cfg.kind == "addition":
         splits = addition_splits(cfg)
     else:
-        if not cfg.prompt_file:
-            raise PromptFileError(f"{args.params}: task.kind is 'file' but task.prompt_file is null; "
-                                  f"set it to a .jsonl or .parquet file of prompts")
-        splits = file_splits(cfg, Path(cfg.prompt_file))
+        splits = file_splits(cfg, tracked_prompt_file(cfg, args.params))
     with atomic_dir(args.out) as tmp:
         for name, table in splits.items():
             pq.write_table(table, tmp / f"{name}.parquet")
