@@ -2,8 +2,8 @@
 
 Order of work, cheapest checks first: the teacher-consistency check (shard footers, provenance,
 fingerprints; refuses a mismatched teacher, policy or tokenizer unless distill.allow_inconsistent_teacher
-is set, which is then recorded), the loss settings, every shard's footer and schema, and only then the
-student. The teacher is never loaded: the shards hold everything the loss needs.
+is set, which is then recorded), every shard's footer and schema, the loss settings (pg's importance
+ratio reads the rollouts' sampling temperature from the footers), and only then the student. The teacher is never loaded: the shards hold everything the loss needs.
 
 Training is the shared stack in pipeline/train/ (strategy, precision, accumulation, checkpointing
 from the distill section): CSV (and TensorBoard, if installed) logs and a `last.ckpt` checkpoint under
@@ -76,9 +76,10 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     from pipeline.train.shard_data import TeacherShardDataModule, unwrap_worker_error
     from pipeline.train.trainer import fit, load_for_training, save_model
 
-    objective = loss_from_config(cfg, f"{args.params}: distill")
     data = TeacherShardDataModule(args.shards, cfg.batch_size, cfg.seed, cfg.shuffle_row_groups, cfg.num_workers)
     data.setup()
+    objective = loss_from_config(cfg, f"{args.params}: distill",
+                                 behavior_temperature=float(data.infos[0].meta["sampling_temperature"]))
     model, dtype = load_for_training(args.init, cfg.precision)
     module = TrainModule(model, cfg, objective)
     try:

@@ -15,6 +15,21 @@ This module only decides which tokens count and how much:
   tokens. It is computed by the same kernel as the forward KL against a point-mass teacher (the sampled
   token with log-prob 0), which is exactly −log q(a) up to the kernel's 1e-6 tail floor, and keeps the
   memory benefits (no autograd-saved [N, V] softmax, fused lm_head on GPU).
+* `pg` with a baseline (`loss_params.baseline` b in [0, 1]; 0 is Lightning OPD's loss exactly as the
+  paper states it): the advantage becomes A(a) − b·E_q[A], where E_q[A] = sum_o q_o · clip(log p_o − log q_o,
+  ±tau) over the k+1 outcomes S ∪ {tail}, from the student's own logits (stop-grad). Why: on a
+  near-deterministic teacher a wrong sampled digit gets A = −tau and a right one only about +0.1, so the
+  pushes down on the few wrong digits dominate the shared embeddings and drag the right digits down
+  with them (README "Losses"). Subtracting the expected advantage, which is about −tau · q(wrong), leaves
+  the expected gradient unchanged (E_q[∇ log q] = 0 for a constant baseline) but turns the right digits'
+  advantage clearly positive. It is added as a cross-entropy kernel call weighted by b·E_q[A]·ratio, so
+  the pg kernel itself is untouched. The tail bucket stands in for its tokens (their own teacher
+  log-probs are not stored), as in every other mode; sampled-target shards have no tail bucket and are
+  refused.
+* pg's importance ratio exp(log q(a) − log π_ref(a)) compares log-probs at the same temperature: the
+  behaviour log-prob was stored at the rollout's sampling temperature T (its footer's
+  `sampling_temperature`), so the student's log q_T(a) = log_softmax(z / T)(a) is used for the ratio
+  (passed to the kernel as an adjusted behaviour log-prob; the kernel treats the ratio as a constant).
 * TAID: `t` is either fixed (`loss_params.t`) or ramped linearly from `t_start` to `t_end` over the
   training steps (defaults 0.4 → 1.0). TAID's adaptive rule (which raises t faster when the loss
   stops improving) is deliberately not used: a linear ramp depends only on the step, so a resumed run
@@ -26,6 +41,7 @@ and costs nothing extra, on the logits path and on the fused-linear path alike.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Optional
@@ -33,6 +49,7 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 
 from kernels import MODE_PARAMS, MODES, check_mode_params, fused_linear_sparse_divergence, sparse_divergence
+from kernels.modes import LOGP_MIN, TAIL_EPS_FP32
 from kernels.reference import take_rows
 from pipeline.config import ConfigError, DistillConfig
 
@@ -42,6 +59,11 @@ STATS_CHUNK_ELEMS = 1 << 25
 
 # Kernel parameters that may follow a schedule instead of a fixed value: param -> (start key, end key,
 # start default, end default). Setting the parameter itself in loss_params fixes it instead.
+# Parameters the objective handles itself (not the kernels): mode -> {param: (default, low, high)}.
+OBJECTIVE_PARAMS: dict[str, dict[str, tuple[float, float, float]]] = {
+    "pg": {"baseline": (0.0, 0.0, 1.0)},
+}
+
 SCHEDULABLE: dict[str, dict[str, tuple[str, str, float, float]]] = {
     "taid": {"t": ("t_start", "t_end", 0.4, 1.0)},
 }
@@ -54,6 +76,7 @@ class LossSpec:
     mode: str
     params: dict[str, float]
     schedule: dict[str, tuple[float, float]] = field(default_factory=dict)
+    objective: dict[str, float] = field(default_factory=dict)   # OBJECTIVE_PARAMS values, never sent to kernels
 
     def at(self, progress: float) -> dict[str, float]:
         """Kernel parameters at `progress` in [0, 1] (fraction of training done)."""
@@ -70,6 +93,12 @@ def loss_spec(mode: str, raw: Mapping[str, Any], where: str) -> LossSpec:
     if mode not in MODES:
         raise ConfigError(f"{where}.loss: {mode!r} is not a loss mode; use one of {', '.join(MODES)}")
     raw = dict(raw)
+    objective: dict[str, float] = {}
+    for name, (default, lo, hi) in OBJECTIVE_PARAMS.get(mode, {}).items():
+        value = raw.pop(name, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+            raise ConfigError(f"{where}.loss_params.{name}: {value!r} is not a number in [{lo}, {hi}]")
+        objective[name] = float(value)
     schedule: dict[str, tuple[float, float]] = {}
     for param, (k0, k1, d0, d1) in SCHEDULABLE.get(mode, {}).items():
         if param in raw:
@@ -81,14 +110,15 @@ def loss_spec(mode: str, raw: Mapping[str, Any], where: str) -> LossSpec:
         for key, value in zip((k0, k1), ends):
             _check_value(mode, param, value, f"{where}.loss_params.{key}")
         schedule[param] = (float(ends[0]), float(ends[1]))
-    allowed = list(MODE_PARAMS[mode]) + [k for p in SCHEDULABLE.get(mode, {}).values() for k in p[:2]]
+    allowed = (list(MODE_PARAMS[mode]) + [k for p in SCHEDULABLE.get(mode, {}).values() for k in p[:2]]
+               + list(OBJECTIVE_PARAMS.get(mode, {})))
     for name, value in raw.items():
         if name not in MODE_PARAMS[mode]:
             raise ConfigError(f"{where}.loss_params.{name}: not a parameter of loss {mode!r}; "
                               f"allowed: {', '.join(allowed) or 'none'}")
         _check_value(mode, name, value, f"{where}.loss_params.{name}")
     params = {k: v for k, v in check_mode_params(mode, raw).items() if k not in schedule}
-    return LossSpec(mode, params, schedule)
+    return LossSpec(mode, params, schedule, objective)
 
 
 def _check_value(mode: str, param: str, value: Any, where: str) -> None:
@@ -159,7 +189,12 @@ class DistillLoss:
     lm_head weight [V, H] for the fused path (the [N, V] logits are then never materialised)."""
 
     def __init__(self, spec: LossSpec, *, backend: str = "auto", ce_weight: float = 0.0,
-                 tip_fraction: float = 1.0, chunk_size: Optional[int] = None) -> None:
+                 tip_fraction: float = 1.0, chunk_size: Optional[int] = None,
+                 behavior_temperature: float = 1.0) -> None:
+        """`behavior_temperature`: the rollouts' sampling temperature (pg's importance ratio)."""
+        if not behavior_temperature > 0:
+            raise ValueError(f"behavior_temperature must be > 0, got {behavior_temperature}")
+        self.behavior_temperature = behavior_temperature
         if not 0.0 < tip_fraction <= 1.0:
             raise ValueError(f"tip_fraction must be in (0, 1], got {tip_fraction}")
         if ce_weight < 0:
@@ -194,8 +229,20 @@ class DistillLoss:
                 "fkl", {}, targets.sampled_ids[:, None], torch.zeros_like(targets.teacher_logprob)[:, None],
                 mask, ce_w, None, logits, hidden, weight, inplace=False)
             ce = ce_tok.sum()
+        baseline = self.spec.objective.get("baseline", 0.0)
+        if self.spec.mode == "pg" and (baseline > 0 or self.behavior_temperature != 1.0):
+            expected_adv, behavior = self._pg_terms(targets, params, logits, hidden, weight)
+            targets = dataclasses.replace(targets, behavior_logprob=behavior)
+            if baseline > 0:
+                # −(A − b·E[A]·r)·log q(a) = pg's −A·r·log q(a) plus weight −b·E[A]·r on the CE −log q(a).
+                base_w = keep.float() * (-baseline / div_norm) * expected_adv
+                ce_extra = self._kernel("fkl", {}, targets.sampled_ids[:, None],
+                                        torch.zeros_like(targets.teacher_logprob)[:, None], keep, base_w,
+                                        None, logits, hidden, weight, inplace=False).sum()
         div = self._kernel(self.spec.mode, params, targets.topk_ids, targets.topk_logprobs, keep,
                            keep.float() / div_norm, targets, logits, hidden, weight, inplace=True).sum()
+        if self.spec.mode == "pg" and baseline > 0:
+            div = div + ce_extra
         total = div if ce is None else div + ce
         return LossOutput(total, div.detach(), None if ce is None else ce.detach() / self.ce_weight, n, n_sel)
 
@@ -214,6 +261,32 @@ class DistillLoss:
         # In place is safe only for the last reader of the logits (the divergence call, after CE).
         return sparse_divergence(logits, topk_ids, topk_logprobs, mode, inplace_grad=inplace,
                                  chunk_size=self.chunk_size, **kw)
+
+    @torch.no_grad()
+    def _pg_terms(self, targets: Targets, params: dict, logits, hidden, weight) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token: the baseline E_q[A]·r (r the clipped importance ratio, as the kernel applies it) and
+        the behaviour log-prob shifted so that the kernel's ratio exp(log q(a) − shifted) equals
+        exp(log q_T(a) − behaviour) at the rollouts' sampling temperature T."""
+        if targets.entry_weights is not None:
+            raise ValueError("pg's baseline needs exact top-k shards (a tail bucket); these shards hold "
+                             "sampled targets: set distill.loss_params.baseline to 0 or use topk shards")
+        tau, log_clip = params["tau"], math.log(params["is_clip"])
+        src = logits if logits is not None else hidden
+        cd = torch.float64 if src.dtype == torch.float64 else torch.float32   # as the kernels compute
+        expected = torch.empty(targets.mask.shape[0], dtype=cd, device=targets.mask.device)
+        behavior = torch.empty_like(expected)
+        for s, e, z in _logit_chunks(logits, hidden, weight, self.chunk_size):
+            zf = z.to(cd)
+            lq_all = torch.log_softmax(zf, dim=-1)
+            a = targets.sampled_ids[s:e, None].long()
+            lq_a = lq_all.gather(1, a)[:, 0]
+            lq_t = torch.log_softmax(zf / self.behavior_temperature, dim=-1).gather(1, a)[:, 0]
+            shifted = targets.behavior_logprob[s:e].to(cd) + (lq_a - lq_t)
+            ratio = torch.exp((lq_a - shifted).clamp(max=log_clip))
+            expected[s:e] = _expected_advantage(lq_all, targets.topk_ids[s:e], targets.topk_logprobs[s:e],
+                                                take_rows(targets.tail_logprob, s, e), tau) * ratio
+            behavior[s:e] = shifted
+        return expected, behavior
 
     @torch.no_grad()
     def _token_stats(self, targets: Targets, params: dict, logits, hidden, weight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,6 +312,25 @@ class DistillLoss:
         return entropy, signal
 
 
+def _expected_advantage(lq_all: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                        tail_logprob: Optional[torch.Tensor], tau: float) -> torch.Tensor:
+    """E_q[clip(log p − log q, ±tau)] over the k+1 outcomes S ∪ {tail}, per row (in lq_all's dtype).
+
+    tail_logprob None: the teacher tail is rebuilt as 1 − sum_S p (floored like the kernels do)."""
+    ids = topk_ids.long()
+    valid = (ids >= 0) & (ids < lq_all.shape[1])
+    lq = torch.where(valid, lq_all.gather(1, torch.where(valid, ids, torch.zeros_like(ids))), 0.0)
+    lp = torch.where(valid, topk_logprobs.to(lq_all.dtype).clamp(LOGP_MIN, 0.0), 0.0)
+    q = torch.where(valid, lq.exp(), 0.0)
+    terms = (q * (lp - lq).clamp(-tau, tau)).sum(1)
+    q_tail = (1.0 - q.sum(1)).clamp(min=TAIL_EPS_FP32)
+    if tail_logprob is None:
+        lp_tail = torch.log((1.0 - torch.where(valid, lp.exp(), 0.0).sum(1)).clamp(min=TAIL_EPS_FP32))
+    else:
+        lp_tail = tail_logprob.to(lq_all.dtype).clamp(LOGP_MIN, 0.0)
+    return terms + q_tail * (lp_tail - q_tail.log()).clamp(-tau, tau)
+
+
 def _logit_chunks(logits, hidden, weight, chunk_size: Optional[int]) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Row chunks of the logits, computed from hidden @ weight.T on the fused path (never [N, V] at once)."""
     n = logits.shape[0] if logits is not None else hidden.shape[0]
@@ -250,11 +342,14 @@ def _logit_chunks(logits, hidden, weight, chunk_size: Optional[int]) -> Iterator
         yield s, e, (logits[s:e] if logits is not None else hidden[s:e] @ w.t())
 
 
-def loss_from_config(cfg: DistillConfig, where: str) -> DistillLoss:
-    """The objective `distill` trains with, validated with errors naming `where` (e.g. "params.yaml: distill")."""
+def loss_from_config(cfg: DistillConfig, where: str, behavior_temperature: float = 1.0) -> DistillLoss:
+    """The objective `distill` trains with, validated with errors naming `where` (e.g. "params.yaml: distill").
+
+    `behavior_temperature`: the temperature the rollouts were sampled at (their footers' `sampling_temperature`)."""
     if not 0.0 < cfg.tip_fraction <= 1.0:
         raise ConfigError(f"{where}.tip_fraction: {cfg.tip_fraction} is outside (0, 1]; 1.0 keeps every token")
     if cfg.ce_weight < 0:
         raise ConfigError(f"{where}.ce_weight: {cfg.ce_weight} is negative; use 0 to disable the CE term")
     return DistillLoss(loss_spec(cfg.loss, cfg.loss_params, where), backend=cfg.kernel_backend,
-                       ce_weight=cfg.ce_weight, tip_fraction=cfg.tip_fraction)
+                       ce_weight=cfg.ce_weight, tip_fraction=cfg.tip_fraction,
+                       behavior_temperature=behavior_temperature)

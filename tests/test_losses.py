@@ -116,6 +116,44 @@ def test_pg_is_clipped_advantage_times_ratio_times_logq():
     torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("baseline,temperature,k", [(1.0, 1.0, 4), (0.5, 0.7, 4), (0.0, 1.3, 0), (1.0, 1.0, V)])
+def test_pg_baseline_and_temperature_match_an_independent_formula(baseline, temperature, k):
+    """−(A − b·E_q[A]·r)·log q(a) with r the clipped ratio exp(log q_T(a) − behaviour), E_q over S ∪ {tail}."""
+    logits, teacher, t = make(seed=6, k=k)
+    tau, is_clip = 0.9, 1.5
+    spec = loss_spec("pg", {"tau": tau, "is_clip": is_clip, "baseline": baseline}, "p")
+    out, grad = run(DistillLoss(spec, behavior_temperature=temperature), logits, t)
+
+    def ref(z):
+        lq_all = torch.log_softmax(z, -1)
+        a = t.sampled_ids[:, None]
+        lq = lq_all.gather(1, a)[:, 0]
+        lq_t = torch.log_softmax(z / temperature, -1).gather(1, a)[:, 0]
+        ratio = torch.exp(lq_t - t.behavior_logprob.double()).clamp(max=is_clip).detach()
+        adv = (t.teacher_logprob.double() - lq).clamp(-tau, tau).detach()
+        in_s = torch.zeros(N, V, dtype=torch.bool).scatter_(1, t.topk_ids, True)   # outcomes: S and one tail
+        q, p = lq_all.exp().detach(), teacher.exp()
+        q_tail, p_tail = (q * ~in_s).sum(1).clamp(min=1e-6), (p * ~in_s).sum(1).clamp(min=1e-6)
+        expected = ((q * (teacher - lq_all.detach()).clamp(-tau, tau)) * in_s).sum(1) \
+            + q_tail * (p_tail.log() - q_tail.log()).clamp(-tau, tau)
+        return (-(adv - baseline * expected) * ratio * lq).mean()
+
+    want, want_grad = dense(ref, logits)
+    torch.testing.assert_close(out.loss.double(), want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-7)
+    if baseline > 0:   # the baseline changes the update (not a no-op)
+        plain, plain_grad = run(DistillLoss(loss_spec("pg", {"tau": tau, "is_clip": is_clip}, "p"),
+                                            behavior_temperature=temperature), logits, t)
+        assert not torch.allclose(plain_grad, grad)
+
+
+def test_pg_baseline_refuses_sampled_targets():
+    logits, _, t = make(k=4)
+    t = Targets(**{**t.__dict__, "entry_weights": torch.ones(N, 4, dtype=torch.float64)})
+    with pytest.raises(ValueError, match="baseline needs exact top-k shards"):
+        run(DistillLoss(loss_spec("pg", {"baseline": 1.0}, "p")), logits, t)
+
+
 @pytest.mark.parametrize("mode", ["fkl", "jsd", "pg"])
 def test_fused_path_matches_logits_path(mode):
     g = torch.Generator().manual_seed(1)
@@ -167,6 +205,8 @@ def test_taid_loss_changes_with_progress():
     ("taid", {"t_start": -1}, r"params\.yaml: distill\.loss_params\.t_start: .*outside"),
     ("fkl", {"beta": 0.5}, r"distill\.loss_params\.beta: not a parameter of loss 'fkl'; allowed: none"),
     ("kl", {}, r"params\.yaml: distill\.loss: 'kl' is not a loss mode"),
+    ("pg", {"baseline": 2}, r"params\.yaml: distill\.loss_params\.baseline: 2 is not a number in \[0\.0, 1\.0\]"),
+    ("fkl", {"baseline": 1}, r"distill\.loss_params\.baseline: not a parameter of loss 'fkl'"),
 ])
 def test_bad_loss_settings_name_the_key(mode, params, match):
     with pytest.raises(ConfigError, match=match):
