@@ -1,0 +1,67 @@
+"""The online OPD baseline on a tiny configuration: the student samples every step, the teacher scores."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from pipeline import online_distill
+from tests.tiny_models import params_file, pi_ref, save_model
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPD_CACHE_DIR", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+
+
+def setup(tmp_path, **topk):
+    init, teacher = pi_ref(tmp_path / "pi_ref"), save_model(tmp_path / "teacher", seed=3)
+    prompts = tmp_path / "opd.parquet"
+    pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(5)], "prompt": [f"{i}+{i}=" for i in range(5)],
+                             "answer": [str(2 * i) for i in range(5)]}), prompts)
+    params = params_file(tmp_path, batch_size=4, max_steps=3)
+    data = yaml.safe_load(params.read_text())
+    data["rollouts"].update(n_samples=2, max_new_tokens=5)
+    data["teacher_topk"].update(k=3, **topk)
+    params.write_text(yaml.safe_dump(data))
+    return ["--params", str(params), "--metrics-dir", str(tmp_path / "metrics"), "--init", str(init),
+            "--teacher", str(teacher), "--prompts", str(prompts), "--out", str(tmp_path / "out"),
+            "--logs", str(tmp_path / "logs")]
+
+
+def test_online_opd_samples_and_scores_every_step_and_trains(tmp_path, monkeypatch):
+    seen = []
+    orig = online_distill.OnlineBatches._batches
+
+    def spy(self):
+        for batch in orig(self):
+            seen.append((batch, {n: p.detach().clone() for n, p in self.module.model.named_parameters()}))
+            yield batch
+
+    monkeypatch.setattr(online_distill.OnlineBatches, "_batches", spy)
+    online_distill.main(setup(tmp_path))
+    metrics = json.loads((tmp_path / "metrics" / "online_distill.json").read_text())
+    assert metrics["steps"] == 3 and len(seen) == 3
+    for batch, _ in seen:   # the shard batch format, 2 prompts x 2 samples, teacher top-3 at response tokens
+        assert batch["input_ids"].shape[0] == 4 and batch["topk_ids"].shape[-1] == 3
+        resp = batch["response_mask"]
+        assert (batch["topk_ids"][resp] >= 0).all() and (batch["topk_ids"][~resp] == -1).all()
+        assert (batch["teacher_logprob"][resp] <= 0).all() and (batch["student_logprob"][resp] <= 0).all()
+    # each batch was sampled by the weights of that moment: they changed between the samplings
+    first, last = seen[0][1], seen[-1][1]
+    assert any(not torch.equal(first[n], last[n]) for n in first)
+    assert (tmp_path / "out" / "config.json").exists()
+    assert metrics["generate_s"] > 0 and metrics["score_s"] > 0
+
+
+def test_online_opd_refuses_sampled_teacher_targets(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        online_distill.main(setup(tmp_path, selection="sampled", samples=2))
+    assert exc.value.code == 2
+    assert "teacher_topk.selection must be 'topk'" in capsys.readouterr().err
