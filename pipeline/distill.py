@@ -93,6 +93,9 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
         write_provenance(
             folder, "distill", source=str(args.init), config=dataclasses.asdict(cfg),
             init_fingerprint=report["init_fingerprint"], teacher_fingerprint=report["teacher_fingerprint"],
+            # Carried forward so the next round of multi-round OPD can start from this student: it
+            # descends from the same SFT data, and that teacher's shards are what stay consistent with it.
+            sft_teacher_fingerprint=report["sft_teacher_fingerprint"],
             allow_inconsistent_teacher=cfg.allow_inconsistent_teacher, consistency=report)
 
     save_model(result, args.out, dtype, finish)
