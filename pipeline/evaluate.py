@@ -68,10 +68,10 @@ def divergence_to_teacher(teacher, student, prompt_ids: Sequence[list[int]], res
 
 
 def run(args: argparse.Namespace, cfg: EvaluateConfig) -> dict:
-    from pipeline.generation import greedy_decode, model_dtype
+    from pipeline.backends.generation import greedy_decode, model_dtype
     from pipeline.models import default_device, load_model, resolve_model_dir
     from pipeline.prompts import read_prompts
-    from pipeline.toy_task import accuracy
+    from pipeline.tasks.addition import accuracy
 
     models = {"teacher": args.teacher, "student_sft": args.ref, "student_opd": args.student}
     for path in models.values():

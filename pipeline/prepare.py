@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import toy_task
+from pipeline.tasks import addition as toy_task
 from pipeline.atomic import atomic_dir
 from pipeline.config import TaskConfig
 from pipeline.prompts import PROMPT_SCHEMA, SPLITS, PromptFileError, validate_prompts

@@ -20,7 +20,7 @@ from pipeline import shards
 from pipeline.config import GenerationConfig
 from pipeline.errors import UserError
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
-from pipeline.generation import backend_version
+from pipeline.backends.generation import backend_version
 from pipeline.models import load_tokenizer
 from pipeline.prompts import encode_prompt, read_prompts
 

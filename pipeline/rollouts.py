@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pipeline import shards
 from pipeline.config import RolloutsConfig
 from pipeline.errors import UserError
-from pipeline.generation import Sample, batch_seed, get_generator
+from pipeline.backends.generation import Sample, batch_seed, get_generator
 from pipeline.prompt_parts import plan_parts
 from pipeline.stage import add_shard_arg, stage_main
 

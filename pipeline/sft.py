@@ -63,7 +63,7 @@ def scratch_student(cfg: SftConfig, teacher_dir: Path, teacher: int):
     (`teacher` parameters)."""
     from transformers import AutoTokenizer
 
-    from pipeline.toy_task import build_model
+    from pipeline.tasks.addition import build_model
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     model = build_model(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size, cfg.seed)

@@ -19,10 +19,10 @@ from tqdm import tqdm
 from pipeline import shards
 from pipeline.config import SftDataConfig
 from pipeline.errors import UserError
-from pipeline.generation import Sample, batch_seed, get_generator
+from pipeline.backends.generation import Sample, batch_seed, get_generator
 from pipeline.prompt_parts import plan_parts
 from pipeline.stage import add_shard_arg, stage_main
-from pipeline.toy_task import verify
+from pipeline.tasks.addition import verify
 
 KIND = "sft_data"
 

@@ -16,10 +16,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline import toy_task
+from pipeline.tasks import addition as toy_task
 from pipeline.atomic import atomic_dir
 from pipeline.config import TeacherConfig
-from pipeline.generation import greedy_decode
+from pipeline.backends.generation import greedy_decode
 from pipeline.lm_training import Example, train_lm
 from pipeline.models import default_device, load_tokenizer, parameter_count, resolve_model_source, write_model_ref
 from pipeline.prompts import encode_prompt, read_prompts

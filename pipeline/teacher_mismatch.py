@@ -70,7 +70,7 @@ def read_rollouts(folder: Path, max_rows: int | None) -> tuple[pa.Table, dict[st
 def score_sampled(teacher: Path, input_ids: list[list[int]], prompt_lens: list[int], backend: str,
                   batch_size: int, device: str | None) -> list[np.ndarray]:
     """Log-probs of the sampled response tokens under `teacher`; the model is freed before returning."""
-    from pipeline.scoring import get_scorer
+    from pipeline.backends.scoring import get_scorer
 
     scorer = get_scorer(backend, teacher, batch_size=batch_size, device=device)
     out = [s.teacher_logprob for s in scorer.score(input_ids, prompt_lens, k=0)]

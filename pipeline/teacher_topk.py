@@ -31,10 +31,10 @@ from tqdm import tqdm
 from pipeline import shards
 from pipeline.config import TeacherTopkConfig
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
-from pipeline.generation import backend_version
+from pipeline.backends.generation import backend_version
 from pipeline.models import load_tokenizer
 from pipeline.prompts import encode_prompt, read_prompts
-from pipeline.scoring import SCORING_TEMPERATURE, Scored, get_scorer
+from pipeline.backends.scoring import SCORING_TEMPERATURE, Scored, get_scorer
 from pipeline.errors import UserError
 from pipeline.stage import add_shard_arg, stage_main
 

@@ -12,9 +12,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from pipeline import evaluate, toy_task
+from pipeline import evaluate
+from pipeline.tasks import addition as toy_task
 from pipeline.prompts import PROMPT_SCHEMA
-from pipeline.toy_task import make_problems
+from pipeline.tasks.addition import make_problems
 from tests.tiny_models import REPO, save_model
 
 

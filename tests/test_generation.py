@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.generation import Sample, batch_seed, get_generator, length_batches
+from pipeline.backends.generation import Sample, batch_seed, get_generator, length_batches
 from tests.tiny_models import save_model
 
 PROMPTS = [[1, 20, 21, 22], [1, 23], [1, 24, 25, 26, 27, 28, 29], [1], [1, 30, 30, 30]]
@@ -107,7 +107,7 @@ def test_bad_arguments(gen):
 
 
 def test_vllm_backend_without_vllm_says_how_to_install(model_dir, monkeypatch):
-    from pipeline.scoring import get_scorer
+    from pipeline.backends.scoring import get_scorer
     from pipeline.errors import UserError
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # an import of vllm now fails as if not installed
@@ -120,6 +120,6 @@ def test_vllm_backend_without_vllm_says_how_to_install(model_dir, monkeypatch):
 def test_only_vllm_backend_imports_vllm():
     root = Path(__file__).resolve().parents[1]
     pattern = re.compile(r"^\s*(import vllm|from vllm)", re.M)
-    offenders = [p.name for p in (root / "pipeline").glob("*.py")
+    offenders = [p.name for p in (root / "pipeline").rglob("*.py")
                  if p.name != "vllm_backend.py" and pattern.search(p.read_text())]
     assert offenders == []

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import shards, toy_task
+from pipeline import shards
+from pipeline.tasks import addition as toy_task
 from pipeline.inspect_shards import (META_SQL, QUERIES, SUMMARY_SQL, TOKENS_SUMMARY_SQL, TOKENS_VIEW_SQL,
                                      TOP_GAPS_SQL, VIEWS_SQL, connect, format_table, main, query)
 from tests.tiny_models import save_model, teacher_meta, write_teacher_shards

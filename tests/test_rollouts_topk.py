@@ -13,11 +13,12 @@ import pytest
 import torch
 import yaml
 
-from pipeline import rollouts, shards, teacher_topk, toy_task
+from pipeline import rollouts, shards, teacher_topk
+from pipeline.tasks import addition as toy_task
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
-from pipeline.generation import HFGenerator
+from pipeline.backends.generation import HFGenerator
 from pipeline.prompts import PROMPT_SCHEMA
-from pipeline.scoring import HFScorer
+from pipeline.backends.scoring import HFScorer
 from tests.tiny_models import save_model
 
 N_PROMPTS, N_SAMPLES, ROWS_PER_SHARD, K = 7, 2, 4, 3   # 2 prompts per part -> 4 parts, the last one short

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.scoring import get_scorer
+from pipeline.backends.scoring import get_scorer
 from tests.tiny_models import save_model
 
 K = 4
@@ -77,7 +77,7 @@ def test_k_zero_and_bad_inputs(model_dir):
 
 def test_position_blocks_do_not_change_scores(model_dir, monkeypatch):
     """Log-probs are computed a block of positions at a time; one position per block must agree exactly."""
-    import pipeline.scoring as scoring
+    import pipeline.backends.scoring as scoring
 
     scorer = get_scorer("hf", model_dir, batch_size=7, device="cpu")
     seqs, prompt_lens = sequences(scorer.model.config.vocab_size, seed=3)

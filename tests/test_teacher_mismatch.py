@@ -7,7 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import shards, toy_task
+from pipeline import shards
+from pipeline.tasks import addition as toy_task
 from pipeline.fingerprint import tokenizer_fingerprint
 from pipeline.teacher_mismatch import main, mismatch_stats
 from tests.tiny_models import save_model, swap_token_ids

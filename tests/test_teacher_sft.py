@@ -6,7 +6,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline import lm_training, prepare, sft, sft_data, shards, teacher, toy_task
+from pipeline import lm_training, prepare, sft, sft_data, shards, teacher
+from pipeline.tasks import addition as toy_task
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
 from pipeline.models import REF_FILE, ModelPathError, resolve_model_source
 from pipeline.provenance import read_provenance

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline import toy_task
+from pipeline.tasks import addition as toy_task
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from pipeline import shards, toy_task
+from pipeline import shards
+from pipeline.tasks import addition as toy_task
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
 from pipeline.provenance import write_provenance
 

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline.generation import length_batches, left_pad, model_dtype
+from pipeline.backends.generation import length_batches, left_pad, model_dtype
 
 SCORING_TEMPERATURE = 1.0
 LOGPROB_CHUNK_ELEMS = 1 << 26  # fp32 log-prob elements per block of positions (256 MiB)
@@ -39,7 +39,7 @@ def get_scorer(backend: str, model_path: Path | str, *, batch_size: int, device:
     if backend == "hf":
         return HFScorer(model_path, batch_size=batch_size, device=device)
     if backend == "vllm":
-        from pipeline.vllm_backend import VLLMScorer
+        from pipeline.backends.vllm_backend import VLLMScorer
 
         return VLLMScorer(model_path, batch_size=batch_size, device=device)
     raise ValueError(f"unknown scoring backend {backend!r}; use hf or vllm")

@@ -40,7 +40,7 @@ def get_generator(backend: str, model_path: Path | str, *, batch_size: int,
     if backend == "hf":
         return HFGenerator(model_path, batch_size=batch_size, device=device)
     if backend == "vllm":
-        from pipeline.vllm_backend import VLLMGenerator
+        from pipeline.backends.vllm_backend import VLLMGenerator
 
         return VLLMGenerator(model_path, batch_size=batch_size, device=device)
     raise ValueError(f"unknown generation backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -49,7 +49,7 @@ def get_generator(backend: str, model_path: Path | str, *, batch_size: int,
 def backend_version(backend: str) -> str:
     """Library versions recorded in shard footers: numbers can change across versions of either."""
     if backend == "vllm":
-        from pipeline.vllm_backend import vllm_version
+        from pipeline.backends.vllm_backend import vllm_version
 
         return vllm_version()
     import torch

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.generation import Sample, batch_seed, stop_token_ids
+from pipeline.backends.generation import Sample, batch_seed, stop_token_ids
 from pipeline.models import resolve_model_dir
-from pipeline.scoring import Scored, check_inputs
+from pipeline.backends.scoring import Scored, check_inputs
 from pipeline.errors import UserError
 
 INSTALL_HINT = "pip install 'offline-opd[vllm]'"
