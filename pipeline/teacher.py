@@ -1,7 +1,8 @@
 """Stage `teacher`: the teacher model every later stage is tied to (its fingerprint is recorded downstream).
 
 `teacher.source: scratch` (the embedded default) trains a small Llama from scratch on the reference
-traces of the toy SFT prompts, holding a slice of them out to report greedy accuracy, and saves a real
+traces of the toy SFT prompts (their `reference` column), holding a slice of them out to report greedy
+exact match, and saves a real
 Hugging Face folder (safetensors + tokenizer). Any other `teacher.source` is a local model folder (or,
 only then, a hub id fetched with huggingface_hub): it is checked (config and tokenizer load) and
 fingerprinted, and the output folder holds a reference to it instead of a copy of its weights.
@@ -16,12 +17,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.tasks import addition as toy_task
 from pipeline.atomic import atomic_dir
-from pipeline.config import TeacherConfig
-from pipeline.backends.generation import greedy_decode
+from pipeline.backends.engine import greedy_responses, load_engine
+from pipeline.config import EngineConfig, TeacherConfig
 from pipeline.lm_training import Example, train_lm
-from pipeline.models import default_device, load_tokenizer, parameter_count, resolve_model_source, write_model_ref
+from pipeline.models import (MAX_POSITIONS, build_char_tokenizer, build_llama, default_device, load_tokenizer,
+                             parameter_count, resolve_model_source, write_model_ref)
 from pipeline.prompts import encode_prompt, read_prompts
 from pipeline.provenance import write_provenance
 from pipeline.errors import UserError
@@ -42,32 +43,39 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="folder for loss.csv, the toy teacher's training curve (default: plots/teacher)")
 
 
-def toy_examples(tokenizer, prompts: list[str], where: Path) -> list[Example]:
-    """Prompt + reference trace + eos for each prompt; refuses prompts the toy task cannot solve."""
+def toy_examples(tokenizer, prompts: list[str], references: list[str | None], where: Path) -> list[Example]:
+    """Prompt + reference response + eos for each prompt; refuses prompts without a reference."""
     examples = []
-    for prompt in prompts:
-        try:
-            solution = toy_task.solve(prompt)
-        except ValueError:
-            raise UserError(f"{where}: prompt {prompt!r} is not a toy addition; teacher.source 'scratch' only "
-                            f"trains the embedded toy teacher. With your own prompts set teacher.source to a "
-                            f"Hugging Face model folder") from None
+    for prompt, reference in zip(prompts, references):
+        if reference is None:
+            raise UserError(f"{where}: prompt {prompt!r} has no 'reference' response; teacher.source 'scratch' "
+                            f"trains the embedded toy teacher on the toy task's traces. With your own prompts "
+                            f"set teacher.source to a Hugging Face model folder")
         prompt_ids = encode_prompt(tokenizer, prompt)
-        response = tokenizer(solution, add_special_tokens=False)["input_ids"]
+        response = tokenizer(reference, add_special_tokens=False)["input_ids"]
         examples.append(Example(prompt_ids + response + [tokenizer.eos_token_id], len(prompt_ids)))
     return examples
 
 
+def heldout_exact_match(model_dir: Path, prompts: list[str], references: list[str], max_new_tokens: int) -> float:
+    """Fraction of held-out prompts the teacher answers greedily with exactly the reference response
+    (no task verifier: the toy reference is the whole trace, so an exact match is a correct answer)."""
+    engine = load_engine(model_dir, EngineConfig("hf", EVAL_BATCH, "auto", MAX_POSITIONS, 1.0), "teacher")
+    responses = greedy_responses(engine, [encode_prompt(engine.tokenizer, p) for p in prompts], max_new_tokens)
+    texts = engine.tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return sum(t == r for t, r in zip(texts, references)) / max(1, len(references))
+
+
 def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     table = read_prompts(args.prompts)
-    prompts, answers = table.column("prompt").to_pylist(), table.column("answer").to_pylist()
+    prompts, references = table.column("prompt").to_pylist(), table.column("reference").to_pylist()
     holdout = min(HOLDOUT, len(prompts) // 10)
     if len(prompts) - holdout < 1:
         raise UserError(f"{args.prompts}: {len(prompts)} prompts leave nothing to train the teacher on; "
                         f"raise task.n_sft")
-    tokenizer = toy_task.build_tokenizer()
-    train_set = toy_examples(tokenizer, prompts[:len(prompts) - holdout], args.prompts)
-    model = toy_task.build_model(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+    tokenizer = build_char_tokenizer()
+    train_set = toy_examples(tokenizer, prompts, references, args.prompts)[:len(prompts) - holdout]
+    model = build_llama(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
                                  cfg.intermediate_size, cfg.seed).to(default_device())
     start = time.perf_counter()
     result = train_lm(model, train_set, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
@@ -78,17 +86,14 @@ def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     with atomic_dir(args.out) as tmp:
         model.cpu().save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        accuracy = None
-        if holdout:
-            texts = greedy_decode("hf", tmp, prompts[-holdout:], batch_size=EVAL_BATCH, max_new_tokens=max_new)[2]
-            accuracy = toy_task.accuracy(texts, answers[-holdout:])
+        accuracy = heldout_exact_match(tmp, prompts[-holdout:], references[-holdout:], max_new) if holdout else None
         write_provenance(tmp, "teacher", source="scratch", config=asdict(cfg),
                          train_prompts=str(args.prompts), heldout_prompts=holdout)
     metrics = {"params": sum(p.numel() for p in model.parameters()), "final_loss": round(result.final_loss, 5),
                "train_s": round(train_s, 1), "heldout_n": holdout}
     if accuracy is not None:
-        metrics["heldout_accuracy"] = accuracy
-        log.info("teacher greedy accuracy on %d held-out prompts: %.3f", holdout, accuracy)
+        metrics["heldout_exact_match"] = accuracy
+        log.info("teacher greedy exact match on %d held-out prompts: %.3f", holdout, accuracy)
     return metrics
 
 

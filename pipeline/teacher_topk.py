@@ -31,10 +31,10 @@ from tqdm import tqdm
 from pipeline import shards
 from pipeline.config import TeacherTopkConfig
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
-from pipeline.backends.generation import backend_version
+from pipeline.backends.engine import engine_footer, load_engine
 from pipeline.models import load_tokenizer
 from pipeline.prompts import encode_prompt, read_prompts
-from pipeline.backends.scoring import SCORING_TEMPERATURE, Scored, get_scorer
+from pipeline.backends.scoring import SCORING_TEMPERATURE, Scored
 from pipeline.errors import UserError
 from pipeline.stage import add_shard_arg, stage_main
 
@@ -143,19 +143,18 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
         "scoring_temperature": SCORING_TEMPERATURE,
         # Always JSON (write_shard passes strings through): json.loads gives None or the template.
         "privileged_context": json.dumps(cfg.privileged_context),
-        "logprob_dtype": cfg.logprob_dtype, "backend": cfg.backend,
-        "backend_version": backend_version(cfg.backend), "config": asdict(cfg),
+        "logprob_dtype": cfg.logprob_dtype, **engine_footer(cfg), "config": asdict(cfg),
     }
     stats = {"parts_total": len(parts), "parts_skipped": len(range(shard[0], len(parts), shard[1])) - len(todo),
              "parts_written": 0, "rows": 0, "response_tokens": 0, "bytes": 0, "sum_teacher_logprob": 0.0,
              "sampled_in_topk": 0}
     if not todo:
         return stats
-    scorer = get_scorer(cfg.backend, args.teacher, batch_size=cfg.batch_size)
+    engine = load_engine(args.teacher, cfg, KIND, max_logprobs=cfg.k)
     start = time.perf_counter()
     for j in tqdm(todo, desc="teacher_topk", unit="part"):
         rollouts = pa.concat_tables(shards.iter_row_groups(parts[j]))
-        scored = scorer.score(*teacher_inputs(rollouts, privileged), k=cfg.k)
+        scored = engine.score(*teacher_inputs(rollouts, privileged), k=cfg.k)
         path = shards.write_shard(args.out / shards.part_name(j), scored_table(rollouts, scored, cfg.logprob_dtype),
                                   meta, shards.teacher_schema(cfg.logprob_dtype))
         stats["parts_written"] += 1

@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline.models import build_char_tokenizer, build_llama
 from pipeline import shards
-from pipeline.tasks import addition as toy_task
 from pipeline.fingerprint import tokenizer_fingerprint
 from pipeline.teacher_mismatch import main, mismatch_stats
 from tests.tiny_models import save_model, swap_token_ids
@@ -32,7 +32,7 @@ def test_formula_on_fixed_numbers():
 
 
 def write_rollouts(folder, tokenizer_fp, n=5):
-    tok = toy_task.build_tokenizer()
+    tok = build_char_tokenizer()
     rows = []
     for i, (prompt, response) in enumerate(zip(["1+2=", "33+4=", "5+9=", "8+8=", "70+1="][:n],
                                                ["3", "37", "14", "16", "71"])):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 
+from pipeline.models import build_char_tokenizer, build_llama
 from pipeline import lm_training, prepare, sft, sft_data, shards, teacher
 from pipeline.tasks import addition as toy_task
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
@@ -16,9 +17,10 @@ from tests import tiny_models
 TASK = {"kind": "addition", "digits": 3, "n_sft": 60, "n_opd": 8, "n_eval": 8, "seed": 0, "prompt_file": None}
 TEACHER = {"source": "scratch", "hidden_size": 48, "num_layers": 2, "num_heads": 2, "intermediate_size": 96,
            "steps": 4, "batch_size": 16, "lr": 3.0e-3, "warmup_frac": 0.25, "seed": 0}
-SFT_DATA = {"backend": "hf", "batch_size": 32, "max_new_tokens": 12, "temperature": 0.0, "rows_per_shard": 25,
+SFT_DATA = {"backend": "hf", "batch_size": 32, "dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0,
+            "max_new_tokens": 12, "temperature": 0.0, "rows_per_shard": 25,
             "seed": 0}
-SFT = {**TEACHER, "hidden_size": 16, "num_layers": 1, "intermediate_size": 32}
+SFT = {**TEACHER, "hidden_size": 16, "num_layers": 1, "intermediate_size": 32, "prune_to_layers": None}
 
 
 def write_params(folder, **sections):
@@ -66,7 +68,7 @@ def test_teacher_is_a_loadable_hf_folder_with_provenance(pipeline_dir):
     assert record["model_fingerprint"] == model_fingerprint(root / "teacher")
     metrics = json.loads((root / "metrics" / "teacher.json").read_text())
     assert metrics["params"] == sum(p.numel() for p in model.parameters())
-    assert 0.0 <= metrics["heldout_accuracy"] <= 1.0 and metrics["heldout_n"] == 6
+    assert 0.0 <= metrics["heldout_exact_match"] <= 1.0 and metrics["heldout_n"] == 6
     assert metrics["final_loss"] > 0 and metrics["wall_s"] > 0
     curve = (root / "plots/teacher/loss.csv").read_text().splitlines()
     assert curve[0] == "step,loss,lr" and len(curve) == TEACHER["steps"] + 1
@@ -80,7 +82,7 @@ def test_sft_data_parts_carry_the_teacher(pipeline_dir):
     assert info.meta["teacher_fingerprint"] == model_fingerprint(root / "teacher")
     assert info.meta["tokenizer_fingerprint"] == tokenizer_fingerprint(root / "teacher")
     row = next(shards.iter_row_groups(info)).to_pylist()[0]
-    tok = toy_task.build_tokenizer()
+    tok = build_char_tokenizer()
     assert row["input_ids"][:row["prompt_len"]] == tok(row["prompt"])["input_ids"]
     response_ids = row["input_ids"][row["prompt_len"]:]
     assert 1 <= len(response_ids) <= SFT_DATA["max_new_tokens"]
@@ -163,16 +165,16 @@ def test_scratch_teacher_refuses_prompts_that_are_not_the_toy_task(tmp_path, cap
     prepare.main(argv + ["--out", str(tmp_path / "prompts")])
     err = stage_error(capsys, teacher.main, argv + ["--prompts", str(tmp_path / "prompts/sft.parquet"),
                                                     "--out", str(tmp_path / "teacher"), "--plots", str(tmp_path)])
-    assert "not a toy addition" in err and "teacher.source" in err
+    assert "no 'reference' response" in err and "teacher.source" in err
 
 
 def test_training_is_deterministic():
-    tok = toy_task.build_tokenizer()
+    tok = build_char_tokenizer()
     examples = [lm_training.Example(tok(p.prompt + p.solution)["input_ids"] + [tok.eos_token_id],
                                     len(tok(p.prompt)["input_ids"])) for p in toy_task.make_problems(3, 40, seed=0)]
 
     def train(seed: int) -> dict:
-        model = toy_task.build_model(tok, 32, 1, 2, 64, seed=0)
+        model = build_llama(tok, 32, 1, 2, 64, seed=0)
         result = lm_training.train_lm(model, examples, steps=6, batch_size=8, lr=3e-3, warmup_frac=0.2, seed=seed,
                                       pad_id=tok.pad_token_id)
         assert result.final_loss < 5

