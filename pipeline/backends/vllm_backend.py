@@ -67,10 +67,12 @@ class VLLMEngine:
         self.max_model_len, self.section = max_model_len, section
         # generation_config="vllm": the model's generation_config.json must not change the sampling
         # distribution behind the recorded log-probs. Prefix caching would skip the prefill that
-        # computes prompt log-probs for cached blocks.
+        # computes prompt log-probs for cached blocks. Eager on CPU: torch.compile's warm-up tripled
+        # the engine start of a tiny model on 2 cores (154 s vs 50 s measured), for one stage's work.
         self.llm = vllm.LLM(model=str(folder), dtype=dtype, max_model_len=max_model_len, max_num_seqs=batch_size,
                             max_logprobs=self.max_logprobs, logprobs_mode="processed_logprobs",
-                            enable_prefix_caching=False, generation_config="vllm", seed=0, **memory)
+                            enable_prefix_caching=False, generation_config="vllm", seed=0,
+                            enforce_eager=device == "cpu", **memory)
         self.tokenizer = load_tokenizer(folder)
         try:
             gen_config = GenerationConfig.from_pretrained(folder)
