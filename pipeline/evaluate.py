@@ -17,7 +17,6 @@ and with --plots DIR also DIR/accuracy.csv (model, accuracy) for `dvc plots`.
 from __future__ import annotations
 
 import argparse
-import gc
 from pathlib import Path
 
 from pipeline.atomic import write_json, write_text
@@ -48,8 +47,7 @@ def greedy_answers(path: Path, cfg: EvaluateConfig, prompts: list[str]) -> tuple
     prompt_ids = [encode_prompt(engine.tokenizer, p) for p in prompts]
     responses = greedy_responses(engine, prompt_ids, cfg.max_new_tokens)
     texts = engine.tokenizer.batch_decode(responses, skip_special_tokens=True)
-    del engine
-    gc.collect()
+    engine.close()
     return prompt_ids, responses, texts
 
 

@@ -68,4 +68,5 @@ def test_hf_and_vllm_agree_on_smollm2(smollm2, prompts):
     print(f"\nSmolLM2 fp32, {len(prompts)} prompts: greedy identical {same}/{len(prompts)}; scoring top-1 agreement "
           f"{top1:.4f}, max |Δ log-prob| over shared top-{K} ids {shared:.2e}; vLLM sampled log-prob vs hf scorer "
           f"max |Δ| {sampled:.2e}")
+    v.close()
     assert same >= len(prompts) - 1 and top1 >= 0.99 and shared < 1e-3 and sampled < 1e-3

@@ -37,7 +37,8 @@ def engines(tmp_path_factory):
     model_dir = save_model(tmp_path_factory.mktemp("vllm") / "model", seed=5, hidden=64, layers=2)
     vllm_engine = load_engine(model_dir, engine_config("vllm", batch_size=8, max_model_len=128), "test",
                               max_logprobs=K, device="cpu")
-    return vllm_engine, hf_engine(model_dir, batch_size=8, max_model_len=128)
+    yield vllm_engine, hf_engine(model_dir, batch_size=8, max_model_len=128)
+    vllm_engine.close()  # the engine's worker processes must not outlive the module
 
 
 def flat(samples):

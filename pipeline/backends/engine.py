@@ -37,6 +37,11 @@ class Engine(Protocol):
         """Top-k and sampled-token log-probs (T = 1) of each sequence's response positions."""
         ...
 
+    def close(self) -> None:
+        """Free the model now: a stage that runs several models one after another (evaluate) must not
+        hold two at once, and vLLM's worker processes outlive a plain `del`."""
+        ...
+
 
 def resolve_dtype(dtype: str, device: str) -> str:
     """`auto`: fp32 on CPU (exact, and CPUs gain little from bf16), bf16 on GPU."""

@@ -30,3 +30,9 @@ class HFEngine:
     def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int) -> list[Scored]:
         check_fits([len(s) for s in input_ids], self.max_model_len, self.section)
         return self._scorer.score(input_ids, prompt_lens, k)
+
+    def close(self) -> None:
+        import gc
+
+        self.model = self._generator = self._scorer = None
+        gc.collect()

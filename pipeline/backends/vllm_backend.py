@@ -112,6 +112,9 @@ class VLLMEngine:
                                     use_tqdm=False)
         return [_scored(ids, p, out.prompt_logprobs, k) for ids, p, out in zip(input_ids, prompt_lens, outputs)]
 
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+
 
 def _scored(ids: list[int], prompt_len: int, prompt_logprobs, k: int) -> Scored:
     """Response positions of one prompt_logprobs list (entry i scores ids[i]; entry 0 is None)."""
