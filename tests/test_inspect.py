@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.models import build_char_tokenizer, build_llama
+from pipeline.models import build_char_tokenizer
 from pipeline import shards
 from pipeline.inspect_shards import (META_SQL, QUERIES, SUMMARY_SQL, TOKENS_SUMMARY_SQL, TOKENS_VIEW_SQL,
                                      TOP_GAPS_SQL, VIEWS_SQL, connect, format_table, main, query)

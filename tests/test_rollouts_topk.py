@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.models import build_char_tokenizer, build_llama
+from pipeline.models import build_char_tokenizer
 from pipeline import rollouts, shards, teacher_topk
 from pipeline.tasks import addition as toy_task
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint

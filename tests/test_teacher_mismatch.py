@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.models import build_char_tokenizer, build_llama
+from pipeline.models import build_char_tokenizer
 from pipeline import shards
 from pipeline.fingerprint import tokenizer_fingerprint
 from pipeline.teacher_mismatch import main, mismatch_stats
