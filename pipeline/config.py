@@ -68,6 +68,12 @@ class TaskConfig:
     # `answer` (reference answer for the verifier) and `split` (sft/opd/eval).
     prompt_file: Optional[str]
 
+    def check(self, where: str) -> None:
+        """A prompt file with the toy task would be silently ignored; refuse it."""
+        if self.kind == "addition" and self.prompt_file is not None:
+            raise ConfigError(f"{where}.prompt_file: set, but task.kind 'addition' ignores it; set "
+                              f"task.kind: file to use it, or prompt_file: null")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -84,6 +90,13 @@ class ModelConfig:
     lr: Positive
     warmup_frac: Fraction
     seed: NonNegInt
+
+    def check(self, where: str) -> None:
+        """A scratch Llama splits hidden_size into num_heads heads of an even size (rotary embeddings)."""
+        if self.source == "scratch" and (self.hidden_size % self.num_heads or self.hidden_size // self.num_heads % 2):
+            raise ConfigError(f"{where}.num_heads: {self.num_heads} heads do not split hidden_size "
+                              f"{self.hidden_size} into heads of an even size; pick num_heads so that "
+                              f"hidden_size / num_heads is an even integer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +181,7 @@ class DistillConfig:
     grad_clip: NonNeg
     ce_weight: NonNeg
     tip_fraction: Fraction
-    precision: str
+    precision: Literal["32-true", "32", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"]
     seed: NonNegInt
     allow_inconsistent_teacher: bool
     # Data reader: DataLoader worker processes per rank, and how many row groups are mixed in one
@@ -252,7 +265,11 @@ def parse_section(cls: type[C], raw: Any, where: str) -> C:
             f"see configs/toy.yaml)"
         )
     values = {name: _coerce(raw[name], hints[name], f"{where}.{name}") for name in fields}
-    return cls(**values)
+    parsed = cls(**values)
+    check = getattr(parsed, "check", None)
+    if check is not None:
+        check(where)
+    return parsed
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

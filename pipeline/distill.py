@@ -27,6 +27,7 @@ from typing import Any, Optional
 from pipeline.atomic import atomic_dir, write_json, write_text
 from pipeline.config import DistillConfig
 from pipeline.consistency import check_distill_inputs
+from pipeline.errors import UserError
 from pipeline.shards import ShardError, ShardInfo
 from pipeline.stage import stage_main
 
@@ -120,7 +121,17 @@ def loss_csv(history: list[list[float]]) -> str:
     return "step,train_loss\n" + "".join(f"{int(s)},{loss:.6g}\n" for s, loss in history)
 
 
+def check_kernel_backend(cfg: DistillConfig, params: Path) -> None:
+    """`triton` without a GPU would fail deep in training (or crawl in the interpreter unasked); say so first."""
+    import torch
+
+    if cfg.kernel_backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(f"{params}: distill.kernel_backend: 'triton' needs a CUDA GPU and none is visible; set it to "
+                        f"'auto' (Triton on GPU, PyTorch on CPU) or 'torch'")
+
+
 def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
+    check_kernel_backend(cfg, args.params)
     report = check_distill_inputs(args.init, args.shards, cfg.allow_inconsistent_teacher)
 
     import pytorch_lightning as pl

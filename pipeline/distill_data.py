@@ -185,8 +185,8 @@ def collate(table: pa.Table, k: int) -> dict[str, Any]:
     topk_lp_values = flat("topk_logprobs")
     topk_ids = np.full((B, T, k), -1, np.int32)
     topk_lp = np.zeros((B, T, k), topk_lp_values.dtype)
-    topk_ids[rrows, rcols] = flat("topk_ids").reshape(-1, k)
-    topk_lp[rrows, rcols] = topk_lp_values.reshape(-1, k)
+    topk_ids[rrows, rcols] = flat("topk_ids").reshape(len(rrows), k)  # not -1: k may be 0 (pg)
+    topk_lp[rrows, rcols] = topk_lp_values.reshape(len(rrows), k)
     return {
         "input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
         "response_mask": torch.from_numpy(resp_mask), "topk_ids": torch.from_numpy(topk_ids),

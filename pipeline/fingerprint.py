@@ -22,7 +22,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from pipeline.atomic import write_json
-from pipeline.models import ModelPathError, resolve_model_dir
+from pipeline.models import ModelPathError, loading, resolve_model_dir
 
 # What transformers loads, in its order of preference: (index file, single file).
 WEIGHT_LAYOUTS = (("model.safetensors.index.json", "model.safetensors"),
@@ -169,7 +169,8 @@ def tokenizer_fingerprint(model_dir: Path | str) -> str:
     def compute() -> str:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        with loading(model_dir, "tokenizer files"):
+            tok = AutoTokenizer.from_pretrained(model_dir)
         backend = getattr(tok, "backend_tokenizer", None)
         if backend is not None:
             rules = json.loads(backend.to_str())

@@ -4,7 +4,8 @@ Every view and query is plain DuckDB SQL kept as a named string in this module, 
 verbatim and users can run them in the `duckdb` CLI or build their own. Three views are defined over
 the shard glob: `shards` (the rows, plus `filename`), `shard_meta` (the `opd.*` footer key/values via
 `parquet_kv_metadata`) and `shard_files` (file sizes via `read_blob`, which does not read contents).
-`tokens` (one row per response token) is a view over `shards`.
+`tokens` (one row per response token) is a view over `shards`. `check DIR` is not SQL: it runs the
+shard contract's run check (pipeline.shards.check_folder), the one distill applies before training.
 """
 
 from __future__ import annotations
@@ -194,7 +195,15 @@ def decode_in_context(tok: Any, context_ids: list[int], token_id: int) -> str:
     return repr(f"{before}⟦{piece}⟧")[1:-1]
 
 
+def check(folder: Path) -> str:
+    infos = shard_contract.check_folder(folder)
+    return (f"{folder}: ok, {len(infos)} parts of one {infos[0].meta['kind']} run "
+            f"({sum(i.num_rows for i in infos)} rows, run key {infos[0].meta.get('run_key', '?')[:12]})")
+
+
 def run(args: argparse.Namespace) -> str:
+    if args.command == "check":
+        return check(args.dir)
     con = connect(args.shards)
     if args.command == "summary":
         return format_table(*query(con, SUMMARY_SQL))
@@ -238,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("query", help='e.g. "select count(*) from tokens where sampled_is_teacher_argmax"')
     sub.add_parser("queries", parents=[common],
                    help="print the SQL of the views and queries, with this --shards glob filled in")
+    check = sub.add_parser("check", help="are the parts in DIR one complete run: every part present, one run "
+                                         "key, no row twice (what distill enforces)? Exit 2 naming the problem if not")
+    check.add_argument("dir", type=Path, help="a shard folder (data/rollouts, data/teacher_topk or data/sft)")
     return parser
 
 

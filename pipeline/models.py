@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import re
 import string
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from pipeline.errors import UserError
 
@@ -127,14 +129,38 @@ def prune_layers(model, keep: int, where: str) -> list[int]:
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[i] for i in kept]
     return kept
+@contextmanager
+def loading(folder: Path, files: str) -> Iterator[None]:
+    """Turn a damaged model folder (truncated weights, corrupt config.json or tokenizer files) into one
+    line naming the files, instead of a library traceback deep in a later stage."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except ModelPathError:
+        raise
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise ModelPathError(f"{folder}/{files}: does not load ({type(exc).__name__}: {detail}); the folder is "
+                             f"damaged or incomplete: rerun the stage that wrote it (dvc repro -f) or restore "
+                             f"it") from exc
+
+
+def load_config(path: Path | str):
+    """The model's transformers config (config.json), a damaged file reported as such."""
+    from transformers import AutoConfig
+
+    folder = resolve_model_dir(path)
+    with loading(folder, "config.json"):
+        return AutoConfig.from_pretrained(folder)
 
 
 def parameter_count(path: Path | str) -> int:
     """Number of parameters of the model in `path`, from its config alone (no weights are read)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(resolve_model_dir(path))
+    config = load_config(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
@@ -150,7 +176,9 @@ def load_tokenizer(path: Path | str, padding_side: str = "left"):
     """Tokenizer with a pad token and left padding (batched generation and scoring need both)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_dir(path))
+    folder = resolve_model_dir(path)
+    with loading(folder, "tokenizer files"):
+        tok = AutoTokenizer.from_pretrained(folder)
     tok.padding_side = padding_side
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -162,7 +190,10 @@ def load_model(path: Path | str, device: str = "cpu", dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(path), dtype=getattr(torch, dtype))
+    folder = resolve_model_dir(path)
+    load_config(folder)  # a corrupt config.json is named as such, not as a weights problem
+    with loading(folder, ", ".join(sorted(p.name for p in folder.glob("*.safetensors"))) or "weights"):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
     return model.to(device).eval()
 
 

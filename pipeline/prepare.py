@@ -7,6 +7,11 @@ trained on). `task.kind: file` reads your JSONL or Parquet `task.prompt_file` wi
 optionally `prompt_id`, `answer` (what the verifier compares against; numbers are compared by value,
 GSM8K "#### 42" works) and `split` (sft/opd/eval). Without `split`, the rows are shuffled with
 `task.seed` and cut into task.n_sft / n_opd / n_eval. The three files appear together or not at all.
+
+The prompt file must sit in `prompt_files/` next to params.yaml: dvc.yaml declares that folder as a
+dependency of `prepare` (a `${task.prompt_file}` dependency cannot be written, DVC templating fails
+on the toy default `null`), so editing the file reruns `prepare` and whatever its output changes.
+A file elsewhere would be read without DVC noticing its edits, so it is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, cfg: TaskConfig) -> dict:
-    splits = make_task(cfg, str(args.params)).splits()
+    splits = make_task(cfg, args.params).splits()
     with atomic_dir(args.out) as tmp:
         for name, table in splits.items():
             pq.write_table(table, tmp / f"{name}.parquet")

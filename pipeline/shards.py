@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Collection, Iterator, Mapping
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
@@ -148,17 +149,24 @@ def open_shard(path: Path | str, kind: str, schema: pa.Schema | None = None) -> 
 
 def open_run(folder: Path | str, kind: str, schema: pa.Schema,
              agree: tuple[str, ...] = ("run_key",)) -> list[ShardInfo]:
-    """Every part of one complete run of stage `kind` in `folder`, footer- and schema-checked.
-
-    A stage that consumes half a run would silently drop prompts, and one that mixes two runs would
-    train on two sources: the parts must agree on the footer keys `agree` (the run key at least) and
-    be exactly parts 0 .. num_parts-1 of the run their footers describe.
-    """
+    """Every part of one complete run of stage `kind` in `folder`, footer- and schema-checked (`check_run`)."""
     folder = Path(folder)
     parts = list_parts(folder)
     if not parts:
         raise ShardError(f"{folder}: no part-*.parquet {kind} shards; run the `{kind}` stage first (dvc repro {kind})")
     infos = [open_shard(p, kind, schema) for p in parts]
+    check_run(folder, infos, kind, agree)
+    return infos
+
+
+def check_run(folder: Path, infos: list[ShardInfo], kind: str, agree: tuple[str, ...] = ("run_key",)) -> None:
+    """The parts are one complete run of `kind`: one run key, all parts present, no row twice.
+
+    A stage that consumes half a run would silently drop prompts, one that mixes two runs (say, rollouts
+    of the same policy with another seed) would train on two sources, and a duplicated part would
+    weigh its rows twice: the parts must agree on the footer keys `agree` (the run key at least), be
+    exactly parts 0 .. num_parts-1 of the run their footers describe, and hold each row id once.
+    """
     first = infos[0]
     for info in infos[1:]:
         for key in agree:
@@ -173,19 +181,53 @@ def open_run(folder: Path | str, kind: str, schema: pa.Schema,
         raise ShardError(f"{folder}: the `{kind}` run is incomplete ({len(names)} parts, its footers say "
                          f"{len(expected)}; missing {', '.join(missing[:3]) or 'none'}); finish every "
                          f"`--shard i/n` of it, or rerun `dvc repro {kind}`")
-    return infos
+    _check_unique_rows(folder, infos, kind)
+
+
+def _check_unique_rows(folder: Path, infos: list[ShardInfo], kind: str) -> None:
+    """Each row id (sample_id; prompt_id for sft_data, one answer per prompt) in one part, once."""
+    column = "prompt_id" if kind == "sft_data" else "sample_id"
+    ids = [pa.chunked_array([g.column(column).combine_chunks() for g in iter_row_groups(i, [column])], pa.string())
+           for i in infos]
+    whole = pa.chunked_array([c for part in ids for c in part.chunks], pa.string())
+    if pc.count_distinct(whole).as_py() == len(whole):
+        return
+    seen: dict[str, Path] = {}
+    for info, part in zip(infos, ids):
+        for value in part.to_pylist():
+            if value in seen:
+                raise ShardError(f"{info.path}: {column} {value!r} is also in {seen[value].name}; rows are "
+                                 f"duplicated (a copied part?): delete {folder} and rerun `dvc repro {kind}`")
+            seen[value] = info.path
 
 
 def open_teacher_shards(folder: Path | str) -> list[ShardInfo]:
-    """Every teacher_topk part in `folder`, footer- and schema-checked (cheap: footers only).
+    """Every part of one complete teacher_topk run in `folder`, footer- and schema-checked (`check_run`).
 
     `topk_logprobs` may be float16 or float32 (the contract allows both); each shard is checked
     against the schema of the encoding it holds.
     """
+    folder = Path(folder)
     parts = list_parts(folder)
     if not parts:
         raise ShardError(f"{folder}: no part-*.parquet teacher shards; run the `teacher_topk` stage")
-    return [open_shard(p, "teacher_topk", teacher_schema(_logprob_dtype(p))) for p in parts]
+    infos = [open_shard(p, "teacher_topk", teacher_schema(_logprob_dtype(p))) for p in parts]
+    check_run(folder, infos, "teacher_topk")
+    return infos
+
+
+def check_folder(folder: Path | str) -> list[ShardInfo]:
+    """`opd-inspect check DIR`: the parts in `folder`, of whichever kind their footers name, are one run."""
+    folder = Path(folder)
+    parts = list_parts(folder)
+    if not parts:
+        raise ShardError(f"{folder}: no part-*.parquet shards")
+    kind = read_meta(parts[0]).get("kind")
+    if kind == "teacher_topk":
+        return open_teacher_shards(folder)
+    if kind not in ("rollouts", "sft_data"):
+        raise ShardError(f"{parts[0]}: footer kind {kind!r} is not one of rollouts, teacher_topk, sft_data")
+    return open_run(folder, kind, ROLLOUT_SCHEMA if kind == "rollouts" else SFT_SCHEMA)
 
 
 def _logprob_dtype(path: Path) -> str:

@@ -2,13 +2,19 @@
 
 A stage module defines `add_args(parser)` and `run(args, cfg) -> dict` (extra metrics), then calls
 `stage_main("name", __doc__, add_args, run)`. Known input errors print one line naming the file and
-the fix and exit with status 2 instead of a traceback; anything else is a bug and keeps its traceback.
+the fix and exit with status 2 instead of a traceback; so does a full disk (the path it was writing).
+Ctrl-C prints one line and exits with 130 (outputs are atomic, so nothing half-written is left).
+Anything else is a bug and keeps its traceback. Torch gets 1 CPU thread unless OPD_NUM_THREADS says
+otherwise (`torch_threads` says why). A stage with a --plots folder gets an SVG picture of
+each CSV there (pipeline.plots), which `dvc plots show` displays without network.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +23,7 @@ from typing import Any, Callable
 from pipeline.atomic import write_json
 from pipeline.config import load_section
 from pipeline.errors import UserError
+from pipeline.plots import render_folder
 
 log = logging.getLogger("opd")
 
@@ -46,6 +53,45 @@ def add_shard_arg(parser: argparse.ArgumentParser) -> None:
                              "several nodes) can fill one folder in parallel (default 0/1: all parts)")
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+THREADS_ENV = "OPD_NUM_THREADS"
+
+
+def torch_threads() -> int:
+    """CPU threads for torch's intra-op pool: $OPD_NUM_THREADS, else $OMP_NUM_THREADS, else 1.
+
+    Why 1 by default: the embedded toy models are so small that a matrix product is over before a
+    thread pool has spread it, and torch's default (one thread per core) is what collapses under CPU
+    contention: on a shared machine (other jobs, parallel DVC stages, DataLoader workers) spinning
+    threads wait on each other. bench/thread_policy.py measures both settings with and without a
+    concurrent CPU hog. Real models on GPU do not use these threads for compute; a large model on CPU
+    should set OPD_NUM_THREADS to the cores it may use.
+    """
+    for name in (THREADS_ENV, "OMP_NUM_THREADS"):
+        raw = os.environ.get(name)
+        if raw:
+            if not raw.isdigit() or int(raw) < 1:
+                raise UserError(f"environment {name}={raw!r}: expected a whole number of threads >= 1; "
+                                f"unset it or fix the value")
+            return int(raw)
+    return 1
+
+
+def apply_thread_policy() -> int:
+    """Set the thread count before torch starts its pool (or on the pool, if torch is already loaded)."""
+    n = torch_threads()
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    return n
+
+
+def fail(message: str, status: int) -> None:
+    """The one line a user sees for an error they can fix (newlines in wrapped messages flattened)."""
+    print(' '.join(message.splitlines()), file=sys.stderr)
+    raise SystemExit(status) from None
+
+
 def stage_main(name: str, doc: str | None, add_args: Callable[[argparse.ArgumentParser], None],
                run: Callable[[argparse.Namespace, Any], dict | None], argv: list[str] | None = None,
                section: str | None = None) -> dict:
@@ -62,11 +108,21 @@ def stage_main(name: str, doc: str | None, add_args: Callable[[argparse.Argument
                         stream=sys.stderr)
     start = time.perf_counter()
     try:
+        threads = apply_thread_policy()
         cfg = load_section(section or name, args.params)
-        metrics = run(args, cfg) or {}
+        metrics = {**(run(args, cfg) or {}), "torch_threads": threads}
+        plots = getattr(args, "plots", None)
+        if plots is not None and plots.is_dir():
+            render_folder(plots, name)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(f"error: {exc}", 2)
+    except KeyboardInterrupt:
+        fail(f"interrupted: {name} stopped by Ctrl-C; no partial output was kept, rerun to start again", 130)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        where = exc.filename or getattr(args, "out", None) or "the stage's outputs"
+        fail(f"error: {where}: {os.strerror(exc.errno)} while {name} was writing; free space there and rerun", 2)
     metrics = {"wall_s": round(time.perf_counter() - start, 2), **metrics}
     write_json(args.metrics_dir / f"{name}.json", metrics)
     log.info("%s done in %.1f s", name, metrics["wall_s"])

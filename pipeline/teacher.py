@@ -7,7 +7,8 @@ in `.gguf` (a path, or `package:<python package>/<file>`) is dequantized once in
 here (pipeline/gguf.py). Any other `teacher.source` is a local model folder (or, only then, a hub id
 fetched with huggingface_hub): it is checked (config and tokenizer load) and
 fingerprinted, and the output folder holds a reference to it instead of a copy of its weights.
-Either way the folder gets opd_provenance.json, and the training curve goes to <plots>/loss.csv.
+Either way the folder gets opd_provenance.json, and the training curve goes to <plots>/loss.csv (a
+real teacher is not trained here, so its curve has the header and no rows; dvc.yaml declares the file).
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.atomic import atomic_dir
+from pipeline.atomic import atomic_dir, write_text
 from pipeline.backends.engine import greedy_responses, load_engine
 from pipeline.config import EngineConfig, TeacherConfig
 from pipeline.gguf import convert_gguf, is_gguf_source, resolve_gguf
 from pipeline.lm_training import Example, train_lm
-from pipeline.models import (MAX_POSITIONS, build_char_tokenizer, build_llama, default_device, load_tokenizer,
-                             parameter_count, resolve_model_source, write_model_ref)
+from pipeline.models import (MAX_POSITIONS, build_char_tokenizer, build_llama, default_device, load_config,
+                             load_tokenizer, parameter_count, resolve_model_source, write_model_ref)
 from pipeline.prompts import encode_prompt, read_prompts
 from pipeline.provenance import write_provenance
 from pipeline.errors import UserError
@@ -101,19 +102,19 @@ def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
 
 def adopt_existing(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     """A real teacher: check it loads, fingerprint it, and point at it (tens of GB are not copied)."""
-    from transformers import AutoConfig
-
     target = resolve_model_source(cfg.source)
-    try:
-        AutoConfig.from_pretrained(target)
-        load_tokenizer(target)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"teacher.source {cfg.source} ({target}): config or tokenizer does not load "
-                        f"({type(exc).__name__}: {exc})") from exc
+    load_config(target)
+    load_tokenizer(target)
     with atomic_dir(args.out) as tmp:
         write_model_ref(tmp, target, {"source": cfg.source})
         write_provenance(tmp, "teacher", source=str(target), config=asdict(cfg))
+    write_empty_curve(args.plots)
     return {"params": parameter_count(target)}
+
+
+def write_empty_curve(plots: Path) -> None:
+    """The declared loss.csv of a teacher that was not trained here: a header, no rows."""
+    write_text(plots / "loss.csv", "step,loss\n")
 
 
 def convert_gguf_teacher(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
@@ -123,6 +124,7 @@ def convert_gguf_teacher(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
         convert_gguf(path, tmp)
         write_provenance(tmp, "teacher", source=str(path), config=asdict(cfg))
         params = parameter_count(tmp)
+    write_empty_curve(args.plots)
     return {"params": params}
 
 

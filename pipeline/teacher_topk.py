@@ -32,7 +32,7 @@ from pipeline import shards
 from pipeline.config import TeacherTopkConfig
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
 from pipeline.backends.engine import engine_footer, load_engine
-from pipeline.models import load_tokenizer
+from pipeline.models import load_config, load_tokenizer
 from pipeline.prompts import encode_prompt, read_prompts
 from pipeline.backends.scoring import SCORING_TEMPERATURE, Scored
 from pipeline.errors import UserError
@@ -122,8 +122,10 @@ def scored_table(rollouts: pa.Table, scored: list[Scored], logprob_dtype: str) -
 
 def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     shard = args.shard
-    if cfg.k < 0:
-        raise UserError(f"{args.params}: teacher_topk.k must be >= 0 (0 stores only the sampled token's log-prob)")
+    vocab = load_config(args.teacher).vocab_size
+    if cfg.k > vocab:
+        raise UserError(f"{args.params}: teacher_topk.k: {cfg.k} is more than the teacher's vocabulary ({vocab} "
+                        f"tokens, {args.teacher}); lower k")
     parts = shards.open_run(args.rollouts, "rollouts", shards.ROLLOUT_SCHEMA)
     first = parts[0]
     teacher_fp, teacher_tok = model_fingerprint(args.teacher), tokenizer_fingerprint(args.teacher)
@@ -138,7 +140,7 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     todo = shards.pending_parts(args.out, KIND, key, len(parts), shard)
     meta = {
         **{k: first.meta[k] for k in POLICY_KEYS},
-        "kind": KIND, "run_key": key, "rollouts_run_key": first.meta["run_key"],
+        "kind": KIND, "run_key": key, "rollouts_run_key": first.meta["run_key"], "num_parts": len(parts),
         "teacher_fingerprint": teacher_fp, "teacher_path": str(args.teacher), "k": cfg.k,
         "scoring_temperature": SCORING_TEMPERATURE,
         # Always JSON (write_shard passes strings through): json.loads gives None or the template.

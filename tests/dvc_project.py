@@ -23,7 +23,7 @@ def ran_stages(output: str) -> list[str]:
 
 def init_project(root: Path, preset: str) -> dict:
     """Copy the pipeline, kernels and presets into `root`, activate `preset`, git+dvc init; return the env."""
-    for name in ["pipeline", "kernels", "configs"]:
+    for name in ["pipeline", "kernels", "configs", "prompt_files"]:
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ["dvc.yaml", ".dvcignore", ".gitignore"]:
         shutil.copy(REPO / name, root / name)

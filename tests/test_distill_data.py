@@ -45,12 +45,13 @@ def ids_of(batches):
 
 
 def test_streams_row_group_by_row_group(shard_dir, monkeypatch):
+    infos = shards.open_teacher_shards(shard_dir)  # the run check reads the sample_id column; not counted here
     reads = []
     real = pq.ParquetFile.read_row_group
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, **kw: reads.append(i) or real(self, i, **kw))
     monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("a whole shard was read"))
     monkeypatch.setattr(pq.ParquetFile, "read", lambda *a, **k: pytest.fail("a whole shard was read"))
-    stream = TeacherShardStream(shards.open_teacher_shards(shard_dir), batch_size=8, seed=0, shuffle_row_groups=2)
+    stream = TeacherShardStream(infos, batch_size=8, seed=0, shuffle_row_groups=2)
     first = next(iter(stream))
     assert len(reads) == 2                     # one shuffle window, not the 16 row groups
     assert first["input_ids"].shape[0] == 8
@@ -132,16 +133,18 @@ def test_truncated_shard_is_refused_up_front_naming_the_file(shard_dir):
 
 def test_corrupt_row_group_in_a_worker_surfaces_as_shard_error(shard_dir):
     path = shard_dir / "part-00000.parquet"
+    dm = TeacherShardDataModule(shard_dir, batch_size=6, seed=1, shuffle_row_groups=3, num_workers=2)
+    dm.setup()       # the run check reads sample ids, so damage the file after it to reach the workers
     data = bytearray(path.read_bytes())
     footer = int.from_bytes(data[-8:-4], "little") + 8
     data[4:len(data) - footer] = b"\xff" * (len(data) - footer - 4)   # data pages garbage, footer intact
     path.write_bytes(bytes(data))
-    dm = TeacherShardDataModule(shard_dir, batch_size=6, seed=1, shuffle_row_groups=3, num_workers=2)
-    dm.setup()                                             # footers are fine
     with pytest.raises(shards.ShardError) as info:
         take(dm.train_dataloader(), 40)
     msg = str(unwrap_worker_error(info.value))
     assert msg.startswith(str(path)) and "row group" in msg and "\n" not in msg
+    with pytest.raises(shards.ShardError, match="row group 0 is unreadable"):   # damaged before setup:
+        TeacherShardDataModule(shard_dir, 6, 1, 3, num_workers=0).setup()          # refused there
 
 
 def test_rows_that_break_the_length_contract_name_file_and_sample(tmp_path):

@@ -13,13 +13,20 @@ from pipeline.prompts import PROMPT_SCHEMA, read_prompts
 TASK = {"kind": "addition", "digits": 3, "n_sft": 60, "n_opd": 20, "n_eval": 10, "seed": 0, "prompt_file": None}
 
 
-def run_prepare(tmp_path, **task):
+def run_prepare(tmp_path, out_name: str = "prompts", **task):
     tmp_path.mkdir(parents=True, exist_ok=True)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"task": {**TASK, **task}}))
-    out = tmp_path / "prompts"
+    out = tmp_path / out_name
     prepare.main(["--params", str(params), "--metrics-dir", str(tmp_path / "metrics"), "--out", str(out)])
     return {name: read_prompts(out / f"{name}.parquet") for name in ("sft", "opd", "eval")}
+
+
+def prompt_path(tmp_path, name: str):
+    """Where prepare accepts a prompt file: prompt_files/ next to params.yaml (the folder DVC tracks)."""
+    folder = tmp_path / "prompt_files"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
 
 
 def expect_error(tmp_path, capsys, match: str, **task):
@@ -48,7 +55,7 @@ def test_addition_splits_are_disjoint_and_sized(tmp_path):
 
 def test_jsonl_with_split_column_and_numeric_answers(tmp_path):
     rows = [{"prompt": f"q{i}?", "answer": i, "split": ["sft", "opd", "eval"][i % 3]} for i in range(9)]
-    path = tmp_path / "mine.jsonl"
+    path = prompt_path(tmp_path, "mine.jsonl")
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     splits = run_prepare(tmp_path, kind="file", prompt_file=str(path))
     assert splits["opd"].column("prompt").to_pylist() == ["q1?", "q4?", "q7?"]
@@ -57,33 +64,33 @@ def test_jsonl_with_split_column_and_numeric_answers(tmp_path):
 
 
 def test_parquet_without_split_is_cut_by_seed_into_sizes(tmp_path):
-    path = tmp_path / "mine.parquet"
+    path = prompt_path(tmp_path, "mine.parquet")
     pq.write_table(pa.table({"prompt_id": [f"id{i}" for i in range(12)], "prompt": [f"p{i}" for i in range(12)]}), path)
     sizes = {"n_sft": 5, "n_opd": 4, "n_eval": 3}
-    splits = run_prepare(tmp_path / "a", kind="file", prompt_file=str(path), **sizes)
+    splits = run_prepare(tmp_path, "a", kind="file", prompt_file=str(path), **sizes)
     assert {k: t.num_rows for k, t in splits.items()} == {"sft": 5, "opd": 4, "eval": 3}
     ids = [i for t in splits.values() for i in t.column("prompt_id").to_pylist()]
     assert sorted(ids) == sorted(f"id{i}" for i in range(12))
     assert ids != [f"id{i}" for i in range(12)]        # shuffled, not just cut in file order
     assert splits["eval"].column("answer").null_count == 3
-    same = run_prepare(tmp_path / "b", kind="file", prompt_file=str(path), **sizes)
-    other = run_prepare(tmp_path / "c", kind="file", prompt_file=str(path), seed=1, **sizes)
+    same = run_prepare(tmp_path, "b", kind="file", prompt_file=str(path), **sizes)
+    other = run_prepare(tmp_path, "c", kind="file", prompt_file=str(path), seed=1, **sizes)
     assert same["eval"].equals(splits["eval"])
     assert not other["sft"].equals(splits["sft"])
 
 
 def test_wrong_columns_name_the_file(tmp_path, capsys):
-    path = tmp_path / "bad.jsonl"
+    path = prompt_path(tmp_path, "bad.jsonl")
     path.write_text('{"question": "2+2?", "answer": "4"}\n')
     err = expect_error(tmp_path, capsys, str(path), kind="file", prompt_file=str(path))
     assert "'prompt'" in err and "question" in err
 
 
 def test_bad_split_values_and_too_few_rows(tmp_path, capsys):
-    path = tmp_path / "bad.jsonl"
+    path = prompt_path(tmp_path, "bad.jsonl")
     path.write_text('{"prompt": "a", "split": "train"}\n{"prompt": "b", "split": "eval"}\n')
     expect_error(tmp_path, capsys, "'train'", kind="file", prompt_file=str(path))
-    short = tmp_path / "short.jsonl"
+    short = prompt_path(tmp_path, "short.jsonl")
     short.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
     expect_error(tmp_path, capsys, "has 2 prompts", kind="file", prompt_file=str(short))
-    expect_error(tmp_path, capsys, "not found", kind="file", prompt_file=str(tmp_path / "missing.jsonl"))
+    expect_error(tmp_path, capsys, "not found", kind="file", prompt_file=str(prompt_path(tmp_path, "missing.jsonl")))

@@ -10,10 +10,10 @@ import pytest
 from pipeline import shards
 
 
-def teacher_table(n_rows: int = 5, k: int = 4, seed: int = 0) -> pa.Table:
+def teacher_table(n_rows: int = 5, k: int = 4, seed: int = 0, first: int = 0) -> pa.Table:
     rng = np.random.default_rng(seed)
     rows = []
-    for i in range(n_rows):
+    for i in range(first, first + n_rows):
         p, t = int(rng.integers(2, 6)), int(rng.integers(1, 9))
         lp = np.sort(-rng.random((t, k)).astype(np.float32) * 5, axis=1)[:, ::-1]
         rows.append({
@@ -108,7 +108,8 @@ def test_shard_spec():
 def test_open_run_refuses_mixed_and_incomplete_runs(tmp_path):
     schema = shards.teacher_schema()
     for j in range(3):
-        shards.write_shard(tmp_path / shards.part_name(j), teacher_table(), META | {"num_parts": 3}, schema)
+        shards.write_shard(tmp_path / shards.part_name(j), teacher_table(first=5 * j), META | {"num_parts": 3},
+                           schema)
     assert [i.path.name for i in shards.open_run(tmp_path, "teacher_topk", schema)] == [
         shards.part_name(j) for j in range(3)]
     shards.write_shard(tmp_path / shards.part_name(2), teacher_table(), META | {"num_parts": 3, "run_key": "r2"},
@@ -118,7 +119,7 @@ def test_open_run_refuses_mixed_and_incomplete_runs(tmp_path):
         shards.open_run(tmp_path, "teacher_topk", schema)
     (tmp_path / shards.part_name(2)).unlink()
     (tmp_path / shards.part_name(1)).unlink()
-    shards.write_shard(tmp_path / shards.part_name(3), teacher_table(), META | {"num_parts": 3}, schema)
+    shards.write_shard(tmp_path / shards.part_name(3), teacher_table(first=15), META | {"num_parts": 3}, schema)
     with pytest.raises(shards.ShardError, match=r"incomplete \(2 parts, its footers say 3; missing "
                                                 r"part-00001.parquet, part-00002.parquet\)"):
         shards.open_run(tmp_path, "teacher_topk", schema)

@@ -65,9 +65,11 @@ def test_bad_verifier_names_the_key_and_the_fix(spec, message):
 
 def test_both_tasks_give_the_prompt_contract(tmp_path):
     base = dict(digits=2, n_sft=6, n_opd=3, n_eval=3, seed=0)
-    toy = make_task(TaskConfig(kind="addition", prompt_file=None, **base), "params.yaml").splits()
-    (tmp_path / "p.jsonl").write_text("\n".join(f'{{"prompt": "q{i}", "answer": "{i}"}}' for i in range(12)))
-    mine = make_task(TaskConfig(kind="file", prompt_file=str(tmp_path / "p.jsonl"), **base), "params.yaml").splits()
+    params = tmp_path / "params.yaml"
+    toy = make_task(TaskConfig(kind="addition", prompt_file=None, **base), params).splits()
+    (tmp_path / "prompt_files").mkdir()
+    (tmp_path / "prompt_files/p.jsonl").write_text("\n".join(f'{{"prompt": "q{i}", "answer": "{i}"}}' for i in range(12)))
+    mine = make_task(TaskConfig(kind="file", prompt_file=str(tmp_path / "prompt_files/p.jsonl"), **base), params).splits()
     for splits in (toy, mine):
         assert list(splits) == ["sft", "opd", "eval"]
         assert all(t.schema == PROMPT_SCHEMA for t in splits.values())

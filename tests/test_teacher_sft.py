@@ -141,8 +141,10 @@ def test_sft_refuses_parts_from_two_teachers_and_too_big_students(pipeline_dir, 
 def test_teacher_from_a_local_model_is_referenced_not_copied(tmp_path):
     base = tiny_models.save_model(tmp_path / "real")
     argv = write_params(tmp_path, teacher={"source": str(base)})
-    teacher.main(argv + ["--prompts", str(tmp_path / "unused.parquet"), "--out", str(tmp_path / "teacher")])
+    teacher.main(argv + ["--prompts", str(tmp_path / "unused.parquet"), "--out", str(tmp_path / "teacher"),
+                         "--plots", str(tmp_path / "plots")])
     assert json.loads((tmp_path / "teacher" / REF_FILE).read_text())["path"] == str(base.resolve())
+    assert (tmp_path / "plots" / "loss.csv").read_text() == "step,loss\n"   # declared in dvc.yaml: no rows
     assert not list((tmp_path / "teacher").glob("*.safetensors"))
     record = read_provenance(tmp_path / "teacher")
     assert record["model_fingerprint"] == model_fingerprint(base) and record["source"] == str(base)
@@ -158,7 +160,8 @@ def test_missing_model_path_is_a_model_path_error(tmp_path, capsys):
 
 
 def test_scratch_teacher_refuses_prompts_that_are_not_the_toy_task(tmp_path, capsys):
-    prompts = tmp_path / "mine.jsonl"
+    prompts = tmp_path / "prompt_files" / "mine.jsonl"
+    prompts.parent.mkdir(parents=True)
     prompts.write_text("\n".join(json.dumps({"prompt": f"What is {i} apples?"}) for i in range(40)))
     argv = write_params(tmp_path, task={"kind": "file", "prompt_file": str(prompts), "n_sft": 20, "n_opd": 10,
                                         "n_eval": 10})

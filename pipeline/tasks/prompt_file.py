@@ -1,7 +1,14 @@
-"""The user's prompt-file task (`task.kind: file`): prompts, optional answers and splits from a JSONL or Parquet file."""
+"""The user's prompt-file task (`task.kind: file`): prompts, optional answers and splits from a JSONL or Parquet file.
+
+The prompt file must sit in `prompt_files/` next to params.yaml: dvc.yaml declares that folder as a
+dependency of `prepare` (a `${task.prompt_file}` dependency cannot be written, DVC templating fails
+on the toy default `null`), so editing the file reruns `prepare` and whatever its output changes.
+A file elsewhere would be read without DVC noticing its edits, so it is refused.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
@@ -15,6 +22,54 @@ from pipeline.prompts import SPLITS, PromptFileError, validate_prompts
 log = logging.getLogger("opd")
 
 
+PROMPT_DIR = "prompt_files"
+
+
+def tracked_prompt_file(cfg: TaskConfig, params: Path) -> Path:
+    """`task.prompt_file`, checked to lie inside the `prompt_files/` folder DVC tracks for `prepare`."""
+    if not cfg.prompt_file:
+        raise PromptFileError(f"{params}: task.prompt_file is null but task.kind is 'file'; "
+                              f"set it to a .jsonl or .parquet file in {PROMPT_DIR}/")
+    path = Path(cfg.prompt_file)
+    folder = (params.parent / PROMPT_DIR).resolve()
+    if not path.resolve().is_relative_to(folder):
+        raise PromptFileError(f"{params}: task.prompt_file {path} is outside {PROMPT_DIR}/; move it into "
+                              f"{folder} (the folder dvc.yaml tracks for prepare, so edits rerun it)")
+    return path
+
+
+# A longer line is refused with its number: pyarrow's reader fails on lines over its block size and
+# can then hang; no prompt of a text task needs more than this.
+MAX_LINE_BYTES = 4 << 20
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The objects of a JSONL file, read line by line so a bad line is reported by its number."""
+    rows = []
+    with path.open("rb") as f:
+        for number, line in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+            if len(line) > MAX_LINE_BYTES:
+                raise PromptFileError(f"{path}: line {number} is longer than {MAX_LINE_BYTES >> 20} MiB; "
+                                      f"split or shorten that prompt")
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PromptFileError(f"{path}: line {number} is not UTF-8 (byte {exc.start}); "
+                                      f"re-save the file as UTF-8") from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise PromptFileError(f"{path}: line {number} is not JSON ({exc.msg}); "
+                                      f"write one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise PromptFileError(f"{path}: line {number} is a JSON {type(row).__name__}, not an object "
+                                      f"with a 'prompt' key")
+            rows.append(row)
+    return rows
+
+
 def read_prompt_file(path: Path) -> pa.Table:
     """A user's JSONL (one object per line) or Parquet file, as an Arrow table."""
     if not path.exists():
@@ -22,9 +77,7 @@ def read_prompt_file(path: Path) -> pa.Table:
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".json", ".ndjson"):
-            import pyarrow.json as pj
-
-            return pj.read_json(path)
+            return pa.Table.from_pylist(read_jsonl(path))
         if suffix in (".parquet", ".pq"):
             return pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
@@ -67,11 +120,8 @@ def file_splits(cfg: TaskConfig, path: Path) -> dict[str, pa.Table]:
 class PromptFileTask:
     """`task.prompt_file` cut into sft/opd/eval by its `split` column, or shuffled with `task.seed`."""
 
-    def __init__(self, cfg: TaskConfig, where: str) -> None:
-        if not cfg.prompt_file:
-            raise PromptFileError(f"{where}: task.kind is 'file' but task.prompt_file is null; "
-                                  f"set it to a .jsonl or .parquet file of prompts")
-        self.cfg, self.path = cfg, Path(cfg.prompt_file)
+    def __init__(self, cfg: TaskConfig, params: Path) -> None:
+        self.cfg, self.path = cfg, tracked_prompt_file(cfg, params)
 
     def splits(self) -> dict[str, pa.Table]:
         return file_splits(self.cfg, self.path)

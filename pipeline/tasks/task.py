@@ -6,6 +6,7 @@ task made the prompts; the verifier is chosen separately in params (pipeline/tas
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import pyarrow as pa
@@ -19,12 +20,12 @@ class Task(Protocol):
         ...
 
 
-def make_task(cfg: TaskConfig, where: str) -> Task:
-    """The task named by `task.kind`; `where` (the params file) goes into error messages."""
+def make_task(cfg: TaskConfig, params: Path) -> Task:
+    """The task named by `task.kind`; `params` (the parameter file) locates prompt_files/ and names errors."""
     if cfg.kind == "addition":
         from pipeline.tasks.addition import AdditionTask
 
         return AdditionTask(cfg)
     from pipeline.tasks.prompt_file import PromptFileTask
 
-    return PromptFileTask(cfg, where)
+    return PromptFileTask(cfg, params)
