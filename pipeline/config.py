@@ -164,6 +164,14 @@ class TeacherTopkConfig(EngineConfig):
     # Optional privileged context prepended to the prompt for the teacher only, e.g.
     # "Answer: {answer}\n{prompt}"; recorded in the shard footer.
     privileged_context: Optional[str]
+    # What is stored per position (pipeline/sparse_targets.py): the top k ids, `samples` draws from the
+    # teacher with unbiased importance weights, or both; plus π_ref's own top `union_student_k` ids.
+    selection: Literal["topk", "sampled", "topk+sampled"]
+    samples: Annotated[int, Range(ge=0, le=255)]   # draws per position (counts are stored in one byte)
+    union_student_k: NonNegInt
+    seed: NonNegInt                                # the draws are a function of (seed, sample_id)
+    # Storage of ids and log-probs (pipeline/shard_codec.py); logprob_dtype applies to `plain` only.
+    codec: Literal["plain", "q8", "q16"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,6 @@ rotated order that keeps the round-robin sequence of batches unchanged.
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -34,9 +33,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import shards
 from pipeline.config import ConfigError
+from pipeline.shard_codec import TeacherFormat
 
-COLUMNS = ["sample_id", "input_ids", "prompt_len", "student_logprobs", "teacher_logprob", "topk_ids",
-           "topk_logprobs"]
+ROLLOUT_COLUMNS = ["sample_id", "input_ids", "prompt_len", "student_logprobs"]
 
 
 @dataclass(frozen=True)
@@ -55,17 +54,6 @@ def shard_units(infos: list[shards.ShardInfo]) -> list[Unit]:
         meta = pq.ParquetFile(info.path).metadata
         units += [Unit(s, g, meta.row_group(g).num_rows) for g in range(info.num_row_groups)]
     return units
-
-
-def common_k(infos: list[shards.ShardInfo]) -> int:
-    """The top-k width every shard shares (one batch holds a [B, T, k] tensor)."""
-    ks = {int(json.loads(i.meta["k"])) for i in infos}
-    if len(ks) != 1:
-        first = infos[0]
-        other = next(i for i in infos if i.meta["k"] != first.meta["k"])
-        raise shards.ShardError(f"{other.path}: k={other.meta['k']} but {first.path} has k={first.meta['k']}; "
-                                f"shards of one run must share k: rerun the `teacher_topk` stage")
-    return ks.pop()
 
 
 def reader_units(units: list[Unit], seed: int, epoch: int, reader: int, readers: int) -> list[Unit]:
@@ -94,7 +82,7 @@ class TeacherShardStream(IterableDataset):
         super().__init__()
         if batch_size < 1 or shuffle_row_groups < 1:
             raise ValueError(f"batch_size and shuffle_row_groups must be >= 1, got {batch_size}, {shuffle_row_groups}")
-        self.infos, self.units, self.k = infos, shard_units(infos), common_k(infos)
+        self.infos, self.units, self.fmt = infos, shard_units(infos), shards.teacher_format(infos)
         self.batch_size, self.seed, self.window = batch_size, seed, shuffle_row_groups
         self.rank, self.world_size, self.start_batches = rank, world_size, start_batches
 
@@ -114,7 +102,7 @@ class TeacherShardStream(IterableDataset):
             have += table.num_rows
             while have >= self.batch_size:
                 rows = pa.concat_tables(pending)
-                yield collate(rows.slice(0, self.batch_size), self.k)
+                yield collate(rows.slice(0, self.batch_size), self.fmt)
                 pending, have = [rows.slice(self.batch_size)], rows.num_rows - self.batch_size
 
     def _rows(self, reader: int, readers: int, skip: int) -> Iterator[pa.Table]:
@@ -134,32 +122,33 @@ class TeacherShardStream(IterableDataset):
 
     def _read(self, unit: Unit) -> pa.Table:
         info = self.infos[unit.shard]
-        (table,) = shards.iter_row_groups(info, COLUMNS, [unit.group])
-        check_rows(table, self.k, f"{info.path}: row group {unit.group}")
+        (table,) = shards.iter_row_groups(info, ROLLOUT_COLUMNS + [f.name for f in self.fmt.fields()], [unit.group])
+        check_rows(table, self.fmt, f"{info.path}: row group {unit.group}")
         return table
 
 
-def check_rows(table: pa.Table, k: int, where: str) -> None:
+def check_rows(table: pa.Table, fmt: TeacherFormat, where: str) -> None:
     """Row-level contract the footer cannot show: per-token columns match the response length."""
     length = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
     prompt = table.column("prompt_len").to_numpy()
     resp = length - prompt
     problems = [("prompt_len must be in [1, len(input_ids)]", (prompt < 1) | (resp < 0))]
-    for name, width in (("student_logprobs", 1), ("teacher_logprob", 1), ("topk_ids", k), ("topk_logprobs", k)):
+    for name, width in {"student_logprobs": 1, **fmt.widths()}.items():
         got = pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False)
         problems.append((f"{name} must hold {width} value(s) per response token", got != resp * width))
     for what, bad in problems:
         if bad.any():
             sid = table.column("sample_id")[int(np.argmax(bad))].as_py()
-            raise shards.ShardError(f"{where}, sample_id {sid}: {what} (k={k}); the shard is inconsistent: "
+            raise shards.ShardError(f"{where}, sample_id {sid}: {what} (width {fmt.width}); the shard is inconsistent: "
                                     f"rerun the `teacher_topk` stage")
 
 
-def collate(table: pa.Table, k: int) -> dict[str, Any]:
-    """Right-padded [B, T] / [B, T, k] tensors; per-token values sit at the position of their token.
+def collate(table: pa.Table, fmt: TeacherFormat) -> dict[str, Any]:
+    """Right-padded [B, T] / [B, T, W] tensors; per-token values sit at the position of their token.
 
     Keys: input_ids, attention_mask, response_mask (True at response tokens), topk_ids (-1 elsewhere),
-    topk_logprobs, teacher_logprob, student_logprob (π_ref's behaviour log-prob), sample_id (list).
+    topk_logprobs, teacher_logprob, student_logprob (π_ref's behaviour log-prob), sample_id (list),
+    and, when the shards hold them, tail_logprob [B, T] and entry_weights [B, T, W] (decoded by `fmt`).
     """
     length = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
     prompt = table.column("prompt_len").to_numpy().astype(np.int64)
@@ -182,15 +171,14 @@ def collate(table: pa.Table, k: int) -> dict[str, Any]:
         arr = np.zeros((B, T), np.float32)
         arr[rrows, rcols] = flat(name)
         per_token[key] = torch.from_numpy(arr)
-    topk_lp_values = flat("topk_logprobs")
-    topk_ids = np.full((B, T, k), -1, np.int32)
-    topk_lp = np.zeros((B, T, k), topk_lp_values.dtype)
-    topk_ids[rrows, rcols] = flat("topk_ids").reshape(len(rrows), k)  # not -1: k may be 0 (pg)
-    topk_lp[rrows, rcols] = topk_lp_values.reshape(len(rrows), k)
+    for key, values in fmt.decode(table).items():
+        if values is not None:
+            arr = np.full((B, T, *values.shape[1:]), -1 if key == "topk_ids" else 0, values.dtype)
+            arr[rrows, rcols] = values
+            per_token[key] = torch.from_numpy(arr)
     return {
         "input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
-        "response_mask": torch.from_numpy(resp_mask), "topk_ids": torch.from_numpy(topk_ids),
-        "topk_logprobs": torch.from_numpy(topk_lp), **per_token,
+        "response_mask": torch.from_numpy(resp_mask), **per_token,
         "sample_id": table.column("sample_id").to_pylist(),
     }
 
@@ -227,7 +215,7 @@ class TeacherShardDataModule(pl.LightningDataModule):
         """Validate every shard's footer and schema (idempotent: distill calls it before loading the model)."""
         if self.infos is None:
             self.infos = shards.open_teacher_shards(self.shards_dir)
-            common_k(self.infos)
+            shards.teacher_format(self.infos)
 
     def _rank_world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)

@@ -66,6 +66,8 @@ class DistillModule(pl.LightningModule):
             behavior_logprob=batch["student_logprob"][:, 1:][target],
             topk_ids=batch["topk_ids"][:, 1:][target],
             topk_logprobs=batch["topk_logprobs"][:, 1:][target],
+            tail_logprob=batch["tail_logprob"][:, 1:][target] if "tail_logprob" in batch else None,
+            entry_weights=batch["entry_weights"][:, 1:][target] if "entry_weights" in batch else None,
             mask=torch.ones(n, dtype=torch.bool, device=hidden.device),
         )
         progress = self.global_step / max(1, self.cfg.max_steps)

@@ -33,6 +33,7 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 
 from kernels import MODE_PARAMS, MODES, check_mode_params, fused_linear_sparse_divergence, sparse_divergence
+from kernels.reference import take_rows
 from pipeline.config import ConfigError, DistillConfig
 
 # Rows per chunk of the TIP statistics pass: about 128 MiB per float32 [chunk, V] temporary, so the
@@ -107,6 +108,8 @@ class Targets:
     topk_ids: torch.Tensor          # [N, k] teacher top-k ids (k may be 0)
     topk_logprobs: torch.Tensor     # [N, k] their teacher log-probs
     mask: torch.Tensor              # [N] bool, tokens that carry loss
+    tail_logprob: Optional[torch.Tensor] = None   # [N] teacher log-mass outside topk_ids (None: rebuilt)
+    entry_weights: Optional[torch.Tensor] = None  # [N, k] importance weights of sampled entries (None: top-k)
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,8 @@ class DistillLoss:
         if mode == "pg":
             kw.update(sampled_ids=targets.sampled_ids, teacher_sampled_logprob=targets.teacher_logprob,
                       behavior_logprob=targets.behavior_logprob)
+        elif targets is not None:
+            kw.update(tail_logprob=targets.tail_logprob, entry_weights=targets.entry_weights)
         if hidden is not None:
             return fused_linear_sparse_divergence(hidden, weight, topk_ids, topk_logprobs, mode,
                                                   chunk_size=self.chunk_size, **kw)
@@ -220,7 +225,8 @@ class DistillLoss:
             else:
                 signal[s:e] = sparse_divergence(z, targets.topk_ids[s:e], targets.topk_logprobs[s:e],
                                                 self.spec.mode, mask=targets.mask[s:e], backend=self.backend,
-                                                **params)
+                                                tail_logprob=take_rows(targets.tail_logprob, s, e),
+                                                entry_weights=take_rows(targets.entry_weights, s, e), **params)
         return entropy, signal
 
 

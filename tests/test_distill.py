@@ -22,7 +22,7 @@ from pipeline.fingerprint import model_fingerprint
 from pipeline.losses import loss_from_config
 from pipeline.models import default_device
 from pipeline.provenance import read_provenance
-from tests.tiny_models import params_file, pi_ref, pi_ref_meta, save_model, teacher_rows, write_teacher_shards
+from tests.tiny_models import params_file, pi_ref, pi_ref_meta, plain_format, save_model, teacher_rows, write_teacher_shards
 
 K = 4
 
@@ -102,7 +102,7 @@ def test_loss_uses_logits_at_the_previous_position(inputs, fused):
     root, init = inputs
     cfg = load_section("distill", params_file(root, loss="fkl"))
     module = DistillModule(init, cfg, loss_from_config(cfg, "p"), fused=fused)
-    batch = collate(teacher_rows(5, K, module.model.config.vocab_size, seed=7), K)
+    batch = collate(teacher_rows(5, K, module.model.config.vocab_size, seed=7), plain_format(K))
     got = module.compute_loss(batch).loss
     want = reference_coarse_fkl(module.model, batch)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
@@ -122,7 +122,7 @@ def test_training_on_a_fixed_batch_reduces_the_objective(inputs, mode):
     root, init = inputs
     cfg = load_section("distill", params_file(root, loss=mode))
     module = DistillModule(init, cfg, loss_from_config(cfg, "p"))
-    batch = collate(teacher_rows(8, K, module.model.config.vocab_size, seed=3), K)
+    batch = collate(teacher_rows(8, K, module.model.config.vocab_size, seed=3), plain_format(K))
     opt = torch.optim.Adam(module.model.parameters(), lr=3e-3)
     first_gap = sampled_gap(module.model, batch)
     losses = []

@@ -16,7 +16,7 @@ from pipeline import shards
 from pipeline.config import ConfigError
 from pipeline.distill_data import (TeacherShardDataModule, TeacherShardStream, collate, reader_units,
                                    shard_units, unwrap_worker_error)
-from tests.tiny_models import pi_ref, pi_ref_meta, teacher_rows, write_teacher_shards
+from tests.tiny_models import pi_ref, pi_ref_meta, plain_format, teacher_rows, write_teacher_shards
 
 K = 3
 
@@ -106,7 +106,7 @@ def test_resume_under_another_layout_is_refused(shard_dir):
 
 def test_collate_places_teacher_values_at_their_tokens():
     table = teacher_rows(3, k=2, vocab=20, seed=4)
-    b = collate(table, 2)
+    b = collate(table, plain_format(2))
     rows = table.to_pylist()
     T = max(len(r["input_ids"]) for r in rows)
     assert b["input_ids"].shape == (3, T) and b["topk_ids"].shape == (3, T, 2)

@@ -82,7 +82,8 @@ def test_teacher_topk_pointed_at_the_pruned_student_is_refused_naming_both(tmp_p
     params.write_text(yaml.safe_dump({
         "rollouts": {"backend": "hf", **ENGINE, "max_new_tokens": 6, "temperature": 1.0, "rows_per_shard": 8,
                      "seed": 0, "n_samples": 2},
-        "teacher_topk": {"backend": "hf", **ENGINE, "k": 3, "logprob_dtype": "float16", "privileged_context": None}}))
+        "teacher_topk": {"backend": "hf", **ENGINE, "k": 3, "logprob_dtype": "float16", "privileged_context": None,
+                         "selection": "topk", "samples": 0, "union_student_k": 0, "seed": 0, "codec": "plain"}}))
     common = ["--params", str(params), "--metrics-dir", str(tmp_path / "metrics")]
     rollouts.main(common + ["--policy", str(student), "--prompts", str(tmp_path / "opd.parquet"),
                             "--out", str(tmp_path / "rollouts")])

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from pipeline.backends.generation import Sample, Sampling
-from pipeline.backends.scoring import Scored
+from pipeline.backends.scoring import Extras, Scored
 from pipeline.config import EngineConfig
 from pipeline.errors import UserError
 from pipeline.models import default_device
@@ -33,8 +33,10 @@ class Engine(Protocol):
         """`sampling.n` samples per prompt, as [prompt][sample], with exact per-token log-probs."""
         ...
 
-    def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int) -> list[Scored]:
-        """Top-k and sampled-token log-probs (T = 1) of each sequence's response positions."""
+    def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int,
+              extras: Extras | None = None) -> list[Scored]:
+        """Top-k (or, with `extras`, the sparse targets of pipeline.sparse_targets) and sampled-token
+        log-probs (T = 1) of each sequence's response positions."""
         ...
 
     def close(self) -> None:

