@@ -289,7 +289,7 @@ def test_compressed_sampled_union_shards_decode_to_the_teacher(env, clean_run):
     """codec q8 + topk+sampled + π_ref's top ids: every stored entry decodes (data path and DuckDB alike)
     to the teacher's log-prob within half a quantisation step, π_ref's ids are among them, and the
     draw counts add up to the number of draws."""
-    from pipeline.distill_data import ROLLOUT_COLUMNS
+    from pipeline.train.shard_data import ROLLOUT_COLUMNS
     from pipeline.inspect_shards import connect
 
     out = env / "topk-q8"

@@ -10,7 +10,7 @@ and epochs (the stream is endless; the Trainer stops at max_steps).
 
 Why this resumes exactly: a reader's stream is a pure function of (seed, layout, row-group sizes), so
 its position is just the number of rows it has handed out. The DataLoader takes batch i from worker
-i mod W, so the one number a checkpoint stores (batches consumed on each rank = the global step) gives
+i mod W, so the one number a checkpoint stores (micro-batches consumed on each rank) gives
 every reader's row offset; a resumed reader skips that many rows using row-group sizes from the
 footers, reading only the window it resumes in, and the resumed workers take over the readers in the
 rotated order that keeps the round-robin sequence of batches unchanged.
@@ -27,13 +27,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import shards
 from pipeline.config import ConfigError
 from pipeline.shard_codec import TeacherFormat
+from pipeline.train.data import GroupedBatches, ResumableDataModule
 
 ROLLOUT_COLUMNS = ["sample_id", "input_ids", "prompt_len", "student_logprobs"]
 
@@ -200,7 +200,7 @@ def unwrap_worker_error(exc: shards.ShardError) -> shards.ShardError:
     return shards.ShardError(" ".join(text.rsplit(marker, 1)[1].split()))
 
 
-class TeacherShardDataModule(pl.LightningDataModule):
+class TeacherShardDataModule(ResumableDataModule):
     """The teacher shards of one distill run; its state in a checkpoint is the reader position."""
 
     def __init__(self, shards_dir: Path | str, batch_size: int, seed: int, shuffle_row_groups: int,
@@ -209,7 +209,6 @@ class TeacherShardDataModule(pl.LightningDataModule):
         self.shards_dir, self.batch_size, self.seed = Path(shards_dir), batch_size, seed
         self.shuffle_row_groups, self.num_workers = shuffle_row_groups, num_workers
         self.infos: Optional[list[shards.ShardInfo]] = None
-        self.start_batches = 0
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Validate every shard's footer and schema (idempotent: distill calls it before loading the model)."""
@@ -217,32 +216,17 @@ class TeacherShardDataModule(pl.LightningDataModule):
             self.infos = shards.open_teacher_shards(self.shards_dir)
             shards.teacher_format(self.infos)
 
-    def _rank_world(self) -> tuple[int, int]:
-        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> GroupedBatches:
         self.setup()
-        rank, world = self._rank_world()
+        rank, world = self.rank_world()
         stream = TeacherShardStream(self.infos, self.batch_size, self.seed, self.shuffle_row_groups, rank, world,
                                     self.start_batches)
         check_readers(len(stream.units), world, max(1, self.num_workers))  # here, not deep in a worker
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available())
+        return self.grouped(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                       pin_memory=torch.cuda.is_available()))
 
     def layout(self) -> dict[str, Any]:
-        """What a reader position is relative to: resuming under a different layout would mis-skip."""
         self.setup()
-        return {"world_size": self._rank_world()[1], "num_workers": self.num_workers, "batch_size": self.batch_size,
+        return {"world_size": self.rank_world()[1], "num_workers": self.num_workers, "batch_size": self.batch_size,
                 "seed": self.seed, "shuffle_row_groups": self.shuffle_row_groups,
                 "shards": [[i.path.name, i.num_rows] for i in self.infos]}
-
-    def state_dict(self) -> dict[str, Any]:
-        # One batch per optimizer step (distill never accumulates), so batches consumed = global step.
-        return {"batches_consumed": int(self.trainer.global_step), "layout": self.layout()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict["layout"] != self.layout():
-            raise ConfigError(f"the checkpoint's data reader ran with {state_dict['layout']}, this run has "
-                              f"{self.layout()}: resume with the same devices and settings, or delete the "
-                              f"checkpoint folder to start over")
-        self.start_batches = int(state_dict["batches_consumed"])
