@@ -5,8 +5,8 @@ student's vocabulary if the ids mean the same tokens), so a real student base (`
 folder or hub id) with a different tokenizer fingerprint is refused. `sft.source: scratch` builds a
 small Llama on the teacher's own tokenizer, at most a quarter of the teacher's size, so there is
 something left to distil; `sft.source: teacher` starts from the teacher's weights, and with
-`sft.prune_to_layers` keeps only that many of its layers (Minitron-style depth pruning, healed by SFT). The SFT parts must all come from one teacher, the one passed as --teacher;
-the output's opd_provenance.json records it (`sft_teacher_fingerprint`) and the parts it trained on,
+`sft.prune_to_layers` keeps only that many of its layers (Minitron-style depth pruning, healed by SFT).
+The SFT parts must all come from one teacher, the one passed as --teacher; the output's opd_provenance.json records it (`sft_teacher_fingerprint`) and the parts it trained on,
 which is what `distill` checks the teacher_topk shards against.
 """
 

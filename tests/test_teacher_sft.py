@@ -196,3 +196,16 @@ def test_sft_from_a_pretrained_student_trains_and_keeps_its_dtype(pipeline_dir, 
     assert len(curve) == 8 and curve[-1] < curve[0]
     assert read_provenance(tmp_path / "student")["source"] == str(base)
     assert metrics["params"] == sum(t.numel() for t in after.values())
+
+
+def test_sft_from_the_teacher_pruned_to_fewer_layers(pipeline_dir, tmp_path):
+    """`sft.source: teacher` + `prune_to_layers`: the student keeps the teacher's tokenizer and 1 of its 2 layers."""
+    root, _ = pipeline_dir
+    argv = write_params(tmp_path, sft={"source": "teacher", "prune_to_layers": 1, "max_steps": 2})
+    metrics = sft.main(argv + ["--data", str(root / "sft"), "--teacher", str(root / "teacher"),
+                               "--out", str(tmp_path / "student"), "--plots", str(tmp_path / "plots"),
+                               "--logs", str(tmp_path / "logs")])
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and metrics["params"] < metrics["teacher_params"]
+    assert tokenizer_fingerprint(tmp_path / "student") == tokenizer_fingerprint(root / "teacher")
+    assert read_provenance(tmp_path / "student")["source"] == str((root / "teacher").resolve())
