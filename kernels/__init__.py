@@ -71,7 +71,7 @@ class _Inputs:
     """Validated, flattened (2-D / 1-D) inputs shared by both entry points."""
 
     def __init__(self, n, device, topk_ids, topk_logprobs, mode, mask, sampled_ids, teacher_sampled_logprob,
-                 behavior_logprob, weights, mode_params):
+                 behavior_logprob, weights, mode_params, tail_logprob=None, entry_weights=None):
         self.mode_id, self.cst = kernel_mode(mode, mode_params)
         if topk_ids is None or (torch.is_tensor(topk_ids) and topk_ids.numel() == 0 and n > 0):
             k = 0
@@ -90,6 +90,10 @@ class _Inputs:
             self.topk_logprobs = _flat(topk_logprobs, n, "topk_logprobs", k)
         else:  # pg reads no top-k at all
             self.topk_ids = self.topk_logprobs = None
+        sparse = mode != "pg"
+        self.tail_logprob = _flat(tail_logprob, n, "tail_logprob") if sparse else None
+        ew = _flat(entry_weights, n, "entry_weights", k) if sparse and k > 0 else None
+        self.entry_weights = None if ew is None else ew.detach()
         if mode == "pg":
             if sampled_ids is None or teacher_sampled_logprob is None:
                 raise ValueError("mode 'pg' needs sampled_ids and teacher_sampled_logprob")
@@ -114,6 +118,8 @@ def sparse_divergence(
     teacher_sampled_logprob: Optional[torch.Tensor] = None,
     behavior_logprob: Optional[torch.Tensor] = None,
     weights: Optional[torch.Tensor] = None,
+    tail_logprob: Optional[torch.Tensor] = None,
+    entry_weights: Optional[torch.Tensor] = None,
     backend: str = "auto",
     inplace_grad: bool = False,
     chunk_size: Optional[int] = None,
@@ -133,6 +139,12 @@ def sparse_divergence(
     weights: [...] optional per-token weights (stop-gradient) folded into the loss and the gradient:
         returns weights * loss. Use it to average over tokens, so that backward sees grad_output == 1
         and costs nothing (loss.sum().backward()).
+    tail_logprob: [...] optional teacher log-probability of the mass outside the row's ids, computed
+        exactly at scoring time; without it the tail is rebuilt as 1 - sum exp(topk_logprobs), which
+        loses nats when the tail is small (kernels/MATH.md §4).
+    entry_weights: [..., k] optional importance weights (stop-gradient): the ids are then a weighted
+        sample of the whole vocabulary and the loss is sum_j w_j l_j, an unbiased estimate of the
+        full-vocabulary divergence, with no tail bucket (kernels/MATH.md §6).
     backend: 'auto' (Triton on CUDA, chunked PyTorch otherwise), 'triton' or 'torch'.
     inplace_grad: write the gradient into `logits` itself (no [N, V] allocation at all). The caller
         promises not to use the logits values afterwards, and that the op that produced them does not
@@ -148,11 +160,12 @@ def sparse_divergence(
     z = logits.reshape(-1, V)
     n = z.shape[0]
     inp = _Inputs(n, z.device, topk_ids, topk_logprobs, mode, mask, sampled_ids, teacher_sampled_logprob,
-                  behavior_logprob, weights, mode_params)
+                  behavior_logprob, weights, mode_params, tail_logprob, entry_weights)
     be = backend_for(z.device, backend)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     args = (inp.topk_ids, inp.topk_logprobs, inp.keep, inp.weights, inp.mode_id, inp.cst, inp.sampled_ids,
-            inp.teacher_sampled_logprob, inp.behavior_logprob)  # the order of both implementations
+            inp.teacher_sampled_logprob, inp.behavior_logprob, inp.tail_logprob,
+            inp.entry_weights)  # the order of both implementations
     if be == "triton":
         from . import triton_sparse as _tri
         if z.dtype == torch.float64:

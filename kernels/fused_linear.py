@@ -56,7 +56,7 @@ def _fused_pass(h, W, inp, row_w, need_gh, need_gw, gw_dtype, backend, chunk):
         take = _ref.take_rows
         args = (take(inp.topk_ids, s, e), take(inp.topk_logprobs, s, e), take(inp.keep, s, e), take(row_w, s, e),
                 inp.mode_id, inp.cst, take(inp.sampled_ids, s, e), take(inp.teacher_sampled_logprob, s, e),
-                take(inp.behavior_logprob, s, e))
+                take(inp.behavior_logprob, s, e), take(inp.tail_logprob, s, e), take(inp.entry_weights, s, e))
         if backend == "triton":
             from . import triton_sparse as _tri
             loss_c, g_c = _tri.sparse_divergence_fwd(logits_c, *args, need_grad=need_grad, inplace_grad=True)
@@ -127,6 +127,8 @@ def fused_linear_sparse_divergence(
     teacher_sampled_logprob: Optional[torch.Tensor] = None,
     behavior_logprob: Optional[torch.Tensor] = None,
     weights: Optional[torch.Tensor] = None,
+    tail_logprob: Optional[torch.Tensor] = None,
+    entry_weights: Optional[torch.Tensor] = None,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     **mode_params,
@@ -146,7 +148,7 @@ def fused_linear_sparse_divergence(
     h = hidden.reshape(-1, H)
     n = h.shape[0]
     inp = _Inputs(n, h.device, topk_ids, topk_logprobs, mode, mask, sampled_ids, teacher_sampled_logprob,
-                  behavior_logprob, weights, mode_params)
+                  behavior_logprob, weights, mode_params, tail_logprob, entry_weights)
     be = backend_for(h.device, backend)
     chunk = chunk_size or default_chunk_rows(n, weight.shape[0], h.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):

@@ -86,6 +86,8 @@ def chunk_loss_grad(
     sampled_ids: Optional[torch.Tensor] = None,
     teacher_sampled_logprob: Optional[torch.Tensor] = None,
     behavior_logprob: Optional[torch.Tensor] = None,
+    tail_logprob: Optional[torch.Tensor] = None,
+    entry_weights: Optional[torch.Tensor] = None,
     need_grad: bool = True,
     out: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -94,6 +96,9 @@ def chunk_loss_grad(
     keep: [C] bool or None (all), rows to compute (others get loss 0 and gradient 0). weights: [C] or None, multiplies
     the loss and the gradient of each row. out: optional [C, V] buffer of the compute dtype to build the
     gradient in (it may be `z` itself: z is fully read before out is written).
+    tail_logprob: [C] or None, the teacher's exact log-mass outside the stored ids (None: rebuilt as
+    1 - sum_S p, clamped). entry_weights: [C, k] or None; given, the stored entries are an importance
+    sample of the whole vocabulary and the loss is sum_j w_j l_j with no tail bucket (kernels/MATH.md §6).
     """
     cd = torch.float64 if z.dtype == torch.float64 else torch.float32
     C, V = z.shape
@@ -128,25 +133,32 @@ def chunk_loss_grad(
         lp = torch.where(valid, lp_in.clamp(LOGP_MIN, 0.0), zero)
         q = torch.where(valid, torch.exp(lq), zero)
         p = torch.where(valid, torch.exp(lp), zero)
-        p_raw = 1.0 - p.sum(1)
         q_raw = 1.0 - q.sum(1)
-        pt = p_raw.clamp(min=eps)
+        if tail_logprob is None:
+            pt = (1.0 - p.sum(1)).clamp(min=eps)
+            lpt = torch.log(pt)
+        else:  # stored exactly at scoring time: no cancellation, no floor but LOGP_MIN
+            lpt = tail_logprob.to(cd).clamp(LOGP_MIN, 0.0)
+            pt = torch.exp(lpt)
         qt = q_raw.clamp(min=eps)
-        lpt, lqt = torch.log(pt), torch.log(qt)
+        lqt = torch.log(qt)
+        # Sampled entries carry importance weights and estimate the whole vocabulary: no tail bucket.
+        ew = torch.ones_like(lp) if entry_weights is None else torch.where(valid, entry_weights.to(cd), zero)
+        wt = 1.0 if entry_weights is None else 0.0
         ea = None
         if mode == ENTROPY_AWARE:
             h, s = cst[0], cst[1]
-            ent = -(torch.where(valid, p * lp, zero)).sum(1) - pt * lpt
+            ent = -(torch.where(valid, ew * p * lp, zero)).sum(1) - wt * pt * lpt
             ea = torch.sigmoid((ent - h) / s)
         ell_s, u_s = outcome_terms(lp, lq, p, q, mode, cst, None if ea is None else ea[:, None])
-        ell_s = torch.where(valid, ell_s, zero)
-        u_s = torch.where(valid, u_s, zero)
+        ell_s = torch.where(valid, ew * ell_s, zero)
+        u_s = torch.where(valid, ew * u_s, zero)
         ell_t, u_t = outcome_terms(lpt, lqt, pt, qt, mode, cst, ea)
-        loss = ell_s.sum(1) + ell_t
+        loss = ell_s.sum(1) + wt * ell_t
         if need_grad:
             live = q_raw >= eps  # a clamped tail is a constant: no gradient through it
-            g_t = torch.where(live, u_t / qt, zero)
-            G = u_s.sum(1) + torch.where(live, u_t, zero)
+            g_t = torch.where(live, wt * u_t / qt, zero)
+            G = u_s.sum(1) + torch.where(live, wt * u_t, zero)
             c = g_t - G
             grad = _softmax_into(zf, lse, out).mul_(c[:, None])
             if ids.shape[1]:
@@ -212,7 +224,8 @@ class SparseDivergenceTorch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, topk_ids, topk_logprobs, keep, weights, mode, cst, sampled_ids,
-                teacher_sampled_logprob, behavior_logprob, inplace_grad, chunk_size, need_grad):
+                teacher_sampled_logprob, behavior_logprob, tail_logprob, entry_weights, inplace_grad, chunk_size,
+                need_grad):
         N, V = logits.shape
         out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         loss = torch.empty(N, dtype=out_dtype, device=logits.device)
@@ -228,7 +241,8 @@ class SparseDivergenceTorch(torch.autograd.Function):
                 ls, gs = chunk_loss_grad(
                     logits[s:e], take_rows(topk_ids, s, e), take_rows(topk_logprobs, s, e), take_rows(keep, s, e),
                     take_rows(weights, s, e), mode, cst, take_rows(sampled_ids, s, e),
-                    take_rows(teacher_sampled_logprob, s, e), take_rows(behavior_logprob, s, e), need_grad,
+                    take_rows(teacher_sampled_logprob, s, e), take_rows(behavior_logprob, s, e),
+                    take_rows(tail_logprob, s, e), take_rows(entry_weights, s, e), need_grad,
                     out=grad[s:e] if direct else None)
                 loss[s:e] = ls
                 if gs is not None and not direct:
@@ -241,4 +255,4 @@ class SparseDivergenceTorch(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        return (run_backward(ctx, grad_output),) + (None,) * 12
+        return (run_backward(ctx, grad_output),) + (None,) * 14

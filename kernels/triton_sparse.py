@@ -93,9 +93,12 @@ def _outcome(lp, lq, p, q, c0, c1, c2, ea, MODE: tl.constexpr):
 
 
 @triton.jit
-def _row_terms(lse, zs, lp_raw, valid, za, tlp, blp, c0, c1, c2, tail_eps, logp_min,
-               MODE: tl.constexpr, HAS_BEHAVIOR: tl.constexpr):
+def _row_terms(lse, zs, lp_raw, valid, za, tlp, blp, tail_lp, ew, c0, c1, c2, tail_eps, logp_min,
+               MODE: tl.constexpr, HAS_BEHAVIOR: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_EW: tl.constexpr):
     """Loss and gradient pieces of one row given its log-sum-exp (kernels/MATH.md).
+
+    HAS_TAIL: tail_lp is the teacher's exact tail log-mass (else rebuilt from the entries). HAS_EW: the
+    entries carry importance weights ew and the tail bucket is left out (MATH.md §6).
 
     Returns (loss, c, u_s, q, G, adv, lqa): the gradient is q_i * c off S, u_j - q_j * G on S, and for pg
     adv * (q_a - 1) at the sampled token a (u_s, q, G unused for pg; adv, lqa unused otherwise).
@@ -115,24 +118,33 @@ def _row_terms(lse, zs, lp_raw, valid, za, tlp, blp, c0, c1, c2, tail_eps, logp_
         lp = tl.where(valid, tl.minimum(tl.maximum(lp_raw, logp_min), 0.0), 0.0)
         q = tl.where(valid, tl.exp(lq), 0.0)
         p = tl.where(valid, tl.exp(lp), 0.0)
-        p_raw = 1.0 - tl.sum(p, 0)
         q_raw = 1.0 - tl.sum(q, 0)
-        pt = tl.maximum(p_raw, tail_eps)
+        if HAS_TAIL:
+            lpt = tl.minimum(tl.maximum(tail_lp, logp_min), 0.0)
+            pt = tl.exp(lpt)
+        else:
+            pt = tl.maximum(1.0 - tl.sum(p, 0), tail_eps)
+            lpt = tl.log(pt)
         qt = tl.maximum(q_raw, tail_eps)
-        lpt = tl.log(pt)
         lqt = tl.log(qt)
+        if HAS_EW:
+            w_s = tl.where(valid, ew, 0.0)
+            wt = 0.0
+        else:
+            w_s = tl.where(valid, 1.0, 0.0)
+            wt = 1.0
         ea = 0.0
         if MODE == ENTROPY_AWARE:
-            ent = -tl.sum(tl.where(valid, p * lp, 0.0), 0) - pt * lpt
+            ent = -tl.sum(w_s * p * lp, 0) - wt * pt * lpt
             ea = 1.0 / (1.0 + tl.exp(-(ent - c0) / c1))
         ell_s, u_s = _outcome(lp, lq, p, q, c0, c1, c2, ea, MODE)
-        ell_s = tl.where(valid, ell_s, 0.0)
-        u_s = tl.where(valid, u_s, 0.0)
+        ell_s = tl.where(valid, w_s * ell_s, 0.0)
+        u_s = tl.where(valid, w_s * u_s, 0.0)
         ell_t, u_t = _outcome(lpt, lqt, pt, qt, c0, c1, c2, ea, MODE)
-        loss = tl.sum(ell_s, 0) + ell_t
+        loss = tl.sum(ell_s, 0) + wt * ell_t
         live = q_raw >= tail_eps  # a clamped tail is a constant: no gradient through it
-        g_t = tl.where(live, u_t / qt, 0.0)
-        G = tl.sum(u_s, 0) + tl.where(live, u_t, 0.0)
+        g_t = tl.where(live, wt * u_t / qt, 0.0)
+        G = tl.sum(u_s, 0) + tl.where(live, wt * u_t, 0.0)
         c = g_t - G
         adv = c
         lqa = c
@@ -140,14 +152,27 @@ def _row_terms(lse, zs, lp_raw, valid, za, tlp, blp, c0, c1, c2, tail_eps, logp_
 
 
 @triton.jit
+def _tail_and_weights(tail_ptr, ew_ptr, stride_ew, row, ks, kmask, HAS_TAIL: tl.constexpr, HAS_EW: tl.constexpr):
+    """The row's optional exact tail log-mass and per-entry importance weights (0.0 when absent)."""
+    tail_lp = 0.0
+    if HAS_TAIL:
+        tail_lp = tl.load(tail_ptr + row).to(tl.float32)
+    ew = 0.0
+    if HAS_EW:
+        ew = tl.load(ew_ptr + row * stride_ew + ks, mask=kmask, other=0.0).to(tl.float32)
+    return tail_lp, ew
+
+
+@triton.jit
 def _sparse_div_kernel(
     z_ptr, stride_z, g_ptr, stride_g,
     ids_ptr, stride_ids, lp_ptr, stride_lp,
-    keep_ptr, w_ptr, samp_ptr, tlp_ptr, blp_ptr, loss_ptr,
+    keep_ptr, w_ptr, samp_ptr, tlp_ptr, blp_ptr, tail_ptr, ew_ptr, stride_ew, loss_ptr,
     N, V, K,
     c0, c1, c2, tail_eps, logp_min,
     MODE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, HAS_BEHAVIOR: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_EW: tl.constexpr,
     EV1: tl.constexpr, EV2: tl.constexpr,
 ):
     # EV1 / EV2: L2 eviction hints for pass 1 loads / pass 2 loads and stores ("evict_last" keeps the
@@ -180,6 +205,7 @@ def _sparse_div_kernel(
                 ids_c = tl.where(valid, ids, 0)
                 zs = tl.load(z_row + ids_c, mask=valid, other=0.0).to(tl.float32)
                 lp_raw = tl.load(lp_ptr + row * stride_lp + ks, mask=valid, other=0.0).to(tl.float32)
+                tail_lp, ew = _tail_and_weights(tail_ptr, ew_ptr, stride_ew, row, ks, valid, HAS_TAIL, HAS_EW)
             # ---- pass 1: online log-sum-exp; one block-max reduction per block, per-lane sums.
             # The next block is loaded before the current one is reduced (manual prefetch).
             m = float("-inf")
@@ -200,11 +226,12 @@ def _sparse_div_kernel(
                 blp = 0.0
                 if HAS_BEHAVIOR:
                     blp = tl.load(blp_ptr + row).to(tl.float32)
-                loss, c, u_s, q, G, adv, lqa = _row_terms(lse, za, za, za, za, tlp, blp, c0, c1, c2, tail_eps,
-                                                          logp_min, MODE, HAS_BEHAVIOR)
+                loss, c, u_s, q, G, adv, lqa = _row_terms(lse, za, za, za, za, tlp, blp, za, za, c0, c1, c2,
+                                                          tail_eps, logp_min, MODE, HAS_BEHAVIOR, False, False)
             else:
-                loss, c, u_s, q, G, adv, lqa = _row_terms(lse, zs, lp_raw, valid, 0.0, 0.0, 0.0, c0, c1, c2,
-                                                          tail_eps, logp_min, MODE, HAS_BEHAVIOR)
+                loss, c, u_s, q, G, adv, lqa = _row_terms(lse, zs, lp_raw, valid, 0.0, 0.0, 0.0, tail_lp, ew, c0,
+                                                          c1, c2, tail_eps, logp_min, MODE, HAS_BEHAVIOR, HAS_TAIL,
+                                                          HAS_EW)
             tl.store(loss_ptr + row, loss * w)
             if COMPUTE_GRAD:
                 cw = c * w
@@ -239,12 +266,13 @@ def _sparse_div_kernel(
 def _sparse_div_coop_kernel(
     z_ptr, stride_z, g_ptr, stride_g,
     ids_ptr, stride_ids, lp_ptr, stride_lp,
-    keep_ptr, w_ptr, samp_ptr, tlp_ptr, blp_ptr, loss_ptr,
+    keep_ptr, w_ptr, samp_ptr, tlp_ptr, blp_ptr, tail_ptr, ew_ptr, stride_ew, loss_ptr,
     pm_ptr, ps_ptr, zs_ptr, cnt_ptr, work_ptr,
     N, V, K, G,
     c0, c1, c2, tail_eps, logp_min,
     MODE: tl.constexpr, SEG: tl.constexpr, BLOCK_K: tl.constexpr, GMAX: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, HAS_BEHAVIOR: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_EW: tl.constexpr,
 ):
     """CUDA only: each row is split into G segments of SEG logits, one work item each; the segment stays
     in registers, so the logits are read from memory once. The G programs of a row exchange their partial
@@ -279,6 +307,7 @@ def _sparse_div_coop_kernel(
             else:
                 ids = tl.load(ids_ptr + row * stride_ids + ks, mask=ks < K, other=-1).to(tl.int64)
                 lp_raw = tl.load(lp_ptr + row * stride_lp + ks, mask=ks < K, other=0.0).to(tl.float32)
+                tail_lp, ew = _tail_and_weights(tail_ptr, ew_ptr, stride_ew, row, ks, ks < K, HAS_TAIL, HAS_EW)
             if HAS_WEIGHT:
                 w = tl.load(w_ptr + row).to(tl.float32)
             else:
@@ -318,12 +347,13 @@ def _sparse_div_coop_kernel(
                 blp = 0.0
                 if HAS_BEHAVIOR:
                     blp = tl.load(blp_ptr + row).to(tl.float32)
-                loss, c, u_s, q, Gs, adv, lqa = _row_terms(lse, za, za, za, za, tlp, blp, c0, c1, c2, tail_eps,
-                                                           logp_min, MODE, HAS_BEHAVIOR)
+                loss, c, u_s, q, Gs, adv, lqa = _row_terms(lse, za, za, za, za, tlp, blp, za, za, c0, c1, c2,
+                                                           tail_eps, logp_min, MODE, HAS_BEHAVIOR, False, False)
             else:
                 zs = tl.load(zs_ptr + row * BLOCK_K + ks, mask=valid, other=0.0, cache_modifier=".cg")
-                loss, c, u_s, q, Gs, adv, lqa = _row_terms(lse, zs, lp_raw, valid, 0.0, 0.0, 0.0, c0, c1, c2,
-                                                           tail_eps, logp_min, MODE, HAS_BEHAVIOR)
+                loss, c, u_s, q, Gs, adv, lqa = _row_terms(lse, zs, lp_raw, valid, 0.0, 0.0, 0.0, tail_lp, ew, c0,
+                                                           c1, c2, tail_eps, logp_min, MODE, HAS_BEHAVIOR, HAS_TAIL,
+                                                           HAS_EW)
             if seg == 0:
                 tl.store(loss_ptr + row, loss * w)
             if COMPUTE_GRAD:
@@ -393,6 +423,8 @@ def sparse_divergence_fwd(
     sampled_ids: Optional[torch.Tensor] = None,
     teacher_sampled_logprob: Optional[torch.Tensor] = None,
     behavior_logprob: Optional[torch.Tensor] = None,
+    tail_logprob: Optional[torch.Tensor] = None,
+    entry_weights: Optional[torch.Tensor] = None,
     need_grad: bool = True,
     inplace_grad: bool = False,
     block_v: Optional[int] = None,
@@ -447,11 +479,16 @@ def sparse_divergence_fwd(
     samp = sampled_ids.contiguous() if sampled_ids is not None else dummy
     tlp = teacher_sampled_logprob.contiguous() if teacher_sampled_logprob is not None else dummy
     blp = behavior_logprob.contiguous() if behavior_logprob is not None else dummy
+    has_tail = tail_logprob is not None and mode != MODE_ID["pg"]
+    tail = tail_logprob.to(torch.float32).contiguous() if has_tail else dummy
+    has_ew = entry_weights is not None and K > 0
+    ew = entry_weights.to(torch.float32).contiguous() if has_ew else dummy
     g = grad if grad is not None else logits
     has_mask = keep is not None
     keep8 = keep.to(torch.int8).contiguous() if has_mask else dummy
     common = dict(MODE=mode, BLOCK_K=block_k, COMPUTE_GRAD=need_grad, HAS_BEHAVIOR=behavior_logprob is not None,
-                  HAS_MASK=has_mask, HAS_WEIGHT=weights is not None, num_warps=nw)
+                  HAS_MASK=has_mask, HAS_WEIGHT=weights is not None, HAS_TAIL=has_tail, HAS_EW=has_ew,
+                  num_warps=nw)
     if kernel == "coop":
         G = triton.cdiv(V, bv)
         pm = torch.empty(N * G, dtype=torch.float32, device=dev)
@@ -461,14 +498,15 @@ def sparse_divergence_fwd(
         grid = (min(N * G, programs or progs),)
         _sparse_div_coop_kernel[grid](
             logits, logits.stride(0), g, g.stride(0), ids, s_ids, lps, s_lp,
-            keep8, w, samp, tlp, blp, loss, pm, ps, zs, counters, counters[N:],
+            keep8, w, samp, tlp, blp, tail, ew, ew.stride(0) if has_ew else 0, loss, pm, ps, zs, counters,
+            counters[N:],
             N, V, K, G,
             float(cst[0]), float(cst[1]), float(cst[2]), TAIL_EPS_FP32, LOGP_MIN,
             SEG=bv, GMAX=max(triton.next_power_of_2(G), 2), **common)
     else:
         _sparse_div_kernel[(min(N, programs or progs),)](
             logits, logits.stride(0), g, g.stride(0), ids, s_ids, lps, s_lp,
-            keep8, w, samp, tlp, blp, loss,
+            keep8, w, samp, tlp, blp, tail, ew, ew.stride(0) if has_ew else 0, loss,
             N, V, K,
             float(cst[0]), float(cst[1]), float(cst[2]), TAIL_EPS_FP32, LOGP_MIN,
             BLOCK_V=bv, EV1=os.environ.get("OPD_SPARSE_EV1", "evict_last") if dev.type == "cuda" else "",
@@ -481,10 +519,11 @@ class SparseDivergenceTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, topk_ids, topk_logprobs, keep, weights, mode, cst, sampled_ids,
-                teacher_sampled_logprob, behavior_logprob, inplace_grad):
+                teacher_sampled_logprob, behavior_logprob, tail_logprob, entry_weights, inplace_grad):
         loss, grad = sparse_divergence_fwd(
             logits.detach(), topk_ids, topk_logprobs, keep, weights, mode, cst, sampled_ids,
-            teacher_sampled_logprob, behavior_logprob, need_grad=True, inplace_grad=inplace_grad)
+            teacher_sampled_logprob, behavior_logprob, tail_logprob, entry_weights, need_grad=True,
+            inplace_grad=inplace_grad)
         ctx.save_for_backward(grad.detach())
         ctx.inplace, ctx.consumed = bool(inplace_grad), False
         return loss
@@ -492,4 +531,4 @@ class SparseDivergenceTriton(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        return (run_backward(ctx, grad_output),) + (None,) * 10
+        return (run_backward(ctx, grad_output),) + (None,) * 12

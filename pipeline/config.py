@@ -76,19 +76,46 @@ class TaskConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """A model to train from scratch (`source: scratch`) or an existing Hugging Face model path."""
+class TrainConfig:
+    """The keys every training stage (teacher, sft, distill) shares; one trainer builder reads them.
+
+    `batch_size` is sequences per device per micro-batch, so one optimizer step sees
+    batch_size x devices x num_nodes x accumulate_grad_batches sequences, and its loss is divided by
+    the loss tokens of all of them (pipeline/train/module.py). `precision` bf16-true loads and trains
+    the weights in bf16; 32-true and bf16-mixed keep fp32 weights. `strategy: fsdp` shards parameters,
+    gradients and optimizer state per decoder layer; with `gradient_checkpointing` it recomputes each
+    layer's activations in backward.
+    """
+
+    max_steps: Count
+    batch_size: Count
+    accumulate_grad_batches: Count
+    lr: Positive
+    warmup_frac: Fraction
+    weight_decay: NonNeg
+    adam_beta1: Annotated[float, Range(ge=0, lt=1)]
+    adam_beta2: Annotated[float, Range(ge=0, lt=1)]
+    adam_eps: Positive
+    grad_clip: NonNeg                  # max global gradient norm; 0 = no clipping
+    precision: Literal["32-true", "bf16-mixed", "bf16-true"]
+    strategy: Literal["auto", "ddp", "fsdp"]
+    devices: Count
+    num_nodes: Count
+    gradient_checkpointing: bool
+    checkpoint_every_n_steps: Count    # steps between resume checkpoints (<logs>/checkpoints/last.ckpt)
+    seed: NonNegInt
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(TrainConfig):
+    """A model to train from scratch (`source: scratch`, with this architecture) or an existing Hugging
+    Face model path."""
 
     source: str
     hidden_size: Count
     num_layers: Count
     num_heads: Count
     intermediate_size: Count
-    steps: Count
-    batch_size: Count
-    lr: Positive
-    warmup_frac: Fraction
-    seed: NonNegInt
 
     def check(self, where: str) -> None:
         """A scratch Llama splits hidden_size into num_heads heads of an even size (rotary embeddings)."""
@@ -143,32 +170,30 @@ class TeacherTopkConfig:
     # Optional privileged context prepended to the prompt for the teacher only, e.g.
     # "Answer: {answer}\n{prompt}"; recorded in the shard footer.
     privileged_context: Optional[str]
+    # What is stored per position (pipeline/sparse_targets.py): the top k ids, `samples` draws from the
+    # teacher with unbiased importance weights, or both; plus π_ref's own top `union_student_k` ids.
+    selection: Literal["topk", "sampled", "topk+sampled"]
+    samples: Annotated[int, Range(ge=0, le=255)]   # draws per position (counts are stored in one byte)
+    union_student_k: NonNegInt
+    seed: NonNegInt                                # the draws are a function of (seed, sample_id)
+    # Storage of ids and log-probs (pipeline/shard_codec.py); logprob_dtype applies to `plain` only.
+    codec: Literal["plain", "q8", "q16"]
 
 
 @dataclasses.dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(TrainConfig):
     """`distill`: trains π_ref on the precomputed teacher shards; no teacher in memory."""
 
     loss: str
     loss_params: dict
     kernel_backend: Literal["auto", "triton", "torch"]
-    batch_size: Count
-    max_steps: Count
-    lr: Positive
-    warmup_frac: Fraction
-    weight_decay: NonNeg
-    grad_clip: NonNeg
     ce_weight: NonNeg
     tip_fraction: Fraction
-    precision: Literal["32-true", "32", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"]
-    seed: NonNegInt
     allow_inconsistent_teacher: bool
     # Data reader: DataLoader worker processes per rank, and how many row groups are mixed in one
     # shuffle window (the bounded shuffle buffer). Resuming needs the same values.
     num_workers: NonNegInt
     shuffle_row_groups: Count
-    # Steps between resume checkpoints (logs/distill/checkpoints/last.ckpt).
-    checkpoint_every_n_steps: Count
 
 
 @dataclasses.dataclass(frozen=True)

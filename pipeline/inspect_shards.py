@@ -1,11 +1,15 @@
 """`opd-inspect`: explain logit shards with DuckDB SQL (what they hold, who wrote them, what they teach).
 
 Every view and query is plain DuckDB SQL kept as a named string in this module, so the README shows them
-verbatim and users can run them in the `duckdb` CLI or build their own. Three views are defined over
-the shard glob: `shards` (the rows, plus `filename`), `shard_meta` (the `opd.*` footer key/values via
+verbatim and users can run them in the `duckdb` CLI or build their own. Views over the shard glob:
+`shard_rows` (the rows as stored, plus `filename`), `shards` (the same rows decoded: `topk_ids` as
+integers with -1 for an empty slot, `topk_logprobs` as log-probs, whatever the codec; `tail_logprob`
+NULL for shards written before it existed), `shard_meta` (the `opd.*` footer key/values via
 `parquet_kv_metadata`) and `shard_files` (file sizes via `read_blob`, which does not read contents).
-`tokens` (one row per response token) is a view over `shards`. `check DIR` is not SQL: it runs the
-shard contract's run check (pipeline.shards.check_folder), the one distill applies before training.
+`tokens` (one row per response token) is a view over `shards`. The decoding is the macro
+`opd_dequant` (pipeline/shard_codec.py describes the codecs); its parameters come from the footer.
+`check DIR` and `verify` are not SQL: `check` runs the shard contract's run check
+(pipeline.shards.check_folder), the one distill applies before training; `verify` reads every page.
 """
 
 from __future__ import annotations
@@ -25,10 +29,16 @@ from pipeline.models import ModelPathError
 DEFAULT_GLOB = "data/teacher_topk/*.parquet"
 DEFAULT_TOKENIZER = "data/models/teacher"
 
-# {glob} is the only placeholder; the rest is what you would type into `duckdb`.
+# {glob} and {decode} (the select list of `shards`, from DECODE_SQL) are the placeholders; the rest is
+# what you would type into `duckdb`.
 VIEWS_SQL = """
-CREATE OR REPLACE VIEW shards AS
+CREATE OR REPLACE MACRO opd_dequant(ids, lpmax, codes, step, empty) AS
+  list_transform(codes, lambda x, i: CASE WHEN ids[i] = empty THEN '-inf'::FLOAT
+    ELSE lpmax[(i - 1) // (len(codes) // greatest(len(lpmax), 1)) + 1] - x * step END);
+CREATE OR REPLACE VIEW shard_rows AS
   SELECT * FROM read_parquet('{glob}', filename = true);
+CREATE OR REPLACE VIEW shards AS
+  SELECT {decode} FROM shard_rows;
 CREATE OR REPLACE VIEW shard_meta AS
   SELECT file_name AS filename, substr(decode(key), 5) AS key, decode(value) AS value
   FROM parquet_kv_metadata('{glob}')
@@ -37,15 +47,29 @@ CREATE OR REPLACE VIEW shard_files AS
   SELECT filename, size FROM read_blob('{glob}');
 """
 
+# The select list of `shards` per kind of shard: rollouts and plain teacher shards as stored
+# ({exact_tail}: version 1 shards get a NULL tail), quantised ones decoded with the footer's parameters.
+DECODE_SQL = {
+    "stored": "*",
+    "no_tail": "*, NULL::FLOAT[] AS tail_logprob",
+    "quantised": "* EXCLUDE (topk_ids, topk_lpmax, topk_lpq),\n"
+                 "    list_transform(topk_ids, lambda x: CASE WHEN x = {empty} THEN -1 ELSE x::INTEGER END)"
+                 " AS topk_ids,\n"
+                 "    opd_dequant(topk_ids, topk_lpmax, topk_lpq, {step}, {empty}) AS topk_logprobs",
+}
+
 # One row per response token. Position t (1-based) of a response is input_ids[prompt_len + t]; its
 # top-k block is topk_ids[(t-1)*k + 1 : t*k] (DuckDB slices are 1-based, both ends inclusive).
 # Teacher entropy is over the k+1 outcomes top-k + tail bucket (the distribution the losses use):
-# a lower bound on the full-vocabulary entropy, equal to it when the tail mass is zero. With k = 0
-# (shards for the `pg` loss) the top-k columns, entropy and argmax agreement are NULL.
+# a lower bound on the full-vocabulary entropy, equal to it when the tail mass is zero. The tail is the
+# stored exact one, or (version 1 shards) rebuilt as 1 - sum(top_p). With k = 0 (shards for the `pg`
+# loss) the top-k columns, entropy and argmax agreement are NULL. `k` here is the entries per position
+# (more than the footer's k with union or sampled entries; then top_ids[1] is still the teacher's argmax
+# unless the selection is `sampled`).
 TOKENS_VIEW_SQL = """
 CREATE OR REPLACE VIEW tokens AS
 WITH rows AS (
-  SELECT filename, sample_id, input_ids, prompt_len, student_logprobs, teacher_logprob,
+  SELECT filename, sample_id, input_ids, prompt_len, student_logprobs, teacher_logprob, tail_logprob,
          topk_ids, topk_logprobs, len(topk_ids) // greatest(len(teacher_logprob), 1) AS k
   FROM shards
 ), positions AS (
@@ -54,12 +78,14 @@ WITH rows AS (
   SELECT filename, sample_id, input_ids, prompt_len, k, t,
          input_ids[prompt_len + t] AS token_id,
          teacher_logprob[t] AS teacher_lp,
+         tail_logprob[t] AS tail_lp,
          student_logprobs[t] AS student_lp,
          topk_ids[(t - 1) * k + 1 : t * k] AS top_ids,
          list_transform(topk_logprobs[(t - 1) * k + 1 : t * k], lambda x: exp(x)) AS top_p
   FROM positions
 ), tails AS (
-  SELECT *, CASE WHEN k > 0 THEN greatest(1 - list_sum(top_p), 0) END AS tail_p FROM blocks
+  SELECT *, CASE WHEN k > 0 THEN coalesce(exp(tail_lp), greatest(1 - list_sum(top_p), 0)) END AS tail_p
+  FROM blocks
 )
 SELECT filename, sample_id, input_ids, prompt_len, k, t, token_id, teacher_lp, student_lp,
        teacher_lp - student_lp AS gap,
@@ -138,14 +164,36 @@ class InspectError(UserError, ValueError):
 
 def connect(pattern: str) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the shard views defined over `pattern`, after checking every footer."""
-    files = sorted(globlib.glob(pattern))
-    if not files:
+    if not globlib.glob(pattern):
         raise InspectError(f"no shards match {pattern!r}: run `dvc repro teacher_topk`, or pass --shards GLOB")
-    for path in files:
-        shard_contract.read_meta(path)  # names a truncated or corrupt file instead of a DuckDB stack
     con = duckdb.connect()
-    con.execute(VIEWS_SQL.format(glob=pattern.replace("'", "''")))
+    con.execute(views_sql(pattern))
     return con
+
+
+def views_sql(pattern: str) -> str:
+    """VIEWS_SQL for the shards matching `pattern`, decoding them as their footers say (as stored if none)."""
+    decodes = {}
+    for path in sorted(globlib.glob(pattern)):
+        meta = shard_contract.read_meta(path)  # names a truncated or corrupt file instead of a DuckDB stack
+        decodes.setdefault(decode_sql(Path(path), meta), path)
+    if len(decodes) > 1:
+        a, b = decodes.values()
+        raise InspectError(f"{a} and {b} store their entries differently (codec or schema version); "
+                           f"inspect one run at a time with --shards")
+    decode = next(iter(decodes), DECODE_SQL["stored"])
+    return VIEWS_SQL.format(glob=pattern.replace("'", "''"), decode=decode)
+
+
+def decode_sql(path: Path, meta: dict[str, str]) -> str:
+    """The select list of the `shards` view that decodes this shard (from its footer)."""
+    if meta.get("kind") != "teacher_topk":
+        return DECODE_SQL["stored"]
+    fmt = shard_contract.teacher_format_of(path, meta)
+    if fmt.codec.quantised:
+        empty = (1 << {"uint8": 8, "uint16": 16, "uint32": 32}[fmt.codec.id_type]) - 1
+        return DECODE_SQL["quantised"].format(empty=empty, step=repr(fmt.codec.lp_step))
+    return DECODE_SQL["stored" if fmt.exact_tail else "no_tail"]
 
 
 def query(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], list[tuple]]:
@@ -195,6 +243,23 @@ def decode_in_context(tok: Any, context_ids: list[int], token_id: int) -> str:
     return repr(f"{before}⟦{piece}⟧")[1:-1]
 
 
+def verify(pattern: str) -> str:
+    """Every page of every matching shard read and CRC-checked: a line per shard, or one error naming
+    each corrupt file and row group."""
+    files = sorted(globlib.glob(pattern))
+    if not files:
+        raise InspectError(f"no shards match {pattern!r}: run `dvc repro teacher_topk`, or pass --shards GLOB")
+    rows, bad = [], []
+    for path in files:
+        try:
+            rows.append((Path(path).name, shard_contract.verify_pages(path), "ok"))
+        except shard_contract.ShardError as exc:
+            bad.append(str(exc))
+    if bad:
+        raise InspectError(" | ".join(bad))
+    return format_table(["shard", "row_groups", "pages"], rows)
+
+
 def check(folder: Path) -> str:
     infos = shard_contract.check_folder(folder)
     return (f"{folder}: ok, {len(infos)} parts of one {infos[0].meta['kind']} run "
@@ -204,6 +269,8 @@ def check(folder: Path) -> str:
 def run(args: argparse.Namespace) -> str:
     if args.command == "check":
         return check(args.dir)
+    if args.command == "verify":
+        return verify(args.shards)
     con = connect(args.shards)
     if args.command == "summary":
         return format_table(*query(con, SUMMARY_SQL))
@@ -245,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     sql = sub.add_parser("sql", parents=[common],
                          help="run any DuckDB query; views shards, shard_meta, shard_files, tokens exist")
     sql.add_argument("query", help='e.g. "select count(*) from tokens where sampled_is_teacher_argmax"')
+    sub.add_parser("verify", parents=[common],
+                   help="read every page of every shard, checking its CRC: run before a long training run "
+                        "(distill also checks each page as it reads it)")
     sub.add_parser("queries", parents=[common],
                    help="print the SQL of the views and queries, with this --shards glob filled in")
     check = sub.add_parser("check", help="are the parts in DIR one complete run: every part present, one run "
@@ -257,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "queries":
         for name, sql in QUERIES.items():
-            print(f"-- {name}\n{sql.format(glob=args.shards) if name == 'views' else sql}".rstrip() + "\n")
+            print(f"-- {name}\n{views_sql(args.shards) if name == 'views' else sql}".rstrip() + "\n")
         return
     try:
         print(run(args))

@@ -33,6 +33,7 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 
 from kernels import MODE_PARAMS, MODES, check_mode_params, fused_linear_sparse_divergence, sparse_divergence
+from kernels.reference import take_rows
 from pipeline.config import ConfigError, DistillConfig
 
 # Rows per chunk of the TIP statistics pass: about 128 MiB per float32 [chunk, V] temporary, so the
@@ -107,13 +108,15 @@ class Targets:
     topk_ids: torch.Tensor          # [N, k] teacher top-k ids (k may be 0)
     topk_logprobs: torch.Tensor     # [N, k] their teacher log-probs
     mask: torch.Tensor              # [N] bool, tokens that carry loss
+    tail_logprob: Optional[torch.Tensor] = None   # [N] teacher log-mass outside topk_ids (None: rebuilt)
+    entry_weights: Optional[torch.Tensor] = None  # [N, k] importance weights of sampled entries (None: top-k)
 
 
 @dataclass(frozen=True)
 class LossOutput:
     loss: torch.Tensor                 # scalar the optimizer minimises (divergence + ce_weight · CE)
-    divergence: torch.Tensor           # detached: mean kernel loss over the selected tokens
-    ce: Optional[torch.Tensor]         # detached: mean CE over response tokens (None when ce_weight = 0)
+    divergence: torch.Tensor           # detached: kernel loss summed over the selected tokens / norm[0]
+    ce: Optional[torch.Tensor]         # detached: CE summed over response tokens / norm[1] (None when ce_weight = 0)
     tokens: int                        # response tokens in the batch
     selected: int                      # tokens carrying the divergence loss (TIP)
 
@@ -126,8 +129,8 @@ def select_tokens(entropy: torch.Tensor, divergence: torch.Tensor, mask: torch.T
     divergence rank), so it survives by being uncertain or by being confidently far from the teacher.
     """
     n = int(mask.sum())
-    budget = min(n, max(1, math.ceil(fraction * n)))
-    if n == 0 or budget == n:
+    budget = tip_budget(n, fraction)
+    if budget == n:
         return mask.clone()
     score = torch.maximum(_masked_rank(entropy, mask), _masked_rank(divergence, mask))
     score = torch.where(mask, score, torch.full_like(score, -1))
@@ -135,6 +138,11 @@ def select_tokens(entropy: torch.Tensor, divergence: torch.Tensor, mask: torch.T
     keep = torch.zeros_like(mask)
     keep[keep_idx] = True
     return keep
+
+
+def tip_budget(n: int, fraction: float) -> int:
+    """How many of n tokens TIP keeps: ceil(fraction · n), at least one of a non-empty batch."""
+    return min(n, max(1, math.ceil(fraction * n)))
 
 
 def _masked_rank(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -160,7 +168,10 @@ class DistillLoss:
         self.tip_fraction, self.chunk_size = tip_fraction, chunk_size
 
     def __call__(self, targets: Targets, progress: float, *, logits: Optional[torch.Tensor] = None,
-                 hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None) -> LossOutput:
+                 hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                 norm: Optional[tuple[float, float]] = None) -> LossOutput:
+        """`norm`: the (divergence, CE) token counts the sums are divided by; by default this batch's own
+        (selected tokens, response tokens). The trainer passes the counts of the whole global batch."""
         if (logits is None) == (hidden is None) or (hidden is None) != (weight is None):
             raise ValueError("pass either logits, or hidden and weight")
         mask = targets.mask.bool()
@@ -175,15 +186,16 @@ class DistillLoss:
             entropy, signal = self._token_stats(targets, params, logits, hidden, weight)
             keep = select_tokens(entropy, signal, mask, self.tip_fraction)
         n_sel = int(keep.sum())
+        div_norm, ce_norm = norm if norm is not None else (n_sel, n)
         ce = None
         if self.ce_weight > 0:
-            ce_w = mask.float() * (self.ce_weight / n)
+            ce_w = mask.float() * (self.ce_weight / ce_norm)
             ce_tok = self._kernel(
                 "fkl", {}, targets.sampled_ids[:, None], torch.zeros_like(targets.teacher_logprob)[:, None],
                 mask, ce_w, None, logits, hidden, weight, inplace=False)
             ce = ce_tok.sum()
         div = self._kernel(self.spec.mode, params, targets.topk_ids, targets.topk_logprobs, keep,
-                           keep.float() / n_sel, targets, logits, hidden, weight, inplace=True).sum()
+                           keep.float() / div_norm, targets, logits, hidden, weight, inplace=True).sum()
         total = div if ce is None else div + ce
         return LossOutput(total, div.detach(), None if ce is None else ce.detach() / self.ce_weight, n, n_sel)
 
@@ -194,6 +206,8 @@ class DistillLoss:
         if mode == "pg":
             kw.update(sampled_ids=targets.sampled_ids, teacher_sampled_logprob=targets.teacher_logprob,
                       behavior_logprob=targets.behavior_logprob)
+        elif targets is not None:
+            kw.update(tail_logprob=targets.tail_logprob, entry_weights=targets.entry_weights)
         if hidden is not None:
             return fused_linear_sparse_divergence(hidden, weight, topk_ids, topk_logprobs, mode,
                                                   chunk_size=self.chunk_size, **kw)
@@ -220,7 +234,8 @@ class DistillLoss:
             else:
                 signal[s:e] = sparse_divergence(z, targets.topk_ids[s:e], targets.topk_logprobs[s:e],
                                                 self.spec.mode, mask=targets.mask[s:e], backend=self.backend,
-                                                **params)
+                                                tail_logprob=take_rows(targets.tail_logprob, s, e),
+                                                entry_weights=take_rows(targets.entry_weights, s, e), **params)
         return entropy, signal
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Optional, Protocol
 
 import numpy as np
 
 from pipeline.generation import length_batches, left_pad, model_dtype
+from pipeline.sparse_targets import Selection, select
 
 SCORING_TEMPERATURE = 1.0
 LOGPROB_CHUNK_ELEMS = 1 << 26  # fp32 log-prob elements per block of positions (256 MiB)
@@ -24,13 +25,26 @@ LOGPROB_CHUNK_ELEMS = 1 << 26  # fp32 log-prob elements per block of positions (
 @dataclass(frozen=True)
 class Scored:
     teacher_logprob: np.ndarray   # [T] float32: log-prob of each response token
-    topk_ids: np.ndarray          # [T, k] int32: the teacher's k most likely tokens per position
-    topk_logprobs: np.ndarray     # [T, k] float32: their log-probs, descending
+    topk_ids: np.ndarray          # [T, W] int32: stored ids per position (top-k first, descending; -1 empty)
+    topk_logprobs: np.ndarray     # [T, W] float32: their log-probs
+    tail_logprob: np.ndarray      # [T] float32: log of the teacher mass outside the stored ids, exact in fp32
+    sample_counts: Optional[np.ndarray] = None  # [T, W] uint8: draws per entry (0: not drawn); sampled only
+
+
+@dataclass(frozen=True)
+class Extras:
+    """Optional per-sequence inputs beyond top-k (pipeline.sparse_targets): what to store, the
+    uniforms [T, samples] that drive the draws, π_ref's own top ids [T, e] to add (union)."""
+
+    selection: Selection
+    uniforms: Optional[list[np.ndarray]] = None
+    union_ids: Optional[list[np.ndarray]] = None
 
 
 class Scorer(Protocol):
-    def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int) -> list[Scored]:
-        """One Scored per sequence, for its len(ids) - prompt_len response positions."""
+    def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int,
+              extras: Optional[Extras] = None) -> list[Scored]:
+        """One Scored per sequence, for its len(ids) - prompt_len response positions (top-k unless `extras`)."""
         ...
 
 
@@ -68,19 +82,23 @@ class HFScorer:
         self.pad_id = load_tokenizer(model_path).pad_token_id
         self.model = load_model(model_path, self.device, model_dtype(self.device))
 
-    def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int) -> list[Scored]:
+    def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int,
+              extras: Optional[Extras] = None) -> list[Scored]:
         from tqdm import tqdm
 
         check_inputs(input_ids, prompt_lens, k, self.model.config.get_text_config().vocab_size)
+        extras = extras or Extras(Selection("topk", k))
         out: list[Scored | None] = [None] * len(input_ids)
         for idx in tqdm(length_batches([len(s) for s in input_ids], self.batch_size), desc="score",
                         unit="batch", leave=False):
             for i, scored in zip(idx, self._score_batch([input_ids[i] for i in idx],
-                                                        [len(input_ids[i]) - prompt_lens[i] for i in idx], k)):
+                                                        [len(input_ids[i]) - prompt_lens[i] for i in idx],
+                                                        extras, idx)):
                 out[i] = scored
         return out
 
-    def _score_batch(self, seqs: list[list[int]], resp_lens: list[int], k: int) -> list[Scored]:
+    def _score_batch(self, seqs: list[list[int]], resp_lens: list[int], extras: Extras,
+                     idx: list[int]) -> list[Scored]:
         import torch
 
         ids, mask, positions = left_pad(seqs, self.pad_id, self.device)
@@ -94,13 +112,28 @@ class HFScorer:
             # fp32 log-probs a block of positions at a time: peak memory stays near the logits
             # themselves instead of three [B, width, V] fp32 copies (gigabytes at V = 152k).
             step = max(1, LOGPROB_CHUNK_ELEMS // (logits.shape[0] * logits.shape[-1]))
+            per_row = {name: _right_aligned([getattr(extras, name)[i] for i in idx], resp_lens, width)
+                       for name in ("uniforms", "union_ids") if getattr(extras, name) is not None}
             parts = []
             for s in range(0, max(width, 1), step):  # one (empty) block when no response tokens
                 logp = torch.log_softmax(logits[:, s:s + step].float() / SCORING_TEMPERATURE, dim=-1)
-                parts.append((logp.gather(-1, targets[:, s:s + step, None]).squeeze(-1),
-                              *logp.topk(k, dim=-1, sorted=True)))
-            sampled, top_lp, top_ids = (torch.cat(x, dim=1) for x in zip(*parts))
-        sampled, top_lp = sampled.cpu().numpy(), top_lp.cpu().numpy()
-        top_ids = top_ids.to(torch.int32).cpu().numpy()
-        return [Scored(sampled[r, width - n:], top_ids[r, width - n:], top_lp[r, width - n:])
+                B, S, V = logp.shape
+                block = {name: torch.from_numpy(a[:, s:s + step].reshape(B * S, -1)) for name, a in per_row.items()}
+                chosen = select(logp.reshape(B * S, V), extras.selection, block.get("union_ids"), block.get("uniforms"))
+                parts.append([logp.gather(-1, targets[:, s:s + step, None]).squeeze(-1),
+                              *(None if x is None else x.reshape(B, S, *x.shape[1:]) for x in chosen)])
+            cols = [None if x[0] is None else torch.cat(x, dim=1).cpu().numpy() for x in zip(*parts)]
+        sampled, top_ids, top_lp, counts, tail = cols
+        top_ids = top_ids.astype(np.int32)
+        return [Scored(sampled[r, width - n:], top_ids[r, width - n:], top_lp[r, width - n:], tail[r, width - n:],
+                       None if counts is None else counts[r, width - n:])
                 for r, n in enumerate(resp_lens)]
+
+
+def _right_aligned(per_seq: list[np.ndarray], resp_lens: list[int], width: int) -> np.ndarray:
+    """[B, width, e] from per-sequence [T_r, e] arrays, right-aligned like the left-padded batch (-1 elsewhere)."""
+    e = per_seq[0].shape[1] if per_seq else 0
+    out = np.full((len(per_seq), width, e), -1, dtype=per_seq[0].dtype if per_seq else np.float64)
+    for r, (a, n) in enumerate(zip(per_seq, resp_lens)):
+        out[r, width - n:] = a[:n]
+    return out

@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 from pipeline import shards
-from pipeline.atomic import atomic_dir
+from pipeline.atomic import write_text
 from pipeline.config import SftConfig
 from pipeline.consistency import FIX_TOKENIZER, ConsistencyError
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
-from pipeline.lm_training import Example, train_lm
-from pipeline.models import default_device, load_model, parameter_count, resolve_model_dir, resolve_model_source
+from pipeline.models import parameter_count, resolve_model_dir, resolve_model_source
 from pipeline.provenance import write_provenance
 from pipeline.errors import UserError
 from pipeline.stage import stage_main
+from pipeline.train.examples import Example
 
 log = logging.getLogger("opd")
 
@@ -41,6 +40,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="π_ref model folder (data/models/student_sft)")
     parser.add_argument("--plots", type=Path, default=Path("plots/sft"),
                         help="folder for loss.csv, the SFT training curve (default: plots/sft)")
+    parser.add_argument("--logs", type=Path, default=Path("logs/sft"),
+                        help="training logs and the resume checkpoint; a rerun of the same run resumes from it "
+                             "(default: logs/sft)")
 
 
 def read_sft_parts(folder: Path) -> tuple[list[Example], list[shards.ShardInfo]]:
@@ -76,7 +78,7 @@ def scratch_student(cfg: SftConfig, teacher_dir: Path, teacher: int):
 
 def pretrained_student(cfg: SftConfig, base: Path, data_tokenizer_fp: str, data: Path):
     """A real student base (`cfg.source`, resolved to `base`), refused unless it tokenizes exactly like the
-    teacher that wrote the data."""
+    teacher that wrote the data; loaded in the training dtype. Returns model, tokenizer, stored dtype."""
     from transformers import AutoTokenizer
 
     base_fp = tokenizer_fingerprint(base)
@@ -85,7 +87,10 @@ def pretrained_student(cfg: SftConfig, base: Path, data_tokenizer_fp: str, data:
             f"tokenizer mismatch: student base {cfg.source} has tokenizer {base_fp} but the SFT data in {data} "
             f"was tokenized by the teacher's tokenizer {data_tokenizer_fp}; fix: {FIX_TOKENIZER} "
             f"(pick a student base from the teacher's model family)")
-    return load_model(base, default_device()), AutoTokenizer.from_pretrained(base)
+    from pipeline.train.trainer import load_for_training
+
+    model, dtype = load_for_training(base, cfg.precision)
+    return model, AutoTokenizer.from_pretrained(base), dtype
 
 
 def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
@@ -99,31 +104,41 @@ def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
             f"({meta.get('teacher_path', '?')}) but --teacher {args.teacher} is {teacher_fp}; "
             f"rerun `dvc repro sft_data` with this teacher")
     teacher_params = parameter_count(teacher_dir)
+    import torch
+
+    from pipeline.train.supervised import run_key, train_supervised
+    from pipeline.train.trainer import save_model, training_dtype
+
     if cfg.source == "scratch":
         source = "scratch"
         model, tokenizer = scratch_student(cfg, teacher_dir, teacher_params)
-        model = model.to(default_device())
+        model, dtype = model.to(training_dtype(cfg.precision)), torch.float32
     else:
         base = resolve_model_source(cfg.source)   # a hub id is looked up once, not again for provenance
         source = str(base)
-        model, tokenizer = pretrained_student(cfg, base, meta["tokenizer_fingerprint"], args.data)
-    start = time.perf_counter()
-    result = train_lm(model, examples, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                      warmup_frac=cfg.warmup_frac, seed=cfg.seed,
-                      pad_id=tokenizer.pad_token_id or 0,   # right padding is never attended: any id will do
-                      curve_csv=args.plots / "loss.csv", desc="sft")
-    train_s = time.perf_counter() - start
-    with atomic_dir(args.out) as tmp:
-        model.cpu().save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        model, tokenizer, dtype = pretrained_student(cfg, base, meta["tokenizer_fingerprint"], args.data)
+    params = sum(p.numel() for p in model.parameters())
+    key = run_key(cfg, examples, teacher=teacher_fp, parts=[i.meta["run_key"] for i in infos], base=source)
+    # Right padding is never attended by a response token: any id will do.
+    result = train_supervised(model, examples, cfg, tokenizer.pad_token_id or 0, args.logs, key,
+                              f"{args.params}: sft")
+
+    def finish(folder: Path) -> None:
+        """Tokenizer and provenance; the saved tokenizer must still be the data's."""
+        tokenizer.save_pretrained(folder)
         record = write_provenance(
-            tmp, "sft", source=source, config=asdict(cfg), sft_teacher_fingerprint=teacher_fp,
+            folder, "sft", source=source, config=asdict(cfg), sft_teacher_fingerprint=teacher_fp,
             sft_data_files=[i.path.name for i in infos], teacher_path=str(args.teacher))
         if record["tokenizer_fingerprint"] != meta["tokenizer_fingerprint"]:
             raise ConsistencyError(f"the saved student's tokenizer {record['tokenizer_fingerprint']} differs from "
                                    f"the SFT data's {meta['tokenizer_fingerprint']} ({args.data}); fix: {FIX_TOKENIZER}")
-    return {"params": sum(p.numel() for p in model.parameters()), "teacher_params": teacher_params,
-            "final_loss": round(result.final_loss, 5), "train_s": round(train_s, 1), "examples": len(examples)}
+
+    save_model(result, args.out, dtype, finish)
+    if not result.trainer.is_global_zero:
+        return {}
+    write_text(args.plots / "loss.csv", result.loss_csv("loss"))
+    return {"params": params, "teacher_params": teacher_params, "final_loss": result.final_loss,
+            "train_s": result.speed()["train_s"], "resumed": result.resumed, "examples": len(examples)}
 
 
 def main(argv: list[str] | None = None) -> dict:

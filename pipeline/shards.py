@@ -12,6 +12,7 @@ import json
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Iterator, Mapping
@@ -21,8 +22,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
+from pipeline.shard_codec import Codec, TeacherFormat, codec_from_meta
 
-SCHEMA_VERSION = "1"
+# 2: teacher shards store the exact tail (`tail_logprob`) and may use a codec (`opd.codec`) and sampled
+# entries (`sample_counts`). Version 1 teacher shards still read: their tail is rebuilt, with a warning.
+SCHEMA_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 META_PREFIX = "opd."
 ROW_GROUP_SIZE = 256
 COMPRESSION = "zstd"
@@ -36,20 +41,14 @@ ROLLOUT_FIELDS = [
 ]
 
 
-def teacher_fields(logprob_dtype: str) -> list[pa.Field]:
-    value_type = {"float16": pa.float16(), "float32": pa.float32()}[logprob_dtype]
-    return [
-        pa.field("teacher_logprob", pa.list_(pa.float32()), nullable=False),
-        pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("topk_logprobs", pa.list_(value_type), nullable=False),
-    ]
-
-
 ROLLOUT_SCHEMA = pa.schema(ROLLOUT_FIELDS)
 
 
-def teacher_schema(logprob_dtype: str = "float16") -> pa.Schema:
-    return pa.schema(ROLLOUT_FIELDS + teacher_fields(logprob_dtype))
+def teacher_schema(fmt: TeacherFormat | str = "float16") -> pa.Schema:
+    """Rollout columns plus the teacher columns of `fmt` (a logprob dtype: plain top-k with exact tail)."""
+    if isinstance(fmt, str):
+        fmt = TeacherFormat(Codec("plain", logprob_dtype=fmt), width=0, samples=0, exact_tail=True)
+    return pa.schema(ROLLOUT_FIELDS + fmt.fields())
 
 
 # Footer keys every shard of a kind must carry (values are strings; JSON where structured).
@@ -98,8 +97,10 @@ def write_shard(path: Path | str, table: pa.Table, meta: Mapping[str, Any], sche
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     # Plain (dictionary off) float16 is what DuckDB reads; BYTE_STREAM_SPLIT float16 it does not.
+    # Page CRCs let every read detect a flipped bit and name the file and row group (iter_row_groups).
     pq.write_table(table, tmp, compression=COMPRESSION, row_group_size=ROW_GROUP_SIZE,
-                   use_dictionary=["sample_id", "prompt_id"], write_statistics=["sample_id", "prompt_id", "prompt_len"])
+                   use_dictionary=["sample_id", "prompt_id"], write_statistics=["sample_id", "prompt_id", "prompt_len"],
+                   write_page_checksum=True)
     os.replace(tmp, path)
     return path
 
@@ -132,9 +133,9 @@ def open_shard(path: Path | str, kind: str, schema: pa.Schema | None = None) -> 
     if missing:
         raise ShardError(f"{path}: footer metadata lacks {', '.join(META_PREFIX + m for m in missing)}; "
                          f"it was not written by this pipeline's `{kind}` stage: rerun it")
-    if meta["schema_version"] != SCHEMA_VERSION:
-        raise ShardError(f"{path}: schema version {meta['schema_version']}, this code reads {SCHEMA_VERSION}; "
-                         f"rerun the `{kind}` stage")
+    if meta["schema_version"] not in READABLE_VERSIONS:
+        raise ShardError(f"{path}: schema version {meta['schema_version']}, this code reads "
+                         f"{', '.join(READABLE_VERSIONS)}; rerun the `{kind}` stage")
     pf = pq.ParquetFile(path)
     if schema is not None:
         actual = pf.schema_arrow
@@ -204,17 +205,39 @@ def _check_unique_rows(folder: Path, infos: list[ShardInfo], kind: str) -> None:
 def open_teacher_shards(folder: Path | str) -> list[ShardInfo]:
     """Every part of one complete teacher_topk run in `folder`, footer- and schema-checked (`check_run`).
 
-    `topk_logprobs` may be float16 or float32 (the contract allows both); each shard is checked
-    against the schema of the encoding it holds.
+    Each shard is checked against the schema of the format its footer records (codec, sampled
+    entries, exact tail). Version 1 shards (no exact tail) are read with a warning: their tail mass
+    is rebuilt as 1 - Σ exp(top-k), which is off by nats where the true tail is below ~1e-4.
     """
     folder = Path(folder)
     parts = list_parts(folder)
     if not parts:
         raise ShardError(f"{folder}: no part-*.parquet teacher shards; run the `teacher_topk` stage")
-    infos = [open_shard(p, "teacher_topk", teacher_schema(_logprob_dtype(p))) for p in parts]
+    infos = [open_shard(p, "teacher_topk", teacher_schema(teacher_format_of(p, read_meta(p)))) for p in parts]
     check_run(folder, infos, "teacher_topk")
+    old = [i.path.name for i in infos if i.meta["schema_version"] == "1"]
+    if old:
+        warnings.warn(f"{folder}: {len(old)} teacher shard(s) of schema version 1 ({old[0]}, ...) store no exact "
+                      f"tail; the tail mass is rebuilt from the top-k, which is inaccurate where it is small: "
+                      f"rerun `dvc repro teacher_topk` to store it", stacklevel=2)
     return infos
 
+
+def teacher_format_of(path: Path, meta: dict[str, str]) -> TeacherFormat:
+    """The teacher format a shard's footer describes (footers written before v2 describe plain top-k)."""
+    width = int(json.loads(meta.get("width", meta.get("k", "0"))))
+    return TeacherFormat(codec_from_meta(meta, _logprob_dtype(path)), width=width,
+                         samples=int(meta.get("samples", "0")), exact_tail=meta.get("schema_version") != "1")
+
+
+def teacher_format(infos: list[ShardInfo]) -> TeacherFormat:
+    """The format every shard of one run shares (one batch holds one [B, T, W] tensor, one codec)."""
+    formats = [teacher_format_of(i.path, i.meta) for i in infos]
+    for info, fmt in zip(infos, formats):
+        if fmt != formats[0]:
+            raise ShardError(f"{info.path}: stores {fmt} but {infos[0].path} stores {formats[0]}; shards of one "
+                             f"run must share k, codec and selection: rerun the `teacher_topk` stage")
+    return formats[0]
 
 def check_folder(folder: Path | str) -> list[ShardInfo]:
     """`opd-inspect check DIR`: the parts in `folder`, of whichever kind their footers name, are one run."""
@@ -250,13 +273,26 @@ def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
 def iter_row_groups(info: ShardInfo, columns: list[str] | None = None,
                     groups: list[int] | None = None) -> Iterator[pa.Table]:
     """Stream a shard one row group at a time; a truncated or corrupt group names the file."""
-    pf = pq.ParquetFile(info.path)
+    pf = pq.ParquetFile(info.path, page_checksum_verification=True)
     for g in range(info.num_row_groups) if groups is None else groups:
         try:
             yield pf.read_row_group(g, columns=columns)
         except (OSError, pa.ArrowException) as exc:
             raise ShardError(f"{info.path}: row group {g} is unreadable ({exc}); the file is corrupt or "
                              f"truncated: delete it and rerun the stage that wrote it") from exc
+
+
+def verify_pages(path: Path | str) -> int:
+    """Read every page of a shard, checking its CRC (and decompression): the number of row groups read.
+
+    A full read, so it costs one pass of I/O; the ShardError names the file and the row group.
+    """
+    path = Path(path)
+    meta = read_meta(path)  # a broken footer is a ShardError naming the file
+    info = ShardInfo(path, meta, 0, pq.read_metadata(path).num_row_groups)
+    for _ in iter_row_groups(info):
+        pass
+    return info.num_row_groups
 
 
 def finished_parts(folder: Path | str, kind: str, run_key: str,

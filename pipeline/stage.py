@@ -28,6 +28,15 @@ from pipeline.plots import render_folder
 log = logging.getLogger("opd")
 
 
+def is_rank_zero() -> bool:
+    """Whether this is the first process of a distributed run (or the only one); only it writes outputs.
+
+    Read from the variables launchers set (torchrun: RANK; Lightning's launcher: NODE_RANK, LOCAL_RANK;
+    srun: SLURM_PROCID), so it holds before any process group exists.
+    """
+    return all(int(os.environ.get(key, "0")) == 0 for key in ("RANK", "NODE_RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
 def parse_shard_spec(spec: str) -> tuple[int, int]:
     """`--shard i/n`: this process writes the parts whose index is i modulo n (design §8)."""
     try:
@@ -124,6 +133,8 @@ def stage_main(name: str, doc: str | None, add_args: Callable[[argparse.Argument
         where = exc.filename or getattr(args, "out", None) or "the stage's outputs"
         fail(f"error: {where}: {os.strerror(exc.errno)} while {name} was writing; free space there and rerun", 2)
     metrics = {"wall_s": round(time.perf_counter() - start, 2), **metrics}
+    if not is_rank_zero():
+        return metrics
     write_json(args.metrics_dir / f"{name}.json", metrics)
     log.info("%s done in %.1f s", name, metrics["wall_s"])
     return metrics

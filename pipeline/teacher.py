@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 from pipeline import toy_task
 from pipeline.atomic import atomic_dir, write_text
 from pipeline.config import TeacherConfig
 from pipeline.generation import greedy_decode
-from pipeline.lm_training import Example, train_lm
-from pipeline.models import default_device, load_config, load_tokenizer, parameter_count, resolve_model_source, write_model_ref
+from pipeline.models import load_config, load_tokenizer, parameter_count, resolve_model_source, write_model_ref
 from pipeline.prompts import encode_prompt, read_prompts
 from pipeline.provenance import write_provenance
 from pipeline.errors import UserError
 from pipeline.stage import stage_main
+from pipeline.train.examples import Example
 
 log = logging.getLogger("opd")
 
@@ -41,6 +41,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="teacher model folder (data/models/teacher)")
     parser.add_argument("--plots", type=Path, default=Path("plots/teacher"),
                         help="folder for loss.csv, the toy teacher's training curve (default: plots/teacher)")
+    parser.add_argument("--logs", type=Path, default=Path("logs/teacher"),
+                        help="the toy teacher's training logs and resume checkpoint (default: logs/teacher)")
 
 
 def toy_examples(tokenizer, prompts: list[str], where: Path) -> list[Example]:
@@ -66,27 +68,37 @@ def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     if len(prompts) - holdout < 1:
         raise UserError(f"{args.prompts}: {len(prompts)} prompts leave nothing to train the teacher on; "
                         f"raise task.n_sft")
+    import torch
+
+    from pipeline.train.supervised import run_key, train_supervised
+    from pipeline.train.trainer import save_model, training_dtype
+
     tokenizer = toy_task.build_tokenizer()
     train_set = toy_examples(tokenizer, prompts[:len(prompts) - holdout], args.prompts)
     model = toy_task.build_model(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
-                                 cfg.intermediate_size, cfg.seed).to(default_device())
-    start = time.perf_counter()
-    result = train_lm(model, train_set, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                      warmup_frac=cfg.warmup_frac, seed=cfg.seed, pad_id=tokenizer.pad_token_id,
-                      curve_csv=args.plots / "loss.csv", desc="teacher")
-    train_s = time.perf_counter() - start
+                                 cfg.intermediate_size, cfg.seed).to(training_dtype(cfg.precision))
+    params = sum(p.numel() for p in model.parameters())
+    result = train_supervised(model, train_set, cfg, tokenizer.pad_token_id, args.logs,
+                              run_key(cfg, train_set, holdout=holdout), f"{args.params}: teacher")
     max_new = max(len(e.input_ids) - e.prompt_len for e in train_set) + 8
-    with atomic_dir(args.out) as tmp:
-        model.cpu().save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+
+    def finish(folder: Path) -> Optional[float]:
+        """Tokenizer, held-out greedy accuracy of the saved folder, provenance."""
+        tokenizer.save_pretrained(folder)
         accuracy = None
         if holdout:
-            texts = greedy_decode("hf", tmp, prompts[-holdout:], batch_size=EVAL_BATCH, max_new_tokens=max_new)[2]
+            texts = greedy_decode("hf", folder, prompts[-holdout:], batch_size=EVAL_BATCH, max_new_tokens=max_new)[2]
             accuracy = toy_task.accuracy(texts, answers[-holdout:])
-        write_provenance(tmp, "teacher", source="scratch", config=asdict(cfg),
+        write_provenance(folder, "teacher", source="scratch", config=asdict(cfg),
                          train_prompts=str(args.prompts), heldout_prompts=holdout)
-    metrics = {"params": sum(p.numel() for p in model.parameters()), "final_loss": round(result.final_loss, 5),
-               "train_s": round(train_s, 1), "heldout_n": holdout}
+        return accuracy
+
+    accuracy = save_model(result, args.out, torch.float32, finish)
+    if not result.trainer.is_global_zero:
+        return {}
+    write_text(args.plots / "loss.csv", result.loss_csv("loss"))
+    metrics = {"params": params, "final_loss": result.final_loss, "train_s": result.speed()["train_s"],
+               "resumed": result.resumed, "heldout_n": holdout}
     if accuracy is not None:
         metrics["heldout_accuracy"] = accuracy
         log.info("teacher greedy accuracy on %d held-out prompts: %.3f", holdout, accuracy)

@@ -10,6 +10,12 @@ With `teacher_topk.privileged_context` set (e.g. "Answer: {answer}\\n{prompt}"),
 the same response tokens after `template.format(prompt=..., answer=...)` instead of the student's
 prompt; the prompt set is read from --prompts, or from the path the rollouts recorded.
 
+Shards v2 (pipeline/sparse_targets.py, pipeline/shard_codec.py): every position also stores
+`tail_logprob`, the teacher's exact log-mass outside the stored ids; `teacher_topk.selection` adds
+draws from the teacher (`sample_counts`), `union_student_k` adds π_ref's own top ids (π_ref, read
+from the rollouts' `policy_path`, is loaded next to the teacher for that), and `codec` sets how ids
+and log-probs are stored. The footer records codec, width (entries per position) and samples.
+
 Resume and `--shard i/n` work as in `rollouts`; a part's run key covers these settings, the
 teacher's fingerprint and the rollouts' run key, so new rollouts or a new teacher redo every part.
 """
@@ -29,13 +35,15 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline import shards
-from pipeline.config import TeacherTopkConfig
+from pipeline.config import ConfigError, TeacherTopkConfig
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
 from pipeline.generation import backend_version
 from pipeline.models import load_config, load_tokenizer
 from pipeline.prompts import encode_prompt, read_prompts
-from pipeline.scoring import SCORING_TEMPERATURE, Scored, get_scorer
+from pipeline.scoring import SCORING_TEMPERATURE, Extras, Scored, get_scorer
 from pipeline.errors import UserError
+from pipeline.shard_codec import TeacherFormat, encode, make_codec
+from pipeline.sparse_targets import Selection, draw_uniforms
 from pipeline.stage import add_shard_arg, stage_main
 
 KIND = "teacher_topk"
@@ -111,17 +119,51 @@ def _ragged(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(value_type.to_pandas_dtype())))
 
 
-def scored_table(rollouts: pa.Table, scored: list[Scored], logprob_dtype: str) -> pa.Table:
-    """The rollout rows plus the teacher columns; topk_logprobs stored as `logprob_dtype`."""
-    types = {f.name: f.type.value_type for f in shards.teacher_fields(logprob_dtype)}
-    return (rollouts
-            .append_column("teacher_logprob", _ragged([s.teacher_logprob for s in scored], types["teacher_logprob"]))
-            .append_column("topk_ids", _ragged([s.topk_ids for s in scored], types["topk_ids"]))
-            .append_column("topk_logprobs", _ragged([s.topk_logprobs for s in scored], types["topk_logprobs"])))
+def scored_table(rollouts: pa.Table, scored: list[Scored], fmt: TeacherFormat) -> pa.Table:
+    """The rollout rows plus the teacher columns of `fmt` (entries encoded by its codec)."""
+    rows = [{"teacher_logprob": s.teacher_logprob, "tail_logprob": s.tail_logprob, "sample_counts": s.sample_counts,
+             **encode(fmt.codec, s.topk_ids, s.topk_logprobs)} for s in scored]
+    for field in fmt.fields():
+        rollouts = rollouts.append_column(field.name, _ragged([r[field.name] for r in rows], field.type.value_type))
+    return rollouts
+
+
+def check_config(cfg: TeacherTopkConfig, where: str) -> Selection:
+    """Cross-key rules the schema cannot express, as one-line errors naming the key."""
+    if (cfg.selection == "topk") != (cfg.samples == 0):
+        raise ConfigError(f"{where}.samples: {cfg.samples} with selection {cfg.selection}: draws need "
+                        f"selection sampled or topk+sampled and samples >= 1; top-k alone needs samples: 0")
+    if cfg.union_student_k and cfg.selection == "sampled":
+        raise ConfigError(f"{where}.union_student_k: adds π_ref's ids to the top-k, but selection sampled stores "
+                        f"no top-k; use selection topk or topk+sampled, or union_student_k: 0")
+    if cfg.backend == "vllm" and (cfg.selection != "topk" or cfg.union_student_k):
+        raise ConfigError(f"{where}.backend: vllm returns only top-k log-probs; selection {cfg.selection} and "
+                        f"union_student_k {cfg.union_student_k} need backend: hf")
+    return Selection(cfg.selection, cfg.k, cfg.samples)
+
+
+def teacher_format(cfg: TeacherTopkConfig, selection: Selection, vocab: int) -> TeacherFormat:
+    """The format this run writes: the codec sized to the teacher's vocabulary."""
+    codec = make_codec(cfg.codec, cfg.logprob_dtype, vocab)
+    return TeacherFormat(codec, selection.width(cfg.union_student_k), cfg.samples, exact_tail=True)
+
+
+def extras_for(rollouts: pa.Table, selection: Selection, seed: int, policy_scorer, union_k: int) -> Extras:
+    """Per-sequence draws and π_ref's top ids for one part (π_ref scores the rollouts as sampled)."""
+    ids, plens = rollouts.column("input_ids").to_pylist(), rollouts.column("prompt_len").to_pylist()
+    uniforms = None
+    if selection.sampled:
+        uniforms = [draw_uniforms(seed, sid, len(x) - p, selection.samples)
+                    for sid, x, p in zip(rollouts.column("sample_id").to_pylist(), ids, plens)]
+    union = None
+    if policy_scorer is not None:
+        union = [s.topk_ids for s in policy_scorer.score(ids, plens, k=union_k)]
+    return Extras(selection, uniforms, union)
 
 
 def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     shard = args.shard
+    selection = check_config(cfg, f"{args.params}: teacher_topk")
     vocab = load_config(args.teacher).vocab_size
     if cfg.k > vocab:
         raise UserError(f"{args.params}: teacher_topk.k: {cfg.k} is more than the teacher's vocabulary ({vocab} "
@@ -136,6 +178,7 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
         privileged = PrivilegedPrompts(cfg.privileged_context, prompts_path, load_tokenizer(args.teacher))
     key = shards.make_run_key(config=asdict(cfg), teacher=teacher_fp, rollouts=first.meta["run_key"],
                               prompts=privileged.digest if privileged else None)
+    fmt = teacher_format(cfg, selection, vocab)
     args.out.mkdir(parents=True, exist_ok=True)
     todo = shards.pending_parts(args.out, KIND, key, len(parts), shard)
     meta = {
@@ -146,6 +189,7 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
         # Always JSON (write_shard passes strings through): json.loads gives None or the template.
         "privileged_context": json.dumps(cfg.privileged_context),
         "logprob_dtype": cfg.logprob_dtype, "backend": cfg.backend,
+        "codec": fmt.codec.to_meta(), "width": fmt.width, "samples": fmt.samples, "selection": cfg.selection,
         "backend_version": backend_version(cfg.backend), "config": asdict(cfg),
     }
     stats = {"parts_total": len(parts), "parts_skipped": len(range(shard[0], len(parts), shard[1])) - len(todo),
@@ -154,12 +198,15 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     if not todo:
         return stats
     scorer = get_scorer(cfg.backend, args.teacher, batch_size=cfg.batch_size)
+    policy = (get_scorer(cfg.backend, Path(first.meta["policy_path"]), batch_size=cfg.batch_size)
+              if cfg.union_student_k else None)
     start = time.perf_counter()
     for j in tqdm(todo, desc="teacher_topk", unit="part"):
         rollouts = pa.concat_tables(shards.iter_row_groups(parts[j]))
-        scored = scorer.score(*teacher_inputs(rollouts, privileged), k=cfg.k)
-        path = shards.write_shard(args.out / shards.part_name(j), scored_table(rollouts, scored, cfg.logprob_dtype),
-                                  meta, shards.teacher_schema(cfg.logprob_dtype))
+        extras = extras_for(rollouts, selection, cfg.seed, policy, cfg.union_student_k)
+        scored = scorer.score(*teacher_inputs(rollouts, privileged), k=cfg.k, extras=extras)
+        path = shards.write_shard(args.out / shards.part_name(j), scored_table(rollouts, scored, fmt),
+                                  meta, shards.teacher_schema(fmt))
         stats["parts_written"] += 1
         stats["rows"] += rollouts.num_rows
         stats["bytes"] += path.stat().st_size

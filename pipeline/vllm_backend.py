@@ -20,7 +20,8 @@ import numpy as np
 
 from pipeline.generation import Sample, batch_seed, stop_token_ids
 from pipeline.models import resolve_model_dir
-from pipeline.scoring import Scored, check_inputs
+from pipeline.scoring import Extras, Scored, check_inputs
+from pipeline.sparse_targets import tail_from_logprobs
 from pipeline.errors import UserError
 
 INSTALL_HINT = "pip install 'offline-opd[vllm]'"
@@ -82,9 +83,14 @@ class VLLMScorer:
         self.model_path, self.batch_size, self.device = model_path, batch_size, device
         self.llm, self.k = None, None
 
-    def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int) -> list[Scored]:
+    def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int,
+              extras: Extras | None = None) -> list[Scored]:
         from vllm import SamplingParams, TokensPrompt
 
+        if extras is not None and (extras.selection.mode != "topk" or extras.union_ids is not None):
+            # vLLM returns only the top log-probs, not the distribution to draw from or to score other ids in.
+            raise UserError("backend 'vllm' stores top-k only: set teacher_topk.selection: topk and "
+                            "teacher_topk.union_student_k: 0, or use teacher_topk.backend: hf")
         if self.llm is None:
             # Prefix caching would skip the prefill that computes prompt log-probs for cached blocks.
             self.llm = _engine(self.model_path, self.device, max_num_seqs=self.batch_size,
@@ -111,4 +117,5 @@ def _scored(ids: list[int], prompt_len: int, prompt_logprobs, k: int) -> Scored:
         best = sorted(((lp.rank, tok, lp.logprob) for tok, lp in step.items() if lp.rank <= k))[:k]
         topk_ids[t] = [tok for _, tok, _ in best]
         topk_logprobs[t] = [lp for _, _, lp in best]
-    return Scored(sampled, topk_ids, topk_logprobs)
+    # The engine's log-probs are fp32 from the full log-softmax; their complement is taken in float64.
+    return Scored(sampled, topk_ids, topk_logprobs, tail_from_logprobs(topk_logprobs))

@@ -16,13 +16,14 @@ from transformers import AutoModelForCausalLM
 from pipeline import distill as distill_stage
 from pipeline import shards
 from pipeline.config import load_section
-from pipeline.distill_data import collate
-from pipeline.distill_module import DistillModule
+from pipeline.train.module import TrainModule
+from pipeline.train.shard_data import collate
+from pipeline.train.trainer import load_for_training
 from pipeline.fingerprint import model_fingerprint
 from pipeline.losses import loss_from_config
 from pipeline.models import default_device
 from pipeline.provenance import read_provenance
-from tests.tiny_models import params_file, pi_ref, pi_ref_meta, save_model, teacher_rows, write_teacher_shards
+from tests.tiny_models import params_file, pi_ref, pi_ref_meta, plain_format, save_model, teacher_rows, write_teacher_shards
 
 K = 4
 
@@ -101,8 +102,8 @@ def reference_coarse_fkl(model, batch) -> torch.Tensor:
 def test_loss_uses_logits_at_the_previous_position(inputs, fused):
     root, init = inputs
     cfg = load_section("distill", params_file(root, loss="fkl"))
-    module = DistillModule(init, cfg, loss_from_config(cfg, "p"), fused=fused)
-    batch = collate(teacher_rows(5, K, module.model.config.vocab_size, seed=7), K)
+    module = TrainModule(load_for_training(init, cfg.precision)[0], cfg, loss_from_config(cfg, "p"), fused=fused)
+    batch = collate(teacher_rows(5, K, module.model.config.vocab_size, seed=7), plain_format(K))
     got = module.compute_loss(batch).loss
     want = reference_coarse_fkl(module.model, batch)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
@@ -121,8 +122,8 @@ def sampled_gap(model, batch) -> float:
 def test_training_on_a_fixed_batch_reduces_the_objective(inputs, mode):
     root, init = inputs
     cfg = load_section("distill", params_file(root, loss=mode))
-    module = DistillModule(init, cfg, loss_from_config(cfg, "p"))
-    batch = collate(teacher_rows(8, K, module.model.config.vocab_size, seed=3), K)
+    module = TrainModule(load_for_training(init, cfg.precision)[0], cfg, loss_from_config(cfg, "p"))
+    batch = collate(teacher_rows(8, K, module.model.config.vocab_size, seed=3), plain_format(K))
     opt = torch.optim.Adam(module.model.parameters(), lr=3e-3)
     first_gap = sampled_gap(module.model, batch)
     losses = []
@@ -141,19 +142,19 @@ def test_training_on_a_fixed_batch_reduces_the_objective(inputs, mode):
 def test_interrupted_run_resumes_to_the_same_result(inputs, monkeypatch):
     root, init = inputs
     run_distill(root, init, tag="_ref", max_steps=5)
-    real_step = DistillModule.training_step
+    real_step = TrainModule.training_step
 
     def crash_at_3(self, batch, batch_idx):
         if self.global_step == 3:
             raise RuntimeError("simulated crash")
         return real_step(self, batch, batch_idx)
 
-    monkeypatch.setattr(DistillModule, "training_step", crash_at_3)
+    monkeypatch.setattr(TrainModule, "training_step", crash_at_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_distill(root, init, max_steps=5)
     assert torch.load(root / "logs" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
     assert not (root / "out").exists()
-    monkeypatch.setattr(DistillModule, "training_step", real_step)
+    monkeypatch.setattr(TrainModule, "training_step", real_step)
     metrics = run_distill(root, init, max_steps=5)
     assert metrics["resumed"] is True and metrics["steps"] == 5
     assert loss_rows(root) == loss_rows(root, "_ref")

@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader
 
 from pipeline import shards
 from pipeline.config import ConfigError
-from pipeline.distill_data import (TeacherShardDataModule, TeacherShardStream, collate, reader_units,
+from pipeline.train.shard_data import (TeacherShardDataModule, TeacherShardStream, collate, reader_units,
                                    shard_units, unwrap_worker_error)
-from tests.tiny_models import pi_ref, pi_ref_meta, teacher_rows, write_teacher_shards
+from tests.tiny_models import pi_ref, pi_ref_meta, plain_format, teacher_rows, write_teacher_shards
 
 K = 3
 
@@ -84,7 +84,7 @@ def test_resume_neither_repeats_nor_skips(shard_dir, workers):
     assert len(set(ids_of(full[:20]))) == 120              # no repeats within the first epoch
     first = module()
     head = take(first.train_dataloader(), 11)
-    first.trainer = SimpleNamespace(global_step=11, global_rank=0, world_size=1)
+    first.trainer = SimpleNamespace(global_step=11, global_rank=0, world_size=1, accumulate_grad_batches=1)
     state = first.state_dict()
     second = module()
     second.load_state_dict(state)
@@ -97,7 +97,7 @@ def test_resume_neither_repeats_nor_skips(shard_dir, workers):
 
 def test_resume_under_another_layout_is_refused(shard_dir):
     dm = TeacherShardDataModule(shard_dir, batch_size=6, seed=1, shuffle_row_groups=3, num_workers=0)
-    dm.trainer = SimpleNamespace(global_step=3, global_rank=0, world_size=1)
+    dm.trainer = SimpleNamespace(global_step=3, global_rank=0, world_size=1, accumulate_grad_batches=1)
     state = dm.state_dict()
     other = TeacherShardDataModule(shard_dir, batch_size=6, seed=1, shuffle_row_groups=3, num_workers=2)
     with pytest.raises(ConfigError, match="num_workers"):
@@ -106,7 +106,7 @@ def test_resume_under_another_layout_is_refused(shard_dir):
 
 def test_collate_places_teacher_values_at_their_tokens():
     table = teacher_rows(3, k=2, vocab=20, seed=4)
-    b = collate(table, 2)
+    b = collate(table, plain_format(2))
     rows = table.to_pylist()
     T = max(len(r["input_ids"]) for r in rows)
     assert b["input_ids"].shape == (3, T) and b["topk_ids"].shape == (3, T, 2)

@@ -2,6 +2,7 @@
 
 import math
 import re
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -10,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import shards, toy_task
+from pipeline.shard_codec import Codec, TeacherFormat
 from pipeline.inspect_shards import (META_SQL, QUERIES, SUMMARY_SQL, TOKENS_SUMMARY_SQL, TOKENS_VIEW_SQL,
-                                     TOP_GAPS_SQL, VIEWS_SQL, connect, format_table, main, query)
+                                     TOP_GAPS_SQL, connect, format_table, main, query, views_sql)
 from tests.tiny_models import save_model, teacher_meta, write_teacher_shards
 
 META = teacher_meta("a" * 16, "b" * 16, "c" * 16, k=4)
@@ -58,6 +60,7 @@ def hand_shard(path, dtype):
     row = {"sample_id": "s#0", "prompt_id": "s", "input_ids": prompt + [one, five], "prompt_len": len(prompt),
            "student_logprobs": [math.log(0.5), math.log(0.01)],
            "teacher_logprob": [math.log(0.6), math.log(0.25)],
+           "tail_logprob": [math.log(0.1), math.log(0.25)],
            "topk_ids": [one, two, four, five],
            "topk_logprobs": [math.log(p) for p in (0.6, 0.3, 0.5, 0.25)]}
     shards.write_shard(path, pa.Table.from_pylist([row]), {**META, "k": 2}, shards.teacher_schema(dtype))
@@ -89,12 +92,14 @@ def test_tokens_command_decodes_the_largest_gap_in_context(tmp_path, capsys):
 
 
 def test_tail_bucket_is_zero_when_topk_holds_all_mass(tmp_path):
-    """float16 rounding can make the top-k sum exceed 1: the tail clamps to 0 and entropy stays finite."""
+    """Version 1 shards rebuild the tail: float16 rounding can make the top-k sum exceed 1, so the tail
+    clamps to 0 and entropy stays finite."""
     row = {"sample_id": "s#0", "prompt_id": "s", "input_ids": [1, 5, 6], "prompt_len": 1,
            "student_logprobs": [-0.1, -0.1], "teacher_logprob": [-0.69, 0.0],
            "topk_ids": [5, 7, 6, 8], "topk_logprobs": [math.log(0.5), math.log(0.5001), 0.0, -30.0]}
-    shards.write_shard(tmp_path / shards.part_name(0), pa.Table.from_pylist([row]), {**META, "k": 2},
-                       shards.teacher_schema("float32"))
+    v1 = TeacherFormat(Codec("plain", logprob_dtype="float32"), width=2, samples=0, exact_tail=False)
+    shards.write_shard(tmp_path / shards.part_name(0), pa.Table.from_pylist([row]),
+                       {**META, "k": 2, "schema_version": "1"}, shards.teacher_schema(v1))
     con = connect(f"{tmp_path}/*.parquet")
     con.execute(TOKENS_VIEW_SQL)
     (_, rows) = query(con, "SELECT tail_p, teacher_entropy FROM tokens ORDER BY t")
@@ -138,7 +143,7 @@ def test_printed_queries_run_in_plain_duckdb(folder, capsys):
     printed = capsys.readouterr().out
     assert "parquet_kv_metadata" in printed and all(f"-- {name}" in printed for name in QUERIES)
     con = duckdb.connect()
-    con.execute(VIEWS_SQL.format(glob=f"{folder}/*.parquet"))
+    con.execute(views_sql(f"{folder}/*.parquet"))
     con.execute(TOKENS_VIEW_SQL)
     assert len(con.execute(TOKENS_SUMMARY_SQL).fetchall()) == 4  # three shards + total
     con.execute("SET VARIABLE top = 3; SET VARIABLE context = 2;")
@@ -162,3 +167,34 @@ def test_missing_and_broken_shards_fail_in_one_line(folder, tmp_path, capsys):
 def test_format_table_aligns_numbers_right():
     text = format_table(["name", "n"], [("a", 1), ("long", 100), ("b", None)]).splitlines()
     assert text[0] == "name    n" and text[2] == "a       1" and text[3] == "long  100" and text[4] == "b"
+
+
+def test_q8_shards_decode_in_sql_as_the_readme_shows(tmp_path):
+    """A q8 shard: the `shards` view gives the same ids and log-probs as the data path's decoder, the
+    tokens view works on it, and the views `opd-inspect queries` prints are the README's, verbatim."""
+    from pipeline.shard_codec import encode, make_codec
+    from tests.tiny_models import teacher_rows
+
+    rows = teacher_rows(6, 4, 100, seed=2)
+    fmt = TeacherFormat(make_codec("q8", "", 100), width=4, samples=0, exact_tail=True)
+    n = [len(x) - p for x, p in zip(rows["input_ids"].to_pylist(), rows["prompt_len"].to_pylist())]
+    enc = [encode(fmt.codec, np.reshape(i, (t, 4)), np.reshape(lp, (t, 4)).astype(np.float32))
+           for i, lp, t in zip(rows["topk_ids"].to_pylist(), rows["topk_logprobs"].to_pylist(), n)]
+    table = rows.drop_columns(["topk_ids", "topk_logprobs"])
+    for f in fmt.fields():
+        if f.name in enc[0]:
+            table = table.append_column(f.name, pa.array([e[f.name].tolist() for e in enc], f.type))
+    shards.write_shard(tmp_path / shards.part_name(0), table, {**META, "codec": fmt.codec.to_meta()},
+                       shards.teacher_schema(fmt))
+    con = connect(f"{tmp_path}/*.parquet")
+    got = con.execute("SELECT topk_ids, topk_logprobs FROM shards ORDER BY sample_id").fetchall()
+    dec = fmt.decode(pq.read_table(tmp_path / shards.part_name(0)))
+    np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), dec["topk_ids"].reshape(-1))
+    np.testing.assert_allclose(np.concatenate([g[1] for g in got]), dec["topk_logprobs"].reshape(-1), atol=1e-6)
+    np.testing.assert_allclose(dec["topk_logprobs"].reshape(-1), np.concatenate(rows["topk_logprobs"].to_pylist()),
+                               atol=fmt.codec.lp_step / 2 + 1e-6)
+    con.execute(TOKENS_VIEW_SQL)
+    assert con.execute("SELECT count(*) FROM tokens WHERE tail_p > 0").fetchone()[0] == sum(n)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert views_sql(f"{tmp_path}/*.parquet").replace(f"{tmp_path}/*.parquet", "data/teacher_topk/*.parquet") \
+        .strip() in readme

@@ -23,7 +23,8 @@ from tests.tiny_models import save_model
 N_PROMPTS, N_SAMPLES, ROWS_PER_SHARD, K = 7, 2, 4, 3   # 2 prompts per part -> 4 parts, the last one short
 ROLLOUTS = {"backend": "hf", "batch_size": 5, "max_new_tokens": 10, "temperature": 1.0,
             "rows_per_shard": ROWS_PER_SHARD, "seed": 0, "n_samples": N_SAMPLES}
-TOPK = {"backend": "hf", "k": K, "batch_size": 6, "logprob_dtype": "float16", "privileged_context": None}
+TOPK = {"backend": "hf", "k": K, "batch_size": 6, "logprob_dtype": "float16", "privileged_context": None,
+        "selection": "topk", "samples": 0, "union_student_k": 0, "seed": 0, "codec": "plain"}
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +113,8 @@ def test_shards_follow_the_contract(env, clean_run):
             np.testing.assert_allclose(s["teacher_logprob"], ref[torch.arange(n), ids[p:]].numpy(), atol=1e-5)
             np.testing.assert_array_equal(np.reshape(s["topk_ids"], (n, K)), ref.topk(K, -1).indices.numpy())
             np.testing.assert_allclose(lp, ref.topk(K, -1).values.numpy(), atol=2e-2)   # float16 storage
+            rest = ref.scatter(1, ref.topk(K, -1).indices, float("-inf"))
+            np.testing.assert_allclose(s["tail_logprob"], torch.logsumexp(rest, -1).numpy(), atol=1e-5)
     assert len(seen_prompts) == N_PROMPTS
 
 
@@ -275,3 +278,59 @@ def test_pending_parts_leaves_other_processes_parts_alone(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".part-00001.parquet.tmp-999"]
     assert shards.pending_parts(tmp_path, "rollouts", "key", n_parts=4, shard=(1, 2)) == [1, 3]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compressed_sampled_union_shards_decode_to_the_teacher(env, clean_run):
+    """codec q8 + topk+sampled + π_ref's top ids: every stored entry decodes (data path and DuckDB alike)
+    to the teacher's log-prob within half a quantisation step, π_ref's ids are among them, and the
+    draw counts add up to the number of draws."""
+    from pipeline.train.shard_data import ROLLOUT_COLUMNS
+    from pipeline.inspect_shards import connect
+
+    out = env / "topk-q8"
+    m, union = 5, 2
+    run_topk(env, clean_run[0], out, codec="q8", selection="topk+sampled", samples=m, union_student_k=union)
+    infos = shards.open_teacher_shards(out)
+    fmt = shards.teacher_format(infos)
+    assert fmt.codec.name == "q8" and fmt.codec.id_type == "uint8" and fmt.width == K + union + m
+    teacher = HFScorer(env / "teacher", batch_size=1, device="cpu").model
+    policy = HFScorer(env / "policy", batch_size=1, device="cpu").model
+    con = connect(str(out / "*.parquet"))
+    for info in infos:
+        table = pq.read_table(info.path, columns=ROLLOUT_COLUMNS + [f.name for f in fmt.fields()])
+        dec = fmt.decode(table)
+        ids, lps, w = dec["topk_ids"], dec["topk_logprobs"], dec["entry_weights"]
+        sql = dict(con.execute(f"SELECT sample_id, topk_logprobs FROM shards "
+                               f"WHERE filename LIKE '%{info.path.name}'").fetchall())
+        start = 0
+        for sid, seq, p in zip(table["sample_id"].to_pylist(), table["input_ids"].to_pylist(),
+                               table["prompt_len"].to_pylist()):
+            n = len(seq) - p
+            i, lp = ids[start:start + n], lps[start:start + n]
+            np.testing.assert_allclose(np.reshape(sql[sid], (n, fmt.width)), lp, atol=1e-6)
+            with torch.no_grad():
+                ref = torch.log_softmax(teacher(torch.tensor([seq])).logits[0, p - 1:-1].float(), -1).numpy()
+                pol = policy(torch.tensor([seq])).logits[0, p - 1:-1].topk(union, -1).indices.numpy()
+            valid = i >= 0
+            np.testing.assert_allclose(lp[valid], ref[np.nonzero(valid)[0], i[valid]],
+                                       atol=fmt.codec.lp_step / 2 + 1e-5)
+            assert all(set(pol[t]) <= set(i[t]) for t in range(n)), "π_ref's own top ids are stored"
+            start += n
+        counts = np.concatenate(table["sample_counts"].to_pylist()).reshape(-1, fmt.width)
+        assert counts.sum(1).tolist() == [m] * len(ids)
+        drawn = counts > 0
+        assert (w[~drawn] == 1).all() and (w[drawn] > 0).all() and not drawn[:, :K].any()
+
+
+@pytest.mark.parametrize("cfg, key", [({"selection": "sampled"}, "teacher_topk.samples"),
+                                      ({"samples": 3}, "teacher_topk.samples"),
+                                      ({"selection": "sampled", "samples": 2, "union_student_k": 1},
+                                       "teacher_topk.union_student_k"),
+                                      ({"backend": "vllm", "selection": "topk+sampled", "samples": 2},
+                                       "teacher_topk.backend")])
+def test_inconsistent_selection_keys_are_one_line_errors(env, clean_run, capsys, cfg, key):
+    with pytest.raises(SystemExit) as exc:
+        run_topk(env, clean_run[0], env / "never", **cfg)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and key in err and err.count("\n") == 0
+    assert not (env / "never").exists()

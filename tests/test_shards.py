@@ -1,5 +1,7 @@
 """The shard contract: round trip, footer metadata, validation errors naming the file, resume rules."""
 
+import re
+
 import duckdb
 import numpy as np
 import polars as pl
@@ -21,6 +23,7 @@ def teacher_table(n_rows: int = 5, k: int = 4, seed: int = 0, first: int = 0) ->
             "input_ids": rng.integers(0, 50, p + t).astype(np.int32).tolist(), "prompt_len": p,
             "student_logprobs": (-rng.random(t)).astype(np.float32).tolist(),
             "teacher_logprob": (-rng.random(t)).astype(np.float32).tolist(),
+            "tail_logprob": np.log1p(-np.exp(lp.astype(np.float64)).sum(1).clip(max=0.999)).tolist(),
             "topk_ids": rng.integers(0, 50, t * k).astype(np.int32).tolist(),
             "topk_logprobs": lp.reshape(-1).tolist(),
         })
@@ -125,3 +128,62 @@ def test_open_run_refuses_mixed_and_incomplete_runs(tmp_path):
         shards.open_run(tmp_path, "teacher_topk", schema)
     with pytest.raises(shards.ShardError, match="no part-"):
         shards.open_run(tmp_path / "empty", "teacher_topk", schema)
+
+
+def flip_byte_in_data_page(path, group: int, column: str) -> None:
+    """Corrupt one byte of the last data page of `column` in row group `group` (inside the page body)."""
+    meta = pq.ParquetFile(path).metadata
+    names = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    chunk = meta.row_group(group).column(next(i for i, n in enumerate(names) if n.startswith(column)))
+    offset = chunk.data_page_offset + chunk.total_compressed_size - 4
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def test_page_checksums_are_written_and_a_flipped_byte_names_file_and_row_group(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "ROW_GROUP_SIZE", 10)
+    path = shards.write_shard(tmp_path / shards.part_name(0), teacher_table(50), META, shards.teacher_schema())
+    info = shards.open_shard(path, "teacher_topk", shards.teacher_schema())
+    assert info.num_row_groups == 5
+    intact = [t.column("teacher_logprob").to_pylist() for t in shards.iter_row_groups(info)]
+    flip_byte_in_data_page(path, 2, "teacher_logprob")
+    # without the page CRC the flip is silent: the values just change
+    assert pq.ParquetFile(path).read_row_group(2).column("teacher_logprob").to_pylist() != intact[2]
+    info = shards.open_shard(path, "teacher_topk", shards.teacher_schema())  # the footer is intact
+    read = shards.iter_row_groups(info)
+    assert [next(read).column("teacher_logprob").to_pylist() for _ in range(2)] == intact[:2]
+    with pytest.raises(shards.ShardError, match=rf"{path.name}: row group 2 is unreadable.*(CRC|checksum)"):
+        next(read)
+
+
+def test_version_1_teacher_shards_read_with_a_warning(tmp_path):
+    from pipeline.shard_codec import Codec, TeacherFormat
+
+    v1 = TeacherFormat(Codec("plain", logprob_dtype="float16"), width=4, samples=0, exact_tail=False)
+    shards.write_shard(tmp_path / shards.part_name(0), teacher_table().drop_columns(["tail_logprob"]),
+                       META | {"schema_version": "1"}, shards.teacher_schema(v1))
+    with pytest.warns(UserWarning, match=r"schema version 1 .* rebuilt from the top-k"):
+        (info,) = shards.open_teacher_shards(tmp_path)
+    assert shards.teacher_format([info]) == v1
+    shards.write_shard(tmp_path / shards.part_name(0), teacher_table(), META | {"schema_version": "0"},
+                       shards.teacher_schema())
+    with pytest.raises(shards.ShardError, match="schema version 0, this code reads 1, 2"):
+        shards.open_teacher_shards(tmp_path)
+
+
+def test_opd_inspect_verify_reads_every_page(tmp_path, monkeypatch, capsys):
+    from pipeline.inspect_shards import main
+
+    monkeypatch.setattr(shards, "ROW_GROUP_SIZE", 10)
+    for j in range(2):
+        shards.write_shard(tmp_path / shards.part_name(j), teacher_table(30), META, shards.teacher_schema())
+    main(["verify", "--shards", f"{tmp_path}/*.parquet"])
+    lines = capsys.readouterr().out.splitlines()[2:]
+    assert [line.split() for line in lines] == [[shards.part_name(j), "3", "ok"] for j in range(2)]
+    flip_byte_in_data_page(tmp_path / shards.part_name(1), 1, "topk_ids")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["verify", "--shards", f"{tmp_path}/*.parquet"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert re.search(r"part-00001\.parquet: row group 1 is unreadable.*CRC", err)

@@ -16,6 +16,7 @@ import pyarrow as pa
 import yaml
 
 from pipeline import shards, toy_task
+from pipeline.shard_codec import Codec, TeacherFormat
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
 from pipeline.provenance import write_provenance
 
@@ -65,10 +66,24 @@ def teacher_rows(n: int, k: int, vocab: int, seed: int, start: int = 0) -> pa.Ta
             "prompt_len": p,
             "student_logprobs": (-rng.random(r) * 3).astype(np.float32).tolist(),
             "teacher_logprob": logp[np.arange(r), ids[p:]].astype(np.float32).tolist(),
+            "tail_logprob": _complement_logsumexp(logp, top).astype(np.float32).tolist(),
             "topk_ids": top.reshape(-1).astype(np.int32).tolist(),
             "topk_logprobs": np.take_along_axis(logp, top, 1).reshape(-1).astype(np.float32).tolist(),
         })
     return pa.Table.from_pylist(rows)
+
+
+def _complement_logsumexp(logp: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Per row, log of the mass outside `ids`: the exact tail a v2 shard stores."""
+    rest = logp.copy()
+    np.put_along_axis(rest, ids, -np.inf, 1)
+    m = rest.max(1, initial=-1e4)
+    return np.maximum(m + np.log(np.exp(rest - m[:, None]).sum(1)), -1e4)
+
+
+def plain_format(k: int) -> TeacherFormat:
+    """The format of `teacher_rows` tables: plain top-k with the exact tail (what `collate` decodes)."""
+    return TeacherFormat(Codec("plain", logprob_dtype="float32"), width=k, samples=0, exact_tail=True)
 
 
 def teacher_meta(teacher: str, policy: str, tokenizer: str, k: int = 4, **extra) -> dict:

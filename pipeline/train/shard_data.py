@@ -10,7 +10,7 @@ and epochs (the stream is endless; the Trainer stops at max_steps).
 
 Why this resumes exactly: a reader's stream is a pure function of (seed, layout, row-group sizes), so
 its position is just the number of rows it has handed out. The DataLoader takes batch i from worker
-i mod W, so the one number a checkpoint stores (batches consumed on each rank = the global step) gives
+i mod W, so the one number a checkpoint stores (micro-batches consumed on each rank) gives
 every reader's row offset; a resumed reader skips that many rows using row-group sizes from the
 footers, reading only the window it resumes in, and the resumed workers take over the readers in the
 rotated order that keeps the round-robin sequence of batches unchanged.
@@ -19,7 +19,6 @@ rotated order that keeps the round-robin sequence of batches unchanged.
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -28,15 +27,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import shards
 from pipeline.config import ConfigError
+from pipeline.shard_codec import TeacherFormat
+from pipeline.train.data import GroupedBatches, ResumableDataModule
 
-COLUMNS = ["sample_id", "input_ids", "prompt_len", "student_logprobs", "teacher_logprob", "topk_ids",
-           "topk_logprobs"]
+ROLLOUT_COLUMNS = ["sample_id", "input_ids", "prompt_len", "student_logprobs"]
 
 
 @dataclass(frozen=True)
@@ -55,17 +54,6 @@ def shard_units(infos: list[shards.ShardInfo]) -> list[Unit]:
         meta = pq.ParquetFile(info.path).metadata
         units += [Unit(s, g, meta.row_group(g).num_rows) for g in range(info.num_row_groups)]
     return units
-
-
-def common_k(infos: list[shards.ShardInfo]) -> int:
-    """The top-k width every shard shares (one batch holds a [B, T, k] tensor)."""
-    ks = {int(json.loads(i.meta["k"])) for i in infos}
-    if len(ks) != 1:
-        first = infos[0]
-        other = next(i for i in infos if i.meta["k"] != first.meta["k"])
-        raise shards.ShardError(f"{other.path}: k={other.meta['k']} but {first.path} has k={first.meta['k']}; "
-                                f"shards of one run must share k: rerun the `teacher_topk` stage")
-    return ks.pop()
 
 
 def reader_units(units: list[Unit], seed: int, epoch: int, reader: int, readers: int) -> list[Unit]:
@@ -94,7 +82,7 @@ class TeacherShardStream(IterableDataset):
         super().__init__()
         if batch_size < 1 or shuffle_row_groups < 1:
             raise ValueError(f"batch_size and shuffle_row_groups must be >= 1, got {batch_size}, {shuffle_row_groups}")
-        self.infos, self.units, self.k = infos, shard_units(infos), common_k(infos)
+        self.infos, self.units, self.fmt = infos, shard_units(infos), shards.teacher_format(infos)
         self.batch_size, self.seed, self.window = batch_size, seed, shuffle_row_groups
         self.rank, self.world_size, self.start_batches = rank, world_size, start_batches
 
@@ -114,7 +102,7 @@ class TeacherShardStream(IterableDataset):
             have += table.num_rows
             while have >= self.batch_size:
                 rows = pa.concat_tables(pending)
-                yield collate(rows.slice(0, self.batch_size), self.k)
+                yield collate(rows.slice(0, self.batch_size), self.fmt)
                 pending, have = [rows.slice(self.batch_size)], rows.num_rows - self.batch_size
 
     def _rows(self, reader: int, readers: int, skip: int) -> Iterator[pa.Table]:
@@ -134,32 +122,33 @@ class TeacherShardStream(IterableDataset):
 
     def _read(self, unit: Unit) -> pa.Table:
         info = self.infos[unit.shard]
-        (table,) = shards.iter_row_groups(info, COLUMNS, [unit.group])
-        check_rows(table, self.k, f"{info.path}: row group {unit.group}")
+        (table,) = shards.iter_row_groups(info, ROLLOUT_COLUMNS + [f.name for f in self.fmt.fields()], [unit.group])
+        check_rows(table, self.fmt, f"{info.path}: row group {unit.group}")
         return table
 
 
-def check_rows(table: pa.Table, k: int, where: str) -> None:
+def check_rows(table: pa.Table, fmt: TeacherFormat, where: str) -> None:
     """Row-level contract the footer cannot show: per-token columns match the response length."""
     length = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
     prompt = table.column("prompt_len").to_numpy()
     resp = length - prompt
     problems = [("prompt_len must be in [1, len(input_ids)]", (prompt < 1) | (resp < 0))]
-    for name, width in (("student_logprobs", 1), ("teacher_logprob", 1), ("topk_ids", k), ("topk_logprobs", k)):
+    for name, width in {"student_logprobs": 1, **fmt.widths()}.items():
         got = pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False)
         problems.append((f"{name} must hold {width} value(s) per response token", got != resp * width))
     for what, bad in problems:
         if bad.any():
             sid = table.column("sample_id")[int(np.argmax(bad))].as_py()
-            raise shards.ShardError(f"{where}, sample_id {sid}: {what} (k={k}); the shard is inconsistent: "
+            raise shards.ShardError(f"{where}, sample_id {sid}: {what} (width {fmt.width}); the shard is inconsistent: "
                                     f"rerun the `teacher_topk` stage")
 
 
-def collate(table: pa.Table, k: int) -> dict[str, Any]:
-    """Right-padded [B, T] / [B, T, k] tensors; per-token values sit at the position of their token.
+def collate(table: pa.Table, fmt: TeacherFormat) -> dict[str, Any]:
+    """Right-padded [B, T] / [B, T, W] tensors; per-token values sit at the position of their token.
 
     Keys: input_ids, attention_mask, response_mask (True at response tokens), topk_ids (-1 elsewhere),
-    topk_logprobs, teacher_logprob, student_logprob (π_ref's behaviour log-prob), sample_id (list).
+    topk_logprobs, teacher_logprob, student_logprob (π_ref's behaviour log-prob), sample_id (list),
+    and, when the shards hold them, tail_logprob [B, T] and entry_weights [B, T, W] (decoded by `fmt`).
     """
     length = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
     prompt = table.column("prompt_len").to_numpy().astype(np.int64)
@@ -182,15 +171,14 @@ def collate(table: pa.Table, k: int) -> dict[str, Any]:
         arr = np.zeros((B, T), np.float32)
         arr[rrows, rcols] = flat(name)
         per_token[key] = torch.from_numpy(arr)
-    topk_lp_values = flat("topk_logprobs")
-    topk_ids = np.full((B, T, k), -1, np.int32)
-    topk_lp = np.zeros((B, T, k), topk_lp_values.dtype)
-    topk_ids[rrows, rcols] = flat("topk_ids").reshape(len(rrows), k)  # not -1: k may be 0 (pg)
-    topk_lp[rrows, rcols] = topk_lp_values.reshape(len(rrows), k)
+    for key, values in fmt.decode(table).items():
+        if values is not None:
+            arr = np.full((B, T, *values.shape[1:]), -1 if key == "topk_ids" else 0, values.dtype)
+            arr[rrows, rcols] = values
+            per_token[key] = torch.from_numpy(arr)
     return {
         "input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
-        "response_mask": torch.from_numpy(resp_mask), "topk_ids": torch.from_numpy(topk_ids),
-        "topk_logprobs": torch.from_numpy(topk_lp), **per_token,
+        "response_mask": torch.from_numpy(resp_mask), **per_token,
         "sample_id": table.column("sample_id").to_pylist(),
     }
 
@@ -212,7 +200,7 @@ def unwrap_worker_error(exc: shards.ShardError) -> shards.ShardError:
     return shards.ShardError(" ".join(text.rsplit(marker, 1)[1].split()))
 
 
-class TeacherShardDataModule(pl.LightningDataModule):
+class TeacherShardDataModule(ResumableDataModule):
     """The teacher shards of one distill run; its state in a checkpoint is the reader position."""
 
     def __init__(self, shards_dir: Path | str, batch_size: int, seed: int, shuffle_row_groups: int,
@@ -221,40 +209,24 @@ class TeacherShardDataModule(pl.LightningDataModule):
         self.shards_dir, self.batch_size, self.seed = Path(shards_dir), batch_size, seed
         self.shuffle_row_groups, self.num_workers = shuffle_row_groups, num_workers
         self.infos: Optional[list[shards.ShardInfo]] = None
-        self.start_batches = 0
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Validate every shard's footer and schema (idempotent: distill calls it before loading the model)."""
         if self.infos is None:
             self.infos = shards.open_teacher_shards(self.shards_dir)
-            common_k(self.infos)
+            shards.teacher_format(self.infos)
 
-    def _rank_world(self) -> tuple[int, int]:
-        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> GroupedBatches:
         self.setup()
-        rank, world = self._rank_world()
+        rank, world = self.rank_world()
         stream = TeacherShardStream(self.infos, self.batch_size, self.seed, self.shuffle_row_groups, rank, world,
                                     self.start_batches)
         check_readers(len(stream.units), world, max(1, self.num_workers))  # here, not deep in a worker
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available())
+        return self.grouped(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                       pin_memory=torch.cuda.is_available()))
 
     def layout(self) -> dict[str, Any]:
-        """What a reader position is relative to: resuming under a different layout would mis-skip."""
         self.setup()
-        return {"world_size": self._rank_world()[1], "num_workers": self.num_workers, "batch_size": self.batch_size,
+        return {"world_size": self.rank_world()[1], "num_workers": self.num_workers, "batch_size": self.batch_size,
                 "seed": self.seed, "shuffle_row_groups": self.shuffle_row_groups,
                 "shards": [[i.path.name, i.num_rows] for i in self.infos]}
-
-    def state_dict(self) -> dict[str, Any]:
-        # One batch per optimizer step (distill never accumulates), so batches consumed = global step.
-        return {"batches_consumed": int(self.trainer.global_step), "layout": self.layout()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict["layout"] != self.layout():
-            raise ConfigError(f"the checkpoint's data reader ran with {state_dict['layout']}, this run has "
-                              f"{self.layout()}: resume with the same devices and settings, or delete the "
-                              f"checkpoint folder to start over")
-        self.start_batches = int(state_dict["batches_consumed"])

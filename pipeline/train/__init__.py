@@ -1,0 +1,1 @@
+"""The training stack every training stage shares: one LightningModule, the data modules, one trainer builder."""
