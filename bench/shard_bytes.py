@@ -36,12 +36,18 @@ import torch
 
 from kernels import sparse_divergence
 from pipeline import shards, teacher_topk
-from pipeline.scoring import HFScorer
+from pipeline.backends.engine import load_engine
+from pipeline.config import EngineConfig
 from pipeline.shard_codec import Codec, TeacherFormat, make_codec
 
 ENTRY_COLUMNS = ("topk_ids", "topk_logprobs", "topk_lpmax", "topk_lpq")
 TEACHER_COLUMNS = ENTRY_COLUMNS + ("tail_logprob", "teacher_logprob")
 
+
+
+def hf_scorer(model: Path):
+    """The hf engine in fp32 on the CPU (the toy's sequences are far below this max_model_len)."""
+    return load_engine(model, EngineConfig("hf", 512, "float32", 1 << 16, 1.0), "bench", device="cpu")
 
 def formats(k: int, vocab: int) -> dict[str, TeacherFormat]:
     v2 = {f"plain {d[5:]}": make_codec("plain", d, vocab) for d in ("float16", "float32")}
@@ -65,7 +71,7 @@ def column_bytes(path: Path) -> dict[str, int]:
 def student_logprobs(model: Path, rollouts: list[pa.Table], vocab: int) -> torch.Tensor:
     """π_ref's full log-probs [tokens, V] at every response position, in the shards' row-major order
     (the scorer with k = V returns the whole distribution, sorted: scattered back by id)."""
-    scorer = HFScorer(model, batch_size=512, device="cpu")
+    scorer = hf_scorer(model)
     out = []
     for t in rollouts:
         for s in scorer.score(t["input_ids"].to_pylist(), t["prompt_len"].to_pylist(), k=vocab):
@@ -89,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     parts = shards.open_run(args.run / "data/rollouts", "rollouts", shards.ROLLOUT_SCHEMA)[:args.parts]
     rollouts = [pa.concat_tables(shards.iter_row_groups(p)) for p in parts]
-    scorer = HFScorer(args.run / "data/models/teacher", batch_size=512, device="cpu")
+    scorer = hf_scorer(args.run / "data/models/teacher")
     vocab = scorer.model.config.get_text_config().vocab_size
     tokens = sum(int(np.sum(np.diff(t["input_ids"].combine_chunks().offsets.to_numpy())
                             - t["prompt_len"].to_numpy())) for t in rollouts)

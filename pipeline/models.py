@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import string
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -17,6 +18,12 @@ from typing import Iterator
 from pipeline.errors import UserError
 
 REF_FILE = "opd_model_ref.json"
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+# The toy models' alphabet: printable ASCII plus newline, enough for the toy task and any plain-text
+# prompt. The tokenizer is built from it here, not by the task, so the toy teacher and a scratch
+# student need no task code.
+CHARS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+MAX_POSITIONS = 256
 
 
 class ModelPathError(UserError, FileNotFoundError):
@@ -63,6 +70,65 @@ def resolve_model_source(source: str) -> Path:
     return resolve_model_dir(local)
 
 
+def build_char_tokenizer():
+    """A character-level fast tokenizer: one token per character, `<bos>` prepended, exact decoding."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK, *CHARS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    core.decoder = decoders.Fuse()  # join characters back without the default space separator
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+                                   unk_token=UNK, clean_up_tokenization_spaces=False,
+                                   model_max_length=MAX_POSITIONS)
+
+
+def build_llama(tokenizer, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int,
+                seed: int):
+    """A randomly initialised (seeded) Llama with tied embeddings sized for `tokenizer`."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, do_sample=False)
+    return model
+
+
+def prune_layers(model, keep: int, where: str) -> list[int]:
+    """Keep `keep` decoder layers of `model` in place: the first and last, the rest evenly spaced.
+
+    Why these: the first and last layers map into and out of the embedding space and are the most
+    damaging to remove (Minitron, arXiv 2407.14679); the middle ones are redundant enough that a short
+    SFT recovers most of the loss. Returns the kept layer indices (recorded in the config).
+    """
+    import torch
+
+    layers = model.model.layers
+    total = len(layers)
+    if not 1 <= keep <= total:
+        raise UserError(f"{where}: {keep} layers requested but the model has {total}; use 1..{total}")
+    kept = sorted({round(i * (total - 1) / max(1, keep - 1)) for i in range(keep)}) if keep > 1 else [0]
+    model.model.layers = torch.nn.ModuleList([layers[i] for i in kept])
+    for new, layer in enumerate(model.model.layers):  # the KV cache indexes layers by position
+        layer.self_attn.layer_idx = new
+    model.config.num_hidden_layers = len(kept)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in kept]
+    return kept
 @contextmanager
 def loading(folder: Path, files: str) -> Iterator[None]:
     """Turn a damaged model folder (truncated weights, corrupt config.json or tokenizer files) into one

@@ -20,7 +20,7 @@ from pipeline import shards
 from pipeline.config import GenerationConfig
 from pipeline.errors import UserError
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
-from pipeline.generation import backend_version
+from pipeline.backends.engine import engine_footer
 from pipeline.models import load_tokenizer
 from pipeline.prompts import encode_prompt, read_prompts
 
@@ -67,8 +67,7 @@ def plan_parts(kind: str, role: str, model: Path, prompts_path: Path, out: Path,
         "kind": kind, "run_key": key, "num_parts": n_parts,
         f"{role}_fingerprint": fingerprint, "tokenizer_fingerprint": tokenizer_fingerprint(model),
         f"{role}_path": str(model), "prompts_path": str(prompts_path),
-        "sampling_temperature": cfg.temperature, "backend": cfg.backend,
-        "backend_version": backend_version(cfg.backend), "config": asdict(cfg),
+        "sampling_temperature": cfg.temperature, **engine_footer(cfg), "config": asdict(cfg),
     }
     skipped = len(range(shard[0], n_parts, shard[1])) - len(todo)
     return PromptParts(prompt_ids, texts, answers, tokens, tokenizer, per_part, meta, todo, skipped)

@@ -1,7 +1,8 @@
 """The prompt-set contract (`data/prompts/{sft,opd,eval}.parquet`) and how a prompt becomes token ids.
 
 Columns: `prompt_id` (unique string), `prompt` (text), `answer` (reference answer for the verifier,
-may be null). Every model sees a prompt through `encode_prompt`, so the teacher, π_ref and the
+may be null), `reference` (a full reference response, may be null: the toy task's worked trace, which
+the scratch toy teacher trains on). Every model sees a prompt through `encode_prompt`, so the teacher, π_ref and the
 distilled student tokenize it identically.
 """
 
@@ -19,6 +20,7 @@ PROMPT_SCHEMA = pa.schema([
     pa.field("prompt_id", pa.string(), nullable=False),
     pa.field("prompt", pa.string(), nullable=False),
     pa.field("answer", pa.string(), nullable=True),
+    pa.field("reference", pa.string(), nullable=True),
 ])
 
 
@@ -27,18 +29,19 @@ class PromptFileError(UserError, ValueError):
 
 
 def validate_prompts(table: pa.Table, where: str) -> pa.Table:
-    """Check columns and ids; return the table cast to PROMPT_SCHEMA (a missing `answer` becomes null)."""
+    """Check columns and ids; return the table cast to PROMPT_SCHEMA (a missing `answer` or `reference` becomes null)."""
     if "prompt" not in table.column_names:
         raise PromptFileError(f"{where}: no 'prompt' column (found: {', '.join(table.column_names) or 'none'}); "
                               f"a prompt file needs 'prompt' and optionally 'prompt_id', 'answer', 'split'")
     if "prompt_id" not in table.column_names:
         table = table.append_column("prompt_id", pa.array([f"p{i:07d}" for i in range(table.num_rows)]))
-    if "answer" not in table.column_names:
-        table = table.append_column("answer", pa.nulls(table.num_rows, pa.string()))
+    for optional in ("answer", "reference"):
+        if optional not in table.column_names:
+            table = table.append_column(optional, pa.nulls(table.num_rows, pa.string()))
     try:
         table = table.select(PROMPT_SCHEMA.names).cast(PROMPT_SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
-        raise PromptFileError(f"{where}: columns prompt_id/prompt/answer must be strings ({exc})") from exc
+        raise PromptFileError(f"{where}: columns prompt_id/prompt/answer/reference must be strings ({exc})") from exc
     ids = table.column("prompt_id")
     if ids.null_count or table.column("prompt").null_count:
         raise PromptFileError(f"{where}: 'prompt_id' and 'prompt' may not be null")

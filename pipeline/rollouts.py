@@ -20,7 +20,8 @@ from tqdm import tqdm
 from pipeline import shards
 from pipeline.config import RolloutsConfig
 from pipeline.errors import UserError
-from pipeline.generation import Sample, batch_seed, get_generator
+from pipeline.backends.engine import load_engine
+from pipeline.backends.generation import Sample, Sampling, batch_seed
 from pipeline.prompt_parts import plan_parts
 from pipeline.stage import add_shard_arg, stage_main
 
@@ -58,12 +59,12 @@ def run(args: argparse.Namespace, cfg: RolloutsConfig) -> dict:
              "parts_written": 0, "rows": 0, "response_tokens": 0, "at_max_new_tokens": 0}
     if not plan.todo:
         return stats
-    generator = get_generator(cfg.backend, args.policy, batch_size=cfg.batch_size)
+    engine = load_engine(args.policy, cfg, KIND)
     start = time.perf_counter()
     for j in tqdm(plan.todo, desc="rollouts", unit="part"):
         part = plan.bounds(j)
-        samples = generator.generate(plan.tokens[part], cfg.n_samples, cfg.temperature, cfg.max_new_tokens,
-                                     seed=batch_seed(cfg.seed, j))
+        samples = engine.generate(plan.tokens[part], Sampling(cfg.n_samples, cfg.temperature, cfg.max_new_tokens,
+                                                              seed=batch_seed(cfg.seed, j)))
         table = rollout_table(plan.prompt_ids[part], plan.tokens[part], samples)
         shards.write_shard(args.out / shards.part_name(j), table, plan.meta, shards.ROLLOUT_SCHEMA)
         flat = [s for row in samples for s in row]

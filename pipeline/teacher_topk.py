@@ -37,10 +37,10 @@ from tqdm import tqdm
 from pipeline import shards
 from pipeline.config import ConfigError, TeacherTopkConfig
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
-from pipeline.generation import backend_version
+from pipeline.backends.engine import engine_footer, load_engine
 from pipeline.models import load_config, load_tokenizer
 from pipeline.prompts import encode_prompt, read_prompts
-from pipeline.scoring import SCORING_TEMPERATURE, Extras, Scored, get_scorer
+from pipeline.backends.scoring import SCORING_TEMPERATURE, Extras, Scored
 from pipeline.errors import UserError
 from pipeline.shard_codec import TeacherFormat, encode, make_codec
 from pipeline.sparse_targets import Selection, draw_uniforms
@@ -188,23 +188,24 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
         "scoring_temperature": SCORING_TEMPERATURE,
         # Always JSON (write_shard passes strings through): json.loads gives None or the template.
         "privileged_context": json.dumps(cfg.privileged_context),
-        "logprob_dtype": cfg.logprob_dtype, "backend": cfg.backend,
+        "logprob_dtype": cfg.logprob_dtype, **engine_footer(cfg),
         "codec": fmt.codec.to_meta(), "width": fmt.width, "samples": fmt.samples, "selection": cfg.selection,
-        "backend_version": backend_version(cfg.backend), "config": asdict(cfg),
+        "config": asdict(cfg),
     }
     stats = {"parts_total": len(parts), "parts_skipped": len(range(shard[0], len(parts), shard[1])) - len(todo),
              "parts_written": 0, "rows": 0, "response_tokens": 0, "bytes": 0, "sum_teacher_logprob": 0.0,
              "sampled_in_topk": 0}
     if not todo:
         return stats
-    scorer = get_scorer(cfg.backend, args.teacher, batch_size=cfg.batch_size)
-    policy = (get_scorer(cfg.backend, Path(first.meta["policy_path"]), batch_size=cfg.batch_size)
+    engine = load_engine(args.teacher, cfg, KIND, max_logprobs=cfg.k)
+    # π_ref's own top ids for the union targets: a second engine, on the policy the rollouts name.
+    policy = (load_engine(Path(first.meta["policy_path"]), cfg, KIND, max_logprobs=cfg.union_student_k)
               if cfg.union_student_k else None)
     start = time.perf_counter()
     for j in tqdm(todo, desc="teacher_topk", unit="part"):
         rollouts = pa.concat_tables(shards.iter_row_groups(parts[j]))
         extras = extras_for(rollouts, selection, cfg.seed, policy, cfg.union_student_k)
-        scored = scorer.score(*teacher_inputs(rollouts, privileged), k=cfg.k, extras=extras)
+        scored = engine.score(*teacher_inputs(rollouts, privileged), k=cfg.k, extras=extras)
         path = shards.write_shard(args.out / shards.part_name(j), scored_table(rollouts, scored, fmt),
                                   meta, shards.teacher_schema(fmt))
         stats["parts_written"] += 1

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from pipeline import distill, evaluate, prepare, rollouts, sft, sft_data, stage, teacher, teacher_topk
+from pipeline.tasks import prompt_file
 from tests.tiny_models import save_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +53,8 @@ BAD_VALUES = [
     ("teacher", "num_heads", 5, "hidden_size"),
     ("teacher", "num_heads", 48, "even"),
     ("teacher", "intermediate_size", -8, ">= 1"),
-    ("teacher", "steps", -1, ">= 1"),
+    ("teacher", "max_steps", -1, ">= 1"),
+    ("teacher", "adam_beta2", 1.0, "< 1"),
     ("teacher", "batch_size", 0, ">= 1"),
     ("teacher", "lr", 0, "> 0"),
     ("teacher", "lr", -3e-3, "> 0"),
@@ -63,7 +65,9 @@ BAD_VALUES = [
     ("sft_data", "rows_per_shard", 0, ">= 1"),
     ("sft_data", "backend", "tgi", "not one of"),
     ("sft", "num_heads", 3, "hidden_size"),
-    ("sft", "steps", 0, ">= 1"),
+    ("sft", "max_steps", 0, ">= 1"),
+    ("sft", "accumulate_grad_batches", 0, ">= 1"),
+    ("sft", "strategy", "deepspeed", "not one of"),
     ("sft", "lr", "fast", "expected a number"),
     ("rollouts", "n_samples", 0, ">= 1"),
     ("rollouts", "temperature", -0.5, ">= 0"),
@@ -152,7 +156,7 @@ def file_task(root: Path, name: str, content: bytes) -> dict:
 
 @pytest.mark.parametrize("name,content,words", [
     ("latin1.jsonl", '{"prompt": "caf\u00e9"}\n'.encode("latin-1"), "line 1 is not UTF-8"),
-    ("huge.jsonl", b'{"prompt": "' + b"x" * (prepare.MAX_LINE_BYTES + 8) + b'"}\n', "line 1 is longer than"),
+    ("huge.jsonl", b'{"prompt": "' + b"x" * (prompt_file.MAX_LINE_BYTES + 8) + b'"}\n', "line 1 is longer than"),
     ("broken.jsonl", b'{"prompt": "a"}\n{"prompt": \n', "line 2 is not JSON"),
     ("list.jsonl", b'["a", "b"]\n', "not an object"),
     ("prompts.csv", b"prompt\na\n", "unknown file type"),

@@ -12,9 +12,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from pipeline import evaluate, toy_task
-from pipeline.prompts import PROMPT_SCHEMA
-from pipeline.toy_task import make_problems
+from pipeline import evaluate
+from pipeline.backends import divergence
+from pipeline.prompts import validate_prompts
+from pipeline.tasks.addition import make_problems
 from tests.tiny_models import REPO, save_model
 
 
@@ -28,8 +29,8 @@ def setup(tmp_path):
     models = {name: save_model(tmp_path / name, seed=seed, hidden=32, layers=1) for name, seed in
               (("teacher", 1), ("student_sft", 2), ("student_opd", 3))}
     problems = make_problems(digits=2, n=6, seed=0)
-    table = pa.Table.from_pylist([{"prompt_id": p.prompt_id, "prompt": p.prompt, "answer": p.answer}
-                                  for p in problems], schema=PROMPT_SCHEMA)
+    table = validate_prompts(pa.Table.from_pylist([{"prompt_id": p.prompt_id, "prompt": p.prompt, "answer": p.answer}
+                                                   for p in problems]), "test")
     pq.write_table(table, tmp_path / "eval.parquet")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["evaluate"].update(batch_size=4, max_new_tokens=6, n_eval=5)
@@ -53,7 +54,8 @@ def test_writes_accuracy_and_divergences_deterministically(setup):
     assert set(first) == {"teacher", "student_sft", "student_opd", "opd_gain", "n_eval"} and first["n_eval"] == 5
     assert set(first["teacher"]) == {"accuracy"}
     for name in ("student_sft", "student_opd"):
-        assert set(first[name]) == {"accuracy", "fkl", "rkl"}
+        assert set(first[name]) == {"accuracy", "teacher_agreement", "fkl", "rkl"}
+        assert 0.0 <= first[name]["teacher_agreement"] <= 1.0
         assert first[name]["fkl"] > 0 and first[name]["rkl"] > 0   # different random models disagree
     for name in ("teacher", "student_sft", "student_opd"):
         assert 0.0 <= first[name]["accuracy"] <= 1.0
@@ -69,14 +71,18 @@ def test_a_student_identical_to_the_teacher_has_zero_divergence(setup):
     res = json.loads((root / "eval.json").read_text())
     assert res["student_opd"]["fkl"] == pytest.approx(0, abs=1e-6) and res["student_opd"]["rkl"] == pytest.approx(0, abs=1e-6)
     assert res["student_opd"]["accuracy"] == res["teacher"]["accuracy"]
+    assert res["student_opd"]["teacher_agreement"] == 1.0
 
 
-def test_divergence_matches_a_per_token_reference(setup):
+@pytest.mark.parametrize("chunk", [1 << 26, 1])
+def test_divergence_matches_a_per_token_reference(setup, monkeypatch, chunk):
+    """Whole batch in one block, and one position per block, both equal the per-token reference."""
+    monkeypatch.setattr(divergence, "LOGPROB_CHUNK_ELEMS", chunk)
     _, models = setup
     teacher = AutoModelForCausalLM.from_pretrained(models["teacher"])
     student = AutoModelForCausalLM.from_pretrained(models["student_sft"])
     prompts, responses = [[1, 20, 21], [1, 30]], [[40, 41, 2], [50, 51, 52, 53]]
-    got = evaluate.divergence_to_teacher(teacher, student, prompts, responses, batch_size=2)
+    got = divergence.divergences(teacher, student, prompts, responses, batch_size=2, pad_id=0)
     fkl, rkl, n = 0.0, 0.0, 0
     for p, r in zip(prompts, responses):
         ids = torch.tensor([p + r])
@@ -88,10 +94,6 @@ def test_divergence_matches_a_per_token_reference(setup):
             rkl += float((lq[t - 1].exp() * (lq[t - 1] - lp[t - 1])).sum())
             n += 1
     assert got["fkl"] == pytest.approx(fkl / n, rel=1e-4) and got["rkl"] == pytest.approx(rkl / n, rel=1e-4)
-
-
-def test_accuracy_uses_the_task_verifier():
-    assert toy_task.accuracy(["4+4+0=08 =8", "=19", "no answer"], ["8", "18", "3"]) == pytest.approx(1 / 3)
 
 
 def test_missing_model_is_a_clear_error(setup, capsys):

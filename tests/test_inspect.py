@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import shards, toy_task
+from pipeline.models import build_char_tokenizer
+from pipeline import shards
 from pipeline.shard_codec import Codec, TeacherFormat
 from pipeline.inspect_shards import (META_SQL, QUERIES, SUMMARY_SQL, TOKENS_SUMMARY_SQL, TOKENS_VIEW_SQL,
                                      TOP_GAPS_SQL, connect, format_table, main, query, views_sql)
@@ -54,7 +55,7 @@ def test_meta_lists_every_footer_key_of_every_shard(folder):
 
 def hand_shard(path, dtype):
     """One response "15" to "7+8=" whose teacher numbers are chosen by hand (k=2)."""
-    tok = toy_task.build_tokenizer()
+    tok = build_char_tokenizer()
     prompt = tok("7+8=")["input_ids"]
     one, two, four, five = tok.convert_tokens_to_ids(list("1245"))
     row = {"sample_id": "s#0", "prompt_id": "s", "input_ids": prompt + [one, five], "prompt_len": len(prompt),

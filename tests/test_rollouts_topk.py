@@ -13,17 +13,20 @@ import pytest
 import torch
 import yaml
 
-from pipeline import rollouts, shards, teacher_topk, toy_task
+from pipeline.models import build_char_tokenizer
+from pipeline import rollouts, shards, teacher_topk
+from pipeline.tasks import addition as toy_task
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
-from pipeline.generation import HFGenerator
-from pipeline.prompts import PROMPT_SCHEMA
-from pipeline.scoring import HFScorer
-from tests.tiny_models import save_model
+from pipeline.backends.generation import HFGenerator
+from pipeline.prompts import validate_prompts
+from pipeline.backends.scoring import HFScorer
+from tests.tiny_models import hf_engine, save_model
 
 N_PROMPTS, N_SAMPLES, ROWS_PER_SHARD, K = 7, 2, 4, 3   # 2 prompts per part -> 4 parts, the last one short
-ROLLOUTS = {"backend": "hf", "batch_size": 5, "max_new_tokens": 10, "temperature": 1.0,
+ENGINE = {"dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0}
+ROLLOUTS = {"backend": "hf", "batch_size": 5, **ENGINE, "max_new_tokens": 10, "temperature": 1.0,
             "rows_per_shard": ROWS_PER_SHARD, "seed": 0, "n_samples": N_SAMPLES}
-TOPK = {"backend": "hf", "k": K, "batch_size": 6, "logprob_dtype": "float16", "privileged_context": None,
+TOPK = {"backend": "hf", "batch_size": 6, **ENGINE, "k": K, "logprob_dtype": "float16", "privileged_context": None,
         "selection": "topk", "samples": 0, "union_student_k": 0, "seed": 0, "codec": "plain"}
 
 
@@ -34,8 +37,9 @@ def env(tmp_path_factory) -> Path:
     save_model(root / "policy", seed=0, hidden=16)
     save_model(root / "teacher", seed=1, hidden=24)
     problems = toy_task.make_problems(3, N_PROMPTS, seed=0)
-    pq.write_table(pa.table({"prompt_id": [p.prompt_id for p in problems], "prompt": [p.prompt for p in problems],
-                             "answer": [p.answer for p in problems]}, schema=PROMPT_SCHEMA), root / "opd.parquet")
+    table = pa.table({"prompt_id": [p.prompt_id for p in problems], "prompt": [p.prompt for p in problems],
+                      "answer": [p.answer for p in problems]})
+    pq.write_table(validate_prompts(table, "test"), root / "opd.parquet")
     return root
 
 
@@ -78,7 +82,7 @@ def test_shards_follow_the_contract(env, clean_run):
     assert [p.name for p in r_parts] == [p.name for p in t_parts] == [shards.part_name(i) for i in range(4)]
     policy_fp, tok_fp = model_fingerprint(env / "policy"), tokenizer_fingerprint(env / "policy")
     seen_prompts: set[str] = set()
-    teacher = HFScorer(env / "teacher", batch_size=1, device="cpu").model
+    teacher = hf_engine(env / "teacher", batch_size=1).model
     for rp, tp in zip(r_parts, t_parts):
         r = shards.open_shard(rp, "rollouts", shards.ROLLOUT_SCHEMA)
         t = shards.open_shard(tp, "teacher_topk", shards.teacher_schema("float16"))
@@ -92,6 +96,7 @@ def test_shards_follow_the_contract(env, clean_run):
         assert t.meta["teacher_path"] == str(env / "teacher") and t.meta["k"] == str(K)
         assert t.meta["scoring_temperature"] == "1.0" and t.meta["privileged_context"] == "null"
         assert t.meta["logprob_dtype"] == "float16" and json.loads(t.meta["config"]) == TOPK
+        assert t.meta["engine_dtype"] == r.meta["engine_dtype"] == "float32" and t.meta["max_model_len"] == "256"
         assert t.meta["rollouts_run_key"] == r.meta["run_key"] != t.meta["run_key"]
 
         rows, scored = pq.read_table(rp).to_pylist(), pq.read_table(tp).to_pylist()
@@ -252,10 +257,10 @@ def test_privileged_context_changes_only_the_teacher_prompt(env, clean_run):
     template = "Answer: {answer}\n{prompt}"
     out = env / "privileged"
     run_topk(env, clean_run[0], out, privileged_context=template)
-    tok = toy_task.build_tokenizer()
+    tok = build_char_tokenizer()
     answers = dict(zip(*(pq.read_table(env / "opd.parquet").column(c).to_pylist() for c in ("prompt_id", "answer"))))
     prompts = dict(zip(*(pq.read_table(env / "opd.parquet").column(c).to_pylist() for c in ("prompt_id", "prompt"))))
-    teacher = HFScorer(env / "teacher", batch_size=1, device="cpu").model
+    teacher = hf_engine(env / "teacher", batch_size=1).model
     plain = pq.read_table(clean_run[1] / "part-00000.parquet").to_pylist()
     for row, base in zip(pq.read_table(out / "part-00000.parquet").to_pylist(), plain):
         assert row["input_ids"] == base["input_ids"], "the rows keep the student's prompt"
@@ -293,8 +298,8 @@ def test_compressed_sampled_union_shards_decode_to_the_teacher(env, clean_run):
     infos = shards.open_teacher_shards(out)
     fmt = shards.teacher_format(infos)
     assert fmt.codec.name == "q8" and fmt.codec.id_type == "uint8" and fmt.width == K + union + m
-    teacher = HFScorer(env / "teacher", batch_size=1, device="cpu").model
-    policy = HFScorer(env / "policy", batch_size=1, device="cpu").model
+    teacher = hf_engine(env / "teacher", batch_size=1).model
+    policy = hf_engine(env / "policy", batch_size=1).model
     con = connect(str(out / "*.parquet"))
     for info in infos:
         table = pq.read_table(info.path, columns=ROLLOUT_COLUMNS + [f.name for f in fmt.fields()])

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.scoring import get_scorer
-from tests.tiny_models import save_model
+from tests.tiny_models import hf_engine, save_model
 
 K = 4
 
@@ -32,7 +31,7 @@ def sequences(vocab: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
 
 
 def test_scorer_matches_manual_forward(model_dir):
-    scorer = get_scorer("hf", model_dir, batch_size=3, device="cpu")
+    scorer = hf_engine(model_dir, batch_size=3)
     vocab = scorer.model.config.vocab_size
     seqs, prompt_lens = sequences(vocab)
     scored = scorer.score(seqs, prompt_lens, k=K)
@@ -56,17 +55,17 @@ def test_scorer_matches_manual_forward(model_dir):
 
 
 def test_batch_size_does_not_change_scores(model_dir):
-    scorer = get_scorer("hf", model_dir, batch_size=7, device="cpu")
+    scorer = hf_engine(model_dir, batch_size=7)
     seqs, prompt_lens = sequences(scorer.model.config.vocab_size, seed=1)
     a = scorer.score(seqs, prompt_lens, k=K)
-    b = get_scorer("hf", model_dir, batch_size=1, device="cpu").score(seqs, prompt_lens, k=K)
+    b = hf_engine(model_dir, batch_size=1).score(seqs, prompt_lens, k=K)
     for x, y in zip(a, b):
         np.testing.assert_allclose(x.teacher_logprob, y.teacher_logprob, atol=1e-5)
         np.testing.assert_allclose(x.topk_logprobs, y.topk_logprobs, atol=1e-5)
 
 
 def test_k_zero_and_bad_inputs(model_dir):
-    scorer = get_scorer("hf", model_dir, batch_size=4, device="cpu")
+    scorer = hf_engine(model_dir, batch_size=4)
     (s,) = scorer.score([[2, 3, 4, 5]], [2], k=0)
     assert s.topk_ids.shape == (2, 0) and s.teacher_logprob.shape == (2,)
     with pytest.raises(ValueError, match="prompt_len"):
@@ -77,9 +76,9 @@ def test_k_zero_and_bad_inputs(model_dir):
 
 def test_position_blocks_do_not_change_scores(model_dir, monkeypatch):
     """Log-probs are computed a block of positions at a time; one position per block must agree exactly."""
-    import pipeline.scoring as scoring
+    import pipeline.backends.scoring as scoring
 
-    scorer = get_scorer("hf", model_dir, batch_size=7, device="cpu")
+    scorer = hf_engine(model_dir, batch_size=7)
     seqs, prompt_lens = sequences(scorer.model.config.vocab_size, seed=3)
     whole = scorer.score(seqs, prompt_lens, k=K)
     monkeypatch.setattr(scoring, "LOGPROB_CHUNK_ELEMS", 1)

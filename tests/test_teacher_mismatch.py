@@ -7,7 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import shards, toy_task
+from pipeline.models import build_char_tokenizer
+from pipeline import shards
 from pipeline.fingerprint import tokenizer_fingerprint
 from pipeline.teacher_mismatch import main, mismatch_stats
 from tests.tiny_models import save_model, swap_token_ids
@@ -31,7 +32,7 @@ def test_formula_on_fixed_numbers():
 
 
 def write_rollouts(folder, tokenizer_fp, n=5):
-    tok = toy_task.build_tokenizer()
+    tok = build_char_tokenizer()
     rows = []
     for i, (prompt, response) in enumerate(zip(["1+2=", "33+4=", "5+9=", "8+8=", "70+1="][:n],
                                                ["3", "37", "14", "16", "71"])):

@@ -6,7 +6,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline import prepare, sft, sft_data, shards, teacher, toy_task
+from pipeline.models import build_char_tokenizer
+from pipeline import prepare, sft, sft_data, shards, teacher
+from pipeline.tasks import addition as toy_task
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
 from pipeline.models import REF_FILE, ModelPathError, resolve_model_source
 from pipeline.provenance import read_provenance
@@ -17,9 +19,10 @@ TEACHER = {**yaml.safe_load((tiny_models.REPO / "params.yaml").read_text())["tea
            "source": "scratch", "hidden_size": 48, "num_layers": 2, "num_heads": 2, "intermediate_size": 96,
            "max_steps": 4, "batch_size": 16, "lr": 3.0e-3, "warmup_frac": 0.25, "seed": 0,
            "checkpoint_every_n_steps": 2}
-SFT_DATA = {"backend": "hf", "batch_size": 32, "max_new_tokens": 12, "temperature": 0.0, "rows_per_shard": 25,
+SFT_DATA = {"backend": "hf", "batch_size": 32, "dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0,
+            "max_new_tokens": 12, "temperature": 0.0, "rows_per_shard": 25,
             "seed": 0}
-SFT = {**TEACHER, "hidden_size": 16, "num_layers": 1, "intermediate_size": 32}
+SFT = {**TEACHER, "hidden_size": 16, "num_layers": 1, "intermediate_size": 32, "prune_to_layers": None}
 
 
 def write_params(folder, **sections):
@@ -67,7 +70,7 @@ def test_teacher_is_a_loadable_hf_folder_with_provenance(pipeline_dir):
     assert record["model_fingerprint"] == model_fingerprint(root / "teacher")
     metrics = json.loads((root / "metrics" / "teacher.json").read_text())
     assert metrics["params"] == sum(p.numel() for p in model.parameters())
-    assert 0.0 <= metrics["heldout_accuracy"] <= 1.0 and metrics["heldout_n"] == 6
+    assert 0.0 <= metrics["heldout_exact_match"] <= 1.0 and metrics["heldout_n"] == 6
     assert metrics["final_loss"] > 0 and metrics["wall_s"] > 0
     curve = (root / "plots/teacher/loss.csv").read_text().splitlines()
     assert curve[0] == "step,loss" and len(curve) == TEACHER["max_steps"] + 1
@@ -81,7 +84,7 @@ def test_sft_data_parts_carry_the_teacher(pipeline_dir):
     assert info.meta["teacher_fingerprint"] == model_fingerprint(root / "teacher")
     assert info.meta["tokenizer_fingerprint"] == tokenizer_fingerprint(root / "teacher")
     row = next(shards.iter_row_groups(info)).to_pylist()[0]
-    tok = toy_task.build_tokenizer()
+    tok = build_char_tokenizer()
     assert row["input_ids"][:row["prompt_len"]] == tok(row["prompt"])["input_ids"]
     response_ids = row["input_ids"][row["prompt_len"]:]
     assert 1 <= len(response_ids) <= SFT_DATA["max_new_tokens"]
@@ -170,7 +173,7 @@ def test_scratch_teacher_refuses_prompts_that_are_not_the_toy_task(tmp_path, cap
     prepare.main(argv + ["--out", str(tmp_path / "prompts")])
     err = stage_error(capsys, teacher.main, argv + ["--prompts", str(tmp_path / "prompts/sft.parquet"),
                                                     "--out", str(tmp_path / "teacher"), "--plots", str(tmp_path)])
-    assert "not a toy addition" in err and "teacher.source" in err
+    assert "no 'reference' response" in err and "teacher.source" in err
 
 
 def test_sft_from_a_pretrained_student_trains_and_keeps_its_dtype(pipeline_dir, tmp_path):
@@ -193,3 +196,16 @@ def test_sft_from_a_pretrained_student_trains_and_keeps_its_dtype(pipeline_dir, 
     assert len(curve) == 8 and curve[-1] < curve[0]
     assert read_provenance(tmp_path / "student")["source"] == str(base)
     assert metrics["params"] == sum(t.numel() for t in after.values())
+
+
+def test_sft_from_the_teacher_pruned_to_fewer_layers(pipeline_dir, tmp_path):
+    """`sft.source: teacher` + `prune_to_layers`: the student keeps the teacher's tokenizer and 1 of its 2 layers."""
+    root, _ = pipeline_dir
+    argv = write_params(tmp_path, sft={"source": "teacher", "prune_to_layers": 1, "max_steps": 2})
+    metrics = sft.main(argv + ["--data", str(root / "sft"), "--teacher", str(root / "teacher"),
+                               "--out", str(tmp_path / "student"), "--plots", str(tmp_path / "plots"),
+                               "--logs", str(tmp_path / "logs")])
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and metrics["params"] < metrics["teacher_params"]
+    assert tokenizer_fingerprint(tmp_path / "student") == tokenizer_fingerprint(root / "teacher")
+    assert read_provenance(tmp_path / "student")["source"] == str((root / "teacher").resolve())

@@ -2,12 +2,14 @@
 
 import pytest
 
-from pipeline import toy_task
+from pipeline.models import build_char_tokenizer, build_llama
+from pipeline.tasks import addition as toy_task
+from pipeline.tasks.verifiers import numeric
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return toy_task.build_tokenizer()
+    return build_char_tokenizer()
 
 
 def test_tokenizer_round_trips_and_decodes_exactly(tokenizer, tmp_path):
@@ -31,7 +33,7 @@ def test_model_round_trips_with_special_ids(tokenizer, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = toy_task.build_model(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+    model = build_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                                  seed=3)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -40,7 +42,7 @@ def test_model_round_trips_with_special_ids(tokenizer, tmp_path):
     for cfg in (loaded.config, loaded.generation_config):
         assert (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) == (
             tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    other = toy_task.build_model(tokenizer, 32, 1, 2, 64, seed=4)
+    other = build_llama(tokenizer, 32, 1, 2, 64, seed=4)
     assert not torch.equal(other.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
@@ -50,7 +52,7 @@ def test_solution_is_a_correct_long_trace(tokenizer):
         assert p.answer == str(a + b)
         assert p.solution.endswith("=" + p.answer)
         assert len(tokenizer(p.solution, add_special_tokens=False)["input_ids"]) >= 30
-        assert toy_task.verify(p.solution, p.answer)
+        assert numeric(p.solution, p.answer)
     assert toy_task.solve("864+394=") == "4+4+0=08 6+9+0=15 8+3+1=12 =1258"
 
 
@@ -67,21 +69,3 @@ def test_problems_deterministic_and_splits_disjoint():
 def test_make_problems_refuses_more_than_exist():
     with pytest.raises(ValueError, match="only 81"):
         toy_task.make_problems(1, 82, seed=0)
-
-
-@pytest.mark.parametrize("response, answer, ok", [
-    ("4+4+0=08 6+9+0=15 8+3+1=12 =1258", "1258", True),
-    ("4+4+0=08 6+9+0=15 8+3+1=12 =1248", "1258", False),   # wrong final answer
-    ("4+4+0=08 6+9+0=15 8+3+1=12 =12a58", "1258", False),  # garbled
-    ("4+4+0=08 6+9+0=15 8+3+1=12 =", "1258", False),       # truncated: no final number
-    ("", "1258", False),
-    ("1258", "1258", True),                                # bare number, no '='
-    ("so she has 40 + 2 apples.\n#### 42", "Natalia sold 48/2 = 24 clips ... #### 42", True),
-    ("#### 1,000", "1000", True),
-    ("The answer is 7.5.", "7.50", True),
-    ("x = 41", "42", False),
-    ("capital = Paris", "Paris", True),
-    ("capital = Rome", "Paris", False),
-])
-def test_verify(response, answer, ok):
-    assert toy_task.verify(response, answer) is ok

@@ -107,7 +107,7 @@ def test_ddp_and_accumulation_match_one_process_with_the_global_batch(tmp_path, 
             torch.testing.assert_close(got[key], ref_w[key], rtol=RTOL, atol=ATOL, msg=f"{other}: {key}")
     # Only rank 0 wrote: one CSV log version, and the metrics are rank 0's (they hold the accuracy).
     assert [p.name for p in (tmp_path / "ddp" / "logs" / "csv").iterdir()] == ["version_0"]
-    assert "heldout_accuracy" in yaml.safe_load((tmp_path / "ddp" / "metrics" / "teacher.json").read_text())
+    assert "heldout_exact_match" in yaml.safe_load((tmp_path / "ddp" / "metrics" / "teacher.json").read_text())
 
 
 def test_kill_9_at_a_random_step_then_rerun_gives_the_uninterrupted_weights(tmp_path, prompts):

@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from pipeline import shards, toy_task
+from pipeline.models import build_char_tokenizer, build_llama
+from pipeline import shards
 from pipeline.shard_codec import Codec, TeacherFormat
 from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
 from pipeline.provenance import write_provenance
@@ -27,10 +28,24 @@ FIRST_CHAR_ID = 4  # ids below are <pad>, <bos>, <eos>, <unk>
 
 def save_model(out: Path, seed: int = 0, hidden: int = 16, layers: int = 2) -> Path:
     """A toy Llama with random (seeded) weights plus the toy tokenizer, saved in `out`."""
-    tok = toy_task.build_tokenizer()
-    toy_task.build_model(tok, hidden, layers, 2, 2 * hidden, seed).save_pretrained(out)
+    tok = build_char_tokenizer()
+    build_llama(tok, hidden, layers, 2, 2 * hidden, seed).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def engine_config(backend: str = "hf", batch_size: int = 4, dtype: str = "float32", max_model_len: int = 256):
+    """The engine keys of a params section, for tests that build an engine directly."""
+    from pipeline.config import EngineConfig
+
+    return EngineConfig(backend, batch_size, dtype, max_model_len, kv_cache_gib=1.0)
+
+
+def hf_engine(model_dir: Path, batch_size: int = 4, max_model_len: int = 256):
+    """An `hf` engine on the CPU in fp32 (what the numbers of the toy tests are measured against)."""
+    from pipeline.backends.engine import load_engine
+
+    return load_engine(model_dir, engine_config("hf", batch_size, max_model_len=max_model_len), "test", device="cpu")
 
 
 def swap_token_ids(model_dir: Path, a: str = "0", b: str = "1") -> Path:
@@ -105,7 +120,7 @@ def write_teacher_shards(folder: Path, meta: dict, n_parts: int = 2, rows_per_pa
                          seed: int = 0) -> list[Path]:
     """`n_parts` shards of `rows_per_part` rows (sample ids unique across parts) with footer `meta`,
     part i's footer updated with `per_part[i]`."""
-    k, vocab = int(meta["k"]), len(toy_task.build_tokenizer())
+    k, vocab = int(meta["k"]), len(build_char_tokenizer())
     return [shards.write_shard(folder / shards.part_name(i),
                                teacher_rows(rows_per_part, k, vocab, seed + i, start=i * rows_per_part),
                                {**meta, **(per_part or {}).get(i, {})}, shards.teacher_schema(dtype))

@@ -10,12 +10,11 @@ gathered separately from the top-k, so it is exact even when the token ranks out
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional, Protocol
+from typing import Optional
 
 import numpy as np
 
-from pipeline.generation import length_batches, left_pad, model_dtype
+from pipeline.backends.generation import length_batches, left_pad
 from pipeline.sparse_targets import Selection, select
 
 SCORING_TEMPERATURE = 1.0
@@ -41,24 +40,6 @@ class Extras:
     union_ids: Optional[list[np.ndarray]] = None
 
 
-class Scorer(Protocol):
-    def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int,
-              extras: Optional[Extras] = None) -> list[Scored]:
-        """One Scored per sequence, for its len(ids) - prompt_len response positions (top-k unless `extras`)."""
-        ...
-
-
-def get_scorer(backend: str, model_path: Path | str, *, batch_size: int, device: str | None = None) -> Scorer:
-    """The scoring backend named in the params (`hf` or `vllm`), loaded on `device` (default: cuda if any)."""
-    if backend == "hf":
-        return HFScorer(model_path, batch_size=batch_size, device=device)
-    if backend == "vllm":
-        from pipeline.vllm_backend import VLLMScorer
-
-        return VLLMScorer(model_path, batch_size=batch_size, device=device)
-    raise ValueError(f"unknown scoring backend {backend!r}; use hf or vllm")
-
-
 def check_inputs(input_ids: list[list[int]], prompt_lens: list[int], k: int, vocab: int) -> None:
     """Bad lengths would silently shift every score by a position; refuse them before any work."""
     if not 0 <= k <= vocab:
@@ -72,15 +53,11 @@ def check_inputs(input_ids: list[list[int]], prompt_lens: list[int], k: int, voc
 
 
 class HFScorer:
-    """Batched left-padded prefill with transformers; log_softmax in fp32 on the response positions only."""
+    """Batched left-padded prefill of a loaded transformers model; log_softmax in fp32 on the response positions only."""
 
-    def __init__(self, model_path: Path | str, *, batch_size: int, device: str | None = None) -> None:
-        from pipeline.models import default_device, load_model, load_tokenizer
-
-        self.device = device or default_device()
-        self.batch_size = batch_size
-        self.pad_id = load_tokenizer(model_path).pad_token_id
-        self.model = load_model(model_path, self.device, model_dtype(self.device))
+    def __init__(self, model, pad_id: int, batch_size: int) -> None:
+        self.model, self.pad_id, self.batch_size = model, pad_id, batch_size
+        self.device = model.device
 
     def score(self, input_ids: list[list[int]], prompt_lens: list[int], k: int,
               extras: Optional[Extras] = None) -> list[Scored]:

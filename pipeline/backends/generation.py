@@ -1,4 +1,4 @@
-"""Sampling responses with their behaviour-policy log-probs: the `hf` and `vllm` generation backends.
+"""Sampling responses with their behaviour-policy log-probs: the records both backends return, and `hf` decoding.
 
 Offline OPD needs, for every sampled token, the exact log-prob the sampling policy gave it
 (log_softmax(logits / T) of that token), so the `hf` backend runs its own KV-cached decoding loop
@@ -6,19 +6,17 @@ instead of `model.generate`: `generate` would apply the model's `generation_conf
 repetition penalty, ...) and the recorded log-probs would no longer describe the distribution the
 tokens came from. Temperature 0 means greedy decoding, with log-probs reported at T = 1.
 
-Randomness comes from one `torch.Generator` per batch, seeded from (seed, batch index), so a
-result does not depend on what the process ran before.
+Randomness is per sequence: sample j of a call is drawn by inverse-CDF sampling from uniforms of its
+own `torch.Generator`, seeded from (seed, j), so a result depends neither on the batch size nor on
+what the process ran before (vLLM gets the same per-request seeds).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
-
-BACKENDS = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
@@ -27,56 +25,20 @@ class Sample:
     logprobs: list[float]     # behaviour-policy log-prob of each response id, at the sampling temperature
 
 
-class Generator(Protocol):
-    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_new_tokens: int,
-                 seed: int) -> list[list[Sample]]:
-        """`n` samples per prompt, as [prompt][sample]."""
-        ...
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample: `n` responses per prompt at `temperature` (0 = greedy, log-probs then at T = 1)."""
 
+    n: int
+    temperature: float
+    max_new_tokens: int
+    seed: int
 
-def get_generator(backend: str, model_path: Path | str, *, batch_size: int,
-                  device: str | None = None) -> Generator:
-    """The generation backend named in the params (`hf` or `vllm`), loaded on `device` (default: cuda if any)."""
-    if backend == "hf":
-        return HFGenerator(model_path, batch_size=batch_size, device=device)
-    if backend == "vllm":
-        from pipeline.vllm_backend import VLLMGenerator
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_new_tokens < 1 or self.temperature < 0:
+            raise ValueError(f"need n >= 1, max_new_tokens >= 1, temperature >= 0; got n={self.n}, "
+                             f"max_new_tokens={self.max_new_tokens}, temperature={self.temperature}")
 
-        return VLLMGenerator(model_path, batch_size=batch_size, device=device)
-    raise ValueError(f"unknown generation backend {backend!r}; use one of {', '.join(BACKENDS)}")
-
-
-def backend_version(backend: str) -> str:
-    """Library versions recorded in shard footers: numbers can change across versions of either."""
-    if backend == "vllm":
-        from pipeline.vllm_backend import vllm_version
-
-        return vllm_version()
-    import torch
-    import transformers
-
-    return f"transformers {transformers.__version__}, torch {torch.__version__}"
-
-
-def greedy_decode(backend: str, model_dir: Path | str, prompts: Sequence[str], *, batch_size: int,
-                  max_new_tokens: int) -> tuple[list[list[int]], list[list[int]], list[str]]:
-    """Prompt ids, greedy response ids and decoded response texts of one model, which is freed on return.
-
-    Greedy decoding draws no random numbers, so the result is deterministic (the seed is irrelevant).
-    """
-    import gc
-
-    from pipeline.models import load_tokenizer
-    from pipeline.prompts import encode_prompt
-
-    tokenizer = load_tokenizer(model_dir)
-    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
-    generator = get_generator(backend, model_dir, batch_size=batch_size)
-    samples = generator.generate(prompt_ids, n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
-    del generator
-    gc.collect()
-    responses = [s[0].response_ids for s in samples]
-    return prompt_ids, responses, tokenizer.batch_decode(responses, skip_special_tokens=True)
 
 
 def batch_seed(seed: int, index: int) -> int:
@@ -119,47 +81,48 @@ def stop_token_ids(tokenizer, generation_config) -> list[int]:
     return sorted(ids)
 
 
-def model_dtype(device: str) -> str:
-    """fp32 on CPU (exact, and CPUs gain little from bf16); bf16 on GPU, as vLLM would run it."""
-    return "float32" if device == "cpu" else "bfloat16"
+def job_seeds(seed: int, n_jobs: int) -> list[int]:
+    """The seed of each sequence of one call: job j (prompt j // n, sample j % n) gets (seed, j)."""
+    return [batch_seed(seed, j) for j in range(n_jobs)]
+
+
+def check_prompts(prompt_ids: Sequence[Sequence[int]]) -> None:
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("an empty prompt cannot be continued: every prompt needs at least one token")
 
 
 class HFGenerator:
-    """Batched, left-padded, KV-cached sampling with transformers on CPU or GPU."""
+    """Batched, left-padded, KV-cached sampling with a loaded transformers model on CPU or GPU."""
 
-    def __init__(self, model_path: Path | str, *, batch_size: int, device: str | None = None) -> None:
-        from pipeline.models import default_device, load_model, load_tokenizer
+    def __init__(self, model, tokenizer, batch_size: int) -> None:
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.device = model.device
+        self.stop_ids = stop_token_ids(tokenizer, model.generation_config)
 
-        self.device = device or default_device()
-        self.batch_size = batch_size
-        self.tokenizer = load_tokenizer(model_path)
-        self.model = load_model(model_path, self.device, model_dtype(self.device))
-        self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
-
-    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_new_tokens: int,
-                 seed: int) -> list[list[Sample]]:
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> list[list[Sample]]:
         from tqdm import tqdm
 
-        if n < 1 or max_new_tokens < 1 or temperature < 0:
-            raise ValueError(f"need n >= 1, max_new_tokens >= 1, temperature >= 0; got n={n}, "
-                             f"max_new_tokens={max_new_tokens}, temperature={temperature}")
-        if any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("an empty prompt cannot be continued: every prompt needs at least one token")
+        check_prompts(prompt_ids)
+        n = sampling.n
         jobs = [p for p in prompt_ids for _ in range(n)]           # job j is prompt j // n, sample j % n
+        seeds = job_seeds(sampling.seed, len(jobs))
         out: list[Sample | None] = [None] * len(jobs)
         batches = length_batches([len(p) for p in jobs], self.batch_size)
-        for b, idx in enumerate(tqdm(batches, desc="generate", unit="batch", leave=False)):
-            for j, sample in zip(idx, self._generate_batch([jobs[j] for j in idx], temperature,
-                                                           max_new_tokens, batch_seed(seed, b))):
+        for idx in tqdm(batches, desc="generate", unit="batch", leave=False):
+            for j, sample in zip(idx, self._generate_batch([jobs[j] for j in idx], sampling.temperature,
+                                                           sampling.max_new_tokens, [seeds[j] for j in idx])):
                 out[j] = sample
         return [out[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 
     def _generate_batch(self, prompts: list[list[int]], temperature: float, max_new_tokens: int,
-                        seed: int) -> list[Sample]:
+                        seeds: list[int]) -> list[Sample]:
         import torch
 
         ids, mask, positions = left_pad(prompts, self.tokenizer.pad_token_id, self.device)
-        rng = torch.Generator(device=self.device).manual_seed(seed)
+        # One uniform per (row, step) from the row's own generator: the draw of a row does not
+        # depend on which rows share its batch.
+        uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s),
+                                           dtype=torch.float64) for s in seeds]).to(self.device)
         stop = torch.as_tensor(self.stop_ids, device=self.device)
         rows = len(prompts)
         tokens = torch.empty((rows, max_new_tokens), dtype=torch.long, device=self.device)
@@ -176,7 +139,11 @@ class HFGenerator:
                 logits = res.logits[:, -1].float()
                 if temperature > 0:
                     logp = torch.log_softmax(logits / temperature, dim=-1)
-                    tok = torch.multinomial(logp.exp(), 1, generator=rng).squeeze(1)
+                    # Inverse CDF: the first token whose cumulative probability exceeds u (a token of
+                    # probability 0 owns an empty interval, so it is never drawn).
+                    cdf = logp.double().exp().cumsum(-1)
+                    u = uniforms[:, t:t + 1] * cdf[:, -1:]
+                    tok = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[-1] - 1)
                 else:
                     logp = torch.log_softmax(logits, dim=-1)
                     tok = logp.argmax(-1)
