@@ -5,7 +5,7 @@ Everything but the source of the targets is `distill`'s: the same TrainModule, o
 precomputed shards, every micro-batch is made fresh: the *current* student samples
 `rollouts.n_samples` responses for `distill.batch_size // rollouts.n_samples` prompts (the rollouts
 section's temperature and max_new_tokens, HF generation on the training weights), and the teacher,
-loaded here, scores them with teacher_topk's k. The rows go through the same table builders and the
+loaded here with teacher_topk's engine settings, scores them with its k. The rows go through the same table builders and the
 same `collate` as the shards, so the loss sees exactly the batch format `distill` sees, and each step
 has the same number of sequences. Only plain top-k teacher targets are supported (no sampled
 selection, privileged context or union with the student's top ids).
@@ -46,13 +46,13 @@ class OnlineBatches(ResumableDataModule):
     `prompts`: (prompt ids, prompt token ids); cycled in a seeded random order, epoch after epoch.
     """
 
-    def __init__(self, module: Any, prompts: tuple[list[str], list[list[int]]], generator: Any, scorer: Any,
+    def __init__(self, module: Any, prompts: tuple[list[str], list[list[int]]], tokenizer: Any, scorer: Any,
                  fmt: Any, cfg: DistillConfig, rollouts: RolloutsConfig, k: int) -> None:
         super().__init__()
         if cfg.batch_size < rollouts.n_samples:
             raise UserError(f"distill.batch_size: {cfg.batch_size} is below rollouts.n_samples "
                             f"({rollouts.n_samples}); online OPD samples n_samples responses per prompt")
-        self.module, self.prompts, self.generator, self.scorer = module, prompts, generator, scorer
+        self.module, self.prompts, self.tokenizer, self.scorer = module, prompts, tokenizer, scorer
         self.fmt, self.cfg, self.rollouts, self.k = fmt, cfg, rollouts, k
         self.per_batch = cfg.batch_size // rollouts.n_samples
         self.seconds = {"generate_s": 0.0, "score_s": 0.0}
@@ -71,7 +71,7 @@ class OnlineBatches(ResumableDataModule):
             yield from order
 
     def _batches(self) -> Iterator[dict[str, Any]]:
-        from pipeline.generation import batch_seed
+        from pipeline.backends.generation import HFGenerator, Sampling, batch_seed
         from pipeline.rollouts import rollout_table
         from pipeline.teacher_topk import scored_table
         from pipeline.train.shard_data import collate
@@ -84,13 +84,13 @@ class OnlineBatches(ResumableDataModule):
             if b < self.start_batches:
                 continue
             model = self.module.model
-            self.generator.model, self.generator.device = model, str(self.module.device)
             t0 = time.perf_counter()
             was_training = model.training
             model.eval()
-            samples = self.generator.generate([tokens[i] for i in pick], self.rollouts.n_samples,
-                                              self.rollouts.temperature, self.rollouts.max_new_tokens,
-                                              seed=batch_seed(self.rollouts.seed + self.cfg.seed, b))
+            generator = HFGenerator(model, self.tokenizer, self.rollouts.batch_size)   # the weights of now
+            samples = generator.generate([tokens[i] for i in pick], Sampling(
+                self.rollouts.n_samples, self.rollouts.temperature, self.rollouts.max_new_tokens,
+                batch_seed(self.rollouts.seed + self.cfg.seed, b)))
             model.train(was_training)
             table = rollout_table([ids[i] for i in pick], [tokens[i] for i in pick], samples)
             t1 = time.perf_counter()
@@ -109,12 +109,11 @@ def check_online(topk: TeacherTopkConfig, where: str) -> None:
 
 
 def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
+    from pipeline.backends.engine import load_engine
     from pipeline.distill import check_kernel_backend
-    from pipeline.generation import HFGenerator
     from pipeline.losses import loss_from_config
     from pipeline.models import load_config, load_tokenizer
     from pipeline.prompts import encode_prompt, read_prompts
-    from pipeline.scoring import HFScorer
     from pipeline.teacher_topk import check_config, teacher_format
     from pipeline.train.module import TrainModule
     from pipeline.train.trainer import fit, load_for_training, save_model
@@ -131,11 +130,13 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
                [encode_prompt(tokenizer, t) for t in table.column("prompt").to_pylist()])
     model, dtype = load_for_training(args.init, cfg.precision)
     module = TrainModule(model, cfg, objective)
-    generator = HFGenerator(args.init, batch_size=rollouts.batch_size)   # its weights are swapped per batch
-    scorer = HFScorer(args.teacher, batch_size=topk.batch_size)
-    data = OnlineBatches(module, prompts, generator, scorer, fmt, cfg, rollouts, topk.k)
+    scorer = load_engine(args.teacher, topk, "teacher_topk", max_logprobs=topk.k)   # hf or vllm, as configured
+    data = OnlineBatches(module, prompts, tokenizer, scorer, fmt, cfg, rollouts, topk.k)
     start = time.perf_counter()
-    result = fit(module, data, cfg, args.logs, f"online-{time.time_ns()}", f"{args.params}: distill")
+    try:
+        result = fit(module, data, cfg, args.logs, f"online-{time.time_ns()}", f"{args.params}: distill")
+    finally:
+        scorer.close()
     wall = time.perf_counter() - start
     save_model(result, args.out, dtype, lambda folder: tokenizer.save_pretrained(folder))
     return {"final_loss": result.final_loss, "steps": result.trainer.global_step, "online_wall_s": round(wall, 2),
