@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForCausalLM
 
 from pipeline import online_distill
 from tests.tiny_models import params_file, pi_ref, save_model
@@ -53,6 +54,15 @@ def test_online_opd_samples_and_scores_every_step_and_trains(tmp_path, monkeypat
         resp = batch["response_mask"]
         assert (batch["topk_ids"][resp] >= 0).all() and (batch["topk_ids"][~resp] == -1).all()
         assert (batch["teacher_logprob"][resp] <= 0).all() and (batch["student_logprob"][resp] <= 0).all()
+    # the targets are the teacher's own: top-1 at token t is the teacher's argmax after tokens < t
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher").eval()
+    batch = seen[0][0]
+    with torch.no_grad():
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    resp = batch["response_mask"][:, 1:]
+    assert torch.equal(batch["topk_ids"][:, 1:][resp][:, 0], logits[:, :-1].argmax(-1)[resp])
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(2, batch["input_ids"][:, 1:, None])[..., 0]
+    torch.testing.assert_close(batch["teacher_logprob"][:, 1:][resp], logp[resp], rtol=1e-4, atol=1e-4)
     # each batch was sampled by the weights of that moment: they changed between the samplings
     first, last = seen[0][1], seen[-1][1]
     assert any(not torch.equal(first[n], last[n]) for n in first)
