@@ -34,6 +34,11 @@ SFT, TEACHER, PROMPTS, EVAL = ("data/models/student_sft", "data/models/teacher",
                                "data/prompts/eval.parquet")
 
 
+def loss_of(name: str) -> dict[str, Any]:
+    """distill keys of a loss row name: a loss mode, or pg_baseline (pg with loss_params.baseline 1)."""
+    return {"loss": "pg", "loss_params": {"baseline": 1.0}} if name == "pg_baseline" else {"loss": name, "loss_params": {}}
+
+
 def params_for(base: dict, work: Path, seed: int, **distill: Any) -> Path:
     """A params file for one run: the project's, with the seed and `distill` overrides."""
     data = json.loads(json.dumps(base))
@@ -82,7 +87,7 @@ def run_row(row: str, seed: int, base: dict, work: Path, teacher2: str | None) -
 
     work.mkdir(parents=True, exist_ok=True)
     if row.startswith("online_"):
-        params = params_for(base, work, seed, loss=row.removeprefix("online_"), loss_params={})
+        params = params_for(base, work, seed, **loss_of(row.removeprefix("online_")))
         out = work / "student"
         wall = timed(online_distill.main, ["--params", str(params), "--metrics-dir", str(work / "metrics"),
                                            "--init", SFT, "--teacher", TEACHER, "--prompts", PROMPTS,
@@ -98,8 +103,7 @@ def run_row(row: str, seed: int, base: dict, work: Path, teacher2: str | None) -
         out, wall = offline_round(work, params_for(base, work, seed, allow_inconsistent_teacher=True), SFT,
                                   teacher2, "r1")
     else:
-        loss, lp = ("pg", {"baseline": 1.0}) if row == "pg_baseline" else (row, {})
-        out, wall = offline_round(work, params_for(base, work, seed, loss=loss, loss_params=lp), SFT, TEACHER, "r1")
+        out, wall = offline_round(work, params_for(base, work, seed, **loss_of(row)), SFT, TEACHER, "r1")
     acc, ref = accuracy(work, Path(out))
     return {"accuracy": acc, "pi_ref": ref, "wall_s": round(wall, 1)}
 
