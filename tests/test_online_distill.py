@@ -63,6 +63,16 @@ def test_online_opd_samples_and_scores_every_step_and_trains(tmp_path, monkeypat
     assert torch.equal(batch["topk_ids"][:, 1:][resp][:, 0], logits[:, :-1].argmax(-1)[resp])
     logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(2, batch["input_ids"][:, 1:, None])[..., 0]
     torch.testing.assert_close(batch["teacher_logprob"][:, 1:][resp], logp[resp], rtol=1e-4, atol=1e-4)
+    # the behaviour log-probs are those of the weights that sampled the batch (T = 1 here)
+    for batch, state in (seen[0], seen[-1]):
+        student = AutoModelForCausalLM.from_pretrained(tmp_path / "pi_ref").eval()
+        student.load_state_dict(state, strict=False)
+        with torch.no_grad():
+            slog = torch.log_softmax(student(input_ids=batch["input_ids"],
+                                             attention_mask=batch["attention_mask"]).logits[:, :-1].float(), -1)
+        slog = slog.gather(2, batch["input_ids"][:, 1:, None])[..., 0]
+        resp = batch["response_mask"][:, 1:]
+        torch.testing.assert_close(batch["student_logprob"][:, 1:][resp], slog[resp], rtol=1e-4, atol=1e-4)
     # each batch was sampled by the weights of that moment: they changed between the samplings
     first, last = seen[0][1], seen[-1][1]
     assert any(not torch.equal(first[n], last[n]) for n in first)
