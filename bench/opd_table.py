@@ -8,7 +8,8 @@ data/prompts, data/teacher_topk), e.g. the embedded default after `dvc repro tea
 Rows (any subset, comma-separated):
   fkl | jsd | rkl | pg | pg_baseline   offline OPD with that loss (pg_baseline: pg with loss_params.baseline 1)
   online_<loss>                        online OPD (pipeline/online_distill.py), same loss, steps and batch
-  r<R>                                 R rounds of rollouts -> teacher_topk -> distill (the default loss)
+  r<R>                                 R rounds of rollouts -> teacher_topk -> distill (the default loss),
+                                       distill.max_steps / R steps each: the same total steps as R = 1
   inconsistent                         shards scored by --teacher2 (another seed, same accuracy) for the
                                        π_ref fine-tuned on --teacher's answers, with the override set
 Each seed reruns rollouts (rollouts.seed) and trains with distill.seed = seed; π_ref and the teacher are
@@ -93,8 +94,10 @@ def run_row(row: str, seed: int, base: dict, work: Path, teacher2: str | None) -
                                            "--init", SFT, "--teacher", TEACHER, "--prompts", PROMPTS,
                                            "--out", str(out), "--logs", str(work / "logs")])
     elif row.startswith("r") and row[1:].isdigit():
-        params, out, wall = params_for(base, work, seed), SFT, 0.0
-        for r in range(1, int(row[1:]) + 1):
+        rounds = int(row[1:])   # the same total optimizer steps as one round: distill.max_steps / R each
+        steps = max(1, base["distill"]["max_steps"] // rounds)
+        params, out, wall = params_for(base, work, seed, max_steps=steps), SFT, 0.0
+        for r in range(1, rounds + 1):
             out, w = offline_round(work, params, str(out), TEACHER, f"r{r}")
             wall += w
     elif row == "inconsistent":
