@@ -154,13 +154,14 @@ def test_pg_baseline_refuses_sampled_targets():
         run(DistillLoss(loss_spec("pg", {"baseline": 1.0}, "p")), logits, t)
 
 
-@pytest.mark.parametrize("mode", ["fkl", "jsd", "pg"])
-def test_fused_path_matches_logits_path(mode):
+@pytest.mark.parametrize("mode,params", [("fkl", {}), ("jsd", {}), ("pg", {}), ("pg", {"baseline": 1.0})])
+def test_fused_path_matches_logits_path(mode, params):
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
     weight = torch.randn(V, H, generator=g, dtype=torch.float64)
     _, _, t = make(seed=2, k=4)
-    objective = DistillLoss(loss_spec(mode, {}, "p"), ce_weight=0.3, tip_fraction=0.6, chunk_size=3)
+    objective = DistillLoss(loss_spec(mode, params, "p"), ce_weight=0.3, tip_fraction=0.6, chunk_size=3,
+                            behavior_temperature=0.8)
     h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     a = objective(t, 0.0, logits=h1 @ w1.t())
     a.loss.backward()
