@@ -208,7 +208,7 @@ class DistillConfig(TrainConfig):
     loss_params: dict
     kernel_backend: Literal["auto", "triton", "torch"]
     ce_weight: NonNeg
-    tip_fraction: Fraction
+    tip_fraction: Annotated[float, Range(gt=0, le=1)]   # 1.0 keeps every token
     allow_inconsistent_teacher: bool
     # Data reader: DataLoader worker processes per rank, and how many row groups are mixed in one
     # shuffle window (the bounded shuffle buffer). Resuming needs the same values.

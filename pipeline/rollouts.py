@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from pipeline import shards
 from pipeline.config import RolloutsConfig
-from pipeline.errors import UserError
 from pipeline.backends.engine import load_engine
 from pipeline.backends.generation import Sample, Sampling, batch_seed
 from pipeline.prompt_parts import plan_parts
@@ -50,9 +49,6 @@ def rollout_table(prompt_ids: list[str], prompt_tokens: list[list[int]], samples
 
 
 def run(args: argparse.Namespace, cfg: RolloutsConfig) -> dict:
-    if cfg.n_samples < 1 or cfg.rows_per_shard < 1:
-        raise UserError(f"{args.params}: rollouts.n_samples and rollouts.rows_per_shard must be >= 1 "
-                        f"(got {cfg.n_samples}, {cfg.rows_per_shard})")
     plan = plan_parts(KIND, "policy", args.policy, args.prompts, args.out, cfg,
                       per_part=max(1, cfg.rows_per_shard // cfg.n_samples), shard=args.shard, size_key="n_opd")
     stats = {"parts_total": plan.meta["num_parts"], "parts_skipped": plan.skipped,

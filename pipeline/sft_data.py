@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from pipeline import shards
 from pipeline.config import SftDataConfig
-from pipeline.errors import UserError
 from pipeline.backends.engine import load_engine
 from pipeline.backends.generation import Sample, Sampling, batch_seed
 from pipeline.prompt_parts import plan_parts
@@ -46,8 +45,6 @@ def sft_table(prompt_ids: list[str], prompts: list[str], prompt_tokens: list[lis
 
 
 def run(args: argparse.Namespace, cfg: SftDataConfig) -> dict:
-    if cfg.rows_per_shard < 1:
-        raise UserError(f"{args.params}: sft_data.rows_per_shard must be >= 1 (got {cfg.rows_per_shard})")
     plan = plan_parts(KIND, "teacher", args.teacher, args.prompts, args.out, cfg,
                       per_part=cfg.rows_per_shard, shard=args.shard, size_key="n_sft")
     stats = {"parts_total": plan.meta["num_parts"], "parts_written": 0, "rows": 0, "response_tokens": 0,
