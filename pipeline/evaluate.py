@@ -7,6 +7,9 @@ its mean per-token divergence to the teacher on the student's own greedy respons
 KL(teacher ‖ student) (`fkl`) and KL(student ‖ teacher) (`rkl`), from HF forwards of both models over
 the same sequences, `evaluate.divergence_batch_size` at a time and in fp32 blocks of positions
 (pipeline/backends/divergence.py). Greedy decoding and fixed inputs make the numbers deterministic.
+Each model is loaded once (design §10): the teacher's module is kept for the divergences while one
+student at a time is loaded, generates and is scored, so at most two models are held at once. With
+`backend: hf` the divergences reuse the engine's own module (`Engine.logits_model`).
 
 Writes --metrics (metrics/eval.json): {"teacher": {"accuracy"}, "student_sft": {"accuracy",
 "teacher_agreement", "fkl", "rkl"}, "student_opd": {...}, "opd_gain": accuracy(student_opd) −
@@ -18,16 +21,23 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline.atomic import write_json, write_text
 from pipeline.backends.divergence import divergences
-from pipeline.backends.engine import greedy_responses, load_engine, resolve_dtype
+from pipeline.backends.engine import Engine, greedy_responses, load_engine
 from pipeline.config import EvaluateConfig
 from pipeline.errors import UserError
-from pipeline.models import default_device, load_model, load_tokenizer, resolve_model_dir
+from pipeline.models import resolve_model_dir
 from pipeline.prompts import encode_prompt, read_prompts
 from pipeline.stage import stage_main
 from pipeline.tasks.verifiers import accuracy, exact, load_verifier
+
+
+class Answers(NamedTuple):
+    prompt_ids: list[list[int]]
+    responses: list[list[int]]   # greedy response ids
+    texts: list[str]             # decoded responses, what the verifier reads
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -41,14 +51,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="optional folder for accuracy.csv (columns model, accuracy)")
 
 
-def greedy_answers(path: Path, cfg: EvaluateConfig, prompts: list[str]) -> tuple[list[list[int]], list[list[int]], str]:
-    """Prompt ids, greedy response ids and the decoded responses of one model (its engine is freed on return)."""
-    engine = load_engine(path, cfg, "evaluate")
+def greedy_answers(engine: Engine, prompts: list[str], max_new_tokens: int) -> Answers:
+    """Prompt ids, greedy response ids and the decoded responses of one engine's model."""
     prompt_ids = [encode_prompt(engine.tokenizer, p) for p in prompts]
-    responses = greedy_responses(engine, prompt_ids, cfg.max_new_tokens)
-    texts = engine.tokenizer.batch_decode(responses, skip_special_tokens=True)
-    engine.close()
-    return prompt_ids, responses, texts
+    responses = greedy_responses(engine, prompt_ids, max_new_tokens)
+    return Answers(prompt_ids, responses, engine.tokenizer.batch_decode(responses, skip_special_tokens=True))
 
 
 def run(args: argparse.Namespace, cfg: EvaluateConfig) -> dict:
@@ -67,23 +74,23 @@ def run(args: argparse.Namespace, cfg: EvaluateConfig) -> dict:
         raise UserError(f"{args.prompts}: {len(missing)} eval prompts have no reference answer (e.g. "
                         f"prompt_id {missing[0]}); the verifier needs one for every eval prompt")
 
-    results: dict = {}
-    generated = {}
-    for name, path in models.items():
-        prompt_ids, responses, texts = greedy_answers(path, cfg, prompts)
-        results[name] = {"accuracy": accuracy(verify, texts, answers)}
-        generated[name] = (prompt_ids, responses, texts)
-    device = default_device()
-    dtype = resolve_dtype(cfg.dtype, device)
-    teacher = load_model(args.teacher, device, dtype)
-    pad_id = load_tokenizer(args.teacher).pad_token_id
+    teacher = load_engine(args.teacher, cfg, "evaluate")
+    teacher_answers = greedy_answers(teacher, prompts, cfg.max_new_tokens)
+    pad_id = teacher.tokenizer.pad_token_id
+    teacher_lm = teacher.logits_model()
+    teacher.close()
+    results: dict = {"teacher": {"accuracy": accuracy(verify, teacher_answers.texts, answers)}}
     for name in ("student_sft", "student_opd"):
-        prompt_ids, responses, texts = generated[name]
-        # Agreement needs no verifier: the final answer (last segment) equals the teacher's greedy one.
-        results[name]["teacher_agreement"] = accuracy(exact, texts, generated["teacher"][2])
-        student = load_model(models[name], device, dtype)
-        results[name].update(divergences(teacher, student, prompt_ids, responses, cfg.divergence_batch_size, pad_id))
-        del student
+        student = load_engine(models[name], cfg, "evaluate")
+        mine = greedy_answers(student, prompts, cfg.max_new_tokens)
+        results[name] = {"accuracy": accuracy(verify, mine.texts, answers),
+                         # Agreement needs no verifier: the final answer (last segment) equals the teacher's.
+                         "teacher_agreement": accuracy(exact, mine.texts, teacher_answers.texts)}
+        student_lm = student.logits_model()
+        student.close()
+        results[name].update(divergences(teacher_lm, student_lm, mine.prompt_ids, mine.responses,
+                                         cfg.divergence_batch_size, pad_id))
+        del student_lm
     results["opd_gain"] = results["student_opd"]["accuracy"] - results["student_sft"]["accuracy"]
     results["n_eval"] = len(prompts)
     write_json(args.metrics, results)

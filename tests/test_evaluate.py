@@ -3,7 +3,9 @@ per-token reference, and clear errors for missing models or answers."""
 
 from __future__ import annotations
 
+import copy
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,6 +15,8 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from pipeline import evaluate
+from pipeline import models as models_module
+from pipeline.backends.hf import HFEngine
 from pipeline.backends import divergence
 from pipeline.prompts import validate_prompts
 from pipeline.tasks.addition import make_problems
@@ -72,6 +76,25 @@ def test_a_student_identical_to_the_teacher_has_zero_divergence(setup):
     assert res["student_opd"]["fkl"] == pytest.approx(0, abs=1e-6) and res["student_opd"]["rkl"] == pytest.approx(0, abs=1e-6)
     assert res["student_opd"]["accuracy"] == res["teacher"]["accuracy"]
     assert res["student_opd"]["teacher_agreement"] == 1.0
+
+
+def test_each_model_is_loaded_once_and_reuse_changes_no_number(setup, monkeypatch):
+    """backend hf: the engine's own module serves the divergences (3 loads, not 5), and the metrics equal
+    those computed with a separate copy of each module (generation leaves no state behind in it)."""
+    root, models = setup
+    loads = []
+    original = models_module.load_model
+
+    def counting(path, *a, **kw):
+        loads.append(Path(path).name)
+        return original(path, *a, **kw)
+
+    monkeypatch.setattr(models_module, "load_model", counting)
+    run_eval(root, models)
+    assert sorted(loads) == sorted(models)
+    monkeypatch.setattr(HFEngine, "logits_model", lambda self: copy.deepcopy(self.model))
+    run_eval(root, models, out="fresh.json")
+    assert json.loads((root / "fresh.json").read_text()) == json.loads((root / "eval.json").read_text())
 
 
 @pytest.mark.parametrize("chunk", [1 << 26, 1])

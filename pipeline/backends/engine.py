@@ -39,6 +39,12 @@ class Engine(Protocol):
         log-probs (T = 1) of each sequence's response positions."""
         ...
 
+    def logits_model(self):
+        """A transformers module over this engine's weights, for full-vocabulary computations that
+        `generate`/`score` do not serve (evaluate's divergences). The caller owns it: it stays valid
+        after `close`. `hf` returns the model it already holds (no second load)."""
+        ...
+
     def close(self) -> None:
         """Free the model now: a stage that runs several models one after another (evaluate) must not
         hold two at once, and vLLM's worker processes outlive a plain `del`."""

@@ -32,6 +32,9 @@ class HFEngine:
         check_fits([len(s) for s in input_ids], self.max_model_len, self.section)
         return self._scorer.score(input_ids, prompt_lens, k, extras)
 
+    def logits_model(self):
+        return self.model
+
     def close(self) -> None:
         import gc
 

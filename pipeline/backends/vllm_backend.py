@@ -64,6 +64,7 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
         else:
             memory["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        self.folder, self.device, self.dtype = folder, device, dtype
         self.max_logprobs = max(max_logprobs, 1)
         self.max_model_len, self.section = max_model_len, section
         # generation_config="vllm": the model's generation_config.json must not change the sampling
@@ -117,6 +118,12 @@ class VLLMEngine:
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in input_ids], params,
                                     use_tqdm=False)
         return [_scored(ids, p, out.prompt_logprobs, k) for ids, p, out in zip(input_ids, prompt_lens, outputs)]
+
+    def logits_model(self):
+        """vLLM does not expose its weights as a module: load them once more, with transformers."""
+        from pipeline.models import load_model
+
+        return load_model(self.folder, self.device, self.dtype)
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
