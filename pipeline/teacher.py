@@ -121,13 +121,15 @@ def adopt_existing(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     with atomic_dir(args.out) as tmp:
         write_model_ref(tmp, target, {"source": cfg.source})
         write_provenance(tmp, "teacher", source=str(target), config=asdict(cfg))
-    write_empty_curve(args.plots)
+    write_untrained_outputs(args)
     return {"params": parameter_count(target)}
 
 
-def write_empty_curve(plots: Path) -> None:
-    """The declared loss.csv of a teacher that was not trained here: a header, no rows."""
-    write_text(plots / "loss.csv", "step,loss\n")
+def write_untrained_outputs(args: argparse.Namespace) -> None:
+    """The outputs dvc.yaml declares for a teacher that was not trained here: loss.csv with a header and
+    no rows, and an empty logs folder (DVC fails a stage whose declared output is missing)."""
+    write_text(args.plots / "loss.csv", "step,loss\n")
+    args.logs.mkdir(parents=True, exist_ok=True)
 
 
 def convert_gguf_teacher(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
@@ -137,7 +139,7 @@ def convert_gguf_teacher(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
         convert_gguf(path, tmp)
         write_provenance(tmp, "teacher", source=str(path), config=asdict(cfg))
         params = parameter_count(tmp)
-    write_empty_curve(args.plots)
+    write_untrained_outputs(args)
     return {"params": params}
 
 

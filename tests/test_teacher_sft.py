@@ -147,9 +147,11 @@ def test_teacher_from_a_local_model_is_referenced_not_copied(tmp_path):
     base = tiny_models.save_model(tmp_path / "real")
     argv = write_params(tmp_path, teacher={"source": str(base)})
     teacher.main(argv + ["--prompts", str(tmp_path / "unused.parquet"), "--out", str(tmp_path / "teacher"),
-                         "--plots", str(tmp_path / "plots")])
+                         "--plots", str(tmp_path / "plots"), "--logs", str(tmp_path / "logs")])
     assert json.loads((tmp_path / "teacher" / REF_FILE).read_text())["path"] == str(base.resolve())
-    assert (tmp_path / "plots" / "loss.csv").read_text() == "step,loss\n"   # declared in dvc.yaml: no rows
+    # Both declared in dvc.yaml: the curve has no rows, the logs folder is empty.
+    assert (tmp_path / "plots" / "loss.csv").read_text() == "step,loss\n"
+    assert (tmp_path / "logs").is_dir() and not list((tmp_path / "logs").iterdir())
     assert not list((tmp_path / "teacher").glob("*.safetensors"))
     record = read_provenance(tmp_path / "teacher")
     assert record["model_fingerprint"] == model_fingerprint(base) and record["source"] == str(base)
