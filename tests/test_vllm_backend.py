@@ -130,3 +130,17 @@ def test_k_above_the_engines_max_logprobs_is_refused(engines):
     v, _ = engines
     with pytest.raises(ValueError, match=f"max_logprobs={K}"):
         v.score([[1, 2, 3]], [1], k=K + 1)
+
+
+def test_logits_model_is_the_same_weights_as_the_engine(engines):
+    """evaluate's divergences run on `logits_model()`: for vLLM a transformers copy of the same folder,
+    whose log-softmax must give the engine's own top-1 and log-probs at every response position."""
+    v, _ = engines
+    lm = v.logits_model()
+    seqs, plens = random_sequences(lm.config.vocab_size)
+    for seq, plen, scored in zip(seqs, plens, v.score(seqs, plens, K)):
+        with torch.inference_mode():
+            logp = torch.log_softmax(lm(input_ids=torch.tensor([seq])).logits[0].float(), -1)[plen - 1:-1]
+        top = logp.topk(K, -1)
+        assert np.array_equal(top.indices[:, 0].numpy(), scored.topk_ids[:, 0])
+        assert np.abs(top.values.numpy() - scored.topk_logprobs).max() < 1e-4
