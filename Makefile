@@ -16,7 +16,7 @@ BIN := $(VENV)/bin
 COMMA := ,
 STAMP := $(VENV)/.installed-$(subst $(COMMA),-,$(EXTRAS))
 
-.PHONY: install run test test-all clean-venv
+.PHONY: install run paper-table test test-all clean-venv
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ run: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@echo "accuracy (teacher, pi_ref = student_sft, distilled = student_opd); all metrics: dvc metrics show"
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show metrics/eval.json
+
+# The paper's table (README "The paper's claim"): every row x 3 seeds on the embedded default, resumable.
+paper-table: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro sft_data
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/opd_table.py
 
 test:
 	$(MAKE) install EXTRAS=$(TEST_EXTRAS)

@@ -1,50 +1,82 @@
-"""The issue-9 table: SFT (π_ref) vs offline OPD per loss, online OPD, R rounds, an inconsistent teacher.
+"""The paper's table (issue 9): π_ref vs offline OPD per loss, online OPD, R rounds, an inconsistent teacher.
 
-Run inside a project whose default DAG has run up to teacher_topk (data/models/{teacher,student_sft},
-data/prompts, data/teacher_topk), e.g. the embedded default after `dvc repro teacher_topk`:
+One command, run in a project whose default DAG has run up to `sft_data` (the teacher and its SFT data are
+shared by every row; everything after them is redone per seed):
 
-    python bench/opd_table.py --rows fkl,online_fkl,r2 --seeds 0,1,2 --out bench/results/opd_table
+    dvc repro sft_data && python bench/opd_table.py          # or: make paper-table
 
-Rows (any subset, comma-separated):
-  fkl | jsd | rkl | pg | pg_baseline   offline OPD with that loss (pg_baseline: pg with loss_params.baseline 1)
-  online_<loss>                        online OPD (pipeline/online_distill.py), same loss, steps and batch
-  r<R>                                 R rounds of rollouts -> teacher_topk -> distill (the default loss),
-                                       distill.max_steps / R steps each: the same total steps as R = 1
-  inconsistent                         shards scored by --teacher2 (another seed, same accuracy) for the
-                                       π_ref fine-tuned on --teacher's answers, with the override set
-Each seed reruns rollouts (rollouts.seed) and trains with distill.seed = seed; π_ref and the teacher are
-the project's (the SFT itself is not re-run per seed: that is the row's remaining source of variance
-this script does not vary). Offline wall time counts rollouts + teacher scoring + distill, so the
-offline/online ratio includes the teacher's cost. Writes <out>.json (DVC metrics: per row mean, std,
-n, wall time) and <out>.svg (bar chart of mean accuracy), and prints the table.
+For every seed s, π_ref is re-trained (`sft.seed = s`), and every row re-samples its rollouts
+(`rollouts.seed = s`) and trains with `distill.seed = s`, so the spread over seeds covers SFT, sampling and
+training. Rows (`--rows`, comma-separated):
+
+  fkl | jsd | rkl          offline OPD (Lightning OPD) with that divergence
+  pg                       offline, the paper's loss exactly as stated (advantage log p_T(a) − log q(a), clipped)
+  pg_ppo                   offline pg with a baseline and a PPO trust region (loss_params baseline 1,
+                           trust_region 0.2: README "Losses")
+  online_<loss>            online OPD (pipeline/online_distill.py): same loss, optimizer steps and batch; the
+                           current student samples every step and the in-process teacher scores
+  online_init_<loss>       the same with a frozen π_ref sampling every step (`--sampler init`): fresh but
+                           off-policy samples, to tell freshness from on-policy-ness
+  r<R>                     R rounds of rollouts -> teacher_topk -> distill, each from the previous round's
+                           student, distill.max_steps each (what `python -m pipeline.rounds --rounds R` runs)
+  r<R>eq                   the same with distill.max_steps / R steps per round: equal total optimizer steps
+  inconsistent             shards scored by a second teacher (teacher.seed + 1, trained here once, same
+                           accuracy) for the π_ref fine-tuned on the first teacher's answers, override on
+
+Offline wall time counts rollouts + teacher scoring + distill (π_ref's SFT is common to every row), so the
+offline/online ratio includes the teacher's cost. Each (row, seed) result is cached in `--work`, so an
+interrupted table resumes where it stopped, and processes can share the work (e.g. `--seeds 0,2` and
+`--seeds 1,2` with the rows reversed: a lock per π_ref, teacher and (row, seed) makes the second wait and
+reuse); a last call with every seed and row then only writes the summary. Writes `<out>.json` (DVC metrics:
+per row accuracy and gain over the same seed's π_ref as mean ± std, n, wall time; the derived claims),
+`<out>_runs.json` (every run) and `<out>.svg` (the bar chart with ± std), and prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import re
 import shutil
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
-SFT, TEACHER, PROMPTS, EVAL = ("data/models/student_sft", "data/models/teacher", "data/prompts/opd.parquet",
-                               "data/prompts/eval.parquet")
+TEACHER, SFT_DATA, SFT_PROMPTS = "data/models/teacher", "data/sft", "data/prompts/sft.parquet"
+PROMPTS, EVAL = "data/prompts/opd.parquet", "data/prompts/eval.parquet"
+LOSSES: dict[str, dict[str, Any]] = {
+    "fkl": {"loss": "fkl", "loss_params": {}},
+    "jsd": {"loss": "jsd", "loss_params": {}},
+    "rkl": {"loss": "rkl", "loss_params": {}},
+    "pg": {"loss": "pg", "loss_params": {}},
+    "pg_ppo": {"loss": "pg", "loss_params": {"baseline": 1.0, "trust_region": 0.2}},
+}
+DEFAULT_ROWS = "fkl,jsd,rkl,pg,pg_ppo,online_fkl,online_init_fkl,r2,r4,r4eq,inconsistent"
+ROW = re.compile(r"(?P<online>online_(?P<init>init_)?)?(?P<loss>[a-z_]+)$|r(?P<rounds>\d+)(?P<eq>eq)?$")
 
 
-def loss_of(name: str) -> dict[str, Any]:
-    """distill keys of a loss row name: a loss mode, or pg_baseline (pg with loss_params.baseline 1)."""
-    return {"loss": "pg", "loss_params": {"baseline": 1.0}} if name == "pg_baseline" else {"loss": name, "loss_params": {}}
+def parse_row(row: str) -> re.Match:
+    m = ROW.match(row)
+    if m is None or (m["loss"] and m["loss"] not in LOSSES and row != "inconsistent"):
+        raise SystemExit(f"--rows: unknown row {row!r}; rows are {', '.join(LOSSES)}, online_<loss>, "
+                         "online_init_<loss>, r<R>, r<R>eq, inconsistent")
+    return m
 
 
-def params_for(base: dict, work: Path, seed: int, **distill: Any) -> Path:
-    """A params file for one run: the project's, with the seed and `distill` overrides."""
+def write_params(base: dict, work: Path, seed: int, distill: dict[str, Any] | None = None,
+                 other: tuple[str, dict[str, Any]] | None = None) -> Path:
+    """A params file for one run: the project's, with this seed, `distill` overrides and (section, overrides)."""
     data = json.loads(json.dumps(base))
     data["rollouts"]["seed"] = seed
-    data["distill"].update(seed=seed, **distill)
+    data["distill"].update(seed=seed, **(distill or {}))
+    if other:
+        data[other[0]].update(other[1])
+    work.mkdir(parents=True, exist_ok=True)
     path = work / "params.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -56,104 +88,205 @@ def timed(fn: Callable[[list[str]], Any], argv: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def offline_round(work: Path, params: Path, policy: str, teacher: str, tag: str) -> tuple[Path, float]:
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created): a second process that needs the same π_ref, teacher or
+    (row, seed) waits for the first and then reads its result instead of redoing it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def cached(path: Path, make: Callable[[Path], None]) -> Path:
+    """`path`, made by `make(tmp)` and renamed into place only when complete (a killed table redoes it)."""
+    with locked(path.with_name(path.name + ".lock")):
+        if not path.exists():
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            make(tmp)
+            tmp.rename(path)
+    return path
+
+
+def stage_args(work: Path, params: Path, tag: str) -> list[str]:
+    return ["--params", str(params), "--metrics-dir", str(work / f"metrics_{tag}")]
+
+
+def pi_ref(base: dict, root: Path, seed: int) -> Path:
+    """π_ref of this seed: SFT on the teacher's answers with sft.seed = seed."""
+    from pipeline import sft
+
+    def make(out: Path) -> None:
+        work = root / "sft" / f"s{seed}"
+        params = write_params(base, work, seed, other=("sft", {"seed": seed}))
+        sft.main(stage_args(work, params, "sft") + ["--data", SFT_DATA, "--teacher", TEACHER, "--out", str(out),
+                                                    "--plots", str(work / "plots"), "--logs", str(work / "logs")])
+
+    return cached(root / "sft" / f"s{seed}" / "student_sft", make)
+
+
+def second_teacher(base: dict, root: Path) -> Path:
+    """A teacher trained exactly like the project's, from another seed (the inconsistent row's scorer)."""
+    from pipeline import teacher
+
+    def make(out: Path) -> None:
+        work = root / "teacher2"
+        params = write_params(base, work, 0, other=("teacher", {"seed": base["teacher"]["seed"] + 1}))
+        teacher.main(stage_args(work, params, "t") + ["--prompts", SFT_PROMPTS, "--out", str(out),
+                                                      "--plots", str(work / "plots"), "--logs", str(work / "logs")])
+
+    return cached(root / "teacher2" / "model", make)
+
+
+def offline_round(work: Path, params: Path, policy: Path, teacher: Path, tag: str) -> tuple[Path, float]:
     """rollouts of `policy` -> teacher_topk by `teacher` -> distill from `policy`; (student, wall seconds)."""
     from pipeline import distill, rollouts, teacher_topk
 
-    m = ["--params", str(params), "--metrics-dir", str(work / f"metrics_{tag}")]
+    m = stage_args(work, params, tag)
     roll, shards, out = work / f"rollouts_{tag}", work / f"topk_{tag}", work / f"student_{tag}"
-    wall = timed(rollouts.main, m + ["--policy", policy, "--prompts", PROMPTS, "--out", str(roll)])
-    wall += timed(teacher_topk.main, m + ["--teacher", teacher, "--rollouts", str(roll), "--prompts", PROMPTS,
+    wall = timed(rollouts.main, m + ["--policy", str(policy), "--prompts", PROMPTS, "--out", str(roll)])
+    wall += timed(teacher_topk.main, m + ["--teacher", str(teacher), "--rollouts", str(roll), "--prompts", PROMPTS,
                                           "--out", str(shards)])
-    wall += timed(distill.main, m + ["--init", policy, "--shards", str(shards), "--out", str(out),
+    wall += timed(distill.main, m + ["--init", str(policy), "--shards", str(shards), "--out", str(out),
                                      "--logs", str(work / f"logs_{tag}"), "--plots", str(work / f"plots_{tag}")])
     return out, wall
 
 
-def accuracy(work: Path, student: Path) -> tuple[float, float]:
-    """(student accuracy, π_ref accuracy) on the eval prompts."""
-    from pipeline import evaluate
+def evaluate(work: Path, teacher: Path, ref: Path, student: Path) -> dict:
+    """evaluate's metrics for `student` against `ref` (its π_ref) on the held-out prompts."""
+    from pipeline import evaluate as stage
 
     metrics = work / "eval.json"
-    evaluate.main(["--teacher", TEACHER, "--ref", SFT, "--student", str(student), "--prompts", EVAL,
-                   "--metrics", str(metrics), "--plots", str(work / "plots_eval"),
-                   "--metrics-dir", str(work / "metrics_eval")])
-    m = json.loads(metrics.read_text())
-    return m["student_opd"]["accuracy"], m["student_sft"]["accuracy"]
+    stage.main(["--teacher", str(teacher), "--ref", str(ref), "--student", str(student), "--prompts", EVAL,
+                "--metrics", str(metrics), "--plots", str(work / "plots_eval"), "--metrics-dir", str(work / "m_eval")])
+    return json.loads(metrics.read_text())
 
 
-def run_row(row: str, seed: int, base: dict, work: Path, teacher2: str | None) -> dict:
-    """One (row, seed): accuracy, π_ref accuracy and wall seconds of the training side."""
+def train_row(row: str, seed: int, base: dict, work: Path, ref: Path, root: Path) -> tuple[Path, float]:
+    """Train one (row, seed) from `ref`; (the trained student, wall seconds of the training side)."""
     from pipeline import online_distill
 
-    work.mkdir(parents=True, exist_ok=True)
-    if row.startswith("online_"):
-        params = params_for(base, work, seed, **loss_of(row.removeprefix("online_")))
-        out = work / "student"
-        wall = timed(online_distill.main, ["--params", str(params), "--metrics-dir", str(work / "metrics"),
-                                           "--init", SFT, "--teacher", TEACHER, "--prompts", PROMPTS,
-                                           "--out", str(out), "--logs", str(work / "logs")])
-    elif row.startswith("r") and row[1:].isdigit():
-        rounds = int(row[1:])   # the same total optimizer steps as one round: distill.max_steps / R each
-        steps = max(1, base["distill"]["max_steps"] // rounds)
-        params, out, wall = params_for(base, work, seed, max_steps=steps), SFT, 0.0
+    m = parse_row(row)
+    if m["rounds"]:
+        rounds = int(m["rounds"])
+        steps = base["distill"]["max_steps"] // rounds if m["eq"] else base["distill"]["max_steps"]
+        params, out, wall = write_params(base, work, seed, {"max_steps": max(1, steps)}), ref, 0.0
         for r in range(1, rounds + 1):
-            out, w = offline_round(work, params, str(out), TEACHER, f"r{r}")
+            out, w = offline_round(work, params, out, Path(TEACHER), f"r{r}")
             wall += w
-    elif row == "inconsistent":
-        if teacher2 is None:
-            raise SystemExit("row 'inconsistent' needs --teacher2 (a second teacher of equal accuracy)")
-        out, wall = offline_round(work, params_for(base, work, seed, allow_inconsistent_teacher=True), SFT,
-                                  teacher2, "r1")
-    else:
-        out, wall = offline_round(work, params_for(base, work, seed, **loss_of(row)), SFT, TEACHER, "r1")
-    acc, ref = accuracy(work, Path(out))
-    return {"accuracy": acc, "pi_ref": ref, "wall_s": round(wall, 1)}
+        return out, wall
+    if row == "inconsistent":
+        params = write_params(base, work, seed, {**LOSSES["fkl"], "allow_inconsistent_teacher": True})
+        return offline_round(work, params, ref, second_teacher(base, root), "r1")
+    params = write_params(base, work, seed, LOSSES[m["loss"]])
+    if not m["online"]:
+        return offline_round(work, params, ref, Path(TEACHER), "r1")
+    out = work / "student"
+    wall = timed(online_distill.main, stage_args(work, params, "online") + [
+        "--init", str(ref), "--teacher", TEACHER, "--prompts", PROMPTS, "--out", str(out), "--logs",
+        str(work / "logs"), "--sampler", "init" if m["init"] else "student"])
+    return out, wall
 
 
-def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
-    def stat(xs: list[float]) -> tuple[float, float]:
-        return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+def run(row: str, seed: int, base: dict, root: Path) -> dict:
+    """One (row, seed), cached in its work folder: accuracy, its π_ref's accuracy, KLs and wall seconds."""
+    ref = pi_ref(base, root, seed)
+    work = root / row / f"s{seed}"
+    done = work / "result.json"
+    with locked(root / row / f"s{seed}.lock"):
+        if done.exists():
+            return json.loads(done.read_text())
+        shutil.rmtree(work, ignore_errors=True)   # a killed run's leftovers
+        student, wall = train_row(row, seed, base, work, ref, root)
+        m = evaluate(work, Path(TEACHER), ref, student)
+        result = {"accuracy": m["student_opd"]["accuracy"], "pi_ref": m["student_sft"]["accuracy"],
+                  "fkl": m["student_opd"]["fkl"], "rkl": m["student_opd"]["rkl"],
+                  "teacher": m["teacher"]["accuracy"], "wall_s": round(wall, 1)}
+        done.write_text(json.dumps(result))
+    return result
 
-    table = {}
-    refs = [r["pi_ref"] for rows in results.values() for r in rows]
-    if refs:
-        table["sft"] = {"accuracy_mean": refs[0], "accuracy_std": 0.0, "n": 1, "wall_s_mean": 0.0}
+
+def teacher2_accuracy(base: dict, root: Path) -> float:
+    path = second_teacher(base, root)
+    return evaluate(root / "teacher2", path, path, path)["teacher"]["accuracy"]
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise(results: dict[str, list[dict]], teacher2: float | None) -> dict:
+    """Per row: accuracy and gain over the same seed's π_ref (mean, std), n, wall; then the issue's claims."""
+    rows: dict[str, dict] = {}
+    first = next(iter(results.values()))
+    refs = {r["seed"]: r["pi_ref"] for runs in results.values() for r in runs}
+    am, asd = mean_std(list(refs.values()))
+    rows["sft"] = {"accuracy_mean": round(am, 4), "accuracy_std": round(asd, 4), "gain_mean": 0.0,
+                   "gain_std": 0.0, "n": len(refs), "wall_s_mean": 0.0}
     for row, runs in results.items():
-        (am, asd), (wm, _) = stat([r["accuracy"] for r in runs]), stat([r["wall_s"] for r in runs])
-        table[row] = {"accuracy_mean": round(am, 4), "accuracy_std": round(asd, 4), "n": len(runs),
-                      "wall_s_mean": round(wm, 1)}
-    return table
+        (am, asd), (gm, gsd) = mean_std([r["accuracy"] for r in runs]), mean_std([r["accuracy"] - r["pi_ref"]
+                                                                                  for r in runs])
+        rows[row] = {"accuracy_mean": round(am, 4), "accuracy_std": round(asd, 4), "gain_mean": round(gm, 4),
+                     "gain_std": round(gsd, 4), "n": len(runs),
+                     "wall_s_mean": round(mean_std([r["wall_s"] for r in runs])[0], 1)}
+    teacher = first[0]["teacher"]
+    best = max((r for r in rows if r != "sft"), key=lambda r: rows[r]["accuracy_mean"])
+    claims: dict[str, Any] = {"teacher_accuracy": teacher, "best_row": best,
+                              "best_row_over_teacher": round(rows[best]["accuracy_mean"] / teacher, 4) if teacher else None}
+    if teacher2 is not None:
+        claims["teacher2_accuracy"] = teacher2
+    for loss in LOSSES:
+        if loss in rows and f"online_{loss}" in rows:
+            claims[f"offline_minus_online_{loss}"] = round(rows[loss]["accuracy_mean"]
+                                                           - rows[f"online_{loss}"]["accuracy_mean"], 4)
+            claims[f"online_over_offline_wall_{loss}"] = round(rows[f"online_{loss}"]["wall_s_mean"]
+                                                               / rows[loss]["wall_s_mean"], 2)
+    if "inconsistent" in rows and "fkl" in rows:
+        claims["inconsistent_minus_consistent"] = round(rows["inconsistent"]["accuracy_mean"]
+                                                        - rows["fkl"]["accuracy_mean"], 4)
+    return {"rows": rows, "claims": claims}
 
 
-def main() -> None:
+def markdown(table: dict) -> str:
+    lines = ["| row | accuracy (mean ± std) | gain over π_ref | n | wall s |", "|---|---|---|---|---|"]
+    for row, v in table["rows"].items():
+        lines.append(f"| {row} | {v['accuracy_mean']:.3f} ± {v['accuracy_std']:.3f} | "
+                     f"{100 * v['gain_mean']:+.1f} ± {100 * v['gain_std']:.1f} | {v['n']} | {v['wall_s_mean']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="fkl,jsd,rkl,pg,online_fkl,r2,r4")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated rows (default {DEFAULT_ROWS})")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; at least 3 for a std worth reading")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
-    ap.add_argument("--teacher2", default=None)
-    ap.add_argument("--work", type=Path, default=Path("bench_runs/opd_table"))
+    ap.add_argument("--work", type=Path, default=Path("bench_runs/opd_table"),
+                    help="one folder per (row, seed), kept as a cache: delete it to start over")
     ap.add_argument("--out", type=Path, default=Path("bench/results/opd_table"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from pipeline.plots import bar_chart
 
+    rows = args.rows.split(",")
+    for row in rows:
+        parse_row(row)
     base = yaml.safe_load(args.params.read_text())
     results: dict[str, list[dict]] = {}
-    for row in args.rows.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            work = args.work / row / f"s{seed}"
-            shutil.rmtree(work, ignore_errors=True)
-            results.setdefault(row, []).append(run_row(row, seed, base, work, args.teacher2))
-            print(row, seed, results[row][-1], flush=True)
-    table = summarise(results)
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for row in rows:
+            results.setdefault(row, []).append({"seed": seed, **run(row, seed, base, args.work)})
+            print(f"opd_table: {row} seed {seed}: {results[row][-1]}", flush=True)
+    table = summarise(results, teacher2_accuracy(base, args.work) if "inconsistent" in rows else None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"rows": table, "runs": results}, indent=1))
-    args.out.with_suffix(".svg").write_text(
-        bar_chart("greedy accuracy (mean over seeds)", "accuracy",
-                  [(row, v["accuracy_mean"]) for row, v in table.items()]))
-    print(f"{'row':<14}{'accuracy':>18}{'n':>4}{'wall s':>9}")
-    for row, v in table.items():
-        print(f"{row:<14}{v['accuracy_mean']:>10.3f} ± {v['accuracy_std']:.3f}{v['n']:>4}{v['wall_s_mean']:>9.1f}")
+    args.out.with_suffix(".json").write_text(json.dumps(table, indent=1) + "\n")
+    args.out.with_name(args.out.name + "_runs.json").write_text(json.dumps(results, indent=1) + "\n")
+    bars = list(table["rows"].items())
+    args.out.with_suffix(".svg").write_text(bar_chart(
+        f"greedy accuracy, mean ± std over seeds {args.seeds}", "accuracy",
+        [(row, v["accuracy_mean"]) for row, v in bars], [v["accuracy_std"] for _, v in bars]))
+    print(markdown(table))
+    print(json.dumps(table["claims"]))
+    return table
 
 
 if __name__ == "__main__":

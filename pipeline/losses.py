@@ -26,6 +26,13 @@ This module only decides which tokens count and how much:
   the pg kernel itself is untouched. The tail bucket stands in for its tokens (their own teacher
   log-probs are not stored), as in every other mode; sampled-target shards have no tail bucket and are
   refused.
+* `pg` with a trust region (`loss_params.trust_region` ε in [0, 1]; 0 is off, the paper's loss): PPO's
+  clipped surrogate min(r·A, clip(r, 1 ± ε)·A) against the stored behaviour log-probs, applied as a
+  per-token weight of 0 where the unclipped ratio r = q_T(a)/π_ref,T(a) has already left 1 ± ε in the
+  direction the advantage (with its baseline) pushes, else 1. Why: offline OPD reuses each sampled
+  token for several epochs, and without the region the same wrong token is pushed down on every pass
+  long after its probability fell, moving mass to whatever the student already prefers. It is a weight,
+  so the kernels are unchanged.
 * pg's importance ratio exp(log q(a) − log π_ref(a)) compares log-probs at the same temperature: the
   behaviour log-prob was stored at the rollout's sampling temperature T (its footer's
   `sampling_temperature`), so the student's log q_T(a) = log_softmax(z / T)(a) is used for the ratio
@@ -61,7 +68,7 @@ STATS_CHUNK_ELEMS = 1 << 25
 # start default, end default). Setting the parameter itself in loss_params fixes it instead.
 # Parameters the objective handles itself (not the kernels): mode -> {param: (default, low, high)}.
 OBJECTIVE_PARAMS: dict[str, dict[str, tuple[float, float, float]]] = {
-    "pg": {"baseline": (0.0, 0.0, 1.0)},
+    "pg": {"baseline": (0.0, 0.0, 1.0), "trust_region": (0.0, 0.0, 1.0)},
 }
 
 SCHEDULABLE: dict[str, dict[str, tuple[str, str, float, float]]] = {
@@ -230,17 +237,20 @@ class DistillLoss:
                 mask, ce_w, None, logits, hidden, weight, inplace=False)
             ce = ce_tok.sum()
         baseline = self.spec.objective.get("baseline", 0.0)
-        if self.spec.mode == "pg" and (baseline > 0 or self.behavior_temperature != 1.0):
-            expected_adv, behavior = self._pg_terms(targets, params, logits, hidden, weight)
+        trust = self.spec.objective.get("trust_region", 0.0)
+        div_w = keep.float() / div_norm
+        if self.spec.mode == "pg" and (baseline > 0 or trust > 0 or self.behavior_temperature != 1.0):
+            expected_adv, behavior, inside = self._pg_terms(targets, params, baseline, trust, logits, hidden, weight)
             targets = dataclasses.replace(targets, behavior_logprob=behavior)
+            div_w = div_w * inside.to(div_w.dtype)
             if baseline > 0:
                 # −(A − b·E[A]·r)·log q(a) = pg's −A·r·log q(a) plus weight −b·E[A]·r on the CE −log q(a).
-                base_w = keep.float() * (-baseline / div_norm) * expected_adv
+                base_w = div_w * -baseline * expected_adv
                 ce_extra = self._kernel("fkl", {}, targets.sampled_ids[:, None],
                                         torch.zeros_like(targets.teacher_logprob)[:, None], keep, base_w,
                                         None, logits, hidden, weight, inplace=False).sum()
         div = self._kernel(self.spec.mode, params, targets.topk_ids, targets.topk_logprobs, keep,
-                           keep.float() / div_norm, targets, logits, hidden, weight, inplace=True).sum()
+                           div_w, targets, logits, hidden, weight, inplace=True).sum()
         if self.spec.mode == "pg" and baseline > 0:
             div = div + ce_extra
         total = div if ce is None else div + ce
@@ -263,18 +273,21 @@ class DistillLoss:
                                  chunk_size=self.chunk_size, **kw)
 
     @torch.no_grad()
-    def _pg_terms(self, targets: Targets, params: dict, logits, hidden, weight) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per token: the baseline E_q[A]·r (r the clipped importance ratio, as the kernel applies it) and
+    def _pg_terms(self, targets: Targets, params: dict, baseline: float, trust: float, logits, hidden,
+                  weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per token: the baseline E_q[A]·r (r the clipped importance ratio, as the kernel applies it),
         the behaviour log-prob shifted so that the kernel's ratio exp(log q(a) − shifted) equals
-        exp(log q_T(a) − behaviour) at the rollouts' sampling temperature T."""
-        if targets.entry_weights is not None:
+        exp(log q_T(a) − behaviour) at the rollouts' sampling temperature T, and the trust-region weight:
+        0 where PPO's clipped surrogate min(r·A, clip(r, 1 ± trust)·A) has no gradient (r already moved
+        past 1 ± trust in the direction the advantage A − b·E_q[A] pushes), else 1 (always 1 if trust is 0)."""
+        if baseline > 0 and targets.entry_weights is not None:
             raise ValueError("pg's baseline needs exact top-k shards (a tail bucket); these shards hold "
                              "sampled targets: set distill.loss_params.baseline to 0 or use topk shards")
         tau, log_clip = params["tau"], math.log(params["is_clip"])
         src = logits if logits is not None else hidden
         cd = torch.float64 if src.dtype == torch.float64 else torch.float32   # as the kernels compute
         expected = torch.empty(targets.mask.shape[0], dtype=cd, device=targets.mask.device)
-        behavior = torch.empty_like(expected)
+        behavior, inside = torch.empty_like(expected), torch.ones_like(expected)
         for s, e, z in _logit_chunks(logits, hidden, weight, self.chunk_size):
             zf = z.to(cd)
             lq_all = torch.log_softmax(zf, dim=-1)
@@ -283,10 +296,17 @@ class DistillLoss:
             lq_t = torch.log_softmax(zf / self.behavior_temperature, dim=-1).gather(1, a)[:, 0]
             shifted = targets.behavior_logprob[s:e].to(cd) + (lq_a - lq_t)
             ratio = torch.exp((lq_a - shifted).clamp(max=log_clip))
-            expected[s:e] = _expected_advantage(lq_all, targets.topk_ids[s:e], targets.topk_logprobs[s:e],
-                                                take_rows(targets.tail_logprob, s, e), tau) * ratio
+            if baseline > 0:
+                expected[s:e] = _expected_advantage(lq_all, targets.topk_ids[s:e], targets.topk_logprobs[s:e],
+                                                    take_rows(targets.tail_logprob, s, e), tau) * ratio
+            else:
+                expected[s:e] = 0.0
             behavior[s:e] = shifted
-        return expected, behavior
+            if trust > 0:
+                adv = (targets.teacher_logprob[s:e].to(cd) - lq_a).clamp(-tau, tau) * ratio - baseline * expected[s:e]
+                r = torch.exp(lq_t - targets.behavior_logprob[s:e].to(cd))
+                inside[s:e] = torch.where(((adv > 0) & (r > 1 + trust)) | ((adv < 0) & (r < 1 - trust)), 0.0, 1.0)
+        return expected, behavior, inside
 
     @torch.no_grad()
     def _token_stats(self, targets: Targets, params: dict, logits, hidden, weight) -> tuple[torch.Tensor, torch.Tensor]:

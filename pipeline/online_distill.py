@@ -19,6 +19,7 @@ depend on the weights, so the logs folder must be new or its checkpoint is disca
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import itertools
 import random
@@ -38,22 +39,28 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=Path, required=True, help="prompt parquet (as `rollouts` reads)")
     parser.add_argument("--out", type=Path, required=True, help="where the trained student is written")
     parser.add_argument("--logs", type=Path, required=True, help="training logs and checkpoints")
+    parser.add_argument("--sampler", choices=("student", "init"), default="student",
+                        help="who samples each step's responses: the current student (online OPD, the default), "
+                             "or a frozen copy of --init (fresh off-policy samples every step: a diagnostic that "
+                             "separates sampling freshly from sampling on-policy)")
 
 
 class OnlineBatches(ResumableDataModule):
     """Micro-batches sampled by the module's current weights and scored by the teacher, one at a time.
 
     `prompts`: (prompt ids, prompt token ids); cycled in a seeded random order, epoch after epoch.
+    `frozen_sampler`: sample with these fixed weights instead of the module's current ones (`--sampler init`).
     """
 
     def __init__(self, module: Any, prompts: tuple[list[str], list[list[int]]], tokenizer: Any, scorer: Any,
-                 fmt: Any, cfg: DistillConfig, rollouts: RolloutsConfig, k: int) -> None:
+                 fmt: Any, cfg: DistillConfig, rollouts: RolloutsConfig, k: int, frozen_sampler: Any = None) -> None:
         super().__init__()
         if cfg.batch_size < rollouts.n_samples:
             raise UserError(f"distill.batch_size: {cfg.batch_size} is below rollouts.n_samples "
                             f"({rollouts.n_samples}); online OPD samples n_samples responses per prompt")
         self.module, self.prompts, self.tokenizer, self.scorer = module, prompts, tokenizer, scorer
         self.fmt, self.cfg, self.rollouts, self.k = fmt, cfg, rollouts, k
+        self.frozen_sampler = frozen_sampler
         self.per_batch = cfg.batch_size // rollouts.n_samples
         self.seconds = {"generate_s": 0.0, "score_s": 0.0}
 
@@ -83,7 +90,7 @@ class OnlineBatches(ResumableDataModule):
             pick = [next(order) for _ in range(self.per_batch)]
             if b < self.start_batches:
                 continue
-            model = self.module.model
+            model = self.module.model if self.frozen_sampler is None else self.frozen_sampler
             t0 = time.perf_counter()
             was_training = model.training
             model.eval()
@@ -131,7 +138,8 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     model, dtype = load_for_training(args.init, cfg.precision)
     module = TrainModule(model, cfg, objective)
     scorer = load_engine(args.teacher, topk, "teacher_topk", max_logprobs=topk.k)   # hf or vllm, as configured
-    data = OnlineBatches(module, prompts, tokenizer, scorer, fmt, cfg, rollouts, topk.k)
+    frozen = copy.deepcopy(model).eval() if args.sampler == "init" else None
+    data = OnlineBatches(module, prompts, tokenizer, scorer, fmt, cfg, rollouts, topk.k, frozen)
     start = time.perf_counter()
     try:
         result = fit(module, data, cfg, args.logs, f"online-{time.time_ns()}", f"{args.params}: distill")
@@ -139,7 +147,7 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
         scorer.close()
     wall = time.perf_counter() - start
     save_model(result, args.out, dtype, lambda folder: tokenizer.save_pretrained(folder))
-    return {"final_loss": result.final_loss, "steps": result.trainer.global_step, "online_wall_s": round(wall, 2),
+    return {"sampler": args.sampler, "final_loss": result.final_loss, "steps": result.trainer.global_step, "online_wall_s": round(wall, 2),
             **{k: round(v, 2) for k, v in data.seconds.items()}, **result.speed(),
             "config": dataclasses.asdict(cfg)}
 

@@ -80,10 +80,11 @@ def line_chart(title: str, xlabel: str, series: dict[str, list[tuple[float, floa
     return _frame(title, xlabel, ylabel, body)
 
 
-def bar_chart(title: str, label: str, bars: list[tuple[str, float]]) -> str:
-    """One horizontal bar per (name, value), the value printed at its end."""
-    top = max([v for _, v in bars] + [1e-12])
-    w, h = WIDTH - LEFT - RIGHT - 60, HEIGHT - TOP - BOTTOM
+def bar_chart(title: str, label: str, bars: list[tuple[str, float]], errors: list[float] | None = None) -> str:
+    """One horizontal bar per (name, value), the value printed at its end; `errors` (e.g. a standard
+    deviation per bar) draws a ± whisker and prints "value ± error"."""
+    top = max([v + (errors[i] if errors else 0.0) for i, (_, v) in enumerate(bars)] + [1e-12])
+    w, h = WIDTH - LEFT - RIGHT - 90, HEIGHT - TOP - BOTTOM
     step = h / max(len(bars), 1)
     body = []
     for i, (name, value) in enumerate(bars):
@@ -91,7 +92,14 @@ def bar_chart(title: str, label: str, bars: list[tuple[str, float]]) -> str:
         body.append(f'<rect x="{LEFT + 40}" y="{y:.1f}" width="{length:.1f}" height="{step * 0.7:.1f}" '
                     f'fill="{COLOURS[0]}"/>')
         body.append(f'<text x="{LEFT + 34}" y="{y + step * 0.4:.1f}" text-anchor="end">{escape(name)}</text>')
-        body.append(f'<text x="{LEFT + 44 + length:.1f}" y="{y + step * 0.4:.1f}">{value:.4g}</text>')
+        text, end = f"{value:.4g}", length
+        if errors:
+            lo, hi = max(value - errors[i], 0) / top * w, (value + errors[i]) / top * w
+            mid = y + step * 0.35
+            body.append(f'<line x1="{LEFT + 40 + lo:.1f}" y1="{mid:.1f}" x2="{LEFT + 40 + hi:.1f}" y2="{mid:.1f}" '
+                        f'stroke="black"/>')
+            text, end = f"{value:.3f} ± {errors[i]:.3f}", max(length, hi)
+        body.append(f'<text x="{LEFT + 44 + end:.1f}" y="{y + step * 0.4:.1f}">{text}</text>')
     return _frame(title, label, "", body)
 
 

@@ -5,7 +5,8 @@ repeats rollouts -> teacher_topk -> distill -> evaluate with round r−1's stude
 distill's --init; the teacher never shares a process with training. The stages are generated from
 the root dvc.yaml's own definitions (same commands, code deps and params sections, paths moved under
 `rounds/r<r>/`), into `rounds/dvc.yaml` (wdir: the repo root), so DVC caches each round's shards and
-`dvc repro` reruns only the rounds a change reaches. R = 1 removes the file: the default DAG is untouched.
+`dvc repro --all-pipelines` (plain `dvc repro` reads only ./dvc.yaml) reruns only the rounds a change
+reaches. R = 1 removes the file: the default DAG is untouched.
 
 Every round's evaluate still compares against π_ref (--ref data/models/student_sft), so each round's
 metrics/rounds/r<r>/eval.json reads as the gain of R rounds over SFT.
@@ -61,8 +62,7 @@ def round_stages(root: dict, rounds: int) -> dict[str, dict]:
     for r in range(2, rounds + 1):
         for name in ROUND_STAGES:
             stage = _rewrite(copy.deepcopy(root["stages"][name]), r, name)
-            if name != "evaluate":   # stage_main's own metrics file (evaluate names its files itself)
-                stage["cmd"] += f" --metrics-dir metrics/rounds/r{r}"
+            stage["cmd"] += f" --metrics-dir metrics/rounds/r{r}"   # where stage_main writes <stage>.json
             out[f"{name}_r{r}"] = {"wdir": "..", **stage}
     return out
 

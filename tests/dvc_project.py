@@ -18,7 +18,7 @@ def sh(args: list[str], cwd: Path, env: dict, timeout: int = 1800) -> subprocess
 
 
 def ran_stages(output: str) -> list[str]:
-    return re.findall(r"Running stage '([a-z_]+)'", output)
+    return re.findall(r"Running stage '(?:[\w/]+\.yaml:)?([a-z_0-9]+)'", output)
 
 
 def init_project(root: Path, preset: str) -> dict:

@@ -5,11 +5,18 @@ does nothing, and a `distill` parameter change reruns only `distill` and `evalua
 """
 
 import json
+import shutil
+import statistics
 
+import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
-from tests.dvc_project import STAGES, init_project, ran_stages, sh
+from pipeline.fingerprint import model_fingerprint
+from pipeline.rounds import ROUND_STAGES
+from tests.dvc_project import REPO, STAGES, init_project, ran_stages, sh
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +61,57 @@ def test_distill_param_change_reruns_only_distill_and_evaluate(project):
     lr = yaml.safe_load((root / "params.yaml").read_text())["distill"]["lr"]
     out = sh(["dvc", "exp", "run", "-S", f"distill.lr={lr * 2}"], root, env).stdout
     assert ran_stages(out) == ["distill", "evaluate"]
+
+
+def test_rounds_run_through_dvc_and_rerun_only_what_a_change_reaches(project):
+    """`pipeline.rounds --rounds 2` adds round 2 to the DAG: `dvc repro -P` runs only it, then nothing; a
+    distill change reruns both rounds' distill and what follows, never the shared stages before them."""
+    root, env, _ = project
+    sh(["python", "-m", "pipeline.rounds", "--rounds", "2"], root, env)
+    assert ran_stages(sh(["dvc", "repro", "-P"], root, env).stdout) == [f"{s}_r2" for s in ROUND_STAGES]
+    r2 = json.loads((root / "metrics" / "rounds" / "r2" / "eval.json").read_text())
+    assert 0.0 <= r2["student_opd"]["accuracy"] <= 1.0
+    assert ran_stages(sh(["dvc", "repro", "-P"], root, env).stdout) == []
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["distill"]["max_steps"] += 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert ran_stages(sh(["dvc", "repro", "-P"], root, env).stdout) == [
+        "distill", "evaluate", "rollouts_r2", "teacher_topk_r2", "distill_r2", "evaluate_r2"]
+
+
+def test_opd_table_runs_every_kind_of_row_per_seed_and_resumes_from_its_cache(project):
+    """bench/opd_table.py on the CI project: its own π_ref per seed, online and frozen-sampler online, equal-step
+    rounds, the second teacher with the override; mean ± std per row; a second call trains nothing."""
+    root, env, _ = project
+    (root / "bench").mkdir(exist_ok=True)
+    shutil.copy(REPO / "bench" / "opd_table.py", root / "bench" / "opd_table.py")
+    cmd = ["python", "bench/opd_table.py", "--rows", "fkl,pg_ppo,online_fkl,online_init_fkl,r2eq,inconsistent",
+           "--seeds", "0,1", "--work", "runs", "--out", "results/table"]
+    sh(cmd, root, env)
+    table = json.loads((root / "results" / "table.json").read_text())
+    runs = json.loads((root / "results" / "table_runs.json").read_text())
+    assert list(table["rows"]) == ["sft", "fkl", "pg_ppo", "online_fkl", "online_init_fkl", "r2eq", "inconsistent"]
+    for row, stats in table["rows"].items():
+        assert stats["n"] == 2
+        if row != "sft":
+            accs = [r["accuracy"] for r in runs[row]]
+            assert [r["seed"] for r in runs[row]] == [0, 1]
+            assert stats["accuracy_mean"] == pytest.approx(statistics.fmean(accs), abs=1e-4)
+            assert stats["accuracy_std"] == pytest.approx(statistics.stdev(accs), abs=1e-4)
+    assert {"offline_minus_online_fkl", "online_over_offline_wall_fkl", "inconsistent_minus_consistent",
+            "teacher2_accuracy"} <= set(table["claims"])
+    work = root / "runs"
+    s0, s1 = (load_file(work / "sft" / f"s{s}" / "student_sft" / "model.safetensors") for s in (0, 1))
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0)   # SFT re-run per seed: two different π_ref
+    assert json.loads((work / "online_init_fkl" / "s0" / "metrics_online" / "online_distill.json").read_text()
+                      )["sampler"] == "init"
+    half = yaml.safe_load((root / "params.yaml").read_text())["distill"]["max_steps"] // 2
+    for r in (1, 2):   # two rounds of half the steps, round 2 starting from round 1's student
+        assert json.loads((work / "r2eq" / "s0" / f"metrics_r{r}" / "distill.json").read_text())["steps"] == half
+    footer = pq.read_schema(next((work / "inconsistent" / "s0" / "topk_r1").glob("*.parquet"))).metadata
+    assert footer[b"opd.teacher_fingerprint"].decode() == model_fingerprint(work / "teacher2" / "model") \
+        != model_fingerprint(root / "data" / "models" / "teacher")
+    stamps = {p: p.stat().st_mtime_ns for p in work.rglob("result.json")}
+    assert len(stamps) == 12
+    assert "distill done" not in sh(cmd, root, env).stderr   # all cached
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("result.json")} == stamps

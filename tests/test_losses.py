@@ -116,12 +116,15 @@ def test_pg_is_clipped_advantage_times_ratio_times_logq():
     torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("baseline,temperature,k", [(1.0, 1.0, 4), (0.5, 0.7, 4), (0.0, 1.3, 0), (1.0, 1.0, V)])
-def test_pg_baseline_and_temperature_match_an_independent_formula(baseline, temperature, k):
-    """−(A − b·E_q[A]·r)·log q(a) with r the clipped ratio exp(log q_T(a) − behaviour), E_q over S ∪ {tail}."""
+@pytest.mark.parametrize("baseline,temperature,k,trust", [(1.0, 1.0, 4, 0.0), (0.5, 0.7, 4, 0.0), (0.0, 1.3, 0, 0.0),
+                                                          (1.0, 1.0, V, 0.0), (1.0, 0.8, 4, 0.2), (0.0, 1.0, 0, 0.3)])
+def test_pg_baseline_temperature_trust_region_match_an_independent_formula(baseline, temperature, k, trust):
+    """−(A − b·E_q[A]·r)·log q(a) with r the clipped ratio exp(log q_T(a) − behaviour), E_q over S ∪ {tail};
+    with a trust region ε, the tokens whose unclipped ratio already left 1 ± ε in the direction of their
+    advantage get no gradient (PPO's clipped surrogate)."""
     logits, teacher, t = make(seed=6, k=k)
     tau, is_clip = 0.9, 1.5
-    spec = loss_spec("pg", {"tau": tau, "is_clip": is_clip, "baseline": baseline}, "p")
+    spec = loss_spec("pg", {"tau": tau, "is_clip": is_clip, "baseline": baseline, "trust_region": trust}, "p")
     out, grad = run(DistillLoss(spec, behavior_temperature=temperature), logits, t)
 
     def ref(z):
@@ -136,11 +139,18 @@ def test_pg_baseline_and_temperature_match_an_independent_formula(baseline, temp
         q_tail, p_tail = (q * ~in_s).sum(1).clamp(min=1e-6), (p * ~in_s).sum(1).clamp(min=1e-6)
         expected = ((q * (teacher - lq_all.detach()).clamp(-tau, tau)) * in_s).sum(1) \
             + q_tail * (p_tail.log() - q_tail.log()).clamp(-tau, tau)
-        return (-(adv - baseline * expected) * ratio * lq).mean()
+        full = adv - baseline * expected
+        r = torch.exp(lq_t - t.behavior_logprob.double()).detach()
+        outside = ((full > 0) & (r > 1 + trust)) | ((full < 0) & (r < 1 - trust)) if trust > 0 else r < 0
+        kept.append(~outside)
+        return (-full * ratio * lq * (~outside)).mean()
 
+    kept: list[torch.Tensor] = []
     want, want_grad = dense(ref, logits)
     torch.testing.assert_close(out.loss.double(), want, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-7)
+    if trust > 0:   # the region drops some tokens and keeps others (the case is not vacuous)
+        assert 0 < int(kept[0].sum()) < N
     if baseline > 0:   # the baseline changes the update (not a no-op)
         plain, plain_grad = run(DistillLoss(loss_spec("pg", {"tau": tau, "is_clip": is_clip}, "p"),
                                             behavior_temperature=temperature), logits, t)
@@ -208,6 +218,7 @@ def test_taid_loss_changes_with_progress():
     ("kl", {}, r"params\.yaml: distill\.loss: 'kl' is not a loss mode"),
     ("pg", {"baseline": 2}, r"params\.yaml: distill\.loss_params\.baseline: 2 is not a number in \[0\.0, 1\.0\]"),
     ("fkl", {"baseline": 1}, r"distill\.loss_params\.baseline: not a parameter of loss 'fkl'"),
+    ("pg", {"trust_region": 1.5}, r"distill\.loss_params\.trust_region: 1\.5 is not a number in \[0\.0, 1\.0\]"),
 ])
 def test_bad_loss_settings_name_the_key(mode, params, match):
     with pytest.raises(ConfigError, match=match):

@@ -85,3 +85,29 @@ def test_online_opd_refuses_sampled_teacher_targets(tmp_path, capsys):
         online_distill.main(setup(tmp_path, selection="sampled", samples=2))
     assert exc.value.code == 2
     assert "teacher_topk.selection must be 'topk'" in capsys.readouterr().err
+
+
+def test_init_sampler_samples_every_step_with_the_frozen_initial_weights(tmp_path, monkeypatch):
+    """`--sampler init` (the diagnostic): fresh samples each step, all from π_ref, while the student trains."""
+    seen = []
+    orig = online_distill.OnlineBatches._batches
+
+    def spy(self):
+        for batch in orig(self):
+            seen.append(batch)
+            yield batch
+
+    monkeypatch.setattr(online_distill.OnlineBatches, "_batches", spy)
+    online_distill.main(setup(tmp_path) + ["--sampler", "init"])
+    assert json.loads((tmp_path / "metrics" / "online_distill.json").read_text())["sampler"] == "init"
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "pi_ref").eval()
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert any(not torch.equal(a, b) for a, b in zip(ref.state_dict().values(), trained.state_dict().values()))
+    assert len(seen) == 3 and not torch.equal(seen[0]["input_ids"], seen[-1]["input_ids"])
+    for batch in seen:   # every batch's behaviour log-probs are π_ref's, however far the student has moved
+        with torch.no_grad():
+            slog = torch.log_softmax(ref(input_ids=batch["input_ids"],
+                                         attention_mask=batch["attention_mask"]).logits[:, :-1].float(), -1)
+        slog = slog.gather(2, batch["input_ids"][:, 1:, None])[..., 0]
+        resp = batch["response_mask"][:, 1:]
+        torch.testing.assert_close(batch["student_logprob"][:, 1:][resp], slog[resp], rtol=1e-4, atol=1e-4)
