@@ -29,7 +29,8 @@ interrupted table resumes where it stopped, and processes can share the work (e.
 `--seeds 1,2` with the rows reversed: a lock per π_ref, teacher and (row, seed) makes the second wait and
 reuse); a last call with every seed and row then only writes the summary. Writes `<out>.json` (DVC metrics:
 per row accuracy and gain over the same seed's π_ref as mean ± std, n, wall time; the derived claims),
-`<out>_runs.json` (every run) and `<out>.svg` (the bar chart with ± std), and prints a Markdown table.
+`<out>_runs.json` (every run), `<out>.svg` and `<out>_gain.svg` (accuracy and gain, bars with ± std), and
+prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -281,9 +282,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.with_suffix(".json").write_text(json.dumps(table, indent=1) + "\n")
     args.out.with_name(args.out.name + "_runs.json").write_text(json.dumps(results, indent=1) + "\n")
     bars = list(table["rows"].items())
-    args.out.with_suffix(".svg").write_text(bar_chart(
-        f"greedy accuracy, mean ± std over seeds {args.seeds}", "accuracy",
-        [(row, v["accuracy_mean"]) for row, v in bars], [v["accuracy_std"] for _, v in bars]))
+    for suffix, key, what in ((".svg", "accuracy", "greedy accuracy"),
+                              ("_gain.svg", "gain", "gain over the same seed's π_ref")):
+        args.out.with_name(args.out.name + suffix).write_text(bar_chart(
+            f"{what}, mean ± std over seeds {args.seeds}", key,
+            [(row, v[f"{key}_mean"]) for row, v in bars], [v[f"{key}_std"] for _, v in bars]))
     print(markdown(table))
     print(json.dumps(table["claims"]))
     return table

@@ -90,6 +90,8 @@ def test_opd_table_runs_every_kind_of_row_per_seed_and_resumes_from_its_cache(pr
     sh(cmd, root, env)
     table = json.loads((root / "results" / "table.json").read_text())
     runs = json.loads((root / "results" / "table_runs.json").read_text())
+    for svg in ("table.svg", "table_gain.svg"):
+        assert "± " in (root / "results" / svg).read_text()   # bars with their std whiskers
     assert list(table["rows"]) == ["sft", "fkl", "pg_ppo", "online_fkl", "online_init_fkl", "r2eq", "inconsistent"]
     for row, stats in table["rows"].items():
         assert stats["n"] == 2
