@@ -24,7 +24,8 @@ training. Rows (`--rows`, comma-separated):
                            accuracy) for the π_ref fine-tuned on the first teacher's answers, override on
 
 Offline wall time counts rollouts + teacher scoring + distill (π_ref's SFT is common to every row), so the
-offline/online ratio includes the teacher's cost. Each (row, seed) result is cached in `--work`, so an
+offline/online ratio includes the teacher's cost. Each (row, seed) result is cached in `--work`, under a
+hash of the params (an edited params file starts afresh; edited code does not: delete the folder), so an
 interrupted table resumes where it stopped, and processes can share the work (e.g. `--seeds 0,2` and
 `--seeds 1,2` with the rows reversed: a lock per π_ref, teacher and (row, seed) makes the second wait and
 reuse); a last call with every seed and row then only writes the summary. Writes `<out>.json` (DVC metrics:
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import re
 import shutil
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; at least 3 for a std worth reading")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--work", type=Path, default=Path("bench_runs/opd_table"),
-                    help="one folder per (row, seed), kept as a cache: delete it to start over")
+                    help="cache: <work>/<hash of the params>/<row>/s<seed>; delete it after changing code")
     ap.add_argument("--out", type=Path, default=Path("bench/results/opd_table"))
     args = ap.parse_args(argv)
     from pipeline.plots import bar_chart
@@ -272,12 +274,15 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         parse_row(row)
     base = yaml.safe_load(args.params.read_text())
+    # The cache is keyed by the params' content: an edited params file starts a fresh table.
+    root = args.work / hashlib.sha256(json.dumps(base, sort_keys=True).encode()).hexdigest()[:12]
+    print(f"opd_table: runs cached in {root}", flush=True)
     results: dict[str, list[dict]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         for row in rows:
-            results.setdefault(row, []).append({"seed": seed, **run(row, seed, base, args.work)})
+            results.setdefault(row, []).append({"seed": seed, **run(row, seed, base, root)})
             print(f"opd_table: {row} seed {seed}: {results[row][-1]}", flush=True)
-    table = summarise(results, teacher2_accuracy(base, args.work) if "inconsistent" in rows else None)
+    table = summarise(results, teacher2_accuracy(base, root) if "inconsistent" in rows else None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(table, indent=1) + "\n")
     args.out.with_name(args.out.name + "_runs.json").write_text(json.dumps(results, indent=1) + "\n")

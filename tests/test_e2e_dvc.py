@@ -102,7 +102,7 @@ def test_opd_table_runs_every_kind_of_row_per_seed_and_resumes_from_its_cache(pr
             assert stats["accuracy_std"] == pytest.approx(statistics.stdev(accs), abs=1e-4)
     assert {"offline_minus_online_fkl", "online_over_offline_wall_fkl", "inconsistent_minus_consistent",
             "teacher2_accuracy"} <= set(table["claims"])
-    work = root / "runs"
+    (work,) = (root / "runs").iterdir()   # one cache folder: the hash of these params
     s0, s1 = (load_file(work / "sft" / f"s{s}" / "student_sft" / "model.safetensors") for s in (0, 1))
     assert any(not torch.equal(s0[k], s1[k]) for k in s0)   # SFT re-run per seed: two different π_ref
     assert json.loads((work / "online_init_fkl" / "s0" / "metrics_online" / "online_distill.json").read_text()
