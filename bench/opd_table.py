@@ -24,12 +24,15 @@ training. Rows (`--rows`, comma-separated):
                            accuracy) for the π_ref fine-tuned on the first teacher's answers, override on
 
 Offline wall time counts rollouts + teacher scoring + distill (π_ref's SFT is common to every row), so the
-offline/online ratio includes the teacher's cost. Each (row, seed) result is cached in `--work`, so an
+offline/online ratio includes the teacher's cost. Each (row, seed) result is cached in `--work`, under a
+hash of the params sections it depends on (so an edit to `distill` reuses the π_ref's and the second
+teacher; edited code is not seen: delete the folder), so an
 interrupted table resumes where it stopped, and processes can share the work (e.g. `--seeds 0,2` and
 `--seeds 1,2` with the rows reversed: a lock per π_ref, teacher and (row, seed) makes the second wait and
 reuse); a last call with every seed and row then only writes the summary. Writes `<out>.json` (DVC metrics:
 per row accuracy and gain over the same seed's π_ref as mean ± std, n, wall time; the derived claims),
-`<out>_runs.json` (every run) and `<out>.svg` (the bar chart with ± std), and prints a Markdown table.
+`<out>_runs.json` (every run), `<out>.svg` and `<out>_gain.svg` (accuracy and gain, bars with ± std), and
+prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import re
 import shutil
@@ -49,6 +53,7 @@ import yaml
 
 TEACHER, SFT_DATA, SFT_PROMPTS = "data/models/teacher", "data/sft", "data/prompts/sft.parquet"
 PROMPTS, EVAL = "data/prompts/opd.parquet", "data/prompts/eval.parquet"
+SFT_SECTIONS, TEACHER_SECTIONS = ("task", "teacher", "sft_data", "sft"), ("task", "teacher")
 LOSSES: dict[str, dict[str, Any]] = {
     "fkl": {"loss": "fkl", "loss_params": {}},
     "jsd": {"loss": "jsd", "loss_params": {}},
@@ -113,17 +118,24 @@ def stage_args(work: Path, params: Path, tag: str) -> list[str]:
     return ["--params", str(params), "--metrics-dir", str(work / f"metrics_{tag}")]
 
 
+def keyed(work: Path, kind: str, base: dict, sections: tuple[str, ...] | None = None) -> Path:
+    """`work/kind/<hash>`: the hash of the params sections this kind of result depends on (None: all), so
+    an edit reruns what it reaches and reuses the rest, like DVC (edited code is not seen: delete `work`)."""
+    data = base if sections is None else {name: base[name] for name in sections}
+    return work / kind / hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def pi_ref(base: dict, root: Path, seed: int) -> Path:
     """π_ref of this seed: SFT on the teacher's answers with sft.seed = seed."""
     from pipeline import sft
 
     def make(out: Path) -> None:
-        work = root / "sft" / f"s{seed}"
+        work = keyed(root, "sft", base, SFT_SECTIONS) / f"s{seed}"
         params = write_params(base, work, seed, other=("sft", {"seed": seed}))
         sft.main(stage_args(work, params, "sft") + ["--data", SFT_DATA, "--teacher", TEACHER, "--out", str(out),
                                                     "--plots", str(work / "plots"), "--logs", str(work / "logs")])
 
-    return cached(root / "sft" / f"s{seed}" / "student_sft", make)
+    return cached(keyed(root, "sft", base, SFT_SECTIONS) / f"s{seed}" / "student_sft", make)
 
 
 def second_teacher(base: dict, root: Path) -> Path:
@@ -131,12 +143,12 @@ def second_teacher(base: dict, root: Path) -> Path:
     from pipeline import teacher
 
     def make(out: Path) -> None:
-        work = root / "teacher2"
+        work = keyed(root, "teacher2", base, TEACHER_SECTIONS)
         params = write_params(base, work, 0, other=("teacher", {"seed": base["teacher"]["seed"] + 1}))
         teacher.main(stage_args(work, params, "t") + ["--prompts", SFT_PROMPTS, "--out", str(out),
                                                       "--plots", str(work / "plots"), "--logs", str(work / "logs")])
 
-    return cached(root / "teacher2" / "model", make)
+    return cached(keyed(root, "teacher2", base, TEACHER_SECTIONS) / "model", make)
 
 
 def offline_round(work: Path, params: Path, policy: Path, teacher: Path, tag: str) -> tuple[Path, float]:
@@ -192,9 +204,9 @@ def train_row(row: str, seed: int, base: dict, work: Path, ref: Path, root: Path
 def run(row: str, seed: int, base: dict, root: Path) -> dict:
     """One (row, seed), cached in its work folder: accuracy, its π_ref's accuracy, KLs and wall seconds."""
     ref = pi_ref(base, root, seed)
-    work = root / row / f"s{seed}"
+    work = keyed(root, "rows", base) / row / f"s{seed}"
     done = work / "result.json"
-    with locked(root / row / f"s{seed}.lock"):
+    with locked(work.with_name(f"s{seed}.lock")):
         if done.exists():
             return json.loads(done.read_text())
         shutil.rmtree(work, ignore_errors=True)   # a killed run's leftovers
@@ -209,7 +221,7 @@ def run(row: str, seed: int, base: dict, root: Path) -> dict:
 
 def teacher2_accuracy(base: dict, root: Path) -> float:
     path = second_teacher(base, root)
-    return evaluate(root / "teacher2", path, path, path)["teacher"]["accuracy"]
+    return evaluate(path.parent, path, path, path)["teacher"]["accuracy"]
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -262,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; at least 3 for a std worth reading")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--work", type=Path, default=Path("bench_runs/opd_table"),
-                    help="one folder per (row, seed), kept as a cache: delete it to start over")
+                    help="cache: <work>/{sft,teacher2,rows}/<hash of the params they depend on>/...; "
+                         "delete it after changing code")
     ap.add_argument("--out", type=Path, default=Path("bench/results/opd_table"))
     args = ap.parse_args(argv)
     from pipeline.plots import bar_chart
@@ -271,19 +284,22 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         parse_row(row)
     base = yaml.safe_load(args.params.read_text())
+    root = args.work
     results: dict[str, list[dict]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         for row in rows:
-            results.setdefault(row, []).append({"seed": seed, **run(row, seed, base, args.work)})
+            results.setdefault(row, []).append({"seed": seed, **run(row, seed, base, root)})
             print(f"opd_table: {row} seed {seed}: {results[row][-1]}", flush=True)
-    table = summarise(results, teacher2_accuracy(base, args.work) if "inconsistent" in rows else None)
+    table = summarise(results, teacher2_accuracy(base, root) if "inconsistent" in rows else None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(table, indent=1) + "\n")
     args.out.with_name(args.out.name + "_runs.json").write_text(json.dumps(results, indent=1) + "\n")
     bars = list(table["rows"].items())
-    args.out.with_suffix(".svg").write_text(bar_chart(
-        f"greedy accuracy, mean ± std over seeds {args.seeds}", "accuracy",
-        [(row, v["accuracy_mean"]) for row, v in bars], [v["accuracy_std"] for _, v in bars]))
+    for suffix, key, what in ((".svg", "accuracy", "greedy accuracy"),
+                              ("_gain.svg", "gain", "gain over the same seed's π_ref")):
+        args.out.with_name(args.out.name + suffix).write_text(bar_chart(
+            f"{what}, mean ± std over seeds {args.seeds}", key,
+            [(row, v[f"{key}_mean"]) for row, v in bars], [v[f"{key}_std"] for _, v in bars]))
     print(markdown(table))
     print(json.dumps(table["claims"]))
     return table

@@ -81,25 +81,30 @@ def line_chart(title: str, xlabel: str, series: dict[str, list[tuple[float, floa
 
 
 def bar_chart(title: str, label: str, bars: list[tuple[str, float]], errors: list[float] | None = None) -> str:
-    """One horizontal bar per (name, value), the value printed at its end; `errors` (e.g. a standard
-    deviation per bar) draws a ± whisker and prints "value ± error"."""
-    top = max([v + (errors[i] if errors else 0.0) for i, (_, v) in enumerate(bars)] + [1e-12])
+    """One horizontal bar per (name, value) from a zero line (negative values go left), the value printed
+    past its end; `errors` (e.g. a standard deviation per bar) draws a ± whisker and prints "value ± error"."""
+    errs = errors or [0.0] * len(bars)
+    lo = min([0.0] + [v - e for (_, v), e in zip(bars, errs)])
+    hi = max([1e-12] + [v + e for (_, v), e in zip(bars, errs)])
     w, h = WIDTH - LEFT - RIGHT - 90, HEIGHT - TOP - BOTTOM
     step = h / max(len(bars), 1)
+
+    def x(value: float) -> float:
+        return LEFT + 40 + (value - lo) / (hi - lo) * w
+
     body = []
-    for i, (name, value) in enumerate(bars):
-        y, length = TOP + i * step + step * 0.15, max(value, 0) / top * w
-        body.append(f'<rect x="{LEFT + 40}" y="{y:.1f}" width="{length:.1f}" height="{step * 0.7:.1f}" '
-                    f'fill="{COLOURS[0]}"/>')
+    for i, ((name, value), err) in enumerate(zip(bars, errs)):
+        y = TOP + i * step + step * 0.15
+        body.append(f'<rect x="{min(x(0), x(value)):.1f}" y="{y:.1f}" width="{abs(x(value) - x(0)):.1f}" '
+                    f'height="{step * 0.7:.1f}" fill="{COLOURS[0]}"/>')
         body.append(f'<text x="{LEFT + 34}" y="{y + step * 0.4:.1f}" text-anchor="end">{escape(name)}</text>')
-        text, end = f"{value:.4g}", length
+        text, end = f"{value:.4g}", max(x(0), x(value))
         if errors:
-            lo, hi = max(value - errors[i], 0) / top * w, (value + errors[i]) / top * w
             mid = y + step * 0.35
-            body.append(f'<line x1="{LEFT + 40 + lo:.1f}" y1="{mid:.1f}" x2="{LEFT + 40 + hi:.1f}" y2="{mid:.1f}" '
+            body.append(f'<line x1="{x(value - err):.1f}" y1="{mid:.1f}" x2="{x(value + err):.1f}" y2="{mid:.1f}" '
                         f'stroke="black"/>')
-            text, end = f"{value:.3f} ± {errors[i]:.3f}", max(length, hi)
-        body.append(f'<text x="{LEFT + 44 + end:.1f}" y="{y + step * 0.4:.1f}">{text}</text>')
+            text, end = f"{value:.3f} ± {err:.3f}", max(end, x(value + err))
+        body.append(f'<text x="{end + 4:.1f}" y="{y + step * 0.4:.1f}">{text}</text>')
     return _frame(title, label, "", body)
 
 

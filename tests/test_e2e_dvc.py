@@ -90,6 +90,8 @@ def test_opd_table_runs_every_kind_of_row_per_seed_and_resumes_from_its_cache(pr
     sh(cmd, root, env)
     table = json.loads((root / "results" / "table.json").read_text())
     runs = json.loads((root / "results" / "table_runs.json").read_text())
+    for svg in ("table.svg", "table_gain.svg"):
+        assert "± " in (root / "results" / svg).read_text()   # bars with their std whiskers
     assert list(table["rows"]) == ["sft", "fkl", "pg_ppo", "online_fkl", "online_init_fkl", "r2eq", "inconsistent"]
     for row, stats in table["rows"].items():
         assert stats["n"] == 2
@@ -101,17 +103,24 @@ def test_opd_table_runs_every_kind_of_row_per_seed_and_resumes_from_its_cache(pr
     assert {"offline_minus_online_fkl", "online_over_offline_wall_fkl", "inconsistent_minus_consistent",
             "teacher2_accuracy"} <= set(table["claims"])
     work = root / "runs"
-    s0, s1 = (load_file(work / "sft" / f"s{s}" / "student_sft" / "model.safetensors") for s in (0, 1))
+    ((sft,), (rows,), (teacher2,)) = ([*(work / kind).iterdir()] for kind in ("sft", "rows", "teacher2"))
+    s0, s1 = (load_file(sft / f"s{s}" / "student_sft" / "model.safetensors") for s in (0, 1))
     assert any(not torch.equal(s0[k], s1[k]) for k in s0)   # SFT re-run per seed: two different π_ref
-    assert json.loads((work / "online_init_fkl" / "s0" / "metrics_online" / "online_distill.json").read_text()
+    assert json.loads((rows / "online_init_fkl" / "s0" / "metrics_online" / "online_distill.json").read_text()
                       )["sampler"] == "init"
     half = yaml.safe_load((root / "params.yaml").read_text())["distill"]["max_steps"] // 2
     for r in (1, 2):   # two rounds of half the steps, round 2 starting from round 1's student
-        assert json.loads((work / "r2eq" / "s0" / f"metrics_r{r}" / "distill.json").read_text())["steps"] == half
-    footer = pq.read_schema(next((work / "inconsistent" / "s0" / "topk_r1").glob("*.parquet"))).metadata
-    assert footer[b"opd.teacher_fingerprint"].decode() == model_fingerprint(work / "teacher2" / "model") \
+        assert json.loads((rows / "r2eq" / "s0" / f"metrics_r{r}" / "distill.json").read_text())["steps"] == half
+    footer = pq.read_schema(next((rows / "inconsistent" / "s0" / "topk_r1").glob("*.parquet"))).metadata
+    assert footer[b"opd.teacher_fingerprint"].decode() == model_fingerprint(teacher2 / "model") \
         != model_fingerprint(root / "data" / "models" / "teacher")
     stamps = {p: p.stat().st_mtime_ns for p in work.rglob("result.json")}
     assert len(stamps) == 12
     assert "distill done" not in sh(cmd, root, env).stderr   # all cached
     assert {p: p.stat().st_mtime_ns for p in work.rglob("result.json")} == stamps
+    params = yaml.safe_load((root / "params.yaml").read_text())   # a distill edit reruns rows, not π_ref
+    params["distill"]["lr"] *= 2
+    (root / "lr2.yaml").write_text(yaml.safe_dump(params))
+    sh(["python", "bench/opd_table.py", "--rows", "fkl", "--seeds", "0", "--params", "lr2.yaml", "--work", "runs",
+        "--out", "results/lr2"], root, env)
+    assert [len([*(work / kind).iterdir()]) for kind in ("sft", "rows")] == [1, 2]
