@@ -8,8 +8,9 @@ KL(teacher ‖ student) (`fkl`) and KL(student ‖ teacher) (`rkl`), from HF for
 the same sequences, `evaluate.divergence_batch_size` at a time and in fp32 blocks of positions
 (pipeline/backends/divergence.py). Greedy decoding and fixed inputs make the numbers deterministic.
 Each model is loaded once (design §10): the teacher's module is kept for the divergences while one
-student at a time is loaded, generates and is scored, so at most two models are held at once. With
-`backend: hf` the divergences reuse the engine's own module (`Engine.logits_model`).
+student at a time is loaded, generates and is scored, so two models are held at once (with `backend:
+vllm` briefly three: a student's engine and its transformers copy). With `backend: hf` the divergences
+reuse the engine's own module (`Engine.logits_model`).
 
 Writes --metrics (metrics/eval.json): {"teacher": {"accuracy"}, "student_sft": {"accuracy",
 "teacher_agreement", "fkl", "rkl"}, "student_opd": {...}, "opd_gain": accuracy(student_opd) −

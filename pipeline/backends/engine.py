@@ -47,7 +47,7 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Free the model now: a stage that runs several models one after another (evaluate) must not
-        hold two at once, and vLLM's worker processes outlive a plain `del`."""
+        keep one it is done with, and vLLM's worker processes outlive a plain `del`."""
         ...
 
 
