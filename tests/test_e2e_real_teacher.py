@@ -33,7 +33,7 @@ def test_real_teacher_folder_and_prompt_file_edits(tmp_path):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["task"].update(kind="file", prompt_file="prompt_files/mine.jsonl", **SIZES)
     params["teacher"]["source"] = str(teacher)
-    params["sft"].update(hidden_size=8, steps=2)
+    params["sft"].update(hidden_size=8, max_steps=2)
     params["distill"].update(max_steps=2, checkpoint_every_n_steps=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_prompt_file(root / "prompt_files" / "mine.jsonl", seed=0)
