@@ -31,7 +31,7 @@ from pipeline.config import EvaluateConfig
 from pipeline.errors import UserError
 from pipeline.models import resolve_model_dir
 from pipeline.prompts import encode_prompt, read_prompts
-from pipeline.stage import stage_main
+from pipeline.stage import cli, stage_main
 from pipeline.tasks.verifiers import accuracy, exact, load_verifier
 
 
@@ -106,4 +106,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

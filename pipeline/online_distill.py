@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 from pipeline.config import DistillConfig, RolloutsConfig, TeacherTopkConfig, load_section
 from pipeline.errors import UserError
-from pipeline.stage import stage_main
+from pipeline.stage import cli, stage_main
 from pipeline.train.data import ResumableDataModule
 
 
@@ -157,4 +157,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -22,7 +22,7 @@ from pipeline.config import RolloutsConfig
 from pipeline.backends.engine import load_engine
 from pipeline.backends.generation import Sample, Sampling, batch_seed
 from pipeline.prompt_parts import plan_parts
-from pipeline.stage import add_shard_arg, stage_main
+from pipeline.stage import add_shard_arg, cli, stage_main
 
 KIND = "rollouts"
 
@@ -79,4 +79,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

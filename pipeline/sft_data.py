@@ -21,7 +21,7 @@ from pipeline.config import SftDataConfig
 from pipeline.backends.engine import load_engine
 from pipeline.backends.generation import Sample, Sampling, batch_seed
 from pipeline.prompt_parts import plan_parts
-from pipeline.stage import add_shard_arg, stage_main
+from pipeline.stage import add_shard_arg, cli, stage_main
 
 KIND = "sft_data"
 
@@ -70,4 +70,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -138,3 +138,17 @@ def stage_main(name: str, doc: str | None, add_args: Callable[[argparse.Argument
     write_json(args.metrics_dir / f"{name}.json", metrics)
     log.info("%s done in %.1f s", name, metrics["wall_s"])
     return metrics
+
+
+def cli(main: Callable[[], Any]) -> None:
+    """Run a stage's `main` as a command. After it succeeds in a process that loaded vLLM, exit without
+    interpreter teardown: the stage's outputs and metrics are already written atomically and the engine is
+    shut down, but vLLM's leftover threads can abort the process at teardown ("terminate called without an
+    active exception", exit -6), and DVC would then mark a finished stage as failed. In-process callers
+    (tests, bench/) call `main` directly and keep the normal exit."""
+    main()
+    if "vllm" in sys.modules:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

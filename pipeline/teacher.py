@@ -28,7 +28,7 @@ from pipeline.models import (MAX_POSITIONS, build_char_tokenizer, build_llama, l
 from pipeline.prompts import encode_prompt, read_prompts
 from pipeline.provenance import write_provenance
 from pipeline.errors import UserError
-from pipeline.stage import stage_main
+from pipeline.stage import cli, stage_main
 from pipeline.train.examples import Example
 
 log = logging.getLogger("opd")
@@ -156,4 +156,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -44,7 +44,7 @@ from pipeline.backends.scoring import SCORING_TEMPERATURE, Extras, Scored
 from pipeline.errors import UserError
 from pipeline.shard_codec import TeacherFormat, encode, make_codec
 from pipeline.sparse_targets import Selection, draw_uniforms
-from pipeline.stage import add_shard_arg, stage_main
+from pipeline.stage import add_shard_arg, cli, stage_main
 
 KIND = "teacher_topk"
 # Rollout footer fields every teacher shard carries unchanged: which policy sampled the rows, and how.
@@ -230,4 +230,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

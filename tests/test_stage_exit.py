@@ -1,0 +1,35 @@
+"""`pipeline.stage.cli`: after a successful stage that loaded vLLM, the process exits 0 without interpreter
+teardown (where vLLM's threads can abort it and DVC would fail a finished stage); otherwise exit is normal."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.tiny_models import REPO
+
+SCRIPT = """
+import atexit, sys, types
+from pathlib import Path
+if {vllm}:
+    sys.modules["vllm"] = types.ModuleType("vllm")   # as if an engine had been loaded
+atexit.register(lambda: Path({marker!r}).write_text("teardown ran"))
+from pipeline.stage import cli
+cli(lambda: print("stage output", flush=False))
+"""
+
+
+@pytest.mark.parametrize("vllm", [True, False])
+def test_cli_skips_teardown_only_after_vllm_was_loaded(tmp_path, vllm):
+    marker = tmp_path / "teardown"
+    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(vllm=vllm, marker=str(marker))], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "stage output\n"   # buffered output is flushed before the hard exit
+    assert marker.exists() != vllm
+
+
+def test_cli_keeps_a_failing_stage_failing():
+    script = "import sys, types; sys.modules['vllm'] = types.ModuleType('vllm')\n" \
+             "from pipeline.stage import cli\ndef main():\n    raise SystemExit(2)\ncli(main)\n"
+    assert subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=120).returncode == 2
