@@ -20,6 +20,7 @@ training. Rows (`--rows`, comma-separated):
   r<R>                     R rounds of rollouts -> teacher_topk -> distill, each from the previous round's
                            student, distill.max_steps each (what `python -m pipeline.rounds --rounds R` runs)
   r<R>eq                   the same with distill.max_steps / R steps per round: equal total optimizer steps
+  long<M>                  one round (R = 1) of M x distill.max_steps steps: r<M>'s steps without its refresh
   inconsistent             shards scored by a second teacher (teacher.seed + 1, trained here once, same
                            accuracy) for the π_ref fine-tuned on the first teacher's answers, override on
 
@@ -61,15 +62,16 @@ LOSSES: dict[str, dict[str, Any]] = {
     "pg": {"loss": "pg", "loss_params": {}},
     "pg_ppo": {"loss": "pg", "loss_params": {"baseline": 1.0, "trust_region": 0.2}},
 }
-DEFAULT_ROWS = "fkl,jsd,rkl,pg,pg_ppo,online_fkl,online_init_fkl,r2,r4,r4eq,inconsistent"
-ROW = re.compile(r"(?P<online>online_(?P<init>init_)?)?(?P<loss>[a-z_]+)$|r(?P<rounds>\d+)(?P<eq>eq)?$")
+DEFAULT_ROWS = "fkl,jsd,rkl,pg,pg_ppo,online_fkl,online_init_fkl,r2,r4,r8,long8,r4eq,inconsistent"
+ROW = re.compile(r"(?P<online>online_(?P<init>init_)?)?(?P<loss>[a-z_]+)$|r(?P<rounds>\d+)(?P<eq>eq)?$"
+                 r"|long(?P<long>\d+)$")
 
 
 def parse_row(row: str) -> re.Match:
     m = ROW.match(row)
     if m is None or (m["loss"] and m["loss"] not in LOSSES and row != "inconsistent"):
         raise SystemExit(f"--rows: unknown row {row!r}; rows are {', '.join(LOSSES)}, online_<loss>, "
-                         "online_init_<loss>, r<R>, r<R>eq, inconsistent")
+                         "online_init_<loss>, r<R>, r<R>eq, long<M>, inconsistent")
     return m
 
 
@@ -180,6 +182,9 @@ def train_row(row: str, seed: int, base: dict, work: Path, ref: Path, root: Path
     from pipeline import online_distill
 
     m = parse_row(row)
+    if m["long"]:
+        params = write_params(base, work, seed, {"max_steps": int(m["long"]) * base["distill"]["max_steps"]})
+        return offline_round(work, params, ref, Path(TEACHER), "r1")
     if m["rounds"]:
         rounds = int(m["rounds"])
         steps = base["distill"]["max_steps"] // rounds if m["eq"] else base["distill"]["max_steps"]

@@ -85,14 +85,15 @@ def test_opd_table_runs_every_kind_of_row_per_seed_and_resumes_from_its_cache(pr
     root, env, _ = project
     (root / "bench").mkdir(exist_ok=True)
     shutil.copy(REPO / "bench" / "opd_table.py", root / "bench" / "opd_table.py")
-    cmd = ["python", "bench/opd_table.py", "--rows", "fkl,pg_ppo,online_fkl,online_init_fkl,r2eq,inconsistent",
+    cmd = ["python", "bench/opd_table.py", "--rows", "fkl,pg_ppo,online_fkl,online_init_fkl,r2eq,long2,inconsistent",
            "--seeds", "0,1", "--work", "runs", "--out", "results/table"]
     sh(cmd, root, env)
     table = json.loads((root / "results" / "table.json").read_text())
     runs = json.loads((root / "results" / "table_runs.json").read_text())
     for svg in ("table.svg", "table_gain.svg"):
         assert "± " in (root / "results" / svg).read_text()   # bars with their std whiskers
-    assert list(table["rows"]) == ["sft", "fkl", "pg_ppo", "online_fkl", "online_init_fkl", "r2eq", "inconsistent"]
+    assert list(table["rows"]) == ["sft", "fkl", "pg_ppo", "online_fkl", "online_init_fkl", "r2eq", "long2",
+                                   "inconsistent"]
     for row, stats in table["rows"].items():
         assert stats["n"] == 2
         if row != "sft":
@@ -108,14 +109,15 @@ def test_opd_table_runs_every_kind_of_row_per_seed_and_resumes_from_its_cache(pr
     assert any(not torch.equal(s0[k], s1[k]) for k in s0)   # SFT re-run per seed: two different π_ref
     assert json.loads((rows / "online_init_fkl" / "s0" / "metrics_online" / "online_distill.json").read_text()
                       )["sampler"] == "init"
-    half = yaml.safe_load((root / "params.yaml").read_text())["distill"]["max_steps"] // 2
+    steps = yaml.safe_load((root / "params.yaml").read_text())["distill"]["max_steps"]
     for r in (1, 2):   # two rounds of half the steps, round 2 starting from round 1's student
-        assert json.loads((rows / "r2eq" / "s0" / f"metrics_r{r}" / "distill.json").read_text())["steps"] == half
+        assert json.loads((rows / "r2eq" / "s0" / f"metrics_r{r}" / "distill.json").read_text())["steps"] == steps // 2
+    assert json.loads((rows / "long2" / "s0" / "metrics_r1" / "distill.json").read_text())["steps"] == 2 * steps
     footer = pq.read_schema(next((rows / "inconsistent" / "s0" / "topk_r1").glob("*.parquet"))).metadata
     assert footer[b"opd.teacher_fingerprint"].decode() == model_fingerprint(teacher2 / "model") \
         != model_fingerprint(root / "data" / "models" / "teacher")
     stamps = {p: p.stat().st_mtime_ns for p in work.rglob("result.json")}
-    assert len(stamps) == 12
+    assert len(stamps) == 14
     assert "distill done" not in sh(cmd, root, env).stderr   # all cached
     assert {p: p.stat().st_mtime_ns for p in work.rglob("result.json")} == stamps
     params = yaml.safe_load((root / "params.yaml").read_text())   # a distill edit reruns rows, not π_ref
