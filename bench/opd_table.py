@@ -208,12 +208,12 @@ def train_row(row: str, seed: int, base: dict, work: Path, ref: Path, root: Path
 
 def run(row: str, seed: int, base: dict, root: Path) -> dict:
     """One (row, seed), cached in its work folder: accuracy, its π_ref's accuracy, KLs and wall seconds."""
-    ref = pi_ref(base, root, seed)
     work = keyed(root, "rows", base) / row / f"s{seed}"
     done = work / "result.json"
     with locked(work.with_name(f"s{seed}.lock")):
         if done.exists():
             return json.loads(done.read_text())
+        ref = pi_ref(base, root, seed)
         shutil.rmtree(work, ignore_errors=True)   # a killed run's leftovers
         student, wall = train_row(row, seed, base, work, ref, root)
         m = evaluate(work, Path(TEACHER), ref, student)

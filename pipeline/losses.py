@@ -294,8 +294,9 @@ class DistillLoss:
             a = targets.sampled_ids[s:e, None].long()
             lq_a = lq_all.gather(1, a)[:, 0]
             lq_t = torch.log_softmax(zf / self.behavior_temperature, dim=-1).gather(1, a)[:, 0]
-            shifted = targets.behavior_logprob[s:e].to(cd) + (lq_a - lq_t)
-            ratio = torch.exp((lq_a - shifted).clamp(max=log_clip))
+            log_r = lq_t - targets.behavior_logprob[s:e].to(cd)   # the ratio at the sampling temperature
+            shifted = lq_a - log_r
+            ratio = torch.exp(log_r.clamp(max=log_clip))
             if baseline > 0:
                 expected[s:e] = _expected_advantage(lq_all, targets.topk_ids[s:e], targets.topk_logprobs[s:e],
                                                     take_rows(targets.tail_logprob, s, e), tau) * ratio
@@ -304,7 +305,7 @@ class DistillLoss:
             behavior[s:e] = shifted
             if trust > 0:
                 adv = (targets.teacher_logprob[s:e].to(cd) - lq_a).clamp(-tau, tau) * ratio - baseline * expected[s:e]
-                r = torch.exp(lq_t - targets.behavior_logprob[s:e].to(cd))
+                r = log_r.exp()
                 inside[s:e] = torch.where(((adv > 0) & (r > 1 + trust)) | ((adv < 0) & (r < 1 - trust)), 0.0, 1.0)
         return expected, behavior, inside
 

@@ -36,6 +36,15 @@ def setup(tmp_path, **topk):
             "--logs", str(tmp_path / "logs")]
 
 
+def assert_behaviour_logprobs_are(model, batch) -> None:
+    """The batch's behaviour log-probs (T = 1 here) at response positions are `model`'s own."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logp = torch.log_softmax(logits.float(), -1).gather(2, batch["input_ids"][:, 1:, None])[..., 0]
+    resp = batch["response_mask"][:, 1:]
+    torch.testing.assert_close(batch["student_logprob"][:, 1:][resp], logp[resp], rtol=1e-4, atol=1e-4)
+
+
 def test_online_opd_samples_and_scores_every_step_and_trains(tmp_path, monkeypatch):
     seen = []
     orig = online_distill.OnlineBatches._batches
@@ -67,12 +76,7 @@ def test_online_opd_samples_and_scores_every_step_and_trains(tmp_path, monkeypat
     for batch, state in (seen[0], seen[-1]):
         student = AutoModelForCausalLM.from_pretrained(tmp_path / "pi_ref").eval()
         student.load_state_dict(state, strict=False)
-        with torch.no_grad():
-            slog = torch.log_softmax(student(input_ids=batch["input_ids"],
-                                             attention_mask=batch["attention_mask"]).logits[:, :-1].float(), -1)
-        slog = slog.gather(2, batch["input_ids"][:, 1:, None])[..., 0]
-        resp = batch["response_mask"][:, 1:]
-        torch.testing.assert_close(batch["student_logprob"][:, 1:][resp], slog[resp], rtol=1e-4, atol=1e-4)
+        assert_behaviour_logprobs_are(student, batch)
     # each batch was sampled by the weights of that moment: they changed between the samplings
     first, last = seen[0][1], seen[-1][1]
     assert any(not torch.equal(first[n], last[n]) for n in first)
@@ -105,9 +109,4 @@ def test_init_sampler_samples_every_step_with_the_frozen_initial_weights(tmp_pat
     assert any(not torch.equal(a, b) for a, b in zip(ref.state_dict().values(), trained.state_dict().values()))
     assert len(seen) == 3 and not torch.equal(seen[0]["input_ids"], seen[-1]["input_ids"])
     for batch in seen:   # every batch's behaviour log-probs are π_ref's, however far the student has moved
-        with torch.no_grad():
-            slog = torch.log_softmax(ref(input_ids=batch["input_ids"],
-                                         attention_mask=batch["attention_mask"]).logits[:, :-1].float(), -1)
-        slog = slog.gather(2, batch["input_ids"][:, 1:, None])[..., 0]
-        resp = batch["response_mask"][:, 1:]
-        torch.testing.assert_close(batch["student_logprob"][:, 1:][resp], slog[resp], rtol=1e-4, atol=1e-4)
+        assert_behaviour_logprobs_are(ref, batch)
