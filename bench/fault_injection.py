@@ -37,7 +37,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import shards  # noqa: E402
+from offline_opd.contract import shards  # noqa: E402
 
 STAGES = ["sft_data", "rollouts", "teacher_topk", "distill"]
 # configs/ci.yaml with smaller parts and more distill steps, so a kill can land between parts/checkpoints.
@@ -71,7 +71,7 @@ class Trial:
 
 
 def command(stage: str, out: str, metrics: str) -> list[str]:
-    return [sys.executable, "-m", f"pipeline.{stage}", "--params", "params.yaml", "--metrics-dir", metrics,
+    return [sys.executable, "-m", f"offline_opd.stages.{stage}", "--params", "params.yaml", "--metrics-dir", metrics,
             *COMMANDS[stage].format(out=out).split()]
 
 

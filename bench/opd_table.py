@@ -13,12 +13,12 @@ training. Rows (`--rows`, comma-separated):
   pg                       offline, the paper's loss exactly as stated (advantage log p_T(a) − log q(a), clipped)
   pg_ppo                   offline pg with a baseline and a PPO trust region (loss_params baseline 1,
                            trust_region 0.2: README "Losses")
-  online_<loss>            online OPD (pipeline/online_distill.py): same loss, optimizer steps and batch; the
+  online_<loss>            online OPD (pipeline/offline_opd/tools/online_distill.py): same loss, optimizer steps and batch; the
                            current student samples every step and the in-process teacher scores
   online_init_<loss>       the same with a frozen π_ref sampling every step (`--sampler init`): fresh but
                            off-policy samples, to tell freshness from on-policy-ness
   r<R>                     R rounds of rollouts -> teacher_topk -> distill, each from the previous round's
-                           student, distill.max_steps each (what `python -m pipeline.rounds --rounds R` runs)
+                           student, distill.max_steps each (what `python -m offline_opd.tools.rounds --rounds R` runs)
   r<R>eq                   the same with distill.max_steps / R steps per round: equal total optimizer steps
   long<M>                  one round (R = 1) of M x distill.max_steps steps: r<M>'s steps without its refresh
   inconsistent             shards scored by a second teacher (teacher.seed + 1, trained here once, same
@@ -129,7 +129,7 @@ def keyed(work: Path, kind: str, base: dict, sections: tuple[str, ...] | None = 
 
 def pi_ref(base: dict, root: Path, seed: int) -> Path:
     """π_ref of this seed: SFT on the teacher's answers with sft.seed = seed."""
-    from pipeline import sft
+    from offline_opd.stages import sft
 
     def make(out: Path) -> None:
         work = keyed(root, "sft", base, SFT_SECTIONS) / f"s{seed}"
@@ -142,7 +142,7 @@ def pi_ref(base: dict, root: Path, seed: int) -> Path:
 
 def second_teacher(base: dict, root: Path) -> Path:
     """A teacher trained exactly like the project's, from another seed (the inconsistent row's scorer)."""
-    from pipeline import teacher
+    from offline_opd.stages import teacher
 
     def make(out: Path) -> None:
         work = keyed(root, "teacher2", base, TEACHER_SECTIONS)
@@ -155,7 +155,9 @@ def second_teacher(base: dict, root: Path) -> Path:
 
 def offline_round(work: Path, params: Path, policy: Path, teacher: Path, tag: str) -> tuple[Path, float]:
     """rollouts of `policy` -> teacher_topk by `teacher` -> distill from `policy`; (student, wall seconds)."""
-    from pipeline import distill, rollouts, teacher_topk
+    from offline_opd.stages import distill
+    from offline_opd.stages import rollouts
+    from offline_opd.stages import teacher_topk
 
     m = stage_args(work, params, tag)
     roll, shards, out = work / f"rollouts_{tag}", work / f"topk_{tag}", work / f"student_{tag}"
@@ -169,7 +171,7 @@ def offline_round(work: Path, params: Path, policy: Path, teacher: Path, tag: st
 
 def evaluate(work: Path, teacher: Path, ref: Path, student: Path) -> dict:
     """evaluate's metrics for `student` against `ref` (its π_ref) on the held-out prompts."""
-    from pipeline import evaluate as stage
+    from offline_opd.stages import evaluate as stage
 
     metrics = work / "eval.json"
     stage.main(["--teacher", str(teacher), "--ref", str(ref), "--student", str(student), "--prompts", EVAL,
@@ -179,7 +181,7 @@ def evaluate(work: Path, teacher: Path, ref: Path, student: Path) -> dict:
 
 def train_row(row: str, seed: int, base: dict, work: Path, ref: Path, root: Path) -> tuple[Path, float]:
     """Train one (row, seed) from `ref`; (the trained student, wall seconds of the training side)."""
-    from pipeline import online_distill
+    from offline_opd.tools import online_distill
 
     m = parse_row(row)
     if m["long"]:
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "delete it after changing code")
     ap.add_argument("--out", type=Path, default=Path("bench/results/opd_table"))
     args = ap.parse_args(argv)
-    from pipeline.plots import bar_chart
+    from offline_opd.plots import bar_chart
 
     rows = args.rows.split(",")
     for row in rows:

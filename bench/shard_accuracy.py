@@ -34,7 +34,7 @@ VARIANTS = {
 
 
 def stage(module: str, params: Path, scratch: Path, *args: str) -> None:
-    cmd = [sys.executable, "-m", f"pipeline.{module}", "--params", str(params), "--metrics-dir",
+    cmd = [sys.executable, "-m", f"offline_opd.stages.{module}", "--params", str(params), "--metrics-dir",
            str(scratch / "metrics"), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:

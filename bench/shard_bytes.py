@@ -34,11 +34,12 @@ import pyarrow.parquet as pq
 
 import torch
 
-from kernels import sparse_divergence
-from pipeline import shards, teacher_topk
-from pipeline.backends.engine import load_engine
-from pipeline.config import EngineConfig
-from pipeline.shard_codec import Codec, TeacherFormat, make_codec
+from opd_kernels import sparse_divergence
+from offline_opd.contract import shards
+from offline_opd.stages import teacher_topk
+from offline_opd.backends.engine import load_engine
+from offline_opd.config import EngineConfig
+from offline_opd.contract.codec import Codec, TeacherFormat, make_codec
 
 ENTRY_COLUMNS = ("topk_ids", "topk_logprobs", "topk_lpmax", "topk_lpq")
 TEACHER_COLUMNS = ENTRY_COLUMNS + ("tail_logprob", "teacher_logprob")

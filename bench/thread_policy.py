@@ -58,14 +58,14 @@ def prepare_inputs(work: Path, steps: int) -> None:
     params = yaml.safe_load((REPO / "configs" / "toy.yaml").read_text())
     params["teacher"]["steps"] = steps
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run([sys.executable, "-m", "pipeline.prepare", "--out", "data/prompts"], cwd=work,
+    subprocess.run([sys.executable, "-m", "offline_opd.stages.prepare", "--out", "data/prompts"], cwd=work,
                    env=stage_env(1), check=True, capture_output=True)
 
 
 def time_teacher(work: Path, threads: int) -> tuple[float, float]:
     """(train_s, wall_s) of one `teacher` run with `threads` torch threads."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline.teacher", "--prompts", "data/prompts/sft.parquet",
+    subprocess.run([sys.executable, "-m", "offline_opd.stages.teacher", "--prompts", "data/prompts/sft.parquet",
                     "--out", "data/models/teacher", "--plots", "plots/teacher"], cwd=work, env=stage_env(threads),
                    check=True, capture_output=True)
     wall = time.perf_counter() - start

@@ -1,6 +1,6 @@
 """Peak memory of one training step of a SmolLM2-135M-shaped Llama (built locally, random init).
 
-Runs the real training stack's step (pipeline.train.module.TrainModule: decoder, response-position
+Runs the real training stack's step (offline_opd.train.module.TrainModule: decoder, response-position
 gather, the kernels' cross-entropy, backward, AdamW step) for the same global batch four ways: plain,
 gradient checkpointing, accumulation (the batch in micro-batches, each normalised by the global token
 count), and both. Each configuration runs in its own process so its peak is its own.
@@ -46,10 +46,10 @@ def one_run(batch: int, seq: int, checkpointing: bool, accumulate: int, device: 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.config import load_section
-    from pipeline.train.examples import Example, collate
-    from pipeline.train.module import TrainModule
-    from pipeline.train.supervised import cross_entropy_objective
+    from offline_opd.config import load_section
+    from offline_opd.train.examples import Example, collate
+    from offline_opd.train.module import TrainModule
+    from offline_opd.train.supervised import cross_entropy_objective
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(device)

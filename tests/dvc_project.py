@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The folders that hold the import packages (offline_opd, opd_kernels): like src/, never packages themselves.
+SOURCE_ROOTS = ("pipeline", "kernels")
 STAGES = ["prepare", "teacher", "sft_data", "sft", "rollouts", "teacher_topk", "distill", "evaluate"]
 
 
@@ -23,13 +25,13 @@ def ran_stages(output: str) -> list[str]:
 
 def init_project(root: Path, preset: str) -> dict:
     """Copy the pipeline, kernels and presets into `root`, activate `preset`, git+dvc init; return the env."""
-    for name in ["pipeline", "kernels", "configs", "prompt_files"]:
+    for name in [*SOURCE_ROOTS, "configs", "prompt_files"]:
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ["dvc.yaml", ".dvcignore", ".gitignore"]:
         shutil.copy(REPO / name, root / name)
     shutil.copy(REPO / "configs" / f"{preset}.yaml", root / "params.yaml")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "OPD_CACHE_DIR": str(root / ".cache"), "PYTHONPATH": str(root)}
+           "OPD_CACHE_DIR": str(root / ".cache"), "PYTHONPATH": os.pathsep.join(str(root / d) for d in SOURCE_ROOTS)}
     sh(["git", "init", "-q"], root, env)
     sh(["git", "config", "user.email", "ci@example.com"], root, env)
     sh(["git", "config", "user.name", "ci"], root, env)

@@ -16,8 +16,24 @@ import pytest
 import torch
 import yaml
 
-from pipeline import distill, evaluate, prepare, rollouts, sft, sft_data, stage, teacher, teacher_topk
-from pipeline.tasks import prompt_file
+from offline_opd.stages import distill
+
+from offline_opd.stages import evaluate
+
+from offline_opd.stages import prepare
+
+from offline_opd.stages import rollouts
+
+from offline_opd.stages import sft
+
+from offline_opd.stages import sft_data
+
+from offline_opd import runtime as stage
+
+from offline_opd.stages import teacher
+
+from offline_opd.stages import teacher_topk
+from offline_opd.tasks import prompt_file
 from tests.tiny_models import save_model
 
 REPO = Path(__file__).resolve().parents[1]

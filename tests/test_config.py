@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import SECTIONS, ConfigError, load_all, load_section
-from pipeline.preset import use_preset
+from offline_opd.config import SECTIONS, ConfigError, load_all, load_section
+from offline_opd.tools.preset import use_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import shards
-from pipeline.consistency import ConsistencyError, check_distill_inputs
-from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
-from pipeline.provenance import PROVENANCE_FILE, write_provenance
+from offline_opd.contract import shards
+from offline_opd.provenance.consistency import ConsistencyError, check_distill_inputs
+from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
+from offline_opd.provenance.record import PROVENANCE_FILE, write_provenance
 from tests.tiny_models import save_model, swap_token_ids, teacher_meta, write_teacher_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,7 +187,7 @@ def test_check_never_loads_a_model(world, monkeypatch):
 
 def test_distill_on_another_teachers_shards_fails_fast_before_loading_anything(world, tmp_path, capsys, monkeypatch):
     """The issue's acceptance check at stage level: the default params, shards from a different toy teacher."""
-    from pipeline import distill
+    from offline_opd.stages import distill
 
     root, teacher, init, _ = world
     other = save_model(root / "other_teacher", seed=5, hidden=32)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import SECTIONS
+from offline_opd.config import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -20,11 +20,11 @@ OPTIONAL: set[str] = set()
 
 def module_file(name: str) -> Path | None:
     parts = name.split(".")
-    if parts[0] not in ("pipeline", "kernels"):
+    if parts[0] == "opd_kernels":
+        return ROOT / "kernels" / "opd_kernels"  # the kernel package is one dependency
+    if parts[0] != "offline_opd":
         return None
-    if parts[0] == "kernels":
-        return ROOT / "kernels"  # the kernel package is one dependency
-    path = ROOT.joinpath(*parts).with_suffix(".py")
+    path = ROOT.joinpath("pipeline", *parts).with_suffix(".py")
     return path if path.exists() else None
 
 
@@ -53,7 +53,7 @@ def closure(start: Path) -> set[str]:
             dep = module_file(name)
             if dep is not None:
                 todo.append(dep)
-    seen.discard("pipeline/__init__.py")
+    seen.discard("pipeline/offline_opd/__init__.py")
     return seen
 
 
@@ -61,7 +61,7 @@ def closure(start: Path) -> set[str]:
 def test_stage_code_deps_match_imports(stage):
     spec = DAG[stage]
     module = spec["cmd"].split("python -m ")[1].split()[0]
-    needed = closure(ROOT.joinpath(*module.split(".")).with_suffix(".py"))
+    needed = closure(ROOT.joinpath("pipeline", *module.split(".")).with_suffix(".py"))
     listed = {d for d in spec["deps"] if d.startswith(("pipeline", "kernels"))}
     assert needed - OPTIONAL - listed == set(), f"{stage}: imports not listed in deps"
     assert listed - needed == set(), f"{stage}: deps listed but never imported"

@@ -13,16 +13,16 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from pipeline import distill as distill_stage
-from pipeline import shards
-from pipeline.config import load_section
-from pipeline.train.module import TrainModule
-from pipeline.train.shard_data import collate
-from pipeline.train.trainer import load_for_training
-from pipeline.fingerprint import model_fingerprint
-from pipeline.losses import loss_from_config
-from pipeline.models import default_device
-from pipeline.provenance import read_provenance
+from offline_opd.stages import distill as distill_stage
+from offline_opd.contract import shards
+from offline_opd.config import load_section
+from offline_opd.train.module import TrainModule
+from offline_opd.train.shard_data import collate
+from offline_opd.train.trainer import load_for_training
+from offline_opd.provenance.fingerprint import model_fingerprint
+from offline_opd.train.losses import loss_from_config
+from offline_opd.models.loading import default_device
+from offline_opd.provenance.record import read_provenance
 from tests.tiny_models import params_file, pi_ref, pi_ref_meta, plain_format, save_model, teacher_rows, write_teacher_shards
 
 K = 4

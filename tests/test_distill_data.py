@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import shards
-from pipeline.config import ConfigError
-from pipeline.train.shard_data import (TeacherShardDataModule, TeacherShardStream, collate, reader_units,
+from offline_opd.contract import shards
+from offline_opd.config import ConfigError
+from offline_opd.train.shard_data import (TeacherShardDataModule, TeacherShardStream, collate, reader_units,
                                    shard_units, unwrap_worker_error)
 from tests.tiny_models import pi_ref, pi_ref_meta, plain_format, teacher_rows, write_teacher_shards
 

@@ -14,8 +14,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.fingerprint import model_fingerprint
-from pipeline.rounds import ROUND_STAGES
+from offline_opd.provenance.fingerprint import model_fingerprint
+from offline_opd.tools.rounds import ROUND_STAGES
 from tests.dvc_project import REPO, STAGES, init_project, ran_stages, sh
 
 
@@ -64,10 +64,10 @@ def test_distill_param_change_reruns_only_distill_and_evaluate(project):
 
 
 def test_rounds_run_through_dvc_and_rerun_only_what_a_change_reaches(project):
-    """`pipeline.rounds --rounds 2` adds round 2 to the DAG: `dvc repro -P` runs only it, then nothing; a
+    """`offline_opd.tools.rounds --rounds 2` adds round 2 to the DAG: `dvc repro -P` runs only it, then nothing; a
     distill change reruns both rounds' distill and what follows, never the shared stages before them."""
     root, env, _ = project
-    sh(["python", "-m", "pipeline.rounds", "--rounds", "2"], root, env)
+    sh(["python", "-m", "offline_opd.tools.rounds", "--rounds", "2"], root, env)
     assert ran_stages(sh(["dvc", "repro", "-P"], root, env).stdout) == [f"{s}_r2" for s in ROUND_STAGES]
     r2 = json.loads((root / "metrics" / "rounds" / "r2" / "eval.json").read_text())
     assert 0.0 <= r2["student_opd"]["accuracy"] <= 1.0

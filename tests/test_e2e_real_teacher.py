@@ -11,7 +11,7 @@ import json
 import pytest
 import yaml
 
-from pipeline.tasks import addition as toy_task
+from offline_opd.tasks import addition as toy_task
 from tests.dvc_project import STAGES, init_project, ran_stages, sh
 from tests.tiny_models import save_model
 

@@ -14,12 +14,12 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from pipeline import evaluate
-from pipeline import models as models_module
-from pipeline.backends.hf import HFEngine
-from pipeline.backends import divergence
-from pipeline.prompts import validate_prompts
-from pipeline.tasks.addition import make_problems
+from offline_opd.stages import evaluate
+from offline_opd.models import loading as models_module
+from offline_opd.backends.hf import HFEngine
+from offline_opd.eval import divergence
+from offline_opd.contract.prompts import validate_prompts
+from offline_opd.tasks.addition import make_problems
 from tests.tiny_models import REPO, save_model
 
 

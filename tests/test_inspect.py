@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.models import build_char_tokenizer
-from pipeline import shards
-from pipeline.shard_codec import Codec, TeacherFormat
-from pipeline.inspect_shards import (META_SQL, QUERIES, SUMMARY_SQL, TOKENS_SUMMARY_SQL, TOKENS_VIEW_SQL,
+from offline_opd.models.loading import build_char_tokenizer
+from offline_opd.contract import shards
+from offline_opd.contract.codec import Codec, TeacherFormat
+from offline_opd.tools.inspect_shards import (META_SQL, QUERIES, SUMMARY_SQL, TOKENS_SUMMARY_SQL, TOKENS_VIEW_SQL,
                                      TOP_GAPS_SQL, connect, format_table, main, query, views_sql)
 from tests.tiny_models import save_model, teacher_meta, write_teacher_shards
 
@@ -173,7 +173,7 @@ def test_format_table_aligns_numbers_right():
 def test_q8_shards_decode_in_sql_as_the_readme_shows(tmp_path):
     """A q8 shard: the `shards` view gives the same ids and log-probs as the data path's decoder, the
     tokens view works on it, and the views `opd-inspect queries` prints are the README's, verbatim."""
-    from pipeline.shard_codec import encode, make_codec
+    from offline_opd.contract.codec import encode, make_codec
     from tests.tiny_models import teacher_rows
 
     rows = teacher_rows(6, 4, 100, seed=2)

@@ -1,7 +1,7 @@
 """Sparse-teacher divergence kernels: reference math, Triton vs reference, fused linear.
 
 Without CUDA the Triton kernel runs in Triton's CPU interpreter: TRITON_INTERPRET=1 is set in conftest.py, before
-`kernels.triton_sparse` is imported (kernels imports it lazily). With CUDA the same tests run the
+`opd_kernels.triton_sparse` is imported (kernels imports it lazily). With CUDA the same tests run the
 compiled kernel on the GPU.
 
 Tolerances.
@@ -21,16 +21,16 @@ import zlib
 import pytest
 import torch
 
-import kernels
-from kernels import MODE_PARAMS, MODES, check_mode_params, fused_linear_sparse_divergence, sparse_divergence
-from kernels import reference as ref
+import opd_kernels
+from opd_kernels import MODE_PARAMS, MODES, check_mode_params, fused_linear_sparse_divergence, sparse_divergence
+from opd_kernels import reference as ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEV == "cuda"
 
 
 def _triton():
-    from kernels import triton_sparse
+    from opd_kernels import triton_sparse
 
     assert ON_GPU or triton_sparse.is_interpreted(), "tests/conftest.py sets TRITON_INTERPRET=1 without CUDA"
     return triton_sparse
@@ -83,7 +83,7 @@ def run(d, mode, backend, *, mask=True, weights=None, grad_out=None, inplace=Fal
 
 
 def coarse_naive(z, ids, lp, mode, prm, *, samp=None, tlp=None, blp=None, eps=1e-12):
-    """Plain autograd formula on the k+1 outcomes (float64), independent of kernels.reference."""
+    """Plain autograd formula on the k+1 outcomes (float64), independent of opd_kernels.reference."""
     prm = check_mode_params(mode, prm)
     lq_all = torch.log_softmax(z, -1)
     if mode == "pg":
@@ -166,7 +166,7 @@ def test_mode_table_and_validation():
     d = make_inputs(2, 5, 2, device="cpu")
     with pytest.raises(ValueError, match="needs sampled_ids"):
         sparse_divergence(d["z"], d["ids"], d["lp"], "pg", backend="torch")
-    assert kernels.backend_for("cpu") == "torch" and kernels.backend_for("cpu", "triton") == "triton"
+    assert opd_kernels.backend_for("cpu") == "torch" and opd_kernels.backend_for("cpu", "triton") == "triton"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,7 +360,7 @@ def _kernels(V, block_v):
 def _compare(d, mode, dtype, block_v, prm=None):
     tri = _triton()
     prm = prm or {}
-    mid, cst = kernels.modes.kernel_mode(mode, prm)
+    mid, cst = opd_kernels.modes.kernel_mode(mode, prm)
     kw = pg_kw(d) if mode == "pg" else {}
     a, ga = run(d, mode, "torch", **prm)
     for kern in _kernels(d["z"].shape[1], block_v):
@@ -418,7 +418,7 @@ def test_triton_pg_k0_and_fp16_minus_inf_teacher():
     d = make_inputs(6, 100, 0, mask_frac=0.3)
     # k = 0 and no behaviour log-prob
     tri = _triton()
-    mid, cst = kernels.modes.kernel_mode("pg", {})
+    mid, cst = opd_kernels.modes.kernel_mode("pg", {})
     z = d["z"].clone().requires_grad_(True)
     loss = sparse_divergence(z, None, None, "pg", mask=d["mask"], backend="torch", **pg_kw(d, behavior=False))
     loss.sum().backward()
@@ -583,7 +583,7 @@ def _elementwise(p, q, mode, prm):
 def test_triton_exact_tail_and_entry_weights_match_reference(mode):
     tri = _triton()
     d = _tail_inputs()
-    mid, cst = kernels.modes.kernel_mode(mode, {})
+    mid, cst = opd_kernels.modes.kernel_mode(mode, {})
     for kw in (dict(tail_logprob=d["tail"]), dict(entry_weights=d["ew"]),
                dict(tail_logprob=d["tail"], entry_weights=d["ew"])):
         a, ga = run(d, mode, "torch", **kw)

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ConfigError
-from pipeline.losses import DistillLoss, LossSpec, Targets, loss_spec, select_tokens
+from offline_opd.config import ConfigError
+from offline_opd.train.losses import DistillLoss, LossSpec, Targets, loss_spec, select_tokens
 
 N, V, H = 7, 11, 5
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from pipeline import online_distill
+from offline_opd.tools import online_distill
 from tests.tiny_models import params_file, pi_ref, save_model
 
 

@@ -2,7 +2,7 @@
 
 import xml.etree.ElementTree as ET
 
-from pipeline import plots
+from offline_opd import plots
 
 
 def texts(svg: str) -> list[str]:

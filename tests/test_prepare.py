@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline import prepare
-from pipeline.prompts import PROMPT_SCHEMA, read_prompts
+from offline_opd.stages import prepare
+from offline_opd.contract.prompts import PROMPT_SCHEMA, read_prompts
 
 TASK = {"kind": "addition", "digits": 3, "n_sft": 60, "n_opd": 20, "n_eval": 10, "seed": 0, "prompt_file": None}
 

@@ -9,14 +9,16 @@ import pytest
 import torch
 import yaml
 
-from pipeline import rollouts, teacher_topk
-from pipeline.backends.generation import Sampling
-from pipeline.consistency import ConsistencyError, check_distill_inputs
-from pipeline.errors import UserError
-from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
-from pipeline.models import build_char_tokenizer, build_llama, prune_layers
-from pipeline.prompts import validate_prompts
-from pipeline.provenance import write_provenance
+from offline_opd.stages import rollouts
+
+from offline_opd.stages import teacher_topk
+from offline_opd.backends.generation import Sampling
+from offline_opd.provenance.consistency import ConsistencyError, check_distill_inputs
+from offline_opd.errors import UserError
+from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
+from offline_opd.models.loading import build_char_tokenizer, build_llama, prune_layers
+from offline_opd.contract.prompts import validate_prompts
+from offline_opd.provenance.record import write_provenance
 from tests.tiny_models import hf_engine, save_model
 
 ENGINE = {"batch_size": 4, "dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0}

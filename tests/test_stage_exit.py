@@ -1,4 +1,4 @@
-"""`pipeline.stage.cli`: after a successful stage that loaded vLLM, the process exits 0 without interpreter
+"""`offline_opd.runtime.cli`: after a successful stage that loaded vLLM, the process exits 0 without interpreter
 teardown (where vLLM's threads can abort it and DVC would fail a finished stage); otherwise exit is normal."""
 
 import subprocess
@@ -14,7 +14,7 @@ from pathlib import Path
 if {vllm}:
     sys.modules["vllm"] = types.ModuleType("vllm")   # as if an engine had been loaded
 atexit.register(lambda: Path({marker!r}).write_text("teardown ran"))
-from pipeline.stage import cli
+from offline_opd.runtime import cli
 cli(lambda: print("stage output", flush=False))
 """
 
@@ -31,5 +31,5 @@ def test_cli_skips_teardown_only_after_vllm_was_loaded(tmp_path, vllm):
 
 def test_cli_keeps_a_failing_stage_failing():
     script = "import sys, types; sys.modules['vllm'] = types.ModuleType('vllm')\n" \
-             "from pipeline.stage import cli\ndef main():\n    raise SystemExit(2)\ncli(main)\n"
+             "from offline_opd.runtime import cli\ndef main():\n    raise SystemExit(2)\ncli(main)\n"
     assert subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=120).returncode == 2

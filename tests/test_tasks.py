@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from pipeline.config import TaskConfig
-from pipeline.errors import UserError
-from pipeline.prompts import PROMPT_SCHEMA
-from pipeline.tasks.task import make_task
-from pipeline.tasks.verifiers import accuracy, exact, load_verifier, numeric
+from offline_opd.config import TaskConfig
+from offline_opd.errors import UserError
+from offline_opd.contract.prompts import PROMPT_SCHEMA
+from offline_opd.tasks.task import make_task
+from offline_opd.tasks.verifiers import accuracy, exact, load_verifier, numeric
 
 
 @pytest.mark.parametrize("response, answer, ok", [

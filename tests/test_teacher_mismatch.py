@@ -7,10 +7,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.models import build_char_tokenizer
-from pipeline import shards
-from pipeline.fingerprint import tokenizer_fingerprint
-from pipeline.teacher_mismatch import main, mismatch_stats
+from offline_opd.models.loading import build_char_tokenizer
+from offline_opd.contract import shards
+from offline_opd.provenance.fingerprint import tokenizer_fingerprint
+from offline_opd.tools.teacher_mismatch import main, mismatch_stats
 from tests.tiny_models import save_model, swap_token_ids
 
 

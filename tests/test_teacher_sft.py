@@ -6,12 +6,16 @@ import pytest
 import torch
 import yaml
 
-from pipeline.models import build_char_tokenizer
-from pipeline import prepare, sft, sft_data, shards, teacher
-from pipeline.tasks import addition as toy_task
-from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
-from pipeline.models import REF_FILE, ModelPathError, resolve_model_source
-from pipeline.provenance import read_provenance
+from offline_opd.models.loading import build_char_tokenizer
+from offline_opd.stages import prepare
+from offline_opd.stages import sft
+from offline_opd.stages import sft_data
+from offline_opd.contract import shards
+from offline_opd.stages import teacher
+from offline_opd.tasks import addition as toy_task
+from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
+from offline_opd.models.loading import REF_FILE, ModelPathError, resolve_model_source
+from offline_opd.provenance.record import read_provenance
 from tests import tiny_models
 
 TASK = {"kind": "addition", "digits": 3, "n_sft": 60, "n_opd": 8, "n_eval": 8, "seed": 0, "prompt_file": None}

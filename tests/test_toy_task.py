@@ -2,9 +2,9 @@
 
 import pytest
 
-from pipeline.models import build_char_tokenizer, build_llama
-from pipeline.tasks import addition as toy_task
-from pipeline.tasks.verifiers import numeric
+from offline_opd.models.loading import build_char_tokenizer, build_llama
+from offline_opd.tasks import addition as toy_task
+from offline_opd.tasks.verifiers import numeric
 
 
 @pytest.fixture(scope="module")

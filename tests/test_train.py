@@ -1,4 +1,4 @@
-"""The shared training stack (pipeline/train/): DDP over gloo equals one process with the same global
+"""The shared training stack (pipeline/offline_opd/train/): DDP over gloo equals one process with the same global
 batch, accumulation equals a bigger batch, every row is read once per epoch on any split, a run killed
 with SIGKILL resumes to the same weights, gradient checkpointing leaves gradients unchanged.
 
@@ -24,13 +24,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline import prepare
-from pipeline import teacher as teacher_stage
-from pipeline.config import load_section
-from pipeline.train.examples import Example, ExampleStream, collate
-from pipeline.train.module import TrainModule
-from pipeline.train.supervised import cross_entropy_objective
-from pipeline.train.trainer import load_for_training
+from offline_opd.stages import prepare
+from offline_opd.stages import teacher as teacher_stage
+from offline_opd.config import load_section
+from offline_opd.train.examples import Example, ExampleStream, collate
+from offline_opd.train.module import TrainModule
+from offline_opd.train.supervised import cross_entropy_objective
+from offline_opd.train.trainer import load_for_training
 from tests.tiny_models import REPO, save_model
 
 TASK = {"kind": "addition", "digits": 3, "n_sft": 110, "n_opd": 8, "n_eval": 8, "seed": 0, "prompt_file": None}
@@ -60,7 +60,7 @@ def teacher_cmd(root: Path, prompts: Path, **teacher) -> list[str]:
     params["teacher"] = {**params["teacher"], **TEACHER, **teacher}
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    return [sys.executable, "-m", "pipeline.teacher", "--params", str(root / "params.yaml"),
+    return [sys.executable, "-m", "offline_opd.stages.teacher", "--params", str(root / "params.yaml"),
             "--metrics-dir", str(root / "metrics"), "--prompts", str(prompts), "--out", str(root / "out"),
             "--plots", str(root / "plots"), "--logs", str(root / "logs")]
 

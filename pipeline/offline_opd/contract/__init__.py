@@ -1,0 +1,1 @@
+"""The data contracts every stage reads and writes: prompts, shards, codecs, sparse targets, parts."""

@@ -1,0 +1,351 @@
+"""The shard contract (docs/design.md §4): schema, footer metadata, atomic writes, validated streaming reads.
+
+Rollout shards hold one row per sampled response; teacher shards are the same rows plus the teacher's
+columns, so `data/teacher_topk/part-i.parquet` is `data/rollouts/part-i.parquet` scored. Everything
+that writes or reads a shard goes through this module, so the contract lives in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Collection, Iterator, Mapping
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from offline_opd.errors import UserError
+from offline_opd.contract.codec import Codec, TeacherFormat, codec_from_meta
+
+# 2: teacher shards store the exact tail (`tail_logprob`) and may use a codec (`opd.codec`) and sampled
+# entries (`sample_counts`). Version 1 teacher shards still read: their tail is rebuilt, with a warning.
+SCHEMA_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
+META_PREFIX = "opd."
+ROW_GROUP_SIZE = 256
+COMPRESSION = "zstd"
+
+ROLLOUT_FIELDS = [
+    pa.field("sample_id", pa.string(), nullable=False),
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("prompt_len", pa.int32(), nullable=False),
+    pa.field("student_logprobs", pa.list_(pa.float32()), nullable=False),
+]
+
+
+ROLLOUT_SCHEMA = pa.schema(ROLLOUT_FIELDS)
+
+
+def teacher_schema(fmt: TeacherFormat | str = "float16") -> pa.Schema:
+    """Rollout columns plus the teacher columns of `fmt` (a logprob dtype: plain top-k with exact tail)."""
+    if isinstance(fmt, str):
+        fmt = TeacherFormat(Codec("plain", logprob_dtype=fmt), width=0, samples=0, exact_tail=True)
+    return pa.schema(ROLLOUT_FIELDS + fmt.fields())
+
+
+# Footer keys every shard of a kind must carry (values are strings; JSON where structured).
+REQUIRED_META = {
+    "rollouts": ["schema_version", "kind", "policy_fingerprint", "tokenizer_fingerprint", "backend",
+                 "backend_version", "sampling_temperature", "created_at"],
+    "teacher_topk": ["schema_version", "kind", "teacher_fingerprint", "policy_fingerprint",
+                     "tokenizer_fingerprint", "k", "scoring_temperature", "privileged_context",
+                     "backend", "backend_version", "created_at"],
+    "sft_data": ["schema_version", "kind", "teacher_fingerprint", "tokenizer_fingerprint", "backend",
+                 "backend_version", "created_at"],
+}
+
+SFT_SCHEMA = pa.schema([
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("response", pa.string(), nullable=False),
+    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("prompt_len", pa.int32(), nullable=False),
+])
+
+
+class ShardError(UserError, ValueError):
+    """A shard is missing, unreadable, or breaks the contract. The message names the file."""
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def list_parts(folder: Path | str) -> list[Path]:
+    return sorted(Path(folder).glob("part-*.parquet"))
+
+
+def write_shard(path: Path | str, table: pa.Table, meta: Mapping[str, Any], schema: pa.Schema) -> Path:
+    """Validate and write one shard atomically: a crash leaves no file that looks complete.
+
+    `meta` keys are written with the `opd.` prefix; non-string values are JSON-encoded.
+    """
+    path = Path(path)
+    table = table.select(schema.names).cast(schema)
+    footer = {f"{META_PREFIX}{k}": (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
+    footer.setdefault(f"{META_PREFIX}schema_version", SCHEMA_VERSION)
+    footer.setdefault(f"{META_PREFIX}created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    table = table.replace_schema_metadata(footer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Plain (dictionary off) float16 is what DuckDB reads; BYTE_STREAM_SPLIT float16 it does not.
+    # Page CRCs let every read detect a flipped bit and name the file and row group (iter_row_groups).
+    pq.write_table(table, tmp, compression=COMPRESSION, row_group_size=ROW_GROUP_SIZE,
+                   use_dictionary=["sample_id", "prompt_id"], write_statistics=["sample_id", "prompt_id", "prompt_len"],
+                   write_page_checksum=True)
+    os.replace(tmp, path)
+    return path
+
+
+def read_meta(path: Path | str) -> dict[str, str]:
+    """The `opd.*` footer metadata of a shard, without the prefix."""
+    path = Path(path)
+    try:
+        raw = pq.read_metadata(path).metadata or {}
+    except (OSError, pa.ArrowException) as exc:
+        raise ShardError(f"{path}: not a readable Parquet file ({exc}); delete it and rerun the stage") from exc
+    return {k.decode()[len(META_PREFIX):]: v.decode() for k, v in raw.items() if k.decode().startswith(META_PREFIX)}
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    meta: dict[str, str]
+    num_rows: int
+    num_row_groups: int
+
+
+def open_shard(path: Path | str, kind: str, schema: pa.Schema | None = None) -> ShardInfo:
+    """Check a shard's footer and schema against the contract before any training touches it."""
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.get("kind", kind) != kind:
+        raise ShardError(f"{path}: is a '{meta['kind']}' shard, expected '{kind}'")
+    missing = [k for k in REQUIRED_META[kind] if k not in meta]
+    if missing:
+        raise ShardError(f"{path}: footer metadata lacks {', '.join(META_PREFIX + m for m in missing)}; "
+                         f"it was not written by this pipeline's `{kind}` stage: rerun it")
+    if meta["schema_version"] not in READABLE_VERSIONS:
+        raise ShardError(f"{path}: schema version {meta['schema_version']}, this code reads "
+                         f"{', '.join(READABLE_VERSIONS)}; rerun the `{kind}` stage")
+    pf = pq.ParquetFile(path)
+    if schema is not None:
+        actual = pf.schema_arrow
+        for field in schema:
+            if field.name not in actual.names:
+                raise ShardError(f"{path}: missing column '{field.name}' ({field.type}); rerun the `{kind}` stage")
+            if not _same_type(actual.field(field.name).type, field.type):
+                raise ShardError(f"{path}: column '{field.name}' has type {actual.field(field.name).type}, "
+                                 f"expected {field.type}; rerun the `{kind}` stage")
+    return ShardInfo(path, meta, pf.metadata.num_rows, pf.metadata.num_row_groups)
+
+
+def open_run(folder: Path | str, kind: str, schema: pa.Schema,
+             agree: tuple[str, ...] = ("run_key",)) -> list[ShardInfo]:
+    """Every part of one complete run of stage `kind` in `folder`, footer- and schema-checked (`check_run`)."""
+    folder = Path(folder)
+    parts = list_parts(folder)
+    if not parts:
+        raise ShardError(f"{folder}: no part-*.parquet {kind} shards; run the `{kind}` stage first (dvc repro {kind})")
+    infos = [open_shard(p, kind, schema) for p in parts]
+    check_run(folder, infos, kind, agree)
+    return infos
+
+
+def check_run(folder: Path, infos: list[ShardInfo], kind: str, agree: tuple[str, ...] = ("run_key",)) -> None:
+    """The parts are one complete run of `kind`: one run key, all parts present, no row twice.
+
+    A stage that consumes half a run would silently drop prompts, one that mixes two runs (say, rollouts
+    of the same policy with another seed) would train on two sources, and a duplicated part would
+    weigh its rows twice: the parts must agree on the footer keys `agree` (the run key at least), be
+    exactly parts 0 .. num_parts-1 of the run their footers describe, and hold each row id once.
+    """
+    first = infos[0]
+    for info in infos[1:]:
+        for key in agree:
+            if info.meta.get(key) != first.meta.get(key):
+                raise ShardError(f"{folder}: parts disagree on {key}: {first.meta.get(key)} in {first.path.name} but "
+                                 f"{info.meta.get(key)} in {info.path.name}; parts of two `{kind}` runs are mixed: "
+                                 f"delete {folder} and rerun `dvc repro {kind}`")
+    expected = [part_name(j) for j in range(int(first.meta.get("num_parts", len(infos))))]
+    names = [i.path.name for i in infos]
+    if names != expected:
+        missing = sorted(set(expected) - set(names))
+        raise ShardError(f"{folder}: the `{kind}` run is incomplete ({len(names)} parts, its footers say "
+                         f"{len(expected)}; missing {', '.join(missing[:3]) or 'none'}); finish every "
+                         f"`--shard i/n` of it, or rerun `dvc repro {kind}`")
+    _check_unique_rows(folder, infos, kind)
+
+
+def _check_unique_rows(folder: Path, infos: list[ShardInfo], kind: str) -> None:
+    """Each row id (sample_id; prompt_id for sft_data, one answer per prompt) in one part, once."""
+    column = "prompt_id" if kind == "sft_data" else "sample_id"
+    ids = [pa.chunked_array([g.column(column).combine_chunks() for g in iter_row_groups(i, [column])], pa.string())
+           for i in infos]
+    whole = pa.chunked_array([c for part in ids for c in part.chunks], pa.string())
+    if pc.count_distinct(whole).as_py() == len(whole):
+        return
+    seen: dict[str, Path] = {}
+    for info, part in zip(infos, ids):
+        for value in part.to_pylist():
+            if value in seen:
+                raise ShardError(f"{info.path}: {column} {value!r} is also in {seen[value].name}; rows are "
+                                 f"duplicated (a copied part?): delete {folder} and rerun `dvc repro {kind}`")
+            seen[value] = info.path
+
+
+def open_teacher_shards(folder: Path | str) -> list[ShardInfo]:
+    """Every part of one complete teacher_topk run in `folder`, footer- and schema-checked (`check_run`).
+
+    Each shard is checked against the schema of the format its footer records (codec, sampled
+    entries, exact tail). Version 1 shards (no exact tail) are read with a warning: their tail mass
+    is rebuilt as 1 - Σ exp(top-k), which is off by nats where the true tail is below ~1e-4.
+    """
+    folder = Path(folder)
+    parts = list_parts(folder)
+    if not parts:
+        raise ShardError(f"{folder}: no part-*.parquet teacher shards; run the `teacher_topk` stage")
+    infos = [open_shard(p, "teacher_topk", teacher_schema(teacher_format_of(p, read_meta(p)))) for p in parts]
+    check_run(folder, infos, "teacher_topk")
+    old = [i.path.name for i in infos if i.meta["schema_version"] == "1"]
+    if old:
+        warnings.warn(f"{folder}: {len(old)} teacher shard(s) of schema version 1 ({old[0]}, ...) store no exact "
+                      f"tail; the tail mass is rebuilt from the top-k, which is inaccurate where it is small: "
+                      f"rerun `dvc repro teacher_topk` to store it", stacklevel=2)
+    return infos
+
+
+def teacher_format_of(path: Path, meta: dict[str, str]) -> TeacherFormat:
+    """The teacher format a shard's footer describes (footers written before v2 describe plain top-k)."""
+    width = int(json.loads(meta.get("width", meta.get("k", "0"))))
+    return TeacherFormat(codec_from_meta(meta, _logprob_dtype(path)), width=width,
+                         samples=int(meta.get("samples", "0")), exact_tail=meta.get("schema_version") != "1")
+
+
+def teacher_format(infos: list[ShardInfo]) -> TeacherFormat:
+    """The format every shard of one run shares (one batch holds one [B, T, W] tensor, one codec)."""
+    formats = [teacher_format_of(i.path, i.meta) for i in infos]
+    for info, fmt in zip(infos, formats):
+        if fmt != formats[0]:
+            raise ShardError(f"{info.path}: stores {fmt} but {infos[0].path} stores {formats[0]}; shards of one "
+                             f"run must share k, codec and selection: rerun the `teacher_topk` stage")
+    return formats[0]
+
+def check_folder(folder: Path | str) -> list[ShardInfo]:
+    """`opd-inspect check DIR`: the parts in `folder`, of whichever kind their footers name, are one run."""
+    folder = Path(folder)
+    parts = list_parts(folder)
+    if not parts:
+        raise ShardError(f"{folder}: no part-*.parquet shards")
+    kind = read_meta(parts[0]).get("kind")
+    if kind == "teacher_topk":
+        return open_teacher_shards(folder)
+    if kind not in ("rollouts", "sft_data"):
+        raise ShardError(f"{parts[0]}: footer kind {kind!r} is not one of rollouts, teacher_topk, sft_data")
+    return open_run(folder, kind, ROLLOUT_SCHEMA if kind == "rollouts" else SFT_SCHEMA)
+
+
+def _logprob_dtype(path: Path) -> str:
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise ShardError(f"{path}: not a readable Parquet file ({exc}); delete it and rerun the stage") from exc
+    if "topk_logprobs" not in schema.names:
+        return "float16"  # open_shard then reports the missing column by name
+    return "float32" if pa.types.is_float32(schema.field("topk_logprobs").type.value_type) else "float16"
+
+
+def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
+    """Type equality that ignores list item field names ('item' vs 'element' differ across writers)."""
+    if pa.types.is_list(a) and pa.types.is_list(b):
+        return a.value_type.equals(b.value_type)
+    return a.equals(b)
+
+
+def iter_row_groups(info: ShardInfo, columns: list[str] | None = None,
+                    groups: list[int] | None = None) -> Iterator[pa.Table]:
+    """Stream a shard one row group at a time; a truncated or corrupt group names the file."""
+    pf = pq.ParquetFile(info.path, page_checksum_verification=True)
+    for g in range(info.num_row_groups) if groups is None else groups:
+        try:
+            yield pf.read_row_group(g, columns=columns)
+        except (OSError, pa.ArrowException) as exc:
+            raise ShardError(f"{info.path}: row group {g} is unreadable ({exc}); the file is corrupt or "
+                             f"truncated: delete it and rerun the stage that wrote it") from exc
+
+
+def verify_pages(path: Path | str) -> int:
+    """Read every page of a shard, checking its CRC (and decompression): the number of row groups read.
+
+    A full read, so it costs one pass of I/O; the ShardError names the file and the row group.
+    """
+    path = Path(path)
+    meta = read_meta(path)  # a broken footer is a ShardError naming the file
+    info = ShardInfo(path, meta, 0, pq.read_metadata(path).num_row_groups)
+    for _ in iter_row_groups(info):
+        pass
+    return info.num_row_groups
+
+
+def finished_parts(folder: Path | str, kind: str, run_key: str,
+                   only: Collection[str] | None = None) -> set[str]:
+    """Names of parts already complete for this exact run (resume skips them).
+
+    A part counts only if its footer is intact and its `run_key` (a hash of the stage's settings and
+    input fingerprints) matches: parts left by a crashed run resume, parts from other settings and
+    half-written temporaries are deleted so they can never mix into this run's output. `only`
+    limits all of this to the part names a process owns, so processes filling one folder with
+    `--shard i/n` never delete each other's parts or temporaries mid-write.
+    """
+    folder = Path(folder)
+    for tmp in folder.glob(".part-*.tmp-*"):
+        if only is None or tmp.name[1:].split(".tmp-")[0] in only:
+            tmp.unlink(missing_ok=True)
+    done = set()
+    for path in list_parts(folder):
+        if only is not None and path.name not in only:
+            continue
+        try:
+            ok = open_shard(path, kind).meta.get("run_key") == run_key
+        except ShardError:
+            ok = False
+        if ok:
+            done.add(path.name)
+        else:
+            path.unlink()
+    return done
+
+
+def make_run_key(**inputs: Any) -> str:
+    """The resume key of a stage run: a hash of its settings and input fingerprints (JSON-able values)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def pending_parts(folder: Path | str, kind: str, run_key: str, n_parts: int,
+                  shard: tuple[int, int] = (0, 1)) -> list[int]:
+    """Indices of this process's parts (index % n == i) still to write for a run of `n_parts` parts.
+
+    First removes this process's stale and half-written parts (`finished_parts`) and its parts
+    numbered `n_parts` or more, left by an earlier run that had more, so the folder ends up holding
+    exactly this run's parts.
+    """
+    i, n = shard
+    folder = Path(folder)
+    existing = {int(m.group(1)): p for p in list_parts(folder) if (m := _PART_RE.fullmatch(p.name))}
+    owned = {part_name(j) for j in set(range(n_parts)) | set(existing) if j % n == i}
+    done = finished_parts(folder, kind, run_key, only=owned)
+    for j, path in existing.items():
+        if j >= n_parts and j % n == i:
+            path.unlink(missing_ok=True)
+    return [j for j in range(i, n_parts, n) if part_name(j) not in done]
+
+
+_PART_RE = re.compile(r"part-(\d+)\.parquet")

@@ -1,0 +1,1 @@
+"""Evaluation metrics that are not part of training."""

@@ -1,0 +1,1 @@
+"""Loading and saving models and tokenizers (Hugging Face folders, GGUF)."""

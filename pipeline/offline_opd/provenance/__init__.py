@@ -1,0 +1,1 @@
+"""Who made an artefact: fingerprints, provenance records, and the teacher-consistency chain."""

@@ -1,0 +1,137 @@
+"""Teacher consistency (docs/design.md §5): `distill` refuses inputs that would train toward the wrong optimum.
+
+Lightning OPD's finding: offline OPD converges to the right optimum only when the teacher that wrote
+the SFT data also scored the rollouts, and the rollouts were sampled by the π_ref training starts
+from; otherwise a gradient bias remains that no amount of training removes. Nothing in the loss can
+see this, so it is checked here, from metadata alone, before anything heavy is loaded: the
+teacher_topk shard footers, π_ref's `opd_provenance.json`, and π_ref's model fingerprint (cached).
+
+Teacher and policy mismatches can be overridden for ablations (`distill.allow_inconsistent_teacher`);
+the override is logged as a warning and returned in the report that distill records. Structural
+mismatches (tokenizer, k, schema version) are never overridable: the shards' token ids and top-k
+layout would not mean what training assumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from offline_opd.errors import UserError
+from offline_opd.contract import shards
+from offline_opd.provenance.fingerprint import model_fingerprint
+from offline_opd.provenance.record import PROVENANCE_FILE, ProvenanceError, read_provenance
+
+log = logging.getLogger("opd.consistency")
+
+# Footer keys every shard of one distill run must share; the first group may be overridden for ablations.
+OVERRIDABLE_KEYS = ("teacher_fingerprint", "policy_fingerprint", "scoring_temperature", "privileged_context")
+STRUCTURAL_KEYS = ("schema_version", "k", "tokenizer_fingerprint")
+FIX_TEACHER = ("rerun `dvc repro teacher_topk` with the SFT teacher (or `dvc repro` from sft_data with the new "
+               "teacher), or set distill.allow_inconsistent_teacher: true for an ablation")
+FIX_POLICY = ("rerun `dvc repro rollouts teacher_topk` so π_ref samples the rollouts, or set "
+              "distill.allow_inconsistent_teacher: true for an ablation")
+FIX_TOKENIZER = ("teacher and student must share one tokenizer: rebuild them with the same tokenizer and rerun "
+                 "`dvc repro`")
+
+
+class ConsistencyError(UserError, ValueError):
+    """distill's inputs come from different teachers, policies or tokenizers. The message says which and how to fix."""
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One failed rule, with both sides' values and where each was read from."""
+
+    check: str
+    found_what: str
+    found: str
+    found_from: str
+    expected_what: str
+    expected: str
+    expected_from: str
+    fix: str
+    overridable: bool
+
+    def message(self) -> str:
+        return (f"{self.check} mismatch: {self.found_what} {self.found} in {self.found_from} but "
+                f"{self.expected_what} {self.expected} in {self.expected_from}; fix: {self.fix}")
+
+
+def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inconsistent_teacher: bool) -> dict:
+    """Check that π_ref in `init_dir` and the teacher_topk shards in `shards_dir` belong together.
+
+    Raises ConsistencyError (or ShardError for an unreadable shard) naming both fingerprints and
+    their files. With the override, teacher/policy mismatches only log a warning; the returned
+    report (fingerprints checked, `override_used`, `mismatches`) is for distill's metadata and metrics.
+    """
+    init_dir, shards_dir = Path(init_dir), Path(shards_dir)
+    infos = shards.open_teacher_shards(shards_dir)
+    first = infos[0]
+    mismatches = _shard_disagreements(infos)
+    where = f"{first.path} (footer {shards.META_PREFIX}{{key}}; {len(infos)} shards)"
+    try:
+        prov = read_provenance(init_dir, ("model_fingerprint", "tokenizer_fingerprint", "sft_teacher_fingerprint"))
+    except ProvenanceError as exc:
+        raise ConsistencyError(f"π_ref {init_dir}: {exc}") from None
+    prov_path = init_dir / PROVENANCE_FILE
+    sft_files = ", ".join(prov.get("sft_data_files") or []) or "unrecorded sft data files"
+    init_fp = model_fingerprint(init_dir)
+    fp = {key: first.meta[key] for key in ("teacher_fingerprint", "policy_fingerprint", "tokenizer_fingerprint")}
+    recomputed = f"{init_dir} (model fingerprint, recomputed)"
+    checks = [
+        Mismatch("teacher", "the shards were scored by teacher", fp["teacher_fingerprint"],
+                 where.format(key="teacher_fingerprint"), "π_ref was fine-tuned on answers of teacher",
+                 prov["sft_teacher_fingerprint"], f"{prov_path} (sft_teacher_fingerprint, from {sft_files})",
+                 FIX_TEACHER, True),
+        Mismatch("policy (π_ref)", "the rollouts were sampled by policy", fp["policy_fingerprint"],
+                 where.format(key="policy_fingerprint"), "distill starts from", init_fp, recomputed,
+                 FIX_POLICY, True),
+        Mismatch("π_ref provenance", "the sft stage recorded", prov["model_fingerprint"],
+                 f"{prov_path} (model_fingerprint)", "the folder holds", init_fp, recomputed,
+                 "the model changed after the sft stage wrote it: rerun `dvc repro sft`", True),
+        Mismatch("tokenizer", "the shards were tokenized with", fp["tokenizer_fingerprint"],
+                 where.format(key="tokenizer_fingerprint"), "π_ref's tokenizer is", prov["tokenizer_fingerprint"],
+                 f"{prov_path} (tokenizer_fingerprint)", FIX_TOKENIZER, False),
+    ]
+    mismatches += [m for m in checks if m.found != m.expected]
+    _raise_or_warn(mismatches, allow_inconsistent_teacher)
+    return {
+        "teacher_fingerprint": fp["teacher_fingerprint"],
+        "sft_teacher_fingerprint": prov["sft_teacher_fingerprint"],
+        "policy_fingerprint": fp["policy_fingerprint"],
+        "init_fingerprint": init_fp,
+        "tokenizer_fingerprint": fp["tokenizer_fingerprint"],
+        "init_tokenizer_fingerprint": prov["tokenizer_fingerprint"],
+        "k": json.loads(first.meta["k"]),
+        "schema_version": first.meta["schema_version"],
+        "num_shards": len(infos),
+        "num_rows": sum(i.num_rows for i in infos),
+        "allow_inconsistent_teacher": allow_inconsistent_teacher,
+        "override_used": bool(mismatches),
+        "mismatches": [asdict(m) for m in mismatches],
+    }
+
+
+def _shard_disagreements(infos: list[shards.ShardInfo]) -> list[Mismatch]:
+    """Every shard must match the first one on the keys that define what a run trains on."""
+    first, out = infos[0], []
+    for key in STRUCTURAL_KEYS + OVERRIDABLE_KEYS:
+        other = next((i for i in infos[1:] if i.meta[key] != first.meta[key]), None)
+        if other is not None:
+            out.append(Mismatch(
+                f"shards' {key}", "one shard has", other.meta[key], f"{other.path} (footer {shards.META_PREFIX}{key})",
+                "another has", first.meta[key], f"{first.path} (footer {shards.META_PREFIX}{key})",
+                f"shards from different runs are mixed in {other.path.parent}: delete them and rerun "
+                f"`dvc repro teacher_topk`" if key in STRUCTURAL_KEYS else FIX_TEACHER, key in OVERRIDABLE_KEYS))
+    return out
+
+
+def _raise_or_warn(mismatches: list[Mismatch], allow: bool) -> None:
+    hard = [m for m in mismatches if not (allow and m.overridable)]
+    if hard:
+        raise ConsistencyError(" | ".join(m.message() for m in hard))
+    for m in mismatches:
+        log.warning("distill.allow_inconsistent_teacher is set: training anyway despite %s", m.message())

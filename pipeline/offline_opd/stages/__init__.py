@@ -1,0 +1,1 @@
+"""One module per DVC stage: thin entry points (args, run, main)."""

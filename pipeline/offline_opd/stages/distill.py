@@ -1,0 +1,123 @@
+"""Stage `distill`: train π_ref on the precomputed teacher top-k shards (offline on-policy distillation).
+
+Order of work, cheapest checks first: the teacher-consistency check (shard footers, provenance,
+fingerprints; refuses a mismatched teacher, policy or tokenizer unless distill.allow_inconsistent_teacher
+is set, which is then recorded), every shard's footer and schema, the loss settings (pg's importance
+ratio reads the rollouts' sampling temperature from the footers), and only then the student. The teacher is never loaded: the shards hold everything the loss needs.
+
+Training is the shared stack in pipeline/offline_opd/train/ (strategy, precision, accumulation, checkpointing
+from the distill section): CSV (and TensorBoard, if installed) logs and a `last.ckpt` checkpoint under
+--logs. A rerun with the same settings and inputs resumes from that checkpoint (weights, optimizer,
+schedule and the exact data position); a checkpoint from other settings or inputs is discarded with
+its logs. The result is a Hugging Face folder at --out (written
+atomically, with opd_provenance.json), the loss curve at --plots/loss.csv, and metrics/distill.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from offline_opd.atomic import write_text
+from offline_opd.config import DistillConfig
+from offline_opd.provenance.consistency import check_distill_inputs
+from offline_opd.errors import UserError
+from offline_opd.contract.shards import ShardError, ShardInfo
+from offline_opd.runtime import stage_main
+
+log = logging.getLogger("opd.distill")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--init", type=Path, required=True,
+                        help="π_ref: the Hugging Face model folder training starts from (the sft stage's output)")
+    parser.add_argument("--shards", type=Path, required=True,
+                        help="folder of teacher_topk part-*.parquet shards (streamed, never loaded whole)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="where the distilled model is written (a Hugging Face folder, replaced atomically)")
+    parser.add_argument("--logs", type=Path, required=True,
+                        help="training logs and the resume checkpoint (keep it between runs to resume)")
+    parser.add_argument("--plots", type=Path, required=True, help="folder for loss.csv (columns step, train_loss)")
+
+
+def run_key(cfg: DistillConfig, report: dict, infos: list[ShardInfo]) -> str:
+    """Identity of a training run: its settings and its exact inputs. A checkpoint resumes only under it."""
+    shard_ids = [[i.path.name, i.meta.get("run_key"), i.meta.get("created_at")] for i in infos]
+    payload = {"config": dataclasses.asdict(cfg), "init": report["init_fingerprint"],
+               "teacher": report["teacher_fingerprint"], "shards": shard_ids}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def check_kernel_backend(cfg: DistillConfig, params: Path) -> None:
+    """`triton` without a GPU would fail deep in training (or crawl in the interpreter unasked); say so first."""
+    import torch
+
+    if cfg.kernel_backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(f"{params}: distill.kernel_backend: 'triton' needs a CUDA GPU and none is visible; set it to "
+                        f"'auto' (Triton on GPU, PyTorch on CPU) or 'torch'")
+
+
+def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
+    check_kernel_backend(cfg, args.params)
+    report = check_distill_inputs(args.init, args.shards, cfg.allow_inconsistent_teacher)
+
+    from transformers import AutoTokenizer
+
+    from opd_kernels import backend_for
+    from offline_opd.train.losses import loss_from_config
+    from offline_opd.models.loading import resolve_model_dir
+    from offline_opd.provenance.record import write_provenance
+    from offline_opd.train.module import TrainModule
+    from offline_opd.train.shard_data import TeacherShardDataModule, unwrap_worker_error
+    from offline_opd.train.trainer import fit, load_for_training, save_model
+
+    data = TeacherShardDataModule(args.shards, cfg.batch_size, cfg.seed, cfg.shuffle_row_groups, cfg.num_workers)
+    data.setup()
+    objective = loss_from_config(cfg, f"{args.params}: distill",
+                                 behavior_temperature=float(data.infos[0].meta["sampling_temperature"]))
+    model, dtype = load_for_training(args.init, cfg.precision)
+    module = TrainModule(model, cfg, objective)
+    try:
+        result = fit(module, data, cfg, args.logs, run_key(cfg, report, data.infos), f"{args.params}: distill")
+    except ShardError as exc:
+        raise unwrap_worker_error(exc) from None
+
+    def finish(folder: Path) -> None:
+        """π_ref's tokenizer (unchanged) and the provenance next to the trained weights."""
+        AutoTokenizer.from_pretrained(resolve_model_dir(args.init)).save_pretrained(folder)
+        write_provenance(
+            folder, "distill", source=str(args.init), config=dataclasses.asdict(cfg),
+            init_fingerprint=report["init_fingerprint"], teacher_fingerprint=report["teacher_fingerprint"],
+            # Carried forward so the next round of multi-round OPD can start from this student: it
+            # descends from the same SFT data, and that teacher's shards are what stay consistent with it.
+            sft_teacher_fingerprint=report["sft_teacher_fingerprint"],
+            allow_inconsistent_teacher=cfg.allow_inconsistent_teacher, consistency=report)
+
+    save_model(result, args.out, dtype, finish)
+    if not result.trainer.is_global_zero:
+        return {}
+    write_text(args.plots / "loss.csv", result.loss_csv("train_loss"))
+    device = module.train_device
+    return {
+        "final_loss": result.final_loss,
+        "steps": result.trainer.global_step,
+        "resumed": result.resumed,
+        **result.speed(),
+        "kernel_backend": None if device is None else backend_for(device, cfg.kernel_backend),
+        "fused_linear": None if device is None else module.fused_on(device),
+        "allow_inconsistent_teacher": cfg.allow_inconsistent_teacher,
+        "consistency_override_used": report["override_used"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return stage_main("distill", __doc__, add_args, run, argv)
+
+
+if __name__ == "__main__":
+    main()

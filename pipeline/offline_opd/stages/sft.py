@@ -1,0 +1,156 @@
+"""Stage `sft`: π_ref, the student fine-tuned on the teacher's own answers (data/sft), loss on response tokens.
+
+The student must share the teacher's tokenizer (the teacher's top-k ids are only meaningful in the
+student's vocabulary if the ids mean the same tokens), so a real student base (`sft.source`: a model
+folder or hub id) with a different tokenizer fingerprint is refused. `sft.source: scratch` builds a
+small Llama on the teacher's own tokenizer, at most a quarter of the teacher's size, so there is
+something left to distil; `sft.source: teacher` starts from the teacher's weights, and with
+`sft.prune_to_layers` keeps only that many of its layers (Minitron-style depth pruning, healed by SFT).
+The SFT parts must all come from one teacher, the one passed as --teacher; the output's opd_provenance.json records it (`sft_teacher_fingerprint`) and the parts it trained on,
+which is what `distill` checks the teacher_topk shards against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from offline_opd.contract import shards
+from offline_opd.atomic import write_text
+from offline_opd.config import SftConfig
+from offline_opd.provenance.consistency import FIX_TOKENIZER, ConsistencyError
+from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
+from offline_opd.models.loading import build_llama, parameter_count, prune_layers, resolve_model_dir, resolve_model_source
+from offline_opd.provenance.record import write_provenance
+from offline_opd.errors import UserError
+from offline_opd.runtime import stage_main
+from offline_opd.train.examples import Example
+
+log = logging.getLogger("opd")
+
+MAX_STUDENT_FRACTION = 0.25
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="the sft_data shards (data/sft)")
+    parser.add_argument("--teacher", type=Path, required=True,
+                        help="the teacher that wrote --data (data/models/teacher): its tokenizer for a scratch "
+                             "student, its size for the quarter-size rule, its fingerprint checked against the parts")
+    parser.add_argument("--out", type=Path, required=True, help="π_ref model folder (data/models/student_sft)")
+    parser.add_argument("--plots", type=Path, default=Path("plots/sft"),
+                        help="folder for loss.csv, the SFT training curve (default: plots/sft)")
+    parser.add_argument("--logs", type=Path, default=Path("logs/sft"),
+                        help="training logs and the resume checkpoint; a rerun of the same run resumes from it "
+                             "(default: logs/sft)")
+
+
+def read_sft_parts(folder: Path) -> tuple[list[Example], list[shards.ShardInfo]]:
+    """All parts of one complete sft_data run, checked to come from a single teacher and tokenizer."""
+    infos = shards.open_run(folder, "sft_data", shards.SFT_SCHEMA,
+                            agree=("teacher_fingerprint", "tokenizer_fingerprint", "run_key"))
+    examples = []
+    for info in infos:
+        for group in shards.iter_row_groups(info, columns=["input_ids", "prompt_len"]):
+            for ids, plen in zip(group.column("input_ids").to_pylist(), group.column("prompt_len").to_pylist()):
+                if len(ids) > plen:
+                    examples.append(Example(ids, plen))
+    if not examples:
+        raise UserError(f"{folder}: every response is empty; nothing to fine-tune on")
+    return examples, infos
+
+
+def scratch_student(cfg: SftConfig, teacher_dir: Path, teacher: int):
+    """A fresh toy Llama on the teacher's tokenizer, refused if it is more than a quarter of the teacher
+    (`teacher` parameters)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    model = build_llama(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size, cfg.seed)
+    student = sum(p.numel() for p in model.parameters())
+    if student > MAX_STUDENT_FRACTION * teacher:
+        raise UserError(f"sft: the scratch student has {student:,} parameters, more than a quarter of the "
+                        f"teacher's {teacher:,}; lower sft.hidden_size / num_layers / intermediate_size")
+    return model, tokenizer
+
+
+def pretrained_student(cfg: SftConfig, base: Path, data_tokenizer_fp: str, data: Path):
+    """A real student base (`cfg.source`, resolved to `base`), refused unless it tokenizes exactly like the
+    teacher that wrote the data; loaded in the training dtype. Returns model, tokenizer, stored dtype."""
+    from transformers import AutoTokenizer
+
+    base_fp = tokenizer_fingerprint(base)
+    if base_fp != data_tokenizer_fp:
+        raise ConsistencyError(
+            f"tokenizer mismatch: student base {cfg.source} has tokenizer {base_fp} but the SFT data in {data} "
+            f"was tokenized by the teacher's tokenizer {data_tokenizer_fp}; fix: {FIX_TOKENIZER} "
+            f"(pick a student base from the teacher's model family)")
+    from offline_opd.train.trainer import load_for_training
+
+    model, dtype = load_for_training(base, cfg.precision)
+    return model, AutoTokenizer.from_pretrained(base), dtype
+
+
+def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
+    examples, infos = read_sft_parts(args.data)
+    meta = infos[0].meta
+    teacher_dir = resolve_model_dir(args.teacher)
+    teacher_fp = model_fingerprint(args.teacher)
+    if teacher_fp != meta["teacher_fingerprint"]:
+        raise ConsistencyError(
+            f"teacher mismatch: {args.data} was written by teacher {meta['teacher_fingerprint']} "
+            f"({meta.get('teacher_path', '?')}) but --teacher {args.teacher} is {teacher_fp}; "
+            f"rerun `dvc repro sft_data` with this teacher")
+    teacher_params = parameter_count(teacher_dir)
+    import torch
+
+    from offline_opd.train.supervised import run_key, train_supervised
+    from offline_opd.train.trainer import save_model, training_dtype
+
+    if cfg.source == "scratch":
+        source = "scratch"
+        model, tokenizer = scratch_student(cfg, teacher_dir, teacher_params)
+        model, dtype = model.to(training_dtype(cfg.precision)), torch.float32
+    else:
+        # `teacher`: start from the teacher's own weights (then usually pruned); a hub id is looked up
+        # once, not again for provenance.
+        base = teacher_dir if cfg.source == "teacher" else resolve_model_source(cfg.source)
+        source = str(base)
+        model, tokenizer, dtype = pretrained_student(cfg, base, meta["tokenizer_fingerprint"], args.data)
+    if cfg.prune_to_layers is not None:
+        if cfg.source == "scratch":
+            raise UserError(f"{args.params}: sft.prune_to_layers prunes a pretrained base; with sft.source "
+                            f"'scratch' set sft.num_layers instead (or prune_to_layers: null)")
+        kept = prune_layers(model, cfg.prune_to_layers, f"{args.params}: sft.prune_to_layers")
+        log.info("pruned the student base to layers %s", kept)
+    params = sum(p.numel() for p in model.parameters())
+    key = run_key(cfg, examples, teacher=teacher_fp, parts=[i.meta["run_key"] for i in infos], base=source)
+    # Right padding is never attended by a response token: any id will do.
+    result = train_supervised(model, examples, cfg, tokenizer.pad_token_id or 0, args.logs, key,
+                              f"{args.params}: sft")
+
+    def finish(folder: Path) -> None:
+        """Tokenizer and provenance; the saved tokenizer must still be the data's."""
+        tokenizer.save_pretrained(folder)
+        record = write_provenance(
+            folder, "sft", source=source, config=asdict(cfg), sft_teacher_fingerprint=teacher_fp,
+            sft_data_files=[i.path.name for i in infos], teacher_path=str(args.teacher))
+        if record["tokenizer_fingerprint"] != meta["tokenizer_fingerprint"]:
+            raise ConsistencyError(f"the saved student's tokenizer {record['tokenizer_fingerprint']} differs from "
+                                   f"the SFT data's {meta['tokenizer_fingerprint']} ({args.data}); fix: {FIX_TOKENIZER}")
+
+    save_model(result, args.out, dtype, finish)
+    if not result.trainer.is_global_zero:
+        return {}
+    write_text(args.plots / "loss.csv", result.loss_csv("loss"))
+    return {"params": params, "teacher_params": teacher_params, "final_loss": result.final_loss,
+            "train_s": result.speed()["train_s"], "resumed": result.resumed, "examples": len(examples)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return stage_main("sft", __doc__, add_args, run, argv)
+
+
+if __name__ == "__main__":
+    main()

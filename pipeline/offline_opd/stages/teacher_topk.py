@@ -1,0 +1,233 @@
+"""Stage `teacher_topk`: the teacher scores every rollout token once, so distill never loads it.
+
+For each data/rollouts/part-i.parquet it writes data/teacher_topk/part-i.parquet: the same rows plus
+`teacher_logprob` (the sampled token's log-prob, exact even outside the top-k), `topk_ids` and
+`topk_logprobs` (T·k values per row, row-major, log-probs descending), scored at temperature 1. The
+footer copies the rollouts' policy fields and adds the teacher's fingerprint, k, the optional
+privileged context and the backend, which is what distill's consistency check reads.
+
+With `teacher_topk.privileged_context` set (e.g. "Answer: {answer}\\n{prompt}"), the teacher scores
+the same response tokens after `template.format(prompt=..., answer=...)` instead of the student's
+prompt; the prompt set is read from --prompts, or from the path the rollouts recorded.
+
+Shards v2 (pipeline/offline_opd/contract/sparse_targets.py, pipeline/offline_opd/contract/codec.py): every position also stores
+`tail_logprob`, the teacher's exact log-mass outside the stored ids; `teacher_topk.selection` adds
+draws from the teacher (`sample_counts`), `union_student_k` adds π_ref's own top ids (π_ref, read
+from the rollouts' `policy_path`, is loaded next to the teacher for that), and `codec` sets how ids
+and log-probs are stored. The footer records codec, width (entries per position) and samples.
+
+Resume and `--shard i/n` work as in `rollouts`; a part's run key covers these settings, the
+teacher's fingerprint and the rollouts' run key, so new rollouts or a new teacher redo every part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import string
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from offline_opd.contract import shards
+from offline_opd.config import ConfigError, TeacherTopkConfig
+from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
+from offline_opd.backends.engine import engine_footer, load_engine
+from offline_opd.models.loading import load_config, load_tokenizer
+from offline_opd.contract.prompts import encode_prompt, read_prompts
+from offline_opd.backends.scoring import SCORING_TEMPERATURE, Extras, Scored
+from offline_opd.errors import UserError
+from offline_opd.contract.codec import TeacherFormat, encode, make_codec
+from offline_opd.contract.sparse_targets import Selection, draw_uniforms
+from offline_opd.runtime import add_shard_arg, cli, stage_main
+
+KIND = "teacher_topk"
+# Rollout footer fields every teacher shard carries unchanged: which policy sampled the rows, and how.
+POLICY_KEYS = ("policy_fingerprint", "policy_path", "tokenizer_fingerprint", "sampling_temperature")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", type=Path, required=True, help="teacher model folder (data/models/teacher)")
+    parser.add_argument("--rollouts", type=Path, required=True, help="rollout shards folder (data/rollouts)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the scored part-XXXXX.parquet shards")
+    parser.add_argument("--prompts", type=Path, default=None,
+                        help="prompt set with the answers for teacher_topk.privileged_context (default: the "
+                             "prompt file recorded in the rollout footers); unused without privileged context")
+    add_shard_arg(parser)
+
+
+def check_tokenizer(teacher: Path, teacher_tok: str, rollouts: shards.ShardInfo) -> None:
+    """Teacher and π_ref must read token ids identically (docs/design.md §3), or every score is of the wrong token."""
+    policy_tok = rollouts.meta["tokenizer_fingerprint"]
+    if teacher_tok != policy_tok:
+        raise UserError(
+            f"tokenizer mismatch: teacher {teacher} has tokenizer fingerprint {teacher_tok}, but the rollouts "
+            f"in {rollouts.path} were tokenized with {policy_tok} (policy {rollouts.meta.get('policy_path')}); "
+            f"teacher and student must share one tokenizer: use a teacher with the student's tokenizer, or "
+            f"rebuild the student from the teacher's")
+
+
+class PrivilegedPrompts:
+    """Teacher prompt ids under the privileged-context template, per prompt_id."""
+
+    def __init__(self, template: str, prompts_path: Path, tokenizer) -> None:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        if not fields <= {"prompt", "answer"}:
+            raise UserError(f"teacher_topk.privileged_context {template!r}: only {{prompt}} and {{answer}} "
+                            f"may appear (found {', '.join(sorted(fields - {'prompt', 'answer'}))})")
+        table = read_prompts(prompts_path)
+        ids, texts, answers = (table.column(c).to_pylist() for c in ("prompt_id", "prompt", "answer"))
+        if "answer" in fields and None in answers:
+            raise UserError(f"{prompts_path}: prompt {ids[answers.index(None)]} has no answer, but "
+                            f"teacher_topk.privileged_context uses {{answer}}")
+        self.tokenizer, self.template, self.path = tokenizer, template, prompts_path
+        self.rows = dict(zip(ids, zip(texts, answers)))
+        self.digest = hashlib.sha256(json.dumps([ids, texts, answers]).encode()).hexdigest()
+
+    def encode(self, prompt_id: str) -> list[int]:
+        if prompt_id not in self.rows:
+            raise UserError(f"{self.path}: no prompt {prompt_id!r}, which the rollouts hold; pass the OPD "
+                            f"prompt set the rollouts were sampled from with --prompts")
+        prompt, answer = self.rows[prompt_id]
+        return encode_prompt(self.tokenizer, self.template.format(prompt=prompt, answer=answer))
+
+
+def teacher_inputs(table: pa.Table, privileged: PrivilegedPrompts | None) -> tuple[list[list[int]], list[int]]:
+    """What the teacher scores: the rollout rows as they are, or the same responses after the privileged prompt."""
+    ids, plens = table.column("input_ids").to_pylist(), table.column("prompt_len").to_pylist()
+    if privileged is None:
+        return ids, plens
+    cache: dict[str, list[int]] = {}
+    out = []
+    for pid, seq, p in zip(table.column("prompt_id").to_pylist(), ids, plens):
+        if pid not in cache:
+            cache[pid] = privileged.encode(pid)
+        out.append(cache[pid] + seq[p:])
+    return out, [len(cache[pid]) for pid in table.column("prompt_id").to_pylist()]
+
+
+def _ragged(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+    """One list<value_type> array from per-row numpy arrays (flattened row-major), without Python per-value work."""
+    lengths = np.array([a.size for a in arrays], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(value_type.to_pandas_dtype())))
+
+
+def scored_table(rollouts: pa.Table, scored: list[Scored], fmt: TeacherFormat) -> pa.Table:
+    """The rollout rows plus the teacher columns of `fmt` (entries encoded by its codec)."""
+    rows = [{"teacher_logprob": s.teacher_logprob, "tail_logprob": s.tail_logprob, "sample_counts": s.sample_counts,
+             **encode(fmt.codec, s.topk_ids, s.topk_logprobs)} for s in scored]
+    for field in fmt.fields():
+        rollouts = rollouts.append_column(field.name, _ragged([r[field.name] for r in rows], field.type.value_type))
+    return rollouts
+
+
+def check_config(cfg: TeacherTopkConfig, where: str) -> Selection:
+    """Cross-key rules the schema cannot express, as one-line errors naming the key."""
+    if (cfg.selection == "topk") != (cfg.samples == 0):
+        raise ConfigError(f"{where}.samples: {cfg.samples} with selection {cfg.selection}: draws need "
+                        f"selection sampled or topk+sampled and samples >= 1; top-k alone needs samples: 0")
+    if cfg.union_student_k and cfg.selection == "sampled":
+        raise ConfigError(f"{where}.union_student_k: adds π_ref's ids to the top-k, but selection sampled stores "
+                        f"no top-k; use selection topk or topk+sampled, or union_student_k: 0")
+    if cfg.backend == "vllm" and (cfg.selection != "topk" or cfg.union_student_k):
+        raise ConfigError(f"{where}.backend: vllm returns only top-k log-probs; selection {cfg.selection} and "
+                        f"union_student_k {cfg.union_student_k} need backend: hf")
+    return Selection(cfg.selection, cfg.k, cfg.samples)
+
+
+def teacher_format(cfg: TeacherTopkConfig, selection: Selection, vocab: int) -> TeacherFormat:
+    """The format this run writes: the codec sized to the teacher's vocabulary."""
+    codec = make_codec(cfg.codec, cfg.logprob_dtype, vocab)
+    return TeacherFormat(codec, selection.width(cfg.union_student_k), cfg.samples, exact_tail=True)
+
+
+def extras_for(rollouts: pa.Table, selection: Selection, seed: int, policy_scorer, union_k: int) -> Extras:
+    """Per-sequence draws and π_ref's top ids for one part (π_ref scores the rollouts as sampled)."""
+    ids, plens = rollouts.column("input_ids").to_pylist(), rollouts.column("prompt_len").to_pylist()
+    uniforms = None
+    if selection.sampled:
+        uniforms = [draw_uniforms(seed, sid, len(x) - p, selection.samples)
+                    for sid, x, p in zip(rollouts.column("sample_id").to_pylist(), ids, plens)]
+    union = None
+    if policy_scorer is not None:
+        union = [s.topk_ids for s in policy_scorer.score(ids, plens, k=union_k)]
+    return Extras(selection, uniforms, union)
+
+
+def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
+    shard = args.shard
+    selection = check_config(cfg, f"{args.params}: teacher_topk")
+    vocab = load_config(args.teacher).vocab_size
+    if cfg.k > vocab:
+        raise UserError(f"{args.params}: teacher_topk.k: {cfg.k} is more than the teacher's vocabulary ({vocab} "
+                        f"tokens, {args.teacher}); lower k")
+    parts = shards.open_run(args.rollouts, "rollouts", shards.ROLLOUT_SCHEMA)
+    first = parts[0]
+    teacher_fp, teacher_tok = model_fingerprint(args.teacher), tokenizer_fingerprint(args.teacher)
+    check_tokenizer(args.teacher, teacher_tok, first)
+    privileged = None
+    if cfg.privileged_context is not None:
+        prompts_path = args.prompts or Path(first.meta.get("prompts_path", ""))
+        privileged = PrivilegedPrompts(cfg.privileged_context, prompts_path, load_tokenizer(args.teacher))
+    key = shards.make_run_key(config=asdict(cfg), teacher=teacher_fp, rollouts=first.meta["run_key"],
+                              prompts=privileged.digest if privileged else None)
+    fmt = teacher_format(cfg, selection, vocab)
+    args.out.mkdir(parents=True, exist_ok=True)
+    todo = shards.pending_parts(args.out, KIND, key, len(parts), shard)
+    meta = {
+        **{k: first.meta[k] for k in POLICY_KEYS},
+        "kind": KIND, "run_key": key, "rollouts_run_key": first.meta["run_key"], "num_parts": len(parts),
+        "teacher_fingerprint": teacher_fp, "teacher_path": str(args.teacher), "k": cfg.k,
+        "scoring_temperature": SCORING_TEMPERATURE,
+        # Always JSON (write_shard passes strings through): json.loads gives None or the template.
+        "privileged_context": json.dumps(cfg.privileged_context),
+        "logprob_dtype": cfg.logprob_dtype, **engine_footer(cfg),
+        "codec": fmt.codec.to_meta(), "width": fmt.width, "samples": fmt.samples, "selection": cfg.selection,
+        "config": asdict(cfg),
+    }
+    stats = {"parts_total": len(parts), "parts_skipped": len(range(shard[0], len(parts), shard[1])) - len(todo),
+             "parts_written": 0, "rows": 0, "response_tokens": 0, "bytes": 0, "sum_teacher_logprob": 0.0,
+             "sampled_in_topk": 0}
+    if not todo:
+        return stats
+    engine = load_engine(args.teacher, cfg, KIND, max_logprobs=cfg.k)
+    # π_ref's own top ids for the union targets: a second engine, on the policy the rollouts name.
+    policy = (load_engine(Path(first.meta["policy_path"]), cfg, KIND, max_logprobs=cfg.union_student_k)
+              if cfg.union_student_k else None)
+    start = time.perf_counter()
+    for j in tqdm(todo, desc="teacher_topk", unit="part"):
+        rollouts = pa.concat_tables(shards.iter_row_groups(parts[j]))
+        extras = extras_for(rollouts, selection, cfg.seed, policy, cfg.union_student_k)
+        scored = engine.score(*teacher_inputs(rollouts, privileged), k=cfg.k, extras=extras)
+        path = shards.write_shard(args.out / shards.part_name(j), scored_table(rollouts, scored, fmt),
+                                  meta, shards.teacher_schema(fmt))
+        stats["parts_written"] += 1
+        stats["rows"] += rollouts.num_rows
+        stats["bytes"] += path.stat().st_size
+        for s, seq, p in zip(scored, rollouts.column("input_ids").to_pylist(),
+                             rollouts.column("prompt_len").to_pylist()):
+            stats["response_tokens"] += s.teacher_logprob.size
+            stats["sum_teacher_logprob"] += float(s.teacher_logprob.sum())
+            stats["sampled_in_topk"] += int((s.topk_ids == np.asarray(seq[p:])[:, None]).any(1).sum())
+    tokens = max(stats["response_tokens"], 1)
+    return {**{k: v for k, v in stats.items() if k != "sum_teacher_logprob"},
+            "tokens_per_s": round(stats["response_tokens"] / max(time.perf_counter() - start, 1e-9), 1),
+            "bytes_per_response_token": round(stats["bytes"] / tokens, 2),
+            # How far π_ref's samples are from the teacher: the teacher's NLL per sampled token.
+            "teacher_nll_per_token": round(-stats["sum_teacher_logprob"] / tokens, 4),
+            "sampled_in_topk_frac": round(stats["sampled_in_topk"] / tokens, 4)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return stage_main(KIND, __doc__, add_args, run, argv)
+
+
+if __name__ == "__main__":
+    cli(main)

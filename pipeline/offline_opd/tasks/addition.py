@@ -1,0 +1,106 @@
+"""The embedded toy task: multi-digit addition answered with a worked, per-column trace.
+
+Why a trace and not just the sum: offline OPD matters when errors compound over a long response, as in
+real reasoning. The response for "864+394=" is
+
+    4+4+0=08 6+9+0=15 8+3+1=12 =1258
+
+one step per column (least significant first): the two digits, the incoming carry, and the two-digit
+column sum whose first digit is the next carry. Each token depends on a few earlier ones at fixed
+offsets (a digit of the prompt, the carry three tokens back), so a tiny model can learn every step
+locally, yet one wrong carry spoils the final answer. The final answer follows the last '=', which is
+what `verify` reads.
+
+The toy models (pipeline/offline_opd/models/loading.py) are real Llamas on a real character-level Hugging Face tokenizer,
+so the toy path runs through exactly the same loading, generation and scoring code as a real model;
+this module only makes the prompts, their reference traces and answers (`prepare`).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Collection
+
+import pyarrow as pa
+
+from offline_opd.config import TaskConfig
+from offline_opd.contract.prompts import PROMPT_SCHEMA
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt_id: str
+    prompt: str
+    answer: str
+    solution: str
+
+
+def solve(prompt: str) -> str:
+    """The reference trace for an addition prompt "a+b="; raises ValueError for anything else."""
+    match = re.fullmatch(r"(\d+)\+(\d+)=", prompt)
+    if not match:
+        raise ValueError(f"not an addition prompt of the toy task: {prompt!r} (expected e.g. '864+394=')")
+    a, b = match.groups()
+    width = max(len(a), len(b))
+    a, b = a.zfill(width), b.zfill(width)
+    steps, carry = [], 0
+    for x, y in zip(reversed(a), reversed(b)):
+        total = int(x) + int(y) + carry
+        steps.append(f"{x}+{y}+{carry}={total:02d}")
+        carry = total // 10
+    return " ".join(steps) + f" ={int(a) + int(b)}"
+
+
+def make_problems(digits: int, n: int, seed: int, exclude: Collection[str] = ()) -> list[Problem]:
+    """`n` distinct problems with `digits`-digit operands, deterministic in `seed`, none of whose
+    prompts is in `exclude` (pass the other splits' prompts to keep held-out sets held out)."""
+    if digits < 1:
+        raise ValueError(f"digits must be >= 1, got {digits}")
+    low, high = 10 ** (digits - 1), 10 ** digits - 1
+    space = (high - low + 1) ** 2
+    excluded = set(exclude)
+    if n > space - len(excluded):
+        raise ValueError(f"asked for {n} problems, but only {space - len(excluded)} {digits}-digit "
+                         f"additions remain; lower the split sizes or raise task.digits")
+    rng = random.Random(f"toy-addition/{digits}/{seed}")
+    problems: list[Problem] = []
+    seen = set(excluded)
+    while len(problems) < n:
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        prompt = f"{a}+{b}="
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        problems.append(Problem(f"add{digits}-{a}+{b}", prompt, str(a + b), solve(prompt)))
+    return problems
+
+
+def make_splits(digits: int, sizes: dict[str, int], seed: int) -> dict[str, list[Problem]]:
+    """Disjoint splits (e.g. sft/opd/eval) drawn in order, each excluding the prompts before it."""
+    splits: dict[str, list[Problem]] = {}
+    taken: set[str] = set()
+    for index, (name, n) in enumerate(sizes.items()):
+        splits[name] = make_problems(digits, n, seed * 1000 + index, exclude=taken)
+        taken.update(p.prompt for p in splits[name])
+    return splits
+
+
+class AdditionTask:
+    """`task.kind: addition`: disjoint sft/opd/eval splits of `task.digits`-digit additions.
+
+    Each row carries its worked trace as `reference`: the scratch toy teacher trains on it, so the
+    teacher stage needs no task code.
+    """
+
+    def __init__(self, cfg: TaskConfig) -> None:
+        self.cfg = cfg
+
+    def splits(self) -> dict[str, pa.Table]:
+        sizes = {"sft": self.cfg.n_sft, "opd": self.cfg.n_opd, "eval": self.cfg.n_eval}
+        problems = make_splits(self.cfg.digits, sizes, self.cfg.seed)
+        return {name: pa.table({"prompt_id": [p.prompt_id for p in rows], "prompt": [p.prompt for p in rows],
+                                "answer": [p.answer for p in rows], "reference": [p.solution for p in rows]},
+                               schema=PROMPT_SCHEMA)
+                for name, rows in problems.items()}

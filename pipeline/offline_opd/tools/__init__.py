@@ -1,0 +1,1 @@
+"""Command-line tools around the pipeline that are not DVC stages."""

@@ -1,0 +1,340 @@
+"""`opd-inspect`: explain logit shards with DuckDB SQL (what they hold, who wrote them, what they teach).
+
+Every view and query is plain DuckDB SQL kept as a named string in this module, so the README shows them
+verbatim and users can run them in the `duckdb` CLI or build their own. Views over the shard glob:
+`shard_rows` (the rows as stored, plus `filename`), `shards` (the same rows decoded: `topk_ids` as
+integers with -1 for an empty slot, `topk_logprobs` as log-probs, whatever the codec; `tail_logprob`
+NULL for shards written before it existed), `shard_meta` (the `opd.*` footer key/values via
+`parquet_kv_metadata`) and `shard_files` (file sizes via `read_blob`, which does not read contents).
+`tokens` (one row per response token) is a view over `shards`. The decoding is the macro
+`opd_dequant` (pipeline/offline_opd/contract/codec.py describes the codecs); its parameters come from the footer.
+`check DIR` and `verify` are not SQL: `check` runs the shard contract's run check
+(offline_opd.contract.shards.check_folder), the one distill applies before training; `verify` reads every page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob as globlib
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import duckdb
+
+from offline_opd.errors import UserError
+from offline_opd.contract import shards as shard_contract
+from offline_opd.models.loading import ModelPathError
+
+DEFAULT_GLOB = "data/teacher_topk/*.parquet"
+DEFAULT_TOKENIZER = "data/models/teacher"
+
+# {glob} and {decode} (the select list of `shards`, from DECODE_SQL) are the placeholders; the rest is
+# what you would type into `duckdb`.
+VIEWS_SQL = """
+CREATE OR REPLACE MACRO opd_dequant(ids, lpmax, codes, step, empty) AS
+  list_transform(codes, lambda x, i: CASE WHEN ids[i] = empty THEN '-inf'::FLOAT
+    ELSE lpmax[(i - 1) // (len(codes) // greatest(len(lpmax), 1)) + 1] - x * step END);
+CREATE OR REPLACE VIEW shard_rows AS
+  SELECT * FROM read_parquet('{glob}', filename = true);
+CREATE OR REPLACE VIEW shards AS
+  SELECT {decode} FROM shard_rows;
+CREATE OR REPLACE VIEW shard_meta AS
+  SELECT file_name AS filename, substr(decode(key), 5) AS key, decode(value) AS value
+  FROM parquet_kv_metadata('{glob}')
+  WHERE starts_with(decode(key), 'opd.');
+CREATE OR REPLACE VIEW shard_files AS
+  SELECT filename, size FROM read_blob('{glob}');
+"""
+
+# The select list of `shards` per kind of shard: rollouts and plain teacher shards as stored
+# ({exact_tail}: version 1 shards get a NULL tail), quantised ones decoded with the footer's parameters.
+DECODE_SQL = {
+    "stored": "*",
+    "no_tail": "*, NULL::FLOAT[] AS tail_logprob",
+    "quantised": "* EXCLUDE (topk_ids, topk_lpmax, topk_lpq),\n"
+                 "    list_transform(topk_ids, lambda x: CASE WHEN x = {empty} THEN -1 ELSE x::INTEGER END)"
+                 " AS topk_ids,\n"
+                 "    opd_dequant(topk_ids, topk_lpmax, topk_lpq, {step}, {empty}) AS topk_logprobs",
+}
+
+# One row per response token. Position t (1-based) of a response is input_ids[prompt_len + t]; its
+# top-k block is topk_ids[(t-1)*k + 1 : t*k] (DuckDB slices are 1-based, both ends inclusive).
+# Teacher entropy is over the k+1 outcomes top-k + tail bucket (the distribution the losses use):
+# a lower bound on the full-vocabulary entropy, equal to it when the tail mass is zero. The tail is the
+# stored exact one, or (version 1 shards) rebuilt as 1 - sum(top_p). With k = 0 (shards for the `pg`
+# loss) the top-k columns, entropy and argmax agreement are NULL. `k` here is the entries per position
+# (more than the footer's k with union or sampled entries; then top_ids[1] is still the teacher's argmax
+# unless the selection is `sampled`).
+TOKENS_VIEW_SQL = """
+CREATE OR REPLACE VIEW tokens AS
+WITH rows AS (
+  SELECT filename, sample_id, input_ids, prompt_len, student_logprobs, teacher_logprob, tail_logprob,
+         topk_ids, topk_logprobs, len(topk_ids) // greatest(len(teacher_logprob), 1) AS k
+  FROM shards
+), positions AS (
+  SELECT *, unnest(range(1, len(teacher_logprob) + 1)) AS t FROM rows
+), blocks AS (
+  SELECT filename, sample_id, input_ids, prompt_len, k, t,
+         input_ids[prompt_len + t] AS token_id,
+         teacher_logprob[t] AS teacher_lp,
+         tail_logprob[t] AS tail_lp,
+         student_logprobs[t] AS student_lp,
+         topk_ids[(t - 1) * k + 1 : t * k] AS top_ids,
+         list_transform(topk_logprobs[(t - 1) * k + 1 : t * k], lambda x: exp(x)) AS top_p
+  FROM positions
+), tails AS (
+  SELECT *, CASE WHEN k > 0 THEN coalesce(exp(tail_lp), greatest(1 - list_sum(top_p), 0)) END AS tail_p
+  FROM blocks
+)
+SELECT filename, sample_id, input_ids, prompt_len, k, t, token_id, teacher_lp, student_lp,
+       teacher_lp - student_lp AS gap,
+       top_ids, top_p, tail_p,
+       top_ids[1] AS teacher_argmax,
+       token_id = top_ids[1] AS sampled_is_teacher_argmax,
+       -list_sum(list_transform(top_p, lambda p: CASE WHEN p > 0 THEN p * ln(p) ELSE 0 END))
+         - CASE WHEN tail_p > 0 THEN tail_p * ln(tail_p) ELSE 0 END AS teacher_entropy
+FROM tails;
+"""
+
+SUMMARY_SQL = """
+WITH data AS (
+  SELECT filename, count(*) AS rows, sum(len(input_ids) - prompt_len) AS response_tokens
+  FROM shards GROUP BY filename
+), meta AS (
+  SELECT filename,
+         any_value(value) FILTER (WHERE key = 'k') AS k,
+         any_value(value) FILTER (WHERE key = 'teacher_fingerprint') AS teacher_fingerprint
+  FROM shard_meta GROUP BY filename
+)
+SELECT coalesce(parse_filename(data.filename), 'total') AS shard,
+       sum(rows) AS rows, sum(response_tokens) AS response_tokens,
+       string_agg(DISTINCT k, ',') AS k,
+       string_agg(DISTINCT teacher_fingerprint, ',') AS teacher_fingerprint,
+       sum(size) AS file_bytes,
+       round(sum(size) / sum(response_tokens), 2) AS bytes_per_token
+FROM data JOIN meta USING (filename) JOIN shard_files USING (filename)
+GROUP BY GROUPING SETS ((data.filename), ())
+ORDER BY data.filename NULLS LAST;
+"""
+
+# Keys every shard shares are shown once ("all N"); keys that differ are listed per shard.
+META_SQL = """
+SELECT key, value,
+       CASE WHEN count(*) = (SELECT count(DISTINCT filename) FROM shard_meta)
+            THEN 'all ' || count(*)
+            ELSE string_agg(parse_filename(filename), ' ' ORDER BY filename) END AS shards
+FROM shard_meta
+GROUP BY key, value
+ORDER BY key, shards;
+"""
+
+TOKENS_SUMMARY_SQL = """
+SELECT coalesce(parse_filename(filename), 'total') AS shard,
+       count(*) AS tokens,
+       round(avg(teacher_entropy), 4) AS teacher_entropy,
+       round(avg(tail_p), 4) AS tail_p,
+       round(avg(sampled_is_teacher_argmax::DOUBLE), 4) AS argmax_agree,
+       round(avg(teacher_lp), 4) AS teacher_lp,
+       round(avg(student_lp), 4) AS student_lp,
+       round(avg(student_lp - teacher_lp), 4) AS rkl_estimate
+FROM tokens
+GROUP BY GROUPING SETS ((filename), ())
+ORDER BY filename NULLS LAST;
+"""
+
+# The largest |log p_teacher - log p_student| of sampled tokens, with the ids before them as context.
+TOP_GAPS_SQL = """
+-- first: SET VARIABLE top = 10; SET VARIABLE context = 24;
+SELECT sample_id, t, token_id, round(teacher_lp, 3) AS teacher_lp, round(student_lp, 3) AS student_lp,
+       round(gap, 3) AS gap, teacher_argmax,
+       input_ids[greatest(prompt_len + t - getvariable('context'), 1) : prompt_len + t - 1] AS context_ids
+FROM tokens
+ORDER BY abs(gap) DESC, sample_id, t
+LIMIT getvariable('top');
+"""
+
+QUERIES = {"views": VIEWS_SQL, "tokens_view": TOKENS_VIEW_SQL, "summary": SUMMARY_SQL, "meta": META_SQL,
+           "tokens": TOKENS_SUMMARY_SQL, "top_gaps": TOP_GAPS_SQL}
+
+
+class InspectError(UserError, ValueError):
+    """No shards match, or one is unreadable; the message names the glob or file."""
+
+
+def connect(pattern: str) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the shard views defined over `pattern`, after checking every footer."""
+    if not globlib.glob(pattern):
+        raise InspectError(f"no shards match {pattern!r}: run `dvc repro teacher_topk`, or pass --shards GLOB")
+    con = duckdb.connect()
+    con.execute(views_sql(pattern))
+    return con
+
+
+def views_sql(pattern: str) -> str:
+    """VIEWS_SQL for the shards matching `pattern`, decoding them as their footers say (as stored if none)."""
+    decodes = {}
+    for path in sorted(globlib.glob(pattern)):
+        meta = shard_contract.read_meta(path)  # names a truncated or corrupt file instead of a DuckDB stack
+        decodes.setdefault(decode_sql(Path(path), meta), path)
+    if len(decodes) > 1:
+        a, b = decodes.values()
+        raise InspectError(f"{a} and {b} store their entries differently (codec or schema version); "
+                           f"inspect one run at a time with --shards")
+    decode = next(iter(decodes), DECODE_SQL["stored"])
+    return VIEWS_SQL.format(glob=pattern.replace("'", "''"), decode=decode)
+
+
+def decode_sql(path: Path, meta: dict[str, str]) -> str:
+    """The select list of the `shards` view that decodes this shard (from its footer)."""
+    if meta.get("kind") != "teacher_topk":
+        return DECODE_SQL["stored"]
+    fmt = shard_contract.teacher_format_of(path, meta)
+    if fmt.codec.quantised:
+        empty = (1 << {"uint8": 8, "uint16": 16, "uint32": 32}[fmt.codec.id_type]) - 1
+        return DECODE_SQL["quantised"].format(empty=empty, step=repr(fmt.codec.lp_step))
+    return DECODE_SQL["stored" if fmt.exact_tail else "no_tail"]
+
+
+def query(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], list[tuple]]:
+    rel = con.execute(sql)
+    return [d[0] for d in rel.description], rel.fetchall()
+
+
+def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Aligned plain text: numbers right-aligned, everything else left-aligned."""
+    def cell(v: Any) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        return str(v)
+
+    text = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
+    numeric = [bool(rows) and all(isinstance(r[i], (int, float)) or r[i] is None for r in rows)
+               for i in range(len(columns))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in text)])
+
+
+def top_gaps(con: duckdb.DuckDBPyConnection, top: int, context: int, tokenizer_dir: Path) -> str:
+    """The tokens where teacher and student disagree most, decoded as `context⟦token⟧`."""
+    from offline_opd.models.loading import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    con.execute(f"SET VARIABLE top = {int(top)}; SET VARIABLE context = {int(context)};")
+    columns, rows = query(con, TOP_GAPS_SQL)
+    shown = [c for c in columns if c != "context_ids"]
+    out = []
+    for row in rows:
+        rec = dict(zip(columns, row))
+        out.append((*(rec[c] for c in shown), decode_in_context(tok, rec["context_ids"], rec["token_id"])))
+    return format_table([*shown, "text"], out)
+
+
+def decode_in_context(tok: Any, context_ids: list[int], token_id: int) -> str:
+    """Decode the token as it reads after its context (a lone SentencePiece/BPE token can lose its space)."""
+    before = tok.decode(context_ids)
+    full = tok.decode([*context_ids, token_id])
+    piece = full[len(before):] if full.startswith(before) else tok.decode([token_id])
+    return repr(f"{before}⟦{piece}⟧")[1:-1]
+
+
+def verify(pattern: str) -> str:
+    """Every page of every matching shard read and CRC-checked: a line per shard, or one error naming
+    each corrupt file and row group."""
+    files = sorted(globlib.glob(pattern))
+    if not files:
+        raise InspectError(f"no shards match {pattern!r}: run `dvc repro teacher_topk`, or pass --shards GLOB")
+    rows, bad = [], []
+    for path in files:
+        try:
+            rows.append((Path(path).name, shard_contract.verify_pages(path), "ok"))
+        except shard_contract.ShardError as exc:
+            bad.append(str(exc))
+    if bad:
+        raise InspectError(" | ".join(bad))
+    return format_table(["shard", "row_groups", "pages"], rows)
+
+
+def check(folder: Path) -> str:
+    infos = shard_contract.check_folder(folder)
+    return (f"{folder}: ok, {len(infos)} parts of one {infos[0].meta['kind']} run "
+            f"({sum(i.num_rows for i in infos)} rows, run key {infos[0].meta.get('run_key', '?')[:12]})")
+
+
+def run(args: argparse.Namespace) -> str:
+    if args.command == "check":
+        return check(args.dir)
+    if args.command == "verify":
+        return verify(args.shards)
+    con = connect(args.shards)
+    if args.command == "summary":
+        return format_table(*query(con, SUMMARY_SQL))
+    if args.command == "meta":
+        return format_table(*query(con, META_SQL))
+    if args.command == "sql":
+        columns = {row[0] for row in con.execute("DESCRIBE shards").fetchall()}
+        if {"teacher_logprob", "topk_ids", "topk_logprobs"} <= columns:  # rollout shards have no `tokens` view
+            con.execute(TOKENS_VIEW_SQL)
+        return format_table(*query(con, args.query))
+    con.execute(TOKENS_VIEW_SQL)
+    report = format_table(*query(con, TOKENS_SUMMARY_SQL))
+    if args.top > 0:
+        report += "\n\nlargest teacher-student gaps (gap = log p_teacher - log p_student of the sampled token):\n"
+        report += top_gaps(con, args.top, args.context, args.tokenizer)
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opd-inspect", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__ + "\nRun `opd-inspect queries` to print the SQL and use it in plain DuckDB.")
+    parser.add_argument("--shards", default=DEFAULT_GLOB, help=f"shard files (glob; default {DEFAULT_GLOB})")
+    # Also accepted after the subcommand (`opd-inspect summary --shards ...`), where users tend to put it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--shards", default=argparse.SUPPRESS, help="shard files (glob)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("summary", parents=[common],
+                   help="per shard: rows, response tokens, k, teacher fingerprint, file bytes, bytes/token")
+    sub.add_parser("meta", parents=[common],
+                   help="every opd.* footer key/value (once when all shards agree, else per shard)")
+    tokens = sub.add_parser("tokens", parents=[common],
+                            help="token-level view: teacher entropy (top-k + tail), argmax agreement, "
+                                 "log-probs, and the largest teacher-student gaps decoded to text")
+    tokens.add_argument("--top", type=int, default=10, help="how many largest-gap tokens to decode (0: none)")
+    tokens.add_argument("--context", type=int, default=24, help="tokens of context shown before each one")
+    tokens.add_argument("--tokenizer", type=Path, default=Path(DEFAULT_TOKENIZER),
+                        help=f"model folder whose tokenizer decodes the ids (default {DEFAULT_TOKENIZER})")
+    sql = sub.add_parser("sql", parents=[common],
+                         help="run any DuckDB query; views shards, shard_meta, shard_files, tokens exist")
+    sql.add_argument("query", help='e.g. "select count(*) from tokens where sampled_is_teacher_argmax"')
+    sub.add_parser("verify", parents=[common],
+                   help="read every page of every shard, checking its CRC: run before a long training run "
+                        "(distill also checks each page as it reads it)")
+    sub.add_parser("queries", parents=[common],
+                   help="print the SQL of the views and queries, with this --shards glob filled in")
+    check = sub.add_parser("check", help="are the parts in DIR one complete run: every part present, one run "
+                                         "key, no row twice (what distill enforces)? Exit 2 naming the problem if not")
+    check.add_argument("dir", type=Path, help="a shard folder (data/rollouts, data/teacher_topk or data/sft)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "queries":
+        for name, sql in QUERIES.items():
+            print(f"-- {name}\n{views_sql(args.shards) if name == 'views' else sql}".rstrip() + "\n")
+        return
+    try:
+        print(run(args))
+    except (InspectError, shard_contract.ShardError, ModelPathError, duckdb.Error) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Streaming the teacher_topk shards into padded training batches, resumable to the exact batch.
+
+Nothing is loaded whole: every shard is checked up front from its footer, then each reader streams
+row groups. The unit of work is one row group. Per data epoch e, all row groups are put in an order
+drawn from (seed, e) and dealt round-robin to the G = ranks × dataloader-workers readers, so every
+row group goes to exactly one reader per epoch. A reader mixes its row groups `shuffle_row_groups` at
+a time (a bounded shuffle buffer: the rows of those groups in an order drawn from (seed, e, reader,
+window)), and cuts its row stream into batches of `batch_size` sequences, continuing across windows
+and epochs (the stream is endless; the Trainer stops at max_steps).
+
+Why this resumes exactly: a reader's stream is a pure function of (seed, layout, row-group sizes), so
+its position is just the number of rows it has handed out. The DataLoader takes batch i from worker
+i mod W, so the one number a checkpoint stores (micro-batches consumed on each rank) gives
+every reader's row offset; a resumed reader skips that many rows using row-group sizes from the
+footers, reading only the window it resumes in, and the resumed workers take over the readers in the
+rotated order that keeps the round-robin sequence of batches unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from offline_opd.contract import shards
+from offline_opd.config import ConfigError
+from offline_opd.contract.codec import TeacherFormat
+from offline_opd.train.data import GroupedBatches, ResumableDataModule
+
+ROLLOUT_COLUMNS = ["sample_id", "input_ids", "prompt_len", "student_logprobs"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One row group of one shard: what a reader is dealt."""
+
+    shard: int
+    group: int
+    rows: int
+
+
+def shard_units(infos: list[shards.ShardInfo]) -> list[Unit]:
+    """All row groups of all shards, with their row counts (from the footers)."""
+    units = []
+    for s, info in enumerate(infos):
+        meta = pq.ParquetFile(info.path).metadata
+        units += [Unit(s, g, meta.row_group(g).num_rows) for g in range(info.num_row_groups)]
+    return units
+
+
+def reader_units(units: list[Unit], seed: int, epoch: int, reader: int, readers: int) -> list[Unit]:
+    """The row groups reader `reader` of `readers` streams in data epoch `epoch`, in order."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(units))
+    return [units[i] for i in order[reader::readers]]
+
+
+def batches_of_worker(batches: int, worker: int, workers: int) -> int:
+    """How many of the first `batches` batches a DataLoader with `workers` workers took from `worker`."""
+    return max(0, -(-(batches - worker) // workers))
+
+
+def check_readers(row_groups: int, world_size: int, workers: int) -> None:
+    """Every reader needs a row group per epoch, or its stream would never yield."""
+    if row_groups < world_size * workers:
+        raise ConfigError(f"{row_groups} row groups cannot feed {world_size * workers} readers "
+                          f"({world_size} ranks x {workers} workers): lower distill.num_workers")
+
+
+class TeacherShardStream(IterableDataset):
+    """An endless stream of collated batches for one rank (split further across its DataLoader workers)."""
+
+    def __init__(self, infos: list[shards.ShardInfo], batch_size: int, seed: int, shuffle_row_groups: int,
+                 rank: int = 0, world_size: int = 1, start_batches: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1 or shuffle_row_groups < 1:
+            raise ValueError(f"batch_size and shuffle_row_groups must be >= 1, got {batch_size}, {shuffle_row_groups}")
+        self.infos, self.units, self.fmt = infos, shard_units(infos), shards.teacher_format(infos)
+        self.batch_size, self.seed, self.window = batch_size, seed, shuffle_row_groups
+        self.rank, self.world_size, self.start_batches = rank, world_size, start_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        readers = self.world_size * workers
+        check_readers(len(self.units), self.world_size, workers)
+        # The resumed loader's batch j is the original run's batch start + j, which came from worker
+        # (start + j) mod W: so this worker continues the stream of that one.
+        role = (worker + self.start_batches) % workers
+        skip = batches_of_worker(self.start_batches, role, workers) * self.batch_size
+        pending: list[pa.Table] = []
+        have = 0
+        for table in self._rows(self.rank * workers + role, readers, skip):
+            pending.append(table)
+            have += table.num_rows
+            while have >= self.batch_size:
+                rows = pa.concat_tables(pending)
+                yield collate(rows.slice(0, self.batch_size), self.fmt)
+                pending, have = [rows.slice(self.batch_size)], rows.num_rows - self.batch_size
+
+    def _rows(self, reader: int, readers: int, skip: int) -> Iterator[pa.Table]:
+        """This reader's row stream, window by window, starting `skip` rows in."""
+        for epoch in itertools.count():
+            units = reader_units(self.units, self.seed, epoch, reader, readers)
+            for w in range(0, len(units), self.window):
+                window = units[w:w + self.window]
+                n = sum(u.rows for u in window)
+                if skip >= n:  # resume: skip whole windows without reading them
+                    skip -= n
+                    continue
+                table = pa.concat_tables([self._read(u) for u in window])
+                order = np.random.default_rng([self.seed, epoch, reader, w]).permutation(table.num_rows)
+                yield table.take(pa.array(order[skip:]))
+                skip = 0
+
+    def _read(self, unit: Unit) -> pa.Table:
+        info = self.infos[unit.shard]
+        (table,) = shards.iter_row_groups(info, ROLLOUT_COLUMNS + [f.name for f in self.fmt.fields()], [unit.group])
+        check_rows(table, self.fmt, f"{info.path}: row group {unit.group}")
+        return table
+
+
+def check_rows(table: pa.Table, fmt: TeacherFormat, where: str) -> None:
+    """Row-level contract the footer cannot show: per-token columns match the response length."""
+    length = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+    prompt = table.column("prompt_len").to_numpy()
+    resp = length - prompt
+    problems = [("prompt_len must be in [1, len(input_ids)]", (prompt < 1) | (resp < 0))]
+    for name, width in {"student_logprobs": 1, **fmt.widths()}.items():
+        got = pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False)
+        problems.append((f"{name} must hold {width} value(s) per response token", got != resp * width))
+    for what, bad in problems:
+        if bad.any():
+            sid = table.column("sample_id")[int(np.argmax(bad))].as_py()
+            raise shards.ShardError(f"{where}, sample_id {sid}: {what} (width {fmt.width}); the shard is inconsistent: "
+                                    f"rerun the `teacher_topk` stage")
+
+
+def collate(table: pa.Table, fmt: TeacherFormat) -> dict[str, Any]:
+    """Right-padded [B, T] / [B, T, W] tensors; per-token values sit at the position of their token.
+
+    Keys: input_ids, attention_mask, response_mask (True at response tokens), topk_ids (-1 elsewhere),
+    topk_logprobs, teacher_logprob, student_logprob (π_ref's behaviour log-prob), sample_id (list),
+    and, when the shards hold them, tail_logprob [B, T] and entry_weights [B, T, W] (decoded by `fmt`).
+    """
+    length = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
+    prompt = table.column("prompt_len").to_numpy().astype(np.int64)
+    resp = length - prompt
+    B, T = len(length), int(length.max(initial=1))
+    rows, cols = _positions(length, np.zeros_like(length))
+    rrows, rcols = _positions(resp, prompt)
+
+    def flat(name: str) -> np.ndarray:
+        return pc.list_flatten(table.column(name)).to_numpy(zero_copy_only=False)
+
+    ids = np.zeros((B, T), np.int64)
+    ids[rows, cols] = flat("input_ids")
+    attn = np.zeros((B, T), np.int64)
+    attn[rows, cols] = 1
+    resp_mask = np.zeros((B, T), bool)
+    resp_mask[rrows, rcols] = True
+    per_token = {}
+    for name, key in (("teacher_logprob", "teacher_logprob"), ("student_logprobs", "student_logprob")):
+        arr = np.zeros((B, T), np.float32)
+        arr[rrows, rcols] = flat(name)
+        per_token[key] = torch.from_numpy(arr)
+    for key, values in fmt.decode(table).items():
+        if values is not None:
+            arr = np.full((B, T, *values.shape[1:]), -1 if key == "topk_ids" else 0, values.dtype)
+            arr[rrows, rcols] = values
+            per_token[key] = torch.from_numpy(arr)
+    return {
+        "input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
+        "response_mask": torch.from_numpy(resp_mask), **per_token,
+        "sample_id": table.column("sample_id").to_pylist(),
+    }
+
+
+def _positions(counts: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of every element when row b holds counts[b] values from column starts[b] on."""
+    rows = np.repeat(np.arange(len(counts)), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    return rows, np.arange(int(counts.sum())) - first + starts[rows]
+
+
+def unwrap_worker_error(exc: shards.ShardError) -> shards.ShardError:
+    """A ShardError a DataLoader worker raised reaches the main process with the worker's traceback
+    folded into its message: keep only the original message (file, row group, fix), on one line."""
+    marker = f"{shards.ShardError.__module__}.{shards.ShardError.__qualname__}: "
+    text = str(exc)
+    if marker not in text:
+        return exc
+    return shards.ShardError(" ".join(text.rsplit(marker, 1)[1].split()))
+
+
+class TeacherShardDataModule(ResumableDataModule):
+    """The teacher shards of one distill run; its state in a checkpoint is the reader position."""
+
+    def __init__(self, shards_dir: Path | str, batch_size: int, seed: int, shuffle_row_groups: int,
+                 num_workers: int) -> None:
+        super().__init__()
+        self.shards_dir, self.batch_size, self.seed = Path(shards_dir), batch_size, seed
+        self.shuffle_row_groups, self.num_workers = shuffle_row_groups, num_workers
+        self.infos: Optional[list[shards.ShardInfo]] = None
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Validate every shard's footer and schema (idempotent: distill calls it before loading the model)."""
+        if self.infos is None:
+            self.infos = shards.open_teacher_shards(self.shards_dir)
+            shards.teacher_format(self.infos)
+
+    def train_dataloader(self) -> GroupedBatches:
+        self.setup()
+        rank, world = self.rank_world()
+        stream = TeacherShardStream(self.infos, self.batch_size, self.seed, self.shuffle_row_groups, rank, world,
+                                    self.start_batches)
+        check_readers(len(stream.units), world, max(1, self.num_workers))  # here, not deep in a worker
+        return self.grouped(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                       pin_memory=torch.cuda.is_available()))
+
+    def layout(self) -> dict[str, Any]:
+        self.setup()
+        return {"world_size": self.rank_world()[1], "num_workers": self.num_workers, "batch_size": self.batch_size,
+                "seed": self.seed, "shuffle_row_groups": self.shuffle_row_groups,
+                "shards": [[i.path.name, i.num_rows] for i in self.infos]}
