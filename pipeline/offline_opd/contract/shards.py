@@ -102,6 +102,9 @@ def write_shard(path: Path | str, table: pa.Table, meta: Mapping[str, Any], sche
                    use_dictionary=["sample_id", "prompt_id"], write_statistics=["sample_id", "prompt_id", "prompt_len"],
                    write_page_checksum=True)
     os.replace(tmp, path)
+    # A writer killed mid-part (a Ray actor, whose retry wrote this) leaves its temporary behind; this part supersedes it.
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        stale.unlink(missing_ok=True)
     return path
 
 
