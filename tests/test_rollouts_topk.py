@@ -209,6 +209,17 @@ def test_a_part_that_crashed_mid_write_never_looks_finished(env, clean_run, monk
     assert folder_contents(out) == folder_contents(clean_run[1])
 
 
+def test_cluster_settings_keep_finished_parts(env, clean_run):
+    """`cluster` decides where parts are computed, never what they hold: it is not in the run key."""
+    out = env / "cluster"
+    shutil.copytree(clean_run[0], out / "rollouts")
+    shutil.copytree(clean_run[1], out / "topk")
+    other = {**LOCAL_CLUSTER, "replicas": 7, "cpus_per_replica": 0.5, "gpus_per_replica": 1}
+    assert run_rollouts(env, out / "rollouts", cluster=other)["parts_skipped"] == 4
+    assert run_topk(env, out / "rollouts", out / "topk", cluster=other)["parts_skipped"] == 4
+    assert folder_contents(out / "topk") == folder_contents(clean_run[1])
+
+
 def test_changed_settings_replace_stale_and_extra_parts(env, clean_run):
     out = env / "stale"
     shutil.copytree(clean_run[0], out / "rollouts")

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
@@ -172,11 +173,14 @@ def _run_on_ray(work: Work, units: list[int], cluster: ClusterConfig, section: s
     pending = set(units)
     try:
         dataset = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
-        results = dataset.map_batches(
-            _Actor, fn_constructor_args=(work,), batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=1),
-            num_cpus=cluster.cpus_per_replica, num_gpus=cluster.gpus_per_replica,
-            max_restarts=RETRIES, max_task_retries=RETRIES)
+        with warnings.catch_warnings():
+            # Ray 2.60 deprecates passing actor options this way, but names no other way to bound restarts.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            results = dataset.map_batches(
+                _Actor, fn_constructor_args=(work,), batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=1),
+                num_cpus=cluster.cpus_per_replica, num_gpus=cluster.gpus_per_replica,
+                max_restarts=RETRIES, max_task_retries=RETRIES)
         log.info("%s: %d %ss on %d Ray actors (%g CPU, %g GPU each)", section, len(units), noun, replicas,
                  cluster.cpus_per_replica, cluster.gpus_per_replica)
         for row in tqdm(results.iter_rows(), total=len(units), desc=section, unit=noun):
@@ -187,6 +191,11 @@ def _run_on_ray(work: Work, units: list[int], cluster: ClusterConfig, section: s
                 raise RuntimeError(f"{section}: Ray returned {noun} {unit} twice")
             pending.discard(unit)
             yield unit, record["ok"]
+    except ray.exceptions.ActorDiedError as exc:
+        raise UserError(f"{section}: a Ray actor died on one {noun} and on its {RETRIES} retries (out of memory, or a crash "
+                        f"in the engine: {str(exc).splitlines()[0]}); finished parts are kept: see the Ray logs "
+                        f"(/tmp/ray/session_latest/logs on a local cluster), lower {section}.batch_size or give "
+                        f"each replica more memory, and rerun") from None
     finally:
         if started:
             ray.shutdown()
