@@ -31,8 +31,10 @@ if os.environ.get("OPD_REQUIRE_RAY") == "1" or os.environ.get("CI") == "true":
 else:
     ray = pytest.importorskip("ray", reason="Ray is not installed (make test installs it: make install EXTRAS=dev,ray)")
 
-from offline_opd.backends.pool import run_units
-from offline_opd.config import ClusterConfig
+from offline_opd.backends.engine import greedy_responses, load_engine
+from offline_opd.backends.pool import pooled_greedy_responses, run_units
+from offline_opd.config import ClusterConfig, EvaluateConfig
+from offline_opd.contract.prompts import encode_prompt
 from offline_opd.contract import shards
 from offline_opd.contract.prompts import validate_prompts
 from offline_opd.stages import rollouts, teacher_topk
@@ -72,9 +74,9 @@ def env(tmp_path_factory) -> Path:
     return root
 
 
-def params(root: Path, cluster: dict) -> Path:
+def params(root: Path, cluster: dict, **rollouts_cfg) -> Path:
     path = root / f"params-{len(list(root.glob('params-*')))}.yaml"
-    path.write_text(yaml.safe_dump({"rollouts": {**ROLLOUTS, "cluster": cluster},
+    path.write_text(yaml.safe_dump({"rollouts": {**ROLLOUTS, "cluster": cluster, **rollouts_cfg},
                                     "teacher_topk": {**TOPK, "cluster": cluster}}))
     return path
 
@@ -108,15 +110,24 @@ def local_run(env) -> tuple[Path, Path]:
 
 @dataclass(frozen=True)
 class Pids:
-    """A Work whose unit records the process that did it."""
+    """A Work whose unit records the process that did it, once two processes have begun units (a barrier:
+    with one unit in flight per actor, the first actor cannot finish every unit before the second starts)."""
+
+    folder: Path
 
     def open(self):
-        return lambda unit: {"pid": os.getpid(), "unit": unit}
+        def unit(i: int) -> dict:
+            (self.folder / str(os.getpid())).touch()
+            deadline = time.monotonic() + 120
+            while len(list(self.folder.iterdir())) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return {"pid": os.getpid(), "unit": i}
+        return unit
 
 
-def test_units_spread_over_two_actor_processes_each_once(cluster):
+def test_units_spread_over_two_actor_processes_each_once(cluster, tmp_path):
     cfg = ClusterConfig(**RAY_CLUSTER)
-    records = dict(run_units(Pids(), list(range(8)), cfg, "test"))
+    records = dict(run_units(Pids(tmp_path), list(range(8)), cfg, "test"))
     assert sorted(records) == list(range(8)) and all(r["unit"] == u for u, r in records.items())
     pids = {r["pid"] for r in records.values()}
     assert len(pids) == 2 and os.getpid() not in pids
@@ -131,6 +142,28 @@ def test_ray_shards_decode_to_the_rows_of_a_local_run(env, cluster, local_run):
     metrics = run_topk(env, out / "rollouts", out / "topk", RAY_CLUSTER)
     assert metrics["parts_written"] == 4 and metrics["rows"] == N_PROMPTS * N_SAMPLES
     assert contents(out / "topk") == contents(local_run[1])
+
+
+def test_evaluate_generation_on_the_pool_equals_local(env, cluster):
+    """evaluate's greedy decoding: one engine batch per unit, 3 units over 2 actors, the same responses."""
+    cfg = EvaluateConfig(**{**ENGINE, "batch_size": 3, "max_new_tokens": 8, "n_eval": None, "verifier": "numeric",
+                            "divergence_batch_size": 4, "cluster": ClusterConfig(**RAY_CLUSTER)})
+    engine = load_engine(env / "policy", cfg, "evaluate", device="cpu")
+    texts = pq.read_table(env / "opd.parquet")["prompt"].to_pylist()
+    # Prompts of several lengths (cut short), so the length-sorted batches are not the prompts' order.
+    prompt_ids = [encode_prompt(engine.tokenizer, t)[: 3 + i % 5] for i, t in enumerate(texts)]
+    expected = greedy_responses(engine, prompt_ids, cfg.max_new_tokens)
+    assert pooled_greedy_responses(env / "policy", cfg, "evaluate", prompt_ids, cfg.max_new_tokens) == expected
+
+
+def test_an_error_in_an_actor_is_the_stage_s_one_line(env, cluster, capsys):
+    """A sequence longer than max_model_len is refused inside the actor; the driver prints that one line."""
+    args = rollouts_args(env, env / "too-long", RAY_CLUSTER)
+    args[1] = str(params(env, RAY_CLUSTER, max_model_len=12))
+    with pytest.raises(SystemExit) as exc:
+        rollouts.main(args)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and "rollouts.max_model_len is 12" in err[0], err
 
 
 @dataclass(frozen=True)

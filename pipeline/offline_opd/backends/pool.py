@@ -31,9 +31,12 @@ import logging
 import math
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
+
+from tqdm import tqdm
 
 from offline_opd.backends.engine import greedy_responses, load_engine
 from offline_opd.backends.generation import length_batches
@@ -64,8 +67,6 @@ def run_units(work: Work, units: Sequence[int], cluster: ClusterConfig, section:
     if not units:
         return
     if cluster.backend == "local":
-        from tqdm import tqdm
-
         do = work.open()
         for unit in tqdm(units, desc=section, unit=noun):
             yield unit, do(unit)
@@ -114,8 +115,8 @@ def _import_ray(section: str):
 
 class _Actor:
     """One replica: builds the engine once, then does one unit per call. A user error (a sequence too long,
-    say) travels back as a record, so the driver can raise it as the one-line error it is; Ray would
-    otherwise wrap it in a traceback, and a constructor that raises would be restarted without end."""
+    say) travels back as a record, so the driver can raise it as the one-line error it is: Ray would
+    otherwise wrap it in a traceback, and restart an actor whose constructor raised, to fail the same way."""
 
     def __init__(self, work: Work) -> None:
         from offline_opd.runtime import apply_thread_policy
@@ -139,9 +140,24 @@ class _Actor:
         return {"unit": units, "record": records}
 
 
-def _start(ray, cluster: ClusterConfig, section: str, replicas: int) -> bool:
-    """Connect to `cluster.address`, or start a local cluster sized for the pool; False if Ray was already up
-    (a caller's cluster, which is then also left running)."""
+@contextmanager
+def session(cluster: ClusterConfig, section: str) -> Iterator[None]:
+    """One Ray connection for the `run_units` calls inside (evaluate runs three models in a row), so a local
+    cluster starts once. Nothing for `local`; a Ray this process had already started is used and left up."""
+    if cluster.backend != "ray":
+        yield
+        return
+    ray = _import_ray(section)
+    started = _start(ray, cluster, section)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _start(ray, cluster: ClusterConfig, section: str) -> bool:
+    """Connect to `cluster.address`, or start a local cluster sized for the pool; False if Ray was already up."""
     if ray.is_initialized():
         return False
     # Actors see the driver's thread policy on any cluster (a local one inherits the environment anyway).
@@ -150,6 +166,7 @@ def _start(ray, cluster: ClusterConfig, section: str, replicas: int) -> bool:
     if cluster.address:
         ray.init(address=cluster.address, **common)
         return True
+    replicas = cluster.replicas
     cpus = max(os.cpu_count() or 1, math.ceil(replicas * cluster.cpus_per_replica))
     ray.init(num_cpus=cpus, **common)
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -163,13 +180,15 @@ def _start(ray, cluster: ClusterConfig, section: str, replicas: int) -> bool:
 
 def _run_on_ray(work: Work, units: list[int], cluster: ClusterConfig, section: str,
                 noun: str) -> Iterator[tuple[int, dict]]:
-    from tqdm import tqdm
-
     ray = _import_ray(section)
     replicas = min(cluster.replicas, len(units))   # an actor with no unit to do would only load a model
-    started = _start(ray, cluster, section, replicas)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False            # the tqdm below counts units, not blocks
+    with session(cluster, section):
+        yield from _pool(ray, work, units, cluster, section, noun, replicas)
+
+
+def _pool(ray, work: Work, units: list[int], cluster: ClusterConfig, section: str, noun: str,
+          replicas: int) -> Iterator[tuple[int, dict]]:
+    ray.data.DataContext.get_current().enable_progress_bars = False   # the tqdm below counts units, not blocks
     pending = set(units)
     try:
         dataset = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
@@ -196,9 +215,6 @@ def _run_on_ray(work: Work, units: list[int], cluster: ClusterConfig, section: s
                         f"in the engine: {str(exc).splitlines()[0]}); finished parts are kept: see the Ray logs "
                         f"(/tmp/ray/session_latest/logs on a local cluster), lower {section}.batch_size or give "
                         f"each replica more memory, and rerun") from None
-    finally:
-        if started:
-            ray.shutdown()
     if pending:
         raise RuntimeError(f"{section}: Ray finished without {noun}s {sorted(pending)[:5]}")
 

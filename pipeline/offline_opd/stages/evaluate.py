@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 from offline_opd.atomic import write_json, write_text
 from offline_opd.eval.divergence import divergences
 from offline_opd.backends.engine import Engine, greedy_responses, load_engine, resolve_dtype
-from offline_opd.backends.pool import pooled_greedy_responses
+from offline_opd.backends.pool import pooled_greedy_responses, session
 from offline_opd.config import EvaluateConfig
 from offline_opd.errors import UserError
 from offline_opd.models.loading import default_device, load_model, load_tokenizer, resolve_model_dir
@@ -99,16 +99,17 @@ def run(args: argparse.Namespace, cfg: EvaluateConfig) -> dict:
         raise UserError(f"{args.prompts}: {len(missing)} eval prompts have no reference answer (e.g. "
                         f"prompt_id {missing[0]}); the verifier needs one for every eval prompt")
 
-    teacher_answers, pad_id, teacher_lm = answer(args.teacher, cfg, prompts)
-    results: dict = {"teacher": {"accuracy": accuracy(verify, teacher_answers.texts, answers)}}
-    for name in ("student_sft", "student_opd"):
-        mine, _, student_lm = answer(models[name], cfg, prompts)
-        results[name] = {"accuracy": accuracy(verify, mine.texts, answers),
-                         # Agreement needs no verifier: the final answer (last segment) equals the teacher's.
-                         "teacher_agreement": accuracy(exact, mine.texts, teacher_answers.texts)}
-        results[name].update(divergences(teacher_lm, student_lm, mine.prompt_ids, mine.responses,
-                                         cfg.divergence_batch_size, pad_id))
-        del student_lm
+    with session(cfg.cluster, "evaluate"):      # with Ray: one cluster for the three models
+        teacher_answers, pad_id, teacher_lm = answer(args.teacher, cfg, prompts)
+        results: dict = {"teacher": {"accuracy": accuracy(verify, teacher_answers.texts, answers)}}
+        for name in ("student_sft", "student_opd"):
+            mine, _, student_lm = answer(models[name], cfg, prompts)
+            results[name] = {"accuracy": accuracy(verify, mine.texts, answers),
+                             # Agreement needs no verifier: the final answer (last segment) equals the teacher's.
+                             "teacher_agreement": accuracy(exact, mine.texts, teacher_answers.texts)}
+            results[name].update(divergences(teacher_lm, student_lm, mine.prompt_ids, mine.responses,
+                                             cfg.divergence_batch_size, pad_id))
+            del student_lm
     results["opd_gain"] = results["student_opd"]["accuracy"] - results["student_sft"]["accuracy"]
     results["n_eval"] = len(prompts)
     write_json(args.metrics, results)

@@ -75,8 +75,8 @@ class SftDataWork:
 def run(args: argparse.Namespace, cfg: SftDataConfig) -> dict:
     plan = plan_parts(KIND, "teacher", args.teacher, args.prompts, args.out, cfg,
                       per_part=cfg.rows_per_shard, shard=args.shard, size_key="n_sft")
-    stats = {"parts_total": plan.meta["num_parts"], "parts_written": 0, "rows": 0, "response_tokens": 0,
-             "at_max_new_tokens": 0}
+    stats = {"parts_total": plan.meta["num_parts"], "parts_skipped": plan.skipped, "parts_written": 0, "rows": 0,
+             "response_tokens": 0, "at_max_new_tokens": 0}
     for _, record in run_units(SftDataWork(args.teacher, cfg, plan, args.out), plan.todo, cfg.cluster, KIND):
         stats["parts_written"] += 1
         for key, value in record.items():
