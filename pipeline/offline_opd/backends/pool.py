@@ -2,8 +2,8 @@
 
 A stage that runs an engine cuts its work into units it can number: the parts of `sft_data`, `rollouts` and
 `teacher_topk` (each written as its own shard), or the batches of `evaluate`'s greedy decoding. It hands
-`run_units` a picklable `Work` that knows how to load its engine(s) and do unit i, and gets back one
-JSON-able record per unit (a part's counts, a batch's response ids) as the units finish, in any order.
+`run_units` a picklable `Work` that knows how to load its engine(s), do unit i and close them, and gets back
+one JSON-able record per unit (a part's counts, a batch's response ids) as the units finish, in any order.
 
 `<section>.cluster.backend: local` (the default) loads the engine here and does the units in order, exactly
 what the stages did before this module existed; Ray is never imported. `ray` streams the unit numbers as a
@@ -34,7 +34,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, ContextManager, Iterator, Protocol, Sequence
 
 from tqdm import tqdm
 
@@ -55,8 +55,9 @@ THREAD_VARS = ("OPD_NUM_THREADS", "OMP_NUM_THREADS")
 class Work(Protocol):
     """What a stage hands to `run_units`; pickled to every actor, so it holds paths and settings, not models."""
 
-    def open(self) -> Callable[[int], dict]:
-        """Load the engine(s) in the process that will do the work; return the function doing unit i."""
+    def open(self) -> ContextManager[Callable[[int], dict]]:
+        """Load the engine(s) in the process that will do the work, give the function doing unit i, and close
+        them on exit: a vLLM engine left open outlives the stage's process (and holds its GPU and pipes)."""
         ...
 
 
@@ -67,9 +68,9 @@ def run_units(work: Work, units: Sequence[int], cluster: ClusterConfig, section:
     if not units:
         return
     if cluster.backend == "local":
-        do = work.open()
-        for unit in tqdm(units, desc=section, unit=noun):
-            yield unit, do(unit)
+        with work.open() as do:
+            for unit in tqdm(units, desc=section, unit=noun):
+                yield unit, do(unit)
         return
     yield from _run_on_ray(work, list(units), cluster, section, noun)
 
@@ -84,9 +85,13 @@ class GreedyWork:
     batches: list[list[list[int]]]     # prompt ids of each unit
     max_new_tokens: int
 
-    def open(self) -> Callable[[int], dict]:
+    @contextmanager
+    def open(self) -> Iterator[Callable[[int], dict]]:
         engine = load_engine(self.model, self.cfg, self.section, tensor_parallel=self.cfg.cluster.tensor_parallel)
-        return lambda i: {"responses": greedy_responses(engine, self.batches[i], self.max_new_tokens)}
+        try:
+            yield lambda i: {"responses": greedy_responses(engine, self.batches[i], self.max_new_tokens)}
+        finally:
+            engine.close()
 
 
 def pooled_greedy_responses(model: Path, cfg: StageEngineConfig, section: str, prompt_ids: list[list[int]],
@@ -114,9 +119,10 @@ def _import_ray(section: str):
 
 
 class _Actor:
-    """One replica: builds the engine once, then does one unit per call. A user error (a sequence too long,
-    say) travels back as a record, so the driver can raise it as the one-line error it is: Ray would
-    otherwise wrap it in a traceback, and restart an actor whose constructor raised, to fail the same way."""
+    """One replica: builds the engine once, then does one unit per call, and closes it when Ray Data lets the
+    actor go (a killed actor's engine processes go with it: Ray reaps a worker's children). A user error (a sequence too long, say) travels back as a record, so the
+    driver can raise it as the one-line error it is: Ray would otherwise wrap it in a traceback, and restart
+    an actor whose constructor raised, to fail the same way."""
 
     def __init__(self, work: Work) -> None:
         from offline_opd.runtime import apply_thread_policy
@@ -124,9 +130,14 @@ class _Actor:
         apply_thread_policy()
         self.error, self.do = None, None
         try:
-            self.do = work.open()
+            self.opened = work.open()
+            self.do = self.opened.__enter__()
         except UserError as exc:
             self.error = str(exc)
+
+    def __del__(self) -> None:
+        if self.do is not None:
+            self.opened.__exit__(None, None, None)
 
     def __call__(self, batch: dict) -> dict:
         units = [int(u) for u in batch["unit"]]

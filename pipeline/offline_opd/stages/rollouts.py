@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
 
@@ -61,9 +62,13 @@ class RolloutWork:
     plan: PromptParts
     out: Path
 
-    def open(self) -> Callable[[int], dict]:
+    @contextmanager
+    def open(self) -> Iterator[Callable[[int], dict]]:
         engine = load_engine(self.policy, self.cfg, KIND, tensor_parallel=self.cfg.cluster.tensor_parallel)
-        return partial(self.part, engine)
+        try:
+            yield partial(self.part, engine)
+        finally:
+            engine.close()
 
     def part(self, engine: Engine, j: int) -> dict:
         cfg, rows = self.cfg, self.plan.bounds(j)

@@ -12,10 +12,11 @@ independent: a rerun skips finished parts, `--shard i/n` lets n processes fill o
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
 
@@ -58,9 +59,13 @@ class SftDataWork:
     plan: PromptParts
     out: Path
 
-    def open(self) -> Callable[[int], dict]:
+    @contextmanager
+    def open(self) -> Iterator[Callable[[int], dict]]:
         engine = load_engine(self.teacher, self.cfg, KIND, tensor_parallel=self.cfg.cluster.tensor_parallel)
-        return partial(self.part, engine)
+        try:
+            yield partial(self.part, engine)
+        finally:
+            engine.close()
 
     def part(self, engine: Engine, j: int) -> dict:
         cfg, plan, rows = self.cfg, self.plan, self.plan.bounds(j)

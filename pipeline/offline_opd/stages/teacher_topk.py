@@ -28,10 +28,11 @@ import hashlib
 import json
 import string
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -178,13 +179,19 @@ class ScoreWork:
     selection: Selection
     privileged: PrivilegedPrompts | None
 
-    def open(self) -> Callable[[int], dict]:
+    @contextmanager
+    def open(self) -> Iterator[Callable[[int], dict]]:
         cfg, tp = self.cfg, self.cfg.cluster.tensor_parallel
-        engine = load_engine(self.teacher, cfg, KIND, max_logprobs=cfg.k, tensor_parallel=tp)
-        # π_ref's own top ids for the union targets: a second engine, on the policy the rollouts name.
-        policy = (load_engine(Path(self.parts[0].meta["policy_path"]), cfg, KIND, max_logprobs=cfg.union_student_k,
-                              tensor_parallel=tp) if cfg.union_student_k else None)
-        return partial(self.part, engine, policy)
+        engines = [load_engine(self.teacher, cfg, KIND, max_logprobs=cfg.k, tensor_parallel=tp)]
+        try:
+            # π_ref's own top ids for the union targets: a second engine, on the policy the rollouts name.
+            if cfg.union_student_k:
+                engines.append(load_engine(Path(self.parts[0].meta["policy_path"]), cfg, KIND,
+                                           max_logprobs=cfg.union_student_k, tensor_parallel=tp))
+            yield partial(self.part, engines[0], engines[1] if len(engines) > 1 else None)
+        finally:
+            for engine in engines:
+                engine.close()
 
     def part(self, engine: Engine, policy: Engine | None, j: int) -> dict:
         cfg = self.cfg
