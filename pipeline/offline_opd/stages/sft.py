@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from offline_opd.contract import shards
+from offline_opd.contract.tables import SFT_SCHEMA
 from offline_opd.atomic import write_text
 from offline_opd.config import SftConfig
 from offline_opd.provenance.consistency import FIX_TOKENIZER, ConsistencyError
@@ -48,7 +49,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def read_sft_parts(folder: Path) -> tuple[list[Example], list[shards.ShardInfo]]:
     """All parts of one complete sft_data run, checked to come from a single teacher and tokenizer."""
-    infos = shards.open_run(folder, "sft_data", shards.SFT_SCHEMA,
+    infos = shards.open_run(folder, "sft_data", SFT_SCHEMA,
                             agree=("teacher_fingerprint", "tokenizer_fingerprint", "run_key"))
     examples = []
     for info in infos:

@@ -79,8 +79,7 @@ class OnlineBatches(ResumableDataModule):
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         from offline_opd.backends.generation import HFGenerator, Sampling, batch_seed
-        from offline_opd.stages.rollouts import rollout_table
-        from offline_opd.stages.teacher_topk import scored_table
+        from offline_opd.contract.tables import rollout_table, scored_table
         from offline_opd.train.shard_data import collate
 
         order = self._order()
@@ -121,7 +120,8 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     from offline_opd.train.losses import loss_from_config
     from offline_opd.models.loading import load_config, load_tokenizer
     from offline_opd.contract.prompts import encode_prompt, read_prompts
-    from offline_opd.stages.teacher_topk import check_config, teacher_format
+    from offline_opd.contract.tables import teacher_format
+    from offline_opd.stages.teacher_topk import check_config
     from offline_opd.train.module import TrainModule
     from offline_opd.train.trainer import fit, load_for_training, save_model
 
@@ -129,7 +129,9 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     rollouts: RolloutsConfig = load_section("rollouts", args.params)
     topk: TeacherTopkConfig = load_section("teacher_topk", args.params)
     check_online(topk, str(args.params))
-    fmt = teacher_format(topk, check_config(topk, f"{args.params}: teacher_topk"), load_config(args.teacher).vocab_size)
+    selection = check_config(topk, f"{args.params}: teacher_topk")
+    fmt = teacher_format(topk.codec, topk.logprob_dtype, selection, topk.union_student_k,
+                         load_config(args.teacher).vocab_size)
     objective = loss_from_config(cfg, f"{args.params}: distill", behavior_temperature=rollouts.temperature)
     table = read_prompts(args.prompts)
     tokenizer = load_tokenizer(args.init)

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from offline_opd.contract import shards
+from offline_opd.contract.tables import ROLLOUT_SCHEMA
 from offline_opd.atomic import write_json
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
 from offline_opd.errors import UserError
@@ -57,7 +58,7 @@ def read_rollouts(folder: Path, max_rows: int | None) -> tuple[pa.Table, dict[st
         raise UserError(f"{folder}: no part-*.parquet rollout shards; run `dvc repro rollouts`")
     tables, meta, rows = [], None, 0
     for path in parts:
-        info = shards.open_shard(path, "rollouts", shards.ROLLOUT_SCHEMA)
+        info = shards.open_shard(path, "rollouts", ROLLOUT_SCHEMA)
         meta = meta or info.meta
         for group in shards.iter_row_groups(info, ["sample_id", "input_ids", "prompt_len"]):
             tables.append(group)
