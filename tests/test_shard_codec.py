@@ -76,20 +76,22 @@ def test_round_trip_is_within_the_documented_bound(name, vocab):
         assert sat.any() == (name == "q8")   # 16 nats span: some of these entries lie below it; 64: none
         assert (dec["topk_logprobs"][sat] >= stored[sat] - codec.lp_step).all()
     if isinstance(codec, Compact):
-        assert np.isfinite(bound[valid]).all()                        # no saturation at all
+        assert np.isfinite(bound[valid]).all()                        # no saturation within 204 nats
         for row_ids, row_valid in zip(dec["topk_ids"], valid):        # ascending ids, empty slots last
             n = row_valid.sum()
             assert row_valid[:n].all() and (np.diff(row_ids[:n]) > 0).all()
 
 
 def test_compact_bound_in_words():
-    """The numbers the codec docstring and the README give: 0.013 nats at the top, 0.27 at 10 nats below it."""
+    """The numbers the codec docstring and the README give: 0.0015 nats at the top, 0.017 one nat and 0.15
+    ten nats below it, saturation 204 nats below it."""
     c = Compact()
-    assert c.error_bound(np.array([[0.0, -10.0]]), np.array([0.0]))[0] == pytest.approx([0.0127, 0.2658], abs=1e-3)
-    assert c.distances()[-1] > 1e5   # code 254: no log-prob a shard stores is further below its top
+    bound = c.error_bound(np.array([[0.0, -1.0, -10.0, -300.0]]), np.array([0.0]))[0]
+    assert bound[:3] == pytest.approx([0.0015, 0.0166, 0.1526], abs=2e-4) and bound[3] == np.inf
+    assert c.distances()[-1] == pytest.approx(204, abs=1)
 
 
-def test_compact_codes_every_distance_without_saturation_and_keeps_counts_with_their_ids():
+def test_compact_saturates_far_below_the_top_and_keeps_counts_with_their_ids():
     codec = Compact()
     ids = np.array([[5, 2, 9, -1, 7]])
     lps = np.array([[-0.1, -1.0, -30.0, -np.inf, -1.0e4]], np.float32)
@@ -105,7 +107,9 @@ def test_compact_codes_every_distance_without_saturation_and_keeps_counts_with_t
     dec = fmt.decode(table)
     np.testing.assert_array_equal(dec["topk_ids"], [[2, 5, 7, 9, -1]])
     want = np.array([-1.0, -0.1, -1.0e4, -30.0])
-    assert (np.abs(dec["topk_logprobs"][0, :4] - want) <= codec.error_bound(dec["topk_logprobs"], np.array([-0.1]))[0, :4]).all()
+    bound = codec.error_bound(dec["topk_logprobs"], np.array([-0.1]))[0, :4]
+    assert (np.abs(dec["topk_logprobs"][0, :4] - want) <= bound).all()
+    assert bound[2] == np.inf and dec["topk_logprobs"][0, 2] == pytest.approx(-0.1 - codec.distances()[-1], abs=1e-3)
     assert dec["topk_logprobs"][0, 4] == -np.inf
 
 

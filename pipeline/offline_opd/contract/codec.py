@@ -11,16 +11,17 @@ position's largest stored log-prob, d = top − lp ≥ 0 the distance below it:
   code per entry): lp̂ = top − code · step, step = 16/255 (q8) or 64/65535 (q16) nats. Within the span
   (d ≤ 16 or 64 nats) |lp̂ − lp| ≤ step/2 + 2^-24 |lp̂| (the last term: one float32 rounding); an entry
   further below is stored at the span (saturated: too high, never too low).
-* `compact` (for large vocabularies, about 1.5 bytes per entry at 49k ids: bench/shard_bytes.py): the
-  entries of a position are stored in ascending id order, valid ids first. `topk_id_delta` list<uint32>
-  holds each id minus the previous one of its position (the first: the id itself; empty slots: 0);
-  `topk_lp_code` list<uint8> one log-companded code per entry, c = round(log(1 + d/d0) / s),
+* `compact` (for large vocabularies: 1.4–1.8 bytes per entry at 49k and 152k ids, bench/shard_bytes.py):
+  the entries of a position are stored in ascending id order, valid ids first. `topk_id_delta`
+  list<uint32> holds each id minus the previous one of its position (the first: the id itself; empty
+  slots: 0); `topk_lp_code` list<uint8> one log-companded code per entry, c = round(log(1 + d/d0) / s),
   d̂ = d0 (e^{c s} − 1), so the step grows with the distance (fine where the mass is, coarse far below
-  it), and code 255 marks an empty slot; `topk_lp_top` list<uint32> the position's top as round(−top ·
-  2^12). |lp̂ − lp| ≤ (e^{s/2} − 1)(d0 + d̂) + 2^-24 |lp̂| with no saturation (c ≤ 254 spans 10^5 nats):
-  with d0 = 0.5 and s = 0.05, 0.013 nats at the top, 0.27 at 10 nats below it. Its columns are written
-  with Parquet's BYTE_STREAM_SPLIT encoding, so zstd compresses each byte plane of the ids on its own.
-  Entries are not in descending log-prob order (no consumer needs that: the losses sum over entries).
+  it), and code 255 marks an empty slot; `topk_lp_top` list<uint32> the position's top as
+  round(−top · 2^12). |lp̂ − lp| ≤ (e^{s/2} − 1)(d0 + d̂) + 2^-24 |lp̂| up to code 254, d̂ = 204 nats;
+  entries further below are stored there (saturated: too high, never too low). With d0 = 0.1 and
+  s = 0.03: 0.0015 nats at the top, 0.017 one nat below it, 0.15 ten nats below it. Its columns are
+  written with Parquet's BYTE_STREAM_SPLIT encoding, so zstd compresses each byte plane of the ids on its
+  own. Entries are not in descending log-prob order (no consumer needs that: the losses sum over entries).
 
 Decoding works on whole flattened Arrow columns with numpy (no per-token Python), so the data path decodes
 a batch in a few array operations; `sql_columns` is the same decoding as DuckDB expressions, used by the
@@ -192,8 +193,8 @@ class Compact(Codec):
     """Ids sorted and delta-coded within a position, log-companded 8-bit codes (module docstring)."""
 
     name: ClassVar[str] = "compact"
-    lp_knee: float = 0.5           # d0 (nats): where the code's step starts to grow with the distance
-    lp_scale: float = 0.05         # s: code c stands for d0 (e^{c s} - 1) nats below the position's top
+    lp_knee: float = 0.1           # d0 (nats): where the code's step starts to grow with the distance
+    lp_scale: float = 0.03         # s: code c stands for d0 (e^{c s} - 1) nats below the position's top
     top_scale: int = 4096          # the top is stored as round(-top * top_scale)
 
     EMPTY: ClassVar[int] = 255
@@ -251,7 +252,9 @@ class Compact(Codec):
 
     def error_bound(self, decoded, top):
         d = np.maximum(top.astype(np.float64)[:, None] - decoded.astype(np.float64), 0.0)
-        return (math.exp(self.lp_scale / 2) - 1.0) * (self.lp_knee + d) + FP32_ROUNDING * np.abs(decoded)
+        bound = (math.exp(self.lp_scale / 2) - 1.0) * (self.lp_knee + d) + FP32_ROUNDING * np.abs(decoded)
+        saturated = d >= self.distances()[-1] * (1 - 1e-6)
+        return np.where(saturated, np.inf, bound)
 
 
 ID_TYPES = {"uint8": pa.uint8(), "uint16": pa.uint16(), "uint32": pa.uint32(), "int32": pa.int32()}

@@ -1,10 +1,10 @@
 """The footers of the three shard kinds as typed records: what every part of a run says about its provenance.
 
 A footer is the Parquet key/value metadata of a shard, each key prefixed `opd.` (`shards.META_PREFIX`),
-each value a string: a `str` field as it is, any other field (and `privileged_context`) as JSON. The keys a reader requires are the
-fields without a default; fields with a default are optional on read because older writers did not
-write them (every writer here writes them all). `schema_version` and `created_at` are added by
-`shards.write_shard`.
+each value a string: a `str` field as it is, any other field (and `privileged_context`) as JSON. The keys a
+reader requires are the fields without a default; fields with a default are optional on read because
+older writers did not write them (every writer here writes them all). `schema_version` and `created_at`
+are added by `shards.write_shard`.
 """
 
 from __future__ import annotations
