@@ -270,7 +270,7 @@ def decode_vs_step(run: Path, paths: dict[str, list[Path]], fmts: dict[str, Teac
 
     cfg: DistillConfig = load_section("distill", run / "params.yaml")
     rows = cfg.batch_size
-    out: dict[str, Any] = {"batch_rows": rows}
+    out: dict[str, Any] = {"batch_rows": rows, "threads": torch.get_num_threads()}
     batches = {}
     for name, fmt in fmts.items():
         read, dec = [], []
@@ -286,7 +286,9 @@ def decode_vs_step(run: Path, paths: dict[str, list[Path]], fmts: dict[str, Teac
             read.append((t1 - t0) / n)
             dec.append((t2 - t1) / n)
         batches[name] = [collate(table.slice(b * rows, rows), fmt) for b in range(repeats + 1)]
-        out[name] = {"read_s": statistics.median(read), "decode_s": statistics.median(dec)}
+        entries = int(np.sum(batches[name][0]["topk_ids"].numpy() >= 0))
+        out[name] = {"read_s": statistics.median(read), "decode_s": statistics.median(dec),
+                     "entries_per_batch": entries, "entries_per_s": entries / statistics.median(dec)}
     model, _ = load_for_training(run / "data/models/student_sft", cfg.precision)
     module = TrainModule(model, cfg, loss_from_config(cfg, "bench: distill"))
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
@@ -377,6 +379,9 @@ def main() -> None:
             if logits is not None:
                 entry["loss_mean_plain"] = {f"k_{k}": {m: entry[f"k_{k}"]["plain"]["loss"][m]["mean"] for m in MODES}
                                             for k in args.ks}
+                print("mean per-token loss of π_ref on plain targets: " + "; ".join(
+                    f"k = {k}: " + ", ".join(f"{m} {v:.4f}" for m, v in entry["loss_mean_plain"][f"k_{k}"].items())
+                    for k in args.ks))
                 del logits
         if args.run:
             timing = decode_vs_step(args.run, decode_paths, formats(k_max, sources[0].vocab))
@@ -386,7 +391,7 @@ def main() -> None:
             for name in CODECS:
                 t = timing[name]
                 print(f"{name:<8} read {t['read_s'] * 1e3:7.2f} ms  decode {t['decode_s'] * 1e3:7.2f} ms  "
-                      f"ratio {t['ratio']:.2%} of a step")
+                      f"({t['entries_per_s'] / 1e6:5.1f} M entries/s)  ratio {t['ratio']:.1e} of a step")
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
