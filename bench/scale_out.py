@@ -12,8 +12,11 @@ shards. The same global batch runs three ways, each in its own processes:
 Per rank it reports, at the fullest optimizer step (AdamW's moments exist from the second step on):
 the parameter + gradient + AdamW state bytes the rank holds (counted from its tensors: exact), and its
 peak RSS growth over the RSS it had before loading the model (includes activations, the allocator's
-slack and the loading itself). Ratios are fsdp2 per rank over fsdp1, from the same invocation. The
-figures go to bench/results/scale_out.json under the key "fsdp2" (other keys of that file are kept).
+slack and the loading itself). The children run with MALLOC_MMAP_THRESHOLD_=1 MiB: otherwise glibc
+keeps the freed per-layer all-gather buffers in its heap (measured: +1 GiB of RSS per rank that no
+tensor holds), and the RSS would show the allocator, not the training. Ratios are fsdp2 per rank over
+fsdp1, from the same invocation. The figures go to bench/results/scale_out.json under the key "fsdp2"
+(other keys of that file are kept).
 
     python bench/scale_out.py                  # 2-core CPU: a few minutes
 """
@@ -37,6 +40,7 @@ from train_memory import SMOLLM2_135M  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "scale_out.json"
 RUNS = [("plain", "auto", 1), ("fsdp1", "fsdp", 1), ("fsdp2", "fsdp", 2)]
+MMAP_THRESHOLD = 1 << 20     # bytes: larger allocations are mmapped, and returned to the OS when freed
 
 
 def build_model(folder: Path) -> None:
@@ -52,7 +56,7 @@ def build_model(folder: Path) -> None:
 
 
 def run(model: Path, out: Path, strategy: str, devices: int, global_batch: int, seq: int, steps: int) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
            "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("pipeline", "kernels", ""))}
     cmd = [sys.executable, str(ROOT / "tests" / "fsdp_run.py"), "--model", str(model), "--out", str(out),
            "--strategy", strategy, "--devices", str(devices), "--batch", str(global_batch // devices),
@@ -125,11 +129,12 @@ def main() -> None:
     record = {
         "what": "peak per-rank parameter + gradient + AdamW state (counted from the tensors) and peak RSS growth, "
                 "FSDP2 on 2 gloo ranks vs 1 rank, same global batch, SmolLM2-135M-shaped Llama, fp32",
-        "command": "python bench/scale_out.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python bench/scale_out.py", *sys.argv[1:]]),
         "params": params, "global_batch": args.batch, "seq": args.seq, "steps": args.steps,
         "rows": rows, "seconds": {name: results[name + "_seconds"] for name, _, _ in RUNS},
         "fsdp2_over_fsdp1_state": round(worst / base_state, 3),
         "fsdp2_over_fsdp1_rss_growth": round(max(r["rss_growth_vs_fsdp1"] for r in rows if r["run"] == "fsdp2"), 3),
+        "malloc_mmap_threshold": MMAP_THRESHOLD,
         "machine": {**machine(), "load_avg_1min_before": round(load_before[0], 2),
                     "load_avg_1min_after": round(load_after[0], 2),
                     "note": "shared VM: other jobs ran at the same time (the load average counts them)"},
