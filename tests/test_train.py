@@ -117,10 +117,10 @@ def checkpoint_step(ckpt: Path) -> int:
     return torch.load(ckpt / "meta.pt" if ckpt.is_dir() else ckpt, weights_only=False)["global_step"]
 
 
-@pytest.mark.parametrize("layout", [{}, {"strategy": "fsdp", "devices": 2, "batch_size": 8}],
+# FSDP2 on 2 ranks: 12 steps (each writes a sharded checkpoint) leave seconds for a random kill to land in.
+@pytest.mark.parametrize("steps,layout", [(30, {}), (12, {"strategy": "fsdp", "devices": 2, "batch_size": 8})],
                          ids=["one-process", "fsdp2-2-ranks"])
-def test_kill_9_at_a_random_step_then_rerun_gives_the_uninterrupted_weights(tmp_path, prompts, layout):
-    steps = 30
+def test_kill_9_at_a_random_step_then_rerun_gives_the_uninterrupted_weights(tmp_path, prompts, steps, layout):
     run_teacher(tmp_path / "ref", prompts, max_steps=steps, **layout)
     seed = random.randrange(1 << 30)
     delay = random.Random(seed).uniform(0.0, 1.0)

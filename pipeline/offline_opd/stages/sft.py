@@ -128,7 +128,8 @@ def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
     params = sum(p.numel() for p in model.parameters())
     key = run_key(cfg, examples, teacher=teacher_fp, parts=[i.meta["run_key"] for i in infos], base=source)
     # Right padding is never attended by a response token: any id will do.
-    result = train_supervised(model, examples, cfg, tokenizer.pad_token_id or 0, args.logs, key, weights)
+    result = train_supervised(model, examples, cfg, tokenizer.pad_token_id or 0, args.logs, key,
+                              weights=weights)
 
     def finish(folder: Path) -> None:
         """Tokenizer and provenance; the saved tokenizer must still be the data's."""
