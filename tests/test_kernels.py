@@ -190,7 +190,7 @@ def test_kernel_inputs_are_one_frozen_record_sliced_by_rows():
     g = torch.Generator().manual_seed(4)
     kw = dict(mask=d["mask"], weights=torch.rand(6, generator=g), tail_logprob=-torch.rand(6, generator=g),
               entry_weights=torch.rand(6, 3, generator=g))
-    inp = kernel_inputs(6, "cpu", d["ids"], d["lp"], "jsd", {"beta": 0.3}, **kw, **pg_kw(d))
+    inp = kernel_inputs(6, "cpu", d["ids"], d["lp"], "jsd", beta=0.3, **kw, **pg_kw(d))
     with pytest.raises(dataclasses.FrozenInstanceError):
         inp.keep = None
     part = inp.rows(2, 5)
@@ -199,7 +199,7 @@ def test_kernel_inputs_are_one_frozen_record_sliced_by_rows():
         assert torch.equal(rows, whole[2:5]) if torch.is_tensor(whole) else rows == whole, f.name
     # a divergence mode drops the sampled-token inputs; pg drops the top-k, the tail and the entry weights
     assert inp.sampled_ids is None and inp.topk_ids.shape == (6, 3) and inp.entry_weights is not None
-    pg = kernel_inputs(6, "cpu", d["ids"], d["lp"], "pg", {}, **kw, **pg_kw(d))
+    pg = kernel_inputs(6, "cpu", d["ids"], d["lp"], "pg", **kw, **pg_kw(d))
     assert pg.topk_ids is None and pg.tail_logprob is None and pg.entry_weights is None
     assert torch.equal(pg.sampled_ids, d["samp"]) and pg.mode_id == KERNEL_MODES["pg"].id
 
@@ -396,7 +396,7 @@ def _compare(d, mode, dtype, block_v, prm=None):
     tri = _triton()
     prm = prm or {}
     kw = pg_kw(d) if mode == "pg" else {}
-    inp = kernel_inputs(d["z"].shape[0], d["z"].device, d["ids"], d["lp"], mode, prm, mask=d["mask"], **kw)
+    inp = kernel_inputs(d["z"].shape[0], d["z"].device, d["ids"], d["lp"], mode, mask=d["mask"], **kw, **prm)
     a, ga = run(d, mode, "torch", **prm)
     for kern in _kernels(d["z"].shape[1], block_v):
         b, gb = tri.sparse_divergence_fwd(d["z"], inp, block_v=block_v, kernel=kern)
@@ -454,7 +454,7 @@ def test_triton_pg_k0_and_fp16_minus_inf_teacher():
     z = d["z"].clone().requires_grad_(True)
     loss = sparse_divergence(z, None, None, "pg", mask=d["mask"], backend="torch", **pg_kw(d, behavior=False))
     loss.sum().backward()
-    inp = kernel_inputs(6, z.device, None, None, "pg", {}, mask=d["mask"], **pg_kw(d, behavior=False))
+    inp = kernel_inputs(6, z.device, None, None, "pg", mask=d["mask"], **pg_kw(d, behavior=False))
     b, gb = tri.sparse_divergence_fwd(d["z"], inp, block_v=32)
     assert rel(b, loss.detach()) < 1e-5 and rel(gb, z.grad) < 1e-5
     # teacher log-probs of -inf in fp16 stay finite
@@ -618,7 +618,7 @@ def test_triton_exact_tail_and_entry_weights_match_reference(mode):
     for kw in (dict(tail_logprob=d["tail"]), dict(entry_weights=d["ew"]),
                dict(tail_logprob=d["tail"], entry_weights=d["ew"])):
         a, ga = run(d, mode, "torch", **kw)
-        inp = kernel_inputs(d["z"].shape[0], d["z"].device, d["ids"], d["lp"], mode, {}, mask=d["mask"], **kw)
+        inp = kernel_inputs(d["z"].shape[0], d["z"].device, d["ids"], d["lp"], mode, mask=d["mask"], **kw)
         for kern in _kernels(80, 128):
             b, gb = tri.sparse_divergence_fwd(d["z"], inp, block_v=128, kernel=kern)
             assert rel(b, a) < 1e-5 and rel(gb, ga) < 1e-5, (kern, list(kw))

@@ -18,6 +18,7 @@ loss.sum(); fold token weights in with `weights=`). The teacher inputs get no gr
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -86,31 +87,21 @@ def sparse_divergence(
     V = logits.shape[-1]
     z = logits.reshape(-1, V)
     n = z.shape[0]
-    inp = kernel_inputs(n, z.device, topk_ids, topk_logprobs, mode, mode_params, mask=mask, sampled_ids=sampled_ids,
+    inp = kernel_inputs(n, z.device, topk_ids, topk_logprobs, mode, mask=mask, sampled_ids=sampled_ids,
                         teacher_sampled_logprob=teacher_sampled_logprob, behavior_logprob=behavior_logprob,
-                        weights=weights, tail_logprob=tail_logprob, entry_weights=entry_weights)
+                        weights=weights, tail_logprob=tail_logprob, entry_weights=entry_weights, **mode_params)
     be = backend_for(z.device, backend)
-    need_grad = torch.is_grad_enabled() and logits.requires_grad
     if be == "triton":
         from . import triton_sparse as _tri
         if z.dtype == torch.float64:
             raise TypeError("the triton backend takes fp32/bf16/fp16 logits; use backend='torch' for float64")
-        if need_grad:
-            loss = _tri.SparseDivergenceTriton.apply(z, inp, bool(inplace_grad))
-        else:
-            loss, _ = _tri.sparse_divergence_fwd(z.detach(), inp, need_grad=False)
+        run = functools.partial(_tri.sparse_divergence_fwd, inp=inp, inplace_grad=bool(inplace_grad))
     else:
-        if need_grad:
-            loss = _ref.SparseDivergenceTorch.apply(z, inp, bool(inplace_grad), chunk_size, True)
-        else:
-            with torch.no_grad():
-                loss = _ref.SparseDivergenceTorch.forward(_NoCtx(), z.detach(), inp, False, chunk_size, False)
+        run = functools.partial(_ref.sparse_divergence_chunked, inp=inp, inplace_grad=bool(inplace_grad),
+                                chunk_size=chunk_size)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        loss = _ref.SavedGradient.apply(z, functools.partial(run, need_grad=True), bool(inplace_grad))
+    else:
+        with torch.no_grad():
+            loss, _ = run(z.detach(), need_grad=False)
     return loss.reshape(lead)
-
-
-class _NoCtx:
-    """Stand-in ctx for running a Function's forward without autograd."""
-
-    def save_for_backward(self, *tensors):
-        pass
-

@@ -22,7 +22,7 @@ Gradient scaling. The gradients are computed in forward for grad_output == 1 (ti
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -120,24 +120,18 @@ def fused_linear_sparse_divergence(
     topk_logprobs: Optional[torch.Tensor],
     mode: str,
     *,
-    mask: Optional[torch.Tensor] = None,
-    sampled_ids: Optional[torch.Tensor] = None,
-    teacher_sampled_logprob: Optional[torch.Tensor] = None,
-    behavior_logprob: Optional[torch.Tensor] = None,
-    weights: Optional[torch.Tensor] = None,
-    tail_logprob: Optional[torch.Tensor] = None,
-    entry_weights: Optional[torch.Tensor] = None,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
-    **mode_params,
+    **inputs: Any,
 ) -> torch.Tensor:
     """sparse_divergence(hidden @ weight.T, ...) without materialising the [N, V] logits.
 
     hidden: [..., H]; weight: [V, H] (the lm_head; no bias). Compute dtype is hidden's dtype (weight is
     cast to it if it differs). Returns the per-token loss, shape hidden.shape[:-1], float32. Gradients
     flow to hidden and weight; grad_weight is accumulated over chunks in weight's dtype (as Liger does).
-    Other arguments as in `opd_kernels.sparse_divergence`; `chunk_size` is the number of tokens per chunk
-    (default: about 2**28 logits on CUDA, 2**22 on CPU).
+    The other keywords (mask, weights, the pg inputs, tail_logprob, entry_weights, mode parameters) are
+    those of `opd_kernels.sparse_divergence`, checked by `kernel_inputs`; `chunk_size` is the number of
+    tokens per chunk (default: about 2**28 logits on CUDA, 2**22 on CPU).
     """
     lead = hidden.shape[:-1]
     H = hidden.shape[-1]
@@ -145,9 +139,7 @@ def fused_linear_sparse_divergence(
         raise ValueError(f"weight must be [V, {H}], got {tuple(weight.shape)}")
     h = hidden.reshape(-1, H)
     n = h.shape[0]
-    inp = kernel_inputs(n, h.device, topk_ids, topk_logprobs, mode, mode_params, mask=mask, sampled_ids=sampled_ids,
-                        teacher_sampled_logprob=teacher_sampled_logprob, behavior_logprob=behavior_logprob,
-                        weights=weights, tail_logprob=tail_logprob, entry_weights=entry_weights)
+    inp = kernel_inputs(n, h.device, topk_ids, topk_logprobs, mode, **inputs)
     be = backend_for(h.device, backend)
     chunk = chunk_size or default_chunk_rows(n, weight.shape[0], h.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 
-from .modes import KERNEL_MODES, Constants, check_mode_params, kernel_mode
+from .modes import KERNEL_MODES, Constants, kernel_mode
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,14 @@ def _detached(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach()
 
 
-def kernel_inputs(n: int, device: torch.device, topk_ids: Optional[torch.Tensor],
-                  topk_logprobs: Optional[torch.Tensor], mode: str, mode_params: Mapping[str, Any], *,
-                  mask: Optional[torch.Tensor] = None, sampled_ids: Optional[torch.Tensor] = None,
-                  teacher_sampled_logprob: Optional[torch.Tensor] = None,
+def kernel_inputs(n: int, device: torch.device | str, topk_ids: Optional[torch.Tensor],
+                  topk_logprobs: Optional[torch.Tensor], mode: str, *, mask: Optional[torch.Tensor] = None,
+                  sampled_ids: Optional[torch.Tensor] = None, teacher_sampled_logprob: Optional[torch.Tensor] = None,
                   behavior_logprob: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
-                  tail_logprob: Optional[torch.Tensor] = None,
-                  entry_weights: Optional[torch.Tensor] = None) -> KernelInputs:
-    """Validate the public entry points' keywords for n rows and flatten them (see `sparse_divergence`).
+                  tail_logprob: Optional[torch.Tensor] = None, entry_weights: Optional[torch.Tensor] = None,
+                  **mode_params: Any) -> KernelInputs:
+    """Validate the public entry points' inputs for n rows and flatten them (`sparse_divergence` documents
+    each keyword; any other keyword is a mode parameter, checked against the mode's record).
 
     A mode reads either the teacher's top-k (with the optional tail and entry weights) or the sampled
     token (pg); the inputs it does not read are dropped here.

@@ -15,7 +15,7 @@ themselves with `inplace_grad=True`), and backward only rescales it by grad_outp
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -199,44 +199,48 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, inplace: boo
     return (grad.mul_(col), True) if inplace else ((grad * col).to(grad.dtype), False)
 
 
-def run_backward(ctx, grad_output):
-    """Shared backward of the two sparse_divergence Functions."""
-    if ctx.consumed:
-        raise RuntimeError("sparse_divergence(inplace_grad=True): backward ran already and rescaled the "
-                           "gradient in place; it cannot run again")
-    (grad,) = ctx.saved_tensors
-    out, modified = scale_saved_grad(grad, grad_output, ctx.inplace)
-    ctx.consumed = modified
-    return out
+def sparse_divergence_chunked(logits: torch.Tensor, inp: KernelInputs, need_grad: bool = True,
+                              inplace_grad: bool = False,
+                              chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The PyTorch path on 2-D logits and their `inp`, chunk by chunk: (loss [N], grad [N, V] logits dtype or None)."""
+    N, V = logits.shape
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = torch.empty(N, dtype=out_dtype, device=logits.device)
+    grad = None
+    if need_grad:
+        grad = logits if inplace_grad else torch.empty_like(logits)
+    chunk = chunk_size or default_chunk_rows(N, V)
+    with torch.no_grad():
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            # build the gradient directly in the output when it has the compute dtype (fp32, fp64)
+            direct = grad is not None and grad.dtype == out_dtype
+            ls, gs = chunk_loss_grad(logits[s:e], inp.rows(s, e), need_grad, out=grad[s:e] if direct else None)
+            loss[s:e] = ls
+            if gs is not None and not direct:
+                grad[s:e].copy_(gs)
+    return loss, grad
 
 
-class SparseDivergenceTorch(torch.autograd.Function):
-    """Autograd function over 2-D inputs; the public wrapper is `opd_kernels.sparse_divergence`."""
+class SavedGradient(torch.autograd.Function):
+    """Autograd of either implementation (`opd_kernels.sparse_divergence` picks one): `loss_and_grad(logits)`
+    computes the loss and its gradient together in forward; backward only rescales the saved gradient by
+    grad_output (`scale_saved_grad`). Only the logits get a gradient."""
 
     @staticmethod
-    def forward(ctx, logits, inp: KernelInputs, inplace_grad, chunk_size, need_grad):
-        N, V = logits.shape
-        out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        loss = torch.empty(N, dtype=out_dtype, device=logits.device)
-        grad = None
-        if need_grad:
-            grad = logits if inplace_grad else torch.empty_like(logits)
-        chunk = chunk_size or default_chunk_rows(N, V)
-        with torch.no_grad():
-            for s in range(0, N, chunk):
-                e = min(N, s + chunk)
-                # build the gradient directly in the output when it has the compute dtype (fp32, fp64)
-                direct = grad is not None and grad.dtype == out_dtype
-                ls, gs = chunk_loss_grad(logits[s:e], inp.rows(s, e), need_grad, out=grad[s:e] if direct else None)
-                loss[s:e] = ls
-                if gs is not None and not direct:
-                    grad[s:e].copy_(gs)
-        if grad is not None:
-            ctx.save_for_backward(grad.detach())
+    def forward(ctx, logits: torch.Tensor,
+                loss_and_grad: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], inplace_grad: bool):
+        loss, grad = loss_and_grad(logits.detach())
+        ctx.save_for_backward(grad.detach())
         ctx.inplace, ctx.consumed = bool(inplace_grad), False
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        return run_backward(ctx, grad_output), None, None, None, None  # no gradient but the logits'
+        if ctx.consumed:
+            raise RuntimeError("sparse_divergence(inplace_grad=True): backward ran already and rescaled the "
+                               "gradient in place; it cannot run again")
+        (grad,) = ctx.saved_tensors
+        out, ctx.consumed = scale_saved_grad(grad, grad_output, ctx.inplace)
+        return out, None, None

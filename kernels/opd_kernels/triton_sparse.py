@@ -23,11 +23,9 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from .inputs import KernelInputs
 from .modes import LOGP_MIN, MODE_ID, TAIL_EPS_FP32
-from .reference import run_backward
 
 PG = tl.constexpr(MODE_ID["pg"])
 FKL = tl.constexpr(MODE_ID["fkl"])
@@ -508,19 +506,3 @@ def sparse_divergence_fwd(
             BLOCK_V=bv, EV1=os.environ.get("OPD_SPARSE_EV1", "evict_last") if dev.type == "cuda" else "",
             EV2=os.environ.get("OPD_SPARSE_EV2", "evict_first") if dev.type == "cuda" else "", **common)
     return loss, grad
-
-
-class SparseDivergenceTriton(torch.autograd.Function):
-    """Autograd function over 2-D inputs; the public wrapper is `opd_kernels.sparse_divergence`."""
-
-    @staticmethod
-    def forward(ctx, logits, inp: KernelInputs, inplace_grad):
-        loss, grad = sparse_divergence_fwd(logits.detach(), inp, need_grad=True, inplace_grad=inplace_grad)
-        ctx.save_for_backward(grad.detach())
-        ctx.inplace, ctx.consumed = bool(inplace_grad), False
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        return run_backward(ctx, grad_output), None, None  # no gradient but the logits'

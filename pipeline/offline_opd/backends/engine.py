@@ -13,7 +13,7 @@ Seeds are per sequence: sample j of a `generate` call draws from its own generat
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from offline_opd.backends.base import Extras, Sample, Sampling, Scored
 from offline_opd.config import EngineConfig
