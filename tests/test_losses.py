@@ -233,10 +233,15 @@ def test_every_kernel_mode_is_one_loss_record():
     assert list(LOSSES) == list(KERNEL_MODES)
     for name, loss in LOSSES.items():
         assert loss.kernel is KERNEL_MODES[name]
-        assert set(loss.keys) >= set(loss.kernel.params) | set(loss.objective)
         spec = loss_spec(name, {}, "p")   # every default is valid
         assert spec.objective == {k: p.default for k, p in loss.objective.items()}
         assert set(spec.params) | set(spec.schedule) == set(loss.kernel.params)
+        # every key the record allows is accepted on its own, at its default
+        defaults = {**loss.kernel.defaults, **{k: p.default for k, p in loss.objective.items()},
+                    **{k: v for s in loss.schedules.values() for k, v in ((s.start_key, s.start), (s.end_key, s.end))}}
+        assert set(loss.allowed_keys) == set(defaults)
+        for key in loss.allowed_keys:
+            loss_spec(name, {key: defaults[key]}, "p")
 
 
 def test_the_objective_uses_the_records_term(monkeypatch):

@@ -12,9 +12,7 @@ This module only decides which tokens count and how much:
   A token that is low on both (confident and already agreeing) is what gets dropped. The divergence
   loss is then averaged over the kept tokens, so its scale does not shrink with the fraction.
 * CE term (`distill.ce_weight` > 0): cross-entropy on the sampled tokens, averaged over all response
-  tokens. It is computed by the same kernel as the forward KL against a point-mass teacher (the sampled
-  token with log-prob 0), which is exactly −log q(a) up to the kernel's 1e-6 tail floor, and keeps the
-  memory benefits (no autograd-saved [N, V] softmax, fused lm_head on GPU).
+  tokens, computed by the kernels (`terms.Student.cross_entropy` says how).
 * The loss modes are one registry, `LOSSES`: one record per mode with its kernel mode (parameters,
   defaults, ranges, kernel id: `opd_kernels.modes.KERNEL_MODES`), the parameters its term handles itself,
   the parameters that may follow a schedule, and the term class that computes it. The divergence modes
@@ -66,7 +64,7 @@ class LossMode:
     schedules: Mapping[str, Schedule] = field(default_factory=dict)
 
     @property
-    def keys(self) -> list[str]:
+    def allowed_keys(self) -> list[str]:
         """Every key loss_params may hold for this mode."""
         return (list(self.kernel.params) + [k for s in self.schedules.values() for k in (s.start_key, s.end_key)]
                 + list(self.objective))
@@ -129,7 +127,7 @@ def loss_spec(mode: str, raw: Mapping[str, Any], where: str) -> LossSpec:
     for name, value in raw.items():
         if name not in loss.kernel.params:
             raise ConfigError(f"{where}.loss_params.{name}: not a parameter of loss {mode!r}; "
-                              f"allowed: {', '.join(loss.keys) or 'none'}")
+                              f"allowed: {', '.join(loss.allowed_keys) or 'none'}")
         _check_value(mode, name, value, f"{where}.loss_params.{name}")
     params = {k: v for k, v in check_mode_params(mode, raw).items() if k not in schedule}
     return LossSpec(mode, params, schedule, objective)
