@@ -129,7 +129,7 @@ def part_vllm_parity(dry: bool, work: Path) -> dict:
         for t in range(len(x.topk_ids)):
             lx, ly = dict(zip(x.topk_ids[t], x.topk_logprobs[t])), dict(zip(y.topk_ids[t], y.topk_logprobs[t]))
             shared += [abs(lx[i] - ly[i]) for i in set(lx) & set(ly)]
-    result = {"device": device, "top1_agreement": top1, "max_abs_dlogprob_shared_topk": max(shared),
+    result = {"device": device, "top1_agreement": top1, "max_abs_dlogprob_shared_topk": float(max(shared)),
               "max_abs_dlogprob_sampled": max(sampled)}
     result["ok"] = top1 >= 0.99 and max(shared) < 1e-3 and max(sampled) < 1e-3
     return result

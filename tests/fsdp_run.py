@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         load_section("sft", REPO / "configs" / "toy.yaml"), strategy=args.strategy, devices=args.devices,
         batch_size=args.batch, accumulate_grad_batches=args.accumulate, max_steps=args.steps, lr=1e-2,
         warmup_frac=0.0, precision=args.precision, cpu_offload=args.offload, grad_clip=0.3,
-        gradient_checkpointing=args.checkpointing, checkpoint_every_n_steps=args.steps)
+        gradient_checkpointing=args.checkpointing, checkpoint_every_n_steps=args.steps + 1)  # fit's final save only
     held = HeldMemory()
     loaded = load_for_training(args.model, cfg.precision, sharded=cfg.strategy == "fsdp")
     module = (PerRankMean if args.per_rank_mean else TrainModule)(
