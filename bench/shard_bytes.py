@@ -57,7 +57,7 @@ import torch
 
 from opd_kernels import sparse_divergence
 from offline_opd.backends.engine import load_engine
-from offline_opd.backends.scoring import Scored
+from offline_opd.backends.base import Scored
 from offline_opd.config import EngineConfig, load_section
 from offline_opd.contract import shards
 from offline_opd.contract.codec import make_codec
@@ -234,7 +234,7 @@ def student_logits(model_dir: Path, rollouts: list[pa.Table], batch: int = 8) ->
     """π_ref's logits [tokens, V] at every response position, in the shards' row-major order (fp32)."""
     from offline_opd.train.trainer import load_for_training
 
-    model, _ = load_for_training(model_dir, "32-true")
+    model = load_for_training(model_dir, "32-true").model
     model.eval()
     out = []
     with torch.no_grad():
@@ -289,7 +289,7 @@ def decode_vs_step(run: Path, paths: dict[str, list[Path]], fmts: dict[str, Teac
         entries = int(np.sum(batches[name][0]["topk_ids"].numpy() >= 0))
         out[name] = {"read_s": statistics.median(read), "decode_s": statistics.median(dec),
                      "entries_per_batch": entries, "entries_per_s": entries / statistics.median(dec)}
-    model, _ = load_for_training(run / "data/models/student_sft", cfg.precision)
+    model = load_for_training(run / "data/models/student_sft", cfg.precision).model
     module = TrainModule(model, cfg, loss_from_config(cfg, "bench: distill"))
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     steps = []

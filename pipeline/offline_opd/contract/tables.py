@@ -134,9 +134,11 @@ def _logprob_dtype(path: Path) -> str:
     return "float32" if pa.types.is_float32(schema.field("topk_logprobs").type.value_type) else "float16"
 
 
-def rollout_table(prompt_ids: list[str], prompt_tokens: list[list[int]], samples: Sequence[Sequence[Any]]) -> pa.Table:
-    """Rows of one rollouts part from `backends.generation.Sample`s, samples[p][i] the i-th response to prompt p:
-    sample i of prompt p is `p#i`; input_ids are prompt + response, as π_ref saw them."""
+def rollout_table(prompt_ids: list[str], prompt_tokens: list[list[int]],
+                  samples: Sequence[Sequence[Any]]) -> pa.Table:
+    """Rows of one rollouts part from the engines' records (`backends.base.Sample`; not imported, so that the
+    contract stays out of the backends' dependencies), samples[p][i] the i-th response to prompt p: sample i
+    of prompt p is `p#i`; input_ids are prompt + response, as π_ref saw them."""
     rows = [(pid, i, ids, s) for pid, ids, row in zip(prompt_ids, prompt_tokens, samples) for i, s in enumerate(row)]
     return pa.table({
         "sample_id": [f"{pid}#{i}" for pid, i, _, _ in rows],
@@ -149,7 +151,7 @@ def rollout_table(prompt_ids: list[str], prompt_tokens: list[list[int]], samples
 
 def sft_table(prompt_ids: list[str], prompts: list[str], prompt_tokens: list[list[int]], samples: Sequence[Any],
               tokenizer: Any) -> pa.Table:
-    """Rows of one sft_data part: the teacher's answer (a `backends.generation.Sample`) to each prompt."""
+    """Rows of one sft_data part: the teacher's answer (a `backends.base.Sample`) to each prompt."""
     return pa.table({
         "prompt_id": prompt_ids,
         "prompt": prompts,
@@ -160,8 +162,8 @@ def sft_table(prompt_ids: list[str], prompts: list[str], prompt_tokens: list[lis
 
 
 def scored_table(rollouts: pa.Table, scored: Sequence[Any], fmt: TeacherFormat) -> pa.Table:
-    """The rollout rows plus the teacher columns of `fmt`, from one `backends.scoring.Scored` per row (entries
-    encoded by the codec; `sample_counts` follow the order the codec stores the entries in)."""
+    """The rollout rows plus the teacher columns of `fmt`, one `backends.base.Scored` per row (entries encoded
+    by the codec; `sample_counts` follow the order the codec stores the entries in)."""
     rows = []
     for s in scored:
         columns, order = fmt.codec.encode(s.topk_ids, s.topk_logprobs)
