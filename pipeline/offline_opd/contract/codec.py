@@ -11,7 +11,7 @@ position's largest stored log-prob, d = top − lp ≥ 0 the distance below it:
   code per entry): lp̂ = top − code · step, step = 16/255 (q8) or 64/65535 (q16) nats. Within the span
   (d ≤ 16 or 64 nats) |lp̂ − lp| ≤ step/2 + 2^-24 |lp̂| (the last term: one float32 rounding); an entry
   further below is stored at the span (saturated: too high, never too low).
-* `compact` (for large vocabularies: 1.4–1.8 bytes per entry at 49k and 152k ids, bench/shard_bytes.py):
+* `compact` (for large vocabularies: 1.5–1.8 bytes per entry at 49k and 152k ids, bench/shard_bytes.py):
   the entries of a position are stored in ascending id order, valid ids first. `topk_id_delta`
   list<uint32> holds each id minus the previous one of its position (the first: the id itself; empty
   slots: 0); `topk_lp_code` list<uint8> one log-companded code per entry, c = round(log(1 + d/d0) / s),
