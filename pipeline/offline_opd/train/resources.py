@@ -25,7 +25,7 @@ plus two terms measured on CPU:
 * A flat 3 GiB on a GPU for the CUDA context, allocator slack and kernel workspaces.
 
 It is an estimate for refusing what cannot fit, not a measurement: bench/train_memory.py measures a step
-and prints the estimate beside it (1.0-1.2x the measurement on the shapes in bench/README.md).
+and prints the estimate beside it (0.8-1.2x the measurement on the two shapes in bench/README.md).
 """
 
 from __future__ import annotations
