@@ -33,12 +33,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from offline_opd.config import MAX_INT, SECTIONS, Range, load_all
+from offline_opd.config import MAX_INT, SECTIONS, Range
 from offline_opd.contract.prompts import validate_prompts
 from offline_opd.provenance.fingerprint import model_fingerprint
 from offline_opd.stages import distill, evaluate, prepare, rollouts, sft, sft_data, teacher, teacher_topk
 from offline_opd.tools import preset
 from offline_opd.train.resources import cpu_cores
+from offline_opd.validation import check_file, load_checked
 from tests.tiny_models import REPO, pi_ref, pi_ref_meta, save_model, swap_token_ids, write_teacher_shards
 
 CI = yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
@@ -225,11 +226,9 @@ def test_at_a_bound_is_accepted(tmp_path, section, key, value):
     params = _with_companions(copy.deepcopy(CI), section, key, value)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
-    cfgs = load_all(path) if set(params) == set(SECTIONS) else None
-    if cfgs is None:   # a companion removed a section: every stage's loader must still accept the file
-        from offline_opd.config import load_params
-        cfgs = load_params(path, required=(section,))
-    got = getattr(cfgs[section], key)
+    # A companion may remove a section: the stage's own loader must still accept the file.
+    cfg = check_file(path)[section] if set(params) == set(SECTIONS) else load_checked(section, path)
+    got = getattr(cfg, key)
     assert got == value and type(got) is type(value)
 
 
@@ -383,7 +382,7 @@ def test_k_zero_means_something_with_pg_and_greedy_is_fine_for_sft_data(tmp_path
     """The refusals above are of combinations, not of the values: k 0 with pg, and greedy SFT answers, load."""
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(with_values(teacher_topk__k=0, distill__loss="pg", sft_data__temperature=0.0)))
-    cfgs = load_all(path)
+    cfgs = check_file(path)
     assert cfgs["teacher_topk"].k == 0 and cfgs["sft_data"].temperature == 0.0
 
 
@@ -462,7 +461,7 @@ def test_readme_pg_override_works_in_dvc(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text((REPO / "params.yaml").read_text())
     apply_overrides(path, sets)
-    cfg = load_all(path)["distill"]
+    cfg = check_file(path)["distill"]
     assert cfg.loss == "pg" and cfg.loss_params == {"tau": 2.0}
 
 

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DAG = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 OPTIONAL: set[str] = set()
-# Functions whose imports only validate other sections' params at load (offline_opd.config.check_params):
-# no stage's output depends on them, so they are deps only of the stages that import those modules themselves.
-VALIDATION_ONLY = {"pipeline/offline_opd/config.py": {"check_params"}}
+# Functions whose imports only validate other sections' params at load (offline_opd.validation): no stage's
+# output depends on them, so they are deps only of the stages that import those modules themselves.
+VALIDATION_ONLY = {"pipeline/offline_opd/validation.py": {"check_registries"}}
 
 
 def module_file(name: str) -> Path | None:

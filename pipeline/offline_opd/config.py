@@ -6,11 +6,12 @@ editing a key reruns only the stages downstream of it (`teacher_topk` also reads
 default hidden in code would be invisible to DVC's parameter tracking, and a run could change
 behaviour without DVC noticing.
 
-Every stage validates the whole file at load, not only its own section (`load_section`): ranges in
-the types, cross-key rules in each section's `__post_init__`, and cross-section rules (a loss name,
-a k that leaves distill nothing to match, greedy rollouts that distill cannot weight) in
-`check_params`. So a mistake in `distill:` stops the first stage, not the seventh. Validation reads
-nothing else: what depends on the machine or on a model folder is checked when the stage starts.
+Every stage validates the whole file at load, not only its own section (offline_opd.validation, which
+runs this module's `load_params` and then the checks that need the loss registry): ranges in the
+types, cross-key rules in each section's `__post_init__`, cross-section rules (a k that leaves distill
+nothing to match, greedy rollouts that distill cannot weight) in `check_params`. So a mistake in
+`distill:` stops the first stage, not the seventh. Validation reads nothing else: what depends on the
+machine or on a model folder is checked when the stage starts.
 """
 
 from __future__ import annotations
@@ -109,9 +110,10 @@ class TrainConfig:
     `batch_size` is sequences per device per micro-batch, so one optimizer step sees
     batch_size x devices x num_nodes x accumulate_grad_batches sequences, and its loss is divided by
     the loss tokens of all of them (pipeline/offline_opd/train/module.py). `precision` bf16-true loads and trains
-    the weights in bf16; 32-true and bf16-mixed keep fp32 weights. `strategy: fsdp` shards parameters,
-    gradients and optimizer state per decoder layer; with `gradient_checkpointing` it recomputes each
-    layer's activations in backward.
+    the weights in bf16; 32-true and bf16-mixed keep fp32 weights. `strategy: fsdp` is FSDP2: parameters,
+    gradients and optimizer state sharded over all ranks, one unit per decoder layer
+    (pipeline/offline_opd/train/sharding.py); `cpu_offload` keeps those shards in CPU memory (fsdp only).
+    `gradient_checkpointing` recomputes each decoder layer's activations in backward.
     """
 
     max_steps: Count
@@ -129,8 +131,15 @@ class TrainConfig:
     devices: Count
     num_nodes: Count
     gradient_checkpointing: bool
+    cpu_offload: bool                  # fsdp: parameter, gradient and AdamW shards in CPU memory
     checkpoint_every_n_steps: Count    # steps between resume checkpoints (<logs>/checkpoints/last.ckpt)
     seed: NonNegInt
+
+    def __post_init__(self) -> None:
+        """Offloading moves FSDP's shards; without sharding there is nothing to offload."""
+        if self.cpu_offload and self.strategy != "fsdp":
+            refuse("cpu_offload", "true needs strategy: fsdp (it offloads FSDP's parameter and optimizer shards); "
+                                  "set strategy: fsdp or cpu_offload: false")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +155,7 @@ class ModelConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         """A scratch Llama splits hidden_size into num_heads heads of an even size (rotary embeddings)."""
+        super().__post_init__()
         if not self.source.strip():
             refuse("source", "empty; set scratch, a model folder or a hub id")
         if self.source == "scratch" and (self.hidden_size % self.num_heads or self.hidden_size // self.num_heads % 2):
@@ -366,7 +376,7 @@ def load_section(section: str, path: Path | str = DEFAULT_PARAMS) -> Any:
 
 
 def load_all(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
-    """Every section, all required and all rules checked; what `opd-preset` runs before switching."""
+    """Every section, all required, and the rules of this module checked (offline_opd.validation adds the rest)."""
     return load_params(path, required=tuple(SECTIONS))
 
 
@@ -387,32 +397,21 @@ def load_params(path: Path | str, required: tuple[str, ...]) -> dict[str, Any]:
 
 
 def check_params(cfgs: dict[str, Any], path: str) -> None:
-    """The rules that span sections (or need the loss registry), over the sections in `cfgs`.
-
-    Imports here are validation only (tests/test_dag.py): a stage's output does not depend on them,
-    and the stages that use the loss registry or the verifiers import them themselves.
-    """
+    """The rules that span sections, over the sections in `cfgs` (those that need the loss registry or the
+    verifiers are in offline_opd.validation, which stages and opd-preset run after this)."""
     task, topk, rollouts, distill, evaluate = (cfgs.get(n) for n in ("task", "teacher_topk", "rollouts", "distill",
                                                                        "evaluate"))
     teacher, sft = cfgs.get("teacher"), cfgs.get("sft")
-    if distill is not None:
-        from offline_opd.train.losses import loss_spec
-
-        spec = loss_spec(distill.loss, distill.loss_params, f"{path}: distill")
-        if topk is not None and distill.loss != "pg" and topk.selection == "topk" and topk.k == 0 \
-                and topk.union_student_k == 0:
-            raise ConfigError(f"{path}: teacher_topk.k: 0 stores no teacher entries, so distill.loss "
-                              f"{distill.loss!r} has nothing to match (its divergence is 0 on every token and "
-                              f"training would change nothing); set k >= 1, or distill.loss: pg (which needs "
-                              f"only the sampled token's log-prob)")
-        if topk is not None and spec.objective.get("baseline", 0.0) > 0 and topk.selection == "sampled":
-            raise ConfigError(f"{path}: distill.loss_params.baseline: pg's baseline needs the teacher's exact "
-                              f"tail, which teacher_topk.selection sampled does not store; set baseline: 0, or "
-                              f"selection topk or topk+sampled")
-        if rollouts is not None and rollouts.temperature == 0:
-            raise ConfigError(f"{path}: rollouts.temperature: 0 is greedy decoding, but distill weighs π_ref's "
-                              f"samples by their log-probs at the sampling temperature, which greedy rollouts do "
-                              f"not have; set rollouts.temperature > 0 (1.0 samples π_ref itself)")
+    if distill is not None and topk is not None and distill.loss != "pg" and topk.selection == "topk" \
+            and topk.k == 0 and topk.union_student_k == 0:
+        raise ConfigError(f"{path}: teacher_topk.k: 0 stores no teacher entries, so distill.loss "
+                          f"{distill.loss!r} has nothing to match (its divergence is 0 on every token and "
+                          f"training would change nothing); set k >= 1, or distill.loss: pg (which needs "
+                          f"only the sampled token's log-prob)")
+    if distill is not None and rollouts is not None and rollouts.temperature == 0:
+        raise ConfigError(f"{path}: rollouts.temperature: 0 is greedy decoding, but distill weighs π_ref's "
+                          f"samples by their log-probs at the sampling temperature, which greedy rollouts do "
+                          f"not have; set rollouts.temperature > 0 (1.0 samples π_ref itself)")
     if topk is not None and rollouts is not None and topk.max_model_len < rollouts.max_model_len:
         raise ConfigError(f"{path}: teacher_topk.max_model_len: {topk.max_model_len} is shorter than the "
                           f"rollouts it scores (rollouts.max_model_len {rollouts.max_model_len}); set it to at "
@@ -421,14 +420,10 @@ def check_params(cfgs: dict[str, Any], path: str) -> None:
             and sft.prune_to_layers is not None and sft.prune_to_layers > teacher.num_layers:
         raise ConfigError(f"{path}: sft.prune_to_layers: {sft.prune_to_layers} keeps more layers than the "
                           f"scratch teacher has (teacher.num_layers {teacher.num_layers}); lower it, or null")
-    if evaluate is not None:
-        from offline_opd.tasks.verifiers import check_verifier
-
-        check_verifier(evaluate.verifier, f"{path}: evaluate.verifier")
-        if task is not None and task.kind == "addition" and evaluate.n_eval is not None \
-                and evaluate.n_eval > task.n_eval:
-            raise ConfigError(f"{path}: evaluate.n_eval: {evaluate.n_eval} is more than the "
-                              f"{task.n_eval} eval prompts task.n_eval makes; lower it, or null for all")
+    if evaluate is not None and task is not None and task.kind == "addition" and evaluate.n_eval is not None \
+            and evaluate.n_eval > task.n_eval:
+        raise ConfigError(f"{path}: evaluate.n_eval: {evaluate.n_eval} is more than the "
+                          f"{task.n_eval} eval prompts task.n_eval makes; lower it, or null for all")
 
 
 def parse_section(cls: type[C], raw: Any, where: str) -> C:

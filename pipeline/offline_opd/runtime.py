@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from offline_opd.atomic import write_json
-from offline_opd.config import load_section
 from offline_opd.errors import UserError
 from offline_opd.plots import render_folder
+from offline_opd.validation import load_checked
 
 log = logging.getLogger("opd")
 
@@ -118,7 +118,7 @@ def stage_main(name: str, doc: str | None, add_args: Callable[[argparse.Argument
     start = time.perf_counter()
     try:
         threads = apply_thread_policy()
-        cfg = load_section(section or name, args.params)
+        cfg = load_checked(section or name, args.params)
         metrics = {**(run(args, cfg) or {}), "torch_threads": threads}
         plots = getattr(args, "plots", None)
         if plots is not None and plots.is_dir():

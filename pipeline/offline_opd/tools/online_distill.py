@@ -82,7 +82,8 @@ class OnlineBatches(ResumableDataModule):
             yield from order
 
     def _batches(self) -> Iterator[dict[str, Any]]:
-        from offline_opd.backends.generation import HFGenerator, Sampling, batch_seed
+        from offline_opd.backends.base import Sampling, batch_seed
+        from offline_opd.backends.generation import HFGenerator
         from offline_opd.stages.rollouts import rollout_table
         from offline_opd.stages.teacher_topk import scored_table
         from offline_opd.train.shard_data import collate
@@ -130,6 +131,9 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     from offline_opd.train.trainer import fit, load_for_training, save_model
 
     check_kernel_backend(cfg, args.params)
+    if cfg.strategy == "fsdp":
+        raise UserError(f"{args.params}: distill.strategy: fsdp is not supported by online OPD (it samples from "
+                        f"the live model, whose weights FSDP shards); set it to auto or ddp")
     rollouts: RolloutsConfig = load_section("rollouts", args.params)
     topk: TeacherTopkConfig = load_section("teacher_topk", args.params)
     check_online(topk, str(args.params))
@@ -139,7 +143,7 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     tokenizer = load_tokenizer(args.init)
     prompts = (table.column("prompt_id").to_pylist(),
                [encode_prompt(tokenizer, t) for t in table.column("prompt").to_pylist()])
-    model, dtype = load_for_training(args.init, cfg.precision)
+    model, dtype, _ = load_for_training(args.init, cfg.precision)
     module = TrainModule(model, cfg, objective)
     scorer = load_engine(args.teacher, topk, "teacher_topk", max_logprobs=topk.k)   # hf or vllm, as configured
     frozen = copy.deepcopy(model).eval() if args.sampler == "init" else None

@@ -9,7 +9,7 @@ section changed rerun on the next `dvc repro`.
     opd-preset check params.yaml  # a file path works too: check the active parameters
     opd-preset --list
 
-Validation is what every stage runs at load (`offline_opd.config.load_all`): nothing about this
+Validation is what every stage runs at load (`offline_opd.validation`): nothing about this
 machine or the model folders, which each stage checks when it starts.
 """
 
@@ -20,8 +20,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from offline_opd.config import ConfigError, load_all
+from offline_opd.config import ConfigError
 from offline_opd.errors import UserError
+from offline_opd.validation import check_file
 
 CONFIG_DIR = Path("configs")
 
@@ -43,7 +44,7 @@ def preset_path(name: str, config_dir: Path = CONFIG_DIR) -> Path:
 def check_preset(name: str, config_dir: Path = CONFIG_DIR) -> Path:
     """Validate a preset as every stage would at load; returns its path."""
     src = preset_path(name, config_dir)
-    load_all(src)
+    check_file(src)
     return src
 
 

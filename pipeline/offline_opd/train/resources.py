@@ -12,7 +12,8 @@ plus two terms measured on CPU:
 
 * Model state per parameter: weights + gradients + AdamW's two moments. With fp32 master weights
   (precision 32-true or bf16-mixed) 4 + 4 + 8 = 16 bytes; with bf16-true 2 + 2 + 4 = 8 bytes. DDP holds
-  all of it on every device; FSDP FULL_SHARD holds 1/G of it plus one gathered bf16 decoder layer.
+  all of it on every device; FSDP holds 1/G of it (G = devices x num_nodes) plus one gathered bf16 decoder
+  layer, and with cpu_offload only that layer on the GPU.
 * Activations of one micro-batch of T tokens per decoder layer: about 34·T·h bytes in 16-bit
   (Korthikanti et al. 2022, without the attention-score term that SDPA never stores), twice that under
   32-true. With per-layer checkpointing only each layer's input (2·T·h) is kept, plus one layer's full
@@ -59,11 +60,14 @@ class Shape:
 
 
 def step_bytes(shape: Shape, tokens: int, precision: str, strategy: str, devices: int, checkpointing: bool,
-               fused_logits: bool, gpu: bool) -> float:
-    """Estimated peak bytes of one training step on one device, for a micro-batch of `tokens` tokens."""
+               fused_logits: bool, gpu: bool, offload: bool = False) -> float:
+    """Estimated peak bytes of one training step on one device, for a micro-batch of `tokens` tokens.
+
+    `devices`: the ranks FSDP shards over (devices x num_nodes); `offload`: FSDP's shards live in CPU memory."""
     state = shape.params * (8 if precision == "bf16-true" else 16)
     if strategy == "fsdp":
-        state = state / devices + 2 * shape.params / shape.layers    # own shard + one gathered bf16 layer
+        layer = 2 * shape.params / shape.layers                      # one gathered bf16 decoder layer
+        state = layer if offload and gpu else state / devices + layer
     width = 2 if precision == "32-true" else 1                       # activation bytes over 16-bit
     layer = 34 * tokens * shape.hidden * width
     acts = shape.layers * 2 * tokens * shape.hidden * width + layer if checkpointing else shape.layers * layer
@@ -116,8 +120,8 @@ def check_fits_machine(cfg: TrainConfig, shape: Shape, longest: int, fused_logit
         raise ConfigError(f"{where}.devices: {cfg.devices} is more than the {have} {what}; each device is a "
                           f"process, so extra ones only compete for the same hardware: set devices <= {have}")
     tokens = cfg.batch_size * max(longest, 1)
-    need = step_bytes(shape, tokens, cfg.precision, cfg.strategy, cfg.devices, cfg.gradient_checkpointing,
-                      fused_logits, gpu)
+    need = step_bytes(shape, tokens, cfg.precision, cfg.strategy, cfg.devices * cfg.num_nodes,
+                      cfg.gradient_checkpointing, fused_logits, gpu, offload=cfg.cpu_offload)
     if gpu:
         room, per = torch.cuda.mem_get_info(0)[1], "per GPU (its total memory)"
     else:
