@@ -9,8 +9,10 @@ because the loss registry imports the schema, so the schema cannot import it bac
 
 The imports inside `check_registries` are validation only (tests/test_dag.py): no stage's output
 depends on them, and the stages that use the registry or the verifiers import them themselves. They
-cost one torch import (the registry's kernels need it) in the stages that would not load torch
-anyway: `prepare` and `opd-preset`.
+cost one torch import (the registry's kernels need it) where torch would not be loaded anyway:
+`opd-preset check qwen3` took 1.7 s against 0.13 s for the schema alone, and `prepare` of the CI
+preset 1.9-2.3 s against 0.5 s (2-core shared VM, load average 2). A torch-free registry would
+remove that.
 """
 
 from __future__ import annotations
