@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from offline_opd.atomic import write_json
-from offline_opd.config import load_section
 from offline_opd.errors import UserError
 from offline_opd.plots import render_folder
+from offline_opd.validation import load_checked
 
 log = logging.getLogger("opd")
 
@@ -118,7 +118,7 @@ def stage_main(name: str, doc: str | None, add_args: Callable[[argparse.Argument
     start = time.perf_counter()
     try:
         threads = apply_thread_policy()
-        cfg = load_section(section or name, args.params)
+        cfg = load_checked(section or name, args.params)
         metrics = {**(run(args, cfg) or {}), "torch_threads": threads}
         plots = getattr(args, "plots", None)
         if plots is not None and plots.is_dir():
@@ -126,7 +126,8 @@ def stage_main(name: str, doc: str | None, add_args: Callable[[argparse.Argument
     except UserError as exc:
         fail(f"error: {exc}", 2)
     except KeyboardInterrupt:
-        fail(f"interrupted: {name} stopped by Ctrl-C; no partial output was kept, rerun to start again", 130)
+        fail(f"interrupted: {name} stopped by Ctrl-C; no partial output was kept (finished parts and "
+             f"checkpoints were), rerun to go on", 130)
     except OSError as exc:
         if exc.errno not in DISK_FULL:
             raise
@@ -142,13 +143,38 @@ def stage_main(name: str, doc: str | None, add_args: Callable[[argparse.Argument
 
 def cli(main: Callable[[], Any]) -> None:
     """Run a stage's `main` as a command. After it succeeds in a process that loaded vLLM, exit without
-    interpreter teardown: the stage's outputs and metrics are already written atomically and the engine is
-    shut down, but vLLM's leftover threads can abort the process at teardown ("terminate called without an
-    active exception", exit -6), and DVC would then mark a finished stage as failed. In-process callers
-    (tests, bench/) call `main` directly and keep the normal exit."""
+    interpreter teardown: the stage's outputs and metrics are already written atomically, but vLLM's
+    leftover threads can abort the process at teardown ("terminate called without an active exception",
+    exit -6), and DVC would then mark a finished stage as failed. The hard exit skips the finalizers that
+    stop vLLM's engine-core process, so `end_children` stops it first. In-process callers (tests, bench/)
+    call `main` directly and keep the normal exit."""
     main()
     if "vllm" in sys.modules:
+        end_children()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def end_children(grace_s: float = 10.0) -> None:
+    """Stop every process this one started through multiprocessing (a vLLM engine core still open), so that
+    a finished stage leaves no process behind, multiprocessing's resource tracker included.
+
+    Why: an engine core outlives a hard exit, and it holds the resource tracker's pipe open, so the
+    tracker (which ignores SIGTERM by design) also stays: found after `dvc exp run` with backend vllm.
+    SIGTERM first (vLLM shuts its engine down on it), SIGKILL after `grace_s`. The tracker then exits by
+    itself when this process exits and closes the last end of its pipe (it unlinks any shared memory left
+    registered first).
+    """
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join(5.0)

@@ -112,11 +112,12 @@ def teacher_schema(fmt: TeacherFormat | str = "float16") -> pa.Schema:
     return pa.schema(ROLLOUT_FIELDS + fmt.fields())
 
 
-def teacher_format(codec: str, logprob_dtype: str, selection: Selection, union_k: int, vocab: int) -> TeacherFormat:
-    """The format a `teacher_topk` run writes: `selection`'s entries plus `union_k` of π_ref's, the codec sized
-    to the teacher's vocabulary."""
-    return TeacherFormat(make_codec(codec, logprob_dtype, vocab), selection.width(union_k), selection.samples,
-                         exact_tail=True)
+def teacher_format(cfg: Any, vocab: int) -> TeacherFormat:
+    """The format a `teacher_topk` run with settings `cfg` (`config.TeacherTopkConfig`) writes: its selection's
+    entries plus `union_student_k` of π_ref's, the codec sized to the teacher's vocabulary."""
+    selection = Selection.of(cfg)
+    return TeacherFormat(make_codec(cfg.codec, cfg.logprob_dtype, vocab), selection.width(cfg.union_student_k),
+                         selection.samples, exact_tail=True)
 
 
 def teacher_format_of(path: Path, meta: Mapping[str, str]) -> TeacherFormat:

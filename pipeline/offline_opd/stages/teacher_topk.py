@@ -35,7 +35,8 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from offline_opd.contract import shards
-from offline_opd.config import ConfigError, TeacherTopkConfig
+from offline_opd.config import TeacherTopkConfig, load_params
+from offline_opd.provenance.consistency import check_scoring_teacher
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
 from offline_opd.backends.engine import engine_footer, load_engine
 from offline_opd.models.loading import load_config, load_tokenizer
@@ -71,14 +72,20 @@ def check_tokenizer(teacher: Path, teacher_tok: str, rollouts: shards.ShardInfo)
             f"rebuild the student from the teacher's")
 
 
+def allow_override(params: Path) -> bool:
+    """`distill.allow_inconsistent_teacher`, the one switch for a teacher ablation, read here too so that
+    the ablation's shards can be scored. Not a param of this stage: it decides only whether the stage
+    refuses, never what it writes (and a refusal leaves no output for DVC to cache)."""
+    distill = load_params(params, required=()).get("distill")
+    return distill is not None and distill.allow_inconsistent_teacher
+
+
 class PrivilegedPrompts:
     """Teacher prompt ids under the privileged-context template, per prompt_id."""
 
     def __init__(self, template: str, prompts_path: Path, tokenizer) -> None:
+        # The template's fields were checked at params load (config.check_template).
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-        if not fields <= {"prompt", "answer"}:
-            raise UserError(f"teacher_topk.privileged_context {template!r}: only {{prompt}} and {{answer}} "
-                            f"may appear (found {', '.join(sorted(fields - {'prompt', 'answer'}))})")
         table = read_prompts(prompts_path)
         ids, texts, answers = (table.column(c).to_pylist() for c in ("prompt_id", "prompt", "answer"))
         if "answer" in fields and None in answers:
@@ -110,20 +117,6 @@ def teacher_inputs(table: pa.Table, privileged: PrivilegedPrompts | None) -> tup
     return out, [len(cache[pid]) for pid in table.column("prompt_id").to_pylist()]
 
 
-def check_config(cfg: TeacherTopkConfig, where: str) -> Selection:
-    """Cross-key rules the schema cannot express, as one-line errors naming the key."""
-    if (cfg.selection == "topk") != (cfg.samples == 0):
-        raise ConfigError(f"{where}.samples: {cfg.samples} with selection {cfg.selection}: draws need "
-                        f"selection sampled or topk+sampled and samples >= 1; top-k alone needs samples: 0")
-    if cfg.union_student_k and cfg.selection == "sampled":
-        raise ConfigError(f"{where}.union_student_k: adds π_ref's ids to the top-k, but selection sampled stores "
-                        f"no top-k; use selection topk or topk+sampled, or union_student_k: 0")
-    if cfg.backend == "vllm" and (cfg.selection != "topk" or cfg.union_student_k):
-        raise ConfigError(f"{where}.backend: vllm returns only top-k log-probs; selection {cfg.selection} and "
-                        f"union_student_k {cfg.union_student_k} need backend: hf")
-    return Selection(cfg.selection, cfg.k, cfg.samples)
-
-
 def extras_for(rollouts: pa.Table, selection: Selection, seed: int, policy_scorer, union_k: int) -> Extras:
     """Per-sequence draws and π_ref's top ids for one part (π_ref scores the rollouts as sampled)."""
     ids, plens = rollouts.column("input_ids").to_pylist(), rollouts.column("prompt_len").to_pylist()
@@ -139,7 +132,7 @@ def extras_for(rollouts: pa.Table, selection: Selection, seed: int, policy_score
 
 def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     shard = args.shard
-    selection = check_config(cfg, f"{args.params}: teacher_topk")
+    selection = Selection.of(cfg)
     vocab = load_config(args.teacher).vocab_size
     if cfg.k > vocab:
         raise UserError(f"{args.params}: teacher_topk.k: {cfg.k} is more than the teacher's vocabulary ({vocab} "
@@ -149,13 +142,14 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     policy: RolloutsFooter = first.footer
     teacher_fp, teacher_tok = model_fingerprint(args.teacher), tokenizer_fingerprint(args.teacher)
     check_tokenizer(args.teacher, teacher_tok, first)
+    check_scoring_teacher(args.teacher, teacher_fp, first, allow_override(args.params))
     privileged = None
     if cfg.privileged_context is not None:
         prompts_path = args.prompts or Path(policy.prompts_path or "")
         privileged = PrivilegedPrompts(cfg.privileged_context, prompts_path, load_tokenizer(args.teacher))
     key = shards.make_run_key(config=asdict(cfg), teacher=teacher_fp, rollouts=policy.run_key,
                               prompts=privileged.digest if privileged else None)
-    fmt = teacher_format(cfg.codec, cfg.logprob_dtype, selection, cfg.union_student_k, vocab)
+    fmt = teacher_format(cfg, vocab)
     args.out.mkdir(parents=True, exist_ok=True)
     todo = shards.pending_parts(args.out, KIND, key, len(parts), shard)
     footer = TeacherTopkFooter(   # the rollouts' policy fields unchanged: which policy sampled the rows, and how
