@@ -53,68 +53,61 @@ class Footer:
 
 
 @dataclass(frozen=True, kw_only=True)
-class EngineFooter(Footer):
-    """What every generating or scoring stage records about its engine (`backends.engine.engine_footer`)."""
+class RunFooter(Footer):
+    """What every part of a stage run records: the engine that produced its numbers
+    (`backends.engine.engine_footer`), the tokenizer of its ids, and the run it belongs to (`shards.check_run`)."""
 
     backend: str
     backend_version: str
+    tokenizer_fingerprint: str
     engine_dtype: Optional[str] = None
     max_model_len: Optional[int] = None
+    run_key: Optional[str] = None
+    num_parts: Optional[int] = None
+    config: Optional[dict[str, Any]] = None    # the stage's params section
 
 
 @dataclass(frozen=True, kw_only=True)
-class RolloutsFooter(EngineFooter):
+class RolloutsFooter(RunFooter):
     """Footer of `rollouts` parts: which policy sampled the rows, how, and from which prompts."""
 
     kind: ClassVar[str] = "rollouts"
     policy_fingerprint: str
-    tokenizer_fingerprint: str
     sampling_temperature: float
-    run_key: Optional[str] = None
-    num_parts: Optional[int] = None
     policy_path: Optional[str] = None
     prompts_path: Optional[str] = None
-    config: Optional[dict[str, Any]] = None
 
 
 @dataclass(frozen=True, kw_only=True)
-class SftDataFooter(EngineFooter):
-    """Footer of `sft_data` parts: which teacher answered the SFT prompts."""
+class SftDataFooter(RunFooter):
+    """Footer of `sft_data` parts: which teacher answered the SFT prompts, and how."""
 
     kind: ClassVar[str] = "sft_data"
     teacher_fingerprint: str
-    tokenizer_fingerprint: str
     sampling_temperature: Optional[float] = None
-    run_key: Optional[str] = None
-    num_parts: Optional[int] = None
     teacher_path: Optional[str] = None
     prompts_path: Optional[str] = None
-    config: Optional[dict[str, Any]] = None
 
 
 @dataclass(frozen=True, kw_only=True)
-class TeacherTopkFooter(EngineFooter):
+class TeacherTopkFooter(RunFooter):
     """Footer of `teacher_topk` parts: the rollouts' policy fields unchanged, the teacher, and the entry format."""
 
     kind: ClassVar[str] = "teacher_topk"
     teacher_fingerprint: str
     policy_fingerprint: str
-    tokenizer_fingerprint: str
     k: int
     scoring_temperature: float
     privileged_context: Optional[str] = field(metadata={"json": True})   # JSON: null or the template
     policy_path: Optional[str] = None
     sampling_temperature: Optional[float] = None
-    run_key: Optional[str] = None
     rollouts_run_key: Optional[str] = None
-    num_parts: Optional[int] = None
     teacher_path: Optional[str] = None
     logprob_dtype: Optional[str] = None
     codec: Optional[dict[str, Any]] = None     # name, version and parameters (`Codec.describe`)
     width: Optional[int] = None
     samples: Optional[int] = None
     selection: Optional[str] = None
-    config: Optional[dict[str, Any]] = None
 
 
 FOOTERS: dict[str, type[Footer]] = {f.kind: f for f in (RolloutsFooter, SftDataFooter, TeacherTopkFooter)}
