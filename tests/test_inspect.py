@@ -259,3 +259,28 @@ def test_shards_of_schema_2_read_under_todays_names(tmp_path):
     assert all(g == pytest.approx(w) for (g,), w in zip(got, want)) and len(got) == len(want)
     con.execute(TOKENS_VIEW_SQL)
     assert con.execute("SELECT count(student_lp) FROM tokens").fetchone()[0] > 0
+
+
+def test_a_q8_shard_of_schema_2_reads_with_its_old_footer(tmp_path):
+    """A q8 shard as schema 2 wrote it (every codec key in the footer JSON, no version, `student_logprobs`):
+    the data path and the views decode it as they decode today's q8 shards."""
+    from offline_opd.train.shard_data import collate
+
+    codec = make_codec("q8", "", 151_936)
+    fmt = coded_shard(tmp_path / "new" / shards.part_name(0), codec, 151_936, 8, 40)
+    today = pq.read_table(tmp_path / "new" / shards.part_name(0))
+    old, schema = legacy(today, tables.teacher_schema(fmt), "2")
+    old_codec = {"id_type": "uint32", "logprob_dtype": "", "lp_bits": 8, "lp_step": 16 / 255, "name": "q8"}
+    shards.write_shard(tmp_path / "old" / shards.part_name(0), old,
+                       {**META, "k": 8, "width": 8, "schema_version": "2", "codec": old_codec}, schema)
+    (info,) = shards.open_teacher_shards(tmp_path / "old")
+    assert shards.teacher_format([info]) == fmt
+    batch = collate(pa.concat_tables(shards.iter_row_groups(info)), fmt)
+    want = fmt.decode(today)
+    resp = batch["response_mask"]
+    np.testing.assert_array_equal(batch["topk_ids"][resp].numpy(), want["topk_ids"])
+    np.testing.assert_array_equal(batch["topk_logprobs"][resp].numpy(), want["topk_logprobs"])
+    con = connect(f"{tmp_path}/old/*.parquet")
+    got = con.execute("SELECT topk_logprobs, behavior_logprob FROM shards ORDER BY sample_id").fetchall()
+    np.testing.assert_array_equal(np.concatenate([g[0] for g in got]).astype(np.float32),
+                                  want["topk_logprobs"].reshape(-1))
