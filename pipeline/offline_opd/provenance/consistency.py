@@ -22,7 +22,7 @@ from pathlib import Path
 from offline_opd.errors import UserError
 from offline_opd.contract import shards
 from offline_opd.provenance.fingerprint import model_fingerprint
-from offline_opd.provenance.record import PROVENANCE_FILE, ProvenanceError, read_provenance
+from offline_opd.provenance.record import PROVENANCE_FILE, ProvenanceError, check_unchanged, read_provenance
 
 log = logging.getLogger("opd.consistency")
 
@@ -76,6 +76,7 @@ def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inc
         prov = read_provenance(init_dir, ("model_fingerprint", "tokenizer_fingerprint", "sft_teacher_fingerprint"))
     except ProvenanceError as exc:
         raise ConsistencyError(f"π_ref {init_dir}: {exc}") from None
+    check_unchanged(init_dir)  # never overridable: an edited π_ref is not the model anything recorded
     prov_path = init_dir / PROVENANCE_FILE
     sft_files = ", ".join(prov.get("sft_data_files") or []) or "unrecorded sft data files"
     init_fp = model_fingerprint(init_dir)
@@ -89,9 +90,6 @@ def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inc
         Mismatch("policy (π_ref)", "the rollouts were sampled by policy", fp["policy_fingerprint"],
                  where.format(key="policy_fingerprint"), "distill starts from", init_fp, recomputed,
                  FIX_POLICY, True),
-        Mismatch("π_ref provenance", "the sft stage recorded", prov["model_fingerprint"],
-                 f"{prov_path} (model_fingerprint)", "the folder holds", init_fp, recomputed,
-                 "the model changed after the sft stage wrote it: rerun `dvc repro sft`", True),
         Mismatch("tokenizer", "the shards were tokenized with", fp["tokenizer_fingerprint"],
                  where.format(key="tokenizer_fingerprint"), "π_ref's tokenizer is", prov["tokenizer_fingerprint"],
                  f"{prov_path} (tokenizer_fingerprint)", FIX_TOKENIZER, False),
