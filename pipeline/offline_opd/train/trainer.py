@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
@@ -29,7 +30,9 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from offline_opd.atomic import atomic_dir, write_json
 from offline_opd.config import ConfigError, TrainConfig
+from offline_opd.errors import UserError
 from offline_opd.models.loading import resolve_model_dir
+from offline_opd.provenance.record import check_unchanged
 from offline_opd.runtime import is_rank_zero
 from offline_opd.train.data import ResumableDataModule
 from offline_opd.train.module import TrainModule
@@ -49,9 +52,11 @@ def training_dtype(precision: str) -> torch.dtype:
 
 
 def load_for_training(path: Path | str, precision: str) -> tuple[torch.nn.Module, torch.dtype]:
-    """A pretrained causal LM loaded straight into the training dtype, and the dtype it is stored in."""
+    """A pretrained causal LM loaded straight into the training dtype, and the dtype it is stored in
+    (refused if a stage wrote it and it changed since: `check_unchanged`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_unchanged(path)
     folder = resolve_model_dir(path)
     stored = getattr(AutoConfig.from_pretrained(folder), "dtype", None) or torch.float32
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
@@ -126,6 +131,7 @@ def resume_checkpoint(logs: Path, key: str) -> Optional[Path]:
         same = False
     last = ckpt_dir / LAST_CKPT
     if same and last.exists():
+        check_checkpoint(last, logs)
         log.info("resuming from %s", last)
         return last
     if not is_rank_zero():
@@ -135,6 +141,22 @@ def resume_checkpoint(logs: Path, key: str) -> Optional[Path]:
         shutil.rmtree(logs)
     write_json(stamp, {"run_key": key})
     return None
+
+
+def check_checkpoint(path: Path, logs: Path) -> None:
+    """A resume checkpoint must be whole: torch.save writes a zip whose entries carry CRC32s, so a truncated
+    or flipped byte is found here (one read of the file) and named, instead of failing inside Lightning's
+    restore with a traceback. FSDP's sharded checkpoints (folders) are left to their own loader."""
+    if path.is_dir():
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        bad = f"{type(exc).__name__}: {exc}"
+    if bad is not None:
+        raise UserError(f"{path}: the resume checkpoint is corrupt ({bad}); delete {logs} to start this run "
+                        f"over (the stage's previous outputs are untouched)")
 
 
 @dataclass
