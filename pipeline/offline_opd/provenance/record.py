@@ -11,7 +11,6 @@ refused by the file that changed, instead of silently standing in for the model 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,9 @@ from offline_opd.errors import UserError
 from offline_opd.atomic import write_json
 
 PROVENANCE_FILE = "opd_provenance.json"
-REQUIRED = ("stage", "model_fingerprint", "tokenizer_fingerprint", "source", "config", "created_at")
+# No timestamp: the record is part of a DVC-hashed model folder, and a rerun that reproduces the same
+# weights must reproduce the same bytes, or every downstream stage reruns for nothing.
+REQUIRED = ("stage", "model_fingerprint", "tokenizer_fingerprint", "source", "config")
 
 
 class ProvenanceError(UserError, ValueError):
@@ -36,8 +37,7 @@ def write_provenance(model_dir: Path | str, stage: str, source: str, config: dic
 
     record = {"stage": stage, "model_fingerprint": model_fingerprint(model_dir),
               "tokenizer_fingerprint": tokenizer_fingerprint(model_dir), "model_files": model_file_digests(model_dir),
-              "source": source, "config": config,
-              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
+              "source": source, "config": config, **extra}
     write_json(Path(model_dir) / PROVENANCE_FILE, record)
     return record
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from offline_opd.contract import shards
 from offline_opd.config import RolloutsConfig
 from offline_opd.backends.engine import load_engine
-from offline_opd.backends.generation import Sample, Sampling, batch_seed
+from offline_opd.backends.base import Sample, Sampling, batch_seed
 from offline_opd.contract.parts import plan_parts
 from offline_opd.runtime import add_shard_arg, cli, stage_main
 

@@ -41,7 +41,7 @@ from offline_opd.provenance.record import check_unchanged
 from offline_opd.backends.engine import engine_footer, load_engine
 from offline_opd.models.loading import load_config, load_tokenizer
 from offline_opd.contract.prompts import encode_prompt, read_prompts
-from offline_opd.backends.scoring import SCORING_TEMPERATURE, Extras, Scored
+from offline_opd.backends.base import SCORING_TEMPERATURE, Extras, Scored
 from offline_opd.errors import UserError
 from offline_opd.contract.codec import TeacherFormat, encode, make_codec
 from offline_opd.contract.sparse_targets import Selection, draw_uniforms

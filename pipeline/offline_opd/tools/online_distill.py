@@ -78,7 +78,8 @@ class OnlineBatches(ResumableDataModule):
             yield from order
 
     def _batches(self) -> Iterator[dict[str, Any]]:
-        from offline_opd.backends.generation import HFGenerator, Sampling, batch_seed
+        from offline_opd.backends.base import Sampling, batch_seed
+        from offline_opd.backends.generation import HFGenerator
         from offline_opd.stages.rollouts import rollout_table
         from offline_opd.stages.teacher_topk import scored_table
         from offline_opd.train.shard_data import collate
