@@ -139,11 +139,13 @@ def _terminate(signum: int, frame: Any) -> None:
 @contextmanager
 def stop_signals_unwind() -> Iterator[None]:
     """SIGTERM (what `kill`, schedulers and DVC send) and SIGHUP (a closed terminal) raise Terminated
-    while the stage runs; the previous handlers come back afterwards (in-process callers keep theirs)."""
+    while the stage runs; the previous handlers come back afterwards (in-process callers keep theirs).
+    A signal the caller ignores stays ignored: `nohup dvc repro` must survive its terminal closing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:
@@ -152,7 +154,7 @@ def stop_signals_unwind() -> Iterator[None]:
 
 
 def output_paths(args: argparse.Namespace) -> list[tuple[str, Path]]:
-    """The stage's output paths from its flags (OUTPUT_ARGS), with the metrics file stage_main writes."""
+    """The stage's output paths from its flags (OUTPUT_ARGS), by flag name."""
     found = [(name, getattr(args, name)) for name in OUTPUT_ARGS if getattr(args, name, None) is not None]
     return [(name, Path(path)) for name, path in found]
 
@@ -164,8 +166,12 @@ def guard_outputs(name: str, args: argparse.Namespace) -> Iterator[None]:
     The lock is `.<output>.lock` beside the output (with `--shard i/n`, one per shard: n processes
     may fill one folder); a second run of the stage on the same output is refused with one line
     naming the output and the process holding it. The writability check turns a read-only or
-    immutable output, found after hours of work, into an error before the first minute.
+    immutable output, found after hours of work, into an error before the first minute. Only rank 0
+    writes outputs, so only rank 0 guards them (the other ranks of a distributed run share its outputs).
     """
+    if not is_rank_zero():
+        yield
+        return
     shard = getattr(args, "shard", (0, 1))
     suffix = f".shard-{shard[0]}-of-{shard[1]}" if shard[1] > 1 else ""
     with ExitStack() as stack:

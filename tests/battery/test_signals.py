@@ -153,3 +153,18 @@ def test_ctrl_c_to_a_scoring_process(project):
     assert not [n for n in snapshot(project) if LEFTOVER.search(n)]
     for part in shards.list_parts(project / "data" / "teacher_topk"):
         shards.check_integrity(part)
+
+
+def test_an_ignored_hangup_stays_ignored(project, reference):
+    """`nohup dvc repro`: the caller ignores SIGHUP, so a closed terminal must not stop the stage."""
+    seconds, expected = reference["sft_data"]
+    edit_params(project, CHANGES["sft_data"][0], **CHANGES["sft_data"][1])
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    timer = threading.Timer(0.3 * seconds, signal.raise_signal, (signal.SIGHUP,))
+    try:
+        timer.start()
+        run(project, "sft_data")
+        timer.join()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert content(project, "sft_data") == expected
