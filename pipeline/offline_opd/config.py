@@ -82,9 +82,10 @@ class TrainConfig:
     `batch_size` is sequences per device per micro-batch, so one optimizer step sees
     batch_size x devices x num_nodes x accumulate_grad_batches sequences, and its loss is divided by
     the loss tokens of all of them (pipeline/offline_opd/train/module.py). `precision` bf16-true loads and trains
-    the weights in bf16; 32-true and bf16-mixed keep fp32 weights. `strategy: fsdp` shards parameters,
-    gradients and optimizer state per decoder layer; with `gradient_checkpointing` it recomputes each
-    layer's activations in backward.
+    the weights in bf16; 32-true and bf16-mixed keep fp32 weights. `strategy: fsdp` is FSDP2: parameters,
+    gradients and optimizer state sharded over all ranks, one unit per decoder layer
+    (pipeline/offline_opd/train/sharding.py); `cpu_offload` keeps those shards in CPU memory (fsdp only).
+    `gradient_checkpointing` recomputes each decoder layer's activations in backward.
     """
 
     max_steps: Count
@@ -102,8 +103,15 @@ class TrainConfig:
     devices: Count
     num_nodes: Count
     gradient_checkpointing: bool
+    cpu_offload: bool                  # fsdp: parameter, gradient and AdamW shards in CPU memory
     checkpoint_every_n_steps: Count    # steps between resume checkpoints (<logs>/checkpoints/last.ckpt)
     seed: NonNegInt
+
+    def check(self, where: str) -> None:
+        """Offloading moves FSDP's shards; without sharding there is nothing to offload."""
+        if self.cpu_offload and self.strategy != "fsdp":
+            raise ConfigError(f"{where}.cpu_offload: true needs strategy: fsdp (it offloads FSDP's parameter "
+                              f"and optimizer shards); set strategy: fsdp or cpu_offload: false")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +127,7 @@ class ModelConfig(TrainConfig):
 
     def check(self, where: str) -> None:
         """A scratch Llama splits hidden_size into num_heads heads of an even size (rotary embeddings)."""
+        super().check(where)
         if self.source == "scratch" and (self.hidden_size % self.num_heads or self.hidden_size // self.num_heads % 2):
             raise ConfigError(f"{where}.num_heads: {self.num_heads} heads do not split hidden_size "
                               f"{self.hidden_size} into heads of an even size; pick num_heads so that "

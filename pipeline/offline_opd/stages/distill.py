@@ -80,10 +80,10 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     data.setup()
     objective = loss_from_config(cfg, f"{args.params}: distill",
                                  behavior_temperature=float(data.infos[0].meta["sampling_temperature"]))
-    model, dtype = load_for_training(args.init, cfg.precision)
-    module = TrainModule(model, cfg, objective)
+    model, dtype, weights = load_for_training(args.init, cfg.precision, sharded=cfg.strategy == "fsdp")
+    module = TrainModule(model, cfg, objective, weights=weights)
     try:
-        result = fit(module, data, cfg, args.logs, run_key(cfg, report, data.infos), f"{args.params}: distill")
+        result = fit(module, data, cfg, args.logs, run_key(cfg, report, data.infos))
     except ShardError as exc:
         raise unwrap_worker_error(exc) from None
 

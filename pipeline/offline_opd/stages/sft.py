@@ -77,7 +77,8 @@ def scratch_student(cfg: SftConfig, teacher_dir: Path, teacher: int):
 
 def pretrained_student(cfg: SftConfig, base: Path, data_tokenizer_fp: str, data: Path):
     """A real student base (`cfg.source`, resolved to `base`), refused unless it tokenizes exactly like the
-    teacher that wrote the data; loaded in the training dtype. Returns model, tokenizer, stored dtype."""
+    teacher that wrote the data; loaded in the training dtype (on the meta device under strategy fsdp).
+    Returns model, tokenizer, stored dtype and, under fsdp, where the weights are."""
     from transformers import AutoTokenizer
 
     base_fp = tokenizer_fingerprint(base)
@@ -88,8 +89,8 @@ def pretrained_student(cfg: SftConfig, base: Path, data_tokenizer_fp: str, data:
             f"(pick a student base from the teacher's model family)")
     from offline_opd.train.trainer import load_for_training
 
-    model, dtype = load_for_training(base, cfg.precision)
-    return model, AutoTokenizer.from_pretrained(base), dtype
+    model, dtype, weights = load_for_training(base, cfg.precision, sharded=cfg.strategy == "fsdp")
+    return model, AutoTokenizer.from_pretrained(base), dtype, weights
 
 
 def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
@@ -112,13 +113,13 @@ def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
     if cfg.source == "scratch":
         source = "scratch"
         model, tokenizer = scratch_student(cfg, teacher_dir, teacher_params)
-        model, dtype = model.to(training_dtype(cfg.precision)), torch.float32
+        model, dtype, weights = model.to(training_dtype(cfg.precision)), torch.float32, None
     else:
         # `teacher`: start from the teacher's own weights (then usually pruned); a hub id is looked up
         # once, not again for provenance.
         base = teacher_dir if cfg.source == "teacher" else resolve_model_source(cfg.source)
         source = str(base)
-        model, tokenizer, dtype = pretrained_student(cfg, base, meta["tokenizer_fingerprint"], args.data)
+        model, tokenizer, dtype, weights = pretrained_student(cfg, base, meta["tokenizer_fingerprint"], args.data)
     if cfg.prune_to_layers is not None:
         if cfg.source == "scratch":
             raise UserError(f"{args.params}: sft.prune_to_layers prunes a pretrained base; with sft.source "
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
     key = run_key(cfg, examples, teacher=teacher_fp, parts=[i.meta["run_key"] for i in infos], base=source)
     # Right padding is never attended by a response token: any id will do.
     result = train_supervised(model, examples, cfg, tokenizer.pad_token_id or 0, args.logs, key,
-                              f"{args.params}: sft")
+                              weights=weights)
 
     def finish(folder: Path) -> None:
         """Tokenizer and provenance; the saved tokenizer must still be the data's."""

@@ -127,6 +127,9 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     from offline_opd.train.trainer import fit, load_for_training, save_model
 
     check_kernel_backend(cfg, args.params)
+    if cfg.strategy == "fsdp":
+        raise UserError(f"{args.params}: distill.strategy: fsdp is not supported by online OPD (it samples from "
+                        f"the live model, whose weights FSDP shards); set it to auto or ddp")
     rollouts: RolloutsConfig = load_section("rollouts", args.params)
     topk: TeacherTopkConfig = load_section("teacher_topk", args.params)
     check_online(topk, str(args.params))
@@ -136,14 +139,14 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     tokenizer = load_tokenizer(args.init)
     prompts = (table.column("prompt_id").to_pylist(),
                [encode_prompt(tokenizer, t) for t in table.column("prompt").to_pylist()])
-    model, dtype = load_for_training(args.init, cfg.precision)
+    model, dtype, _ = load_for_training(args.init, cfg.precision)
     module = TrainModule(model, cfg, objective)
     scorer = load_engine(args.teacher, topk, "teacher_topk", max_logprobs=topk.k)   # hf or vllm, as configured
     frozen = copy.deepcopy(model).eval() if args.sampler == "init" else None
     data = OnlineBatches(module, prompts, tokenizer, scorer, fmt, cfg, rollouts, topk.k, frozen)
     start = time.perf_counter()
     try:
-        result = fit(module, data, cfg, args.logs, f"online-{time.time_ns()}", f"{args.params}: distill")
+        result = fit(module, data, cfg, args.logs, f"online-{time.time_ns()}")
     finally:
         scorer.close()
     wall = time.perf_counter() - start
