@@ -144,17 +144,19 @@ def exclusive(path: Path | str, owner: str, suffix: str = "") -> Iterator[None]:
     path = Path(path)
     lock = path.with_name(f".{path.name}{suffix}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with signals_deferred():   # a Ctrl-C now would leave the lock file (harmless, but clutter) and its fd
-        fd = _acquire(lock, path, owner)
+    fd = None
     try:
-        yield
+        with signals_deferred():   # a Ctrl-C in between would leave the lock file (harmless, but clutter)
+            fd = _acquire(lock, path, owner)
+        yield                      # (a signal held back above is delivered here, inside the try)
     finally:
-        with signals_deferred():
-            try:
-                lock.unlink()
-            except OSError:
-                pass
-            os.close(fd)
+        if fd is not None:
+            with signals_deferred():
+                try:
+                    lock.unlink()
+                except OSError:
+                    pass
+                os.close(fd)
 
 
 def _acquire(lock: Path, path: Path, owner: str) -> int:

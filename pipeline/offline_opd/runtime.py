@@ -132,25 +132,65 @@ class Terminated(BaseException):
         self.signum = signum
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated(signum)
+class StopSignals:
+    """While a stage runs: Ctrl-C raises KeyboardInterrupt (as always), SIGTERM (what `kill`, schedulers and
+    DVC send) and SIGHUP (a closed terminal) raise Terminated, and each is remembered (`received`).
 
+    Remembered, because the exception a signal raises lands wherever the main thread is, and may not
+    survive: inside a C extension's import it becomes a SystemError or leaves a half-imported module
+    that fails later, Lightning answers Ctrl-C with `sys.exit(1)` and SIGTERM with a SystemExit meaning
+    success. Whatever a run then ends with, it was stopped by the signal, and says so; a run that
+    completes although a signal arrived (its exception swallowed somewhere) says so too (`check`).
+    The previous handlers come back afterwards (in-process callers keep theirs), and a signal the
+    caller ignores stays ignored: `nohup dvc repro` must survive its terminal closing.
+    """
 
-@contextmanager
-def stop_signals_unwind() -> Iterator[None]:
-    """SIGTERM (what `kill`, schedulers and DVC send) and SIGHUP (a closed terminal) raise Terminated
-    while the stage runs; the previous handlers come back afterwards (in-process callers keep theirs).
-    A signal the caller ignores stays ignored: `nohup dvc repro` must survive its terminal closing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGHUP)
-                if signal.getsignal(s) is not signal.SIG_IGN}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = self.received or signum
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated(signum)
+
+    def check(self) -> None:
+        """Raise now a signal that arrived but whose exception some library swallowed (a bare `except:` in
+        an import, say): the stage must not report success to DVC after it was told to stop."""
+        if self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.received is not None:
+            raise Terminated(self.received)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS
+                              if signal.getsignal(s) is not signal.SIG_IGN}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+def signal_behind(exc: BaseException, received: int | None = None) -> int | None:
+    """The signal that stopped a run ending in `exc`: Ctrl-C or SIGTERM/SIGHUP as `exc` itself or in its
+    causes and contexts, else one received during the run (`StopSignals.received`); None if none."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, KeyboardInterrupt):
+            return signal.SIGINT
+        if isinstance(e, Terminated):
+            return e.signum
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__]
+    return received
 
 
 def output_paths(args: argparse.Namespace) -> list[tuple[str, Path]]:
@@ -201,12 +241,14 @@ def stage_main(name: str, doc: str | None, add_args: Callable[[argparse.Argument
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     start = time.perf_counter()
+    stops = StopSignals()
     try:
-        with stop_signals_unwind():
+        with stops:
             threads = apply_thread_policy()
             cfg = load_section(section or name, args.params)
             with guard_outputs(name, args):
                 metrics = {**(run(args, cfg) or {}), "torch_threads": threads}
+                stops.check()
                 plots = getattr(args, "plots", None)
                 if plots is not None and plots.is_dir():
                     render_folder(plots, name)
@@ -215,16 +257,22 @@ def stage_main(name: str, doc: str | None, add_args: Callable[[argparse.Argument
                     write_json(args.metrics_dir / f"{name}.json", metrics)
     except UserError as exc:
         fail(f"error: {exc}", 2)
-    except KeyboardInterrupt:
-        fail(f"interrupted: {name} stopped by Ctrl-C; {STOPPED}", 130)
-    except Terminated as exc:
-        fail(f"terminated: {name} stopped by {exc}; {STOPPED}", 128 + exc.signum)
     except BrokenPipeError:
         _quiet_stdout()
         fail(f"error: {name}'s standard output was closed (a pipe whose reader exited); it stopped, no partial "
              f"output was kept", 2)
-    except OSError as exc:
-        if exc.errno not in FILE_SYSTEM_FIXES:
+    except BaseException as exc:
+        stop = signal_behind(exc, stops.received)
+        if stop == signal.SIGINT:
+            fail(f"interrupted: {name} stopped by Ctrl-C; {STOPPED}", 130)
+        if stop is not None:
+            fail(f"terminated: {name} stopped by {signal.Signals(stop).name}; {STOPPED}", 128 + stop)
+        if isinstance(exc, SystemExit) and exc.code in (None, 0):
+            # A library ended the process "successfully" mid-run: with persistent outputs, DVC would then
+            # record the previous run's outputs as this run's. It did not finish: say so, and fail.
+            fail(f"error: {name} was ended by a library (exit status 0) before it finished writing its outputs; "
+                 f"rerun it", 1)
+        if not isinstance(exc, OSError) or exc.errno not in FILE_SYSTEM_FIXES:
             raise
         where = exc.filename or next((str(path) for _, path in output_paths(args)), "the stage's outputs")
         fail(f"error: {where}: {os.strerror(exc.errno)} while {name} ran; {FILE_SYSTEM_FIXES[exc.errno]}", 2)

@@ -37,10 +37,19 @@ WARNING = re.compile(r"^(/\S+\.py:\d+: |  warnings\.warn\()")   # a library's wa
 
 
 def message_lines(stderr: str) -> list[str]:
-    """The lines of stderr that are neither log records nor progress-bar redraws (split at \\r as a terminal does)."""
-    return [line for line in re.split(r"[\r\n]", stderr)
-            if line.strip() and not line.strip().startswith("\x1b[A") and not LOG_LINE.match(line)
-            and not PROGRESS.search(line) and not WARNING.match(line)]
+    """The lines of stderr that are neither log records (nor the text of a record whose message starts on the
+    next line), progress-bar redraws (split at \\r as a terminal does) nor library warnings."""
+    kept, continued = [], False
+    for line in re.split(r"[\r\n]", stderr):
+        if continued and line.strip():
+            continued = False
+            continue
+        if LOG_LINE.match(line):
+            continued = not LOG_LINE.sub("", line).strip()
+        elif line.strip() and not line.strip().startswith("\x1b[A") and not PROGRESS.search(line) \
+                and not WARNING.match(line):
+            kept.append(line)
+    return kept
 
 
 def tiny_params() -> dict[str, Any]:

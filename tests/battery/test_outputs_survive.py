@@ -45,8 +45,11 @@ def test_union_student_k_above_the_vocabulary_keeps_every_output(project, capsys
     assert "teacher_topk.union_student_k: 200 is more than the vocabulary" in refuse(project, "teacher_topk", capsys)
 
 
-@pytest.mark.parametrize("stage,method", [("sft_data", (HFGenerator, "generate")), ("rollouts", (HFGenerator, "generate")),
-                                          ("teacher_topk", (HFScorer, "score"))])
+FIRST_BATCH = [("sft_data", (HFGenerator, "generate")), ("rollouts", (HFGenerator, "generate")),
+               ("teacher_topk", (HFScorer, "score"))]
+
+
+@pytest.mark.parametrize("stage,method", FIRST_BATCH)
 def test_a_crash_on_the_first_new_part_keeps_the_old_parts(project, monkeypatch, stage, method):
     edit_params(project, stage, seed=7)   # a new run: both old parts are stale
     before = snapshot(project)
@@ -110,3 +113,18 @@ def test_ctrl_c_while_a_folder_is_swapped_in_keeps_the_old_one(project, capsys, 
     line = refusal(capsys, lambda: run(project, "prepare"), status=130)
     assert "Ctrl-C" in line
     assert snapshot(project) == before
+
+
+def test_a_library_ending_the_process_with_success_mid_run_is_a_failure(project, capsys, monkeypatch):
+    """SystemExit(0) from inside training: not a finished stage (DVC would record the old, persistent outputs
+    as this run's), so exit 1 with one line, and the outputs untouched."""
+    edit_params(project, "distill", lr=5e-3)
+    before = {k: v for k, v in snapshot(project).items() if not k.startswith("logs/")}
+
+    def exits(self, batch, batch_idx):
+        raise SystemExit(0)
+
+    monkeypatch.setattr(TrainModule, "training_step", exits)
+    line = refusal(capsys, lambda: run(project, "distill"), status=1)
+    assert "before it finished writing its outputs" in line, line
+    assert {k: v for k, v in snapshot(project).items() if not k.startswith("logs/")} == before

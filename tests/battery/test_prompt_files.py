@@ -87,7 +87,8 @@ def test_a_byte_order_mark_is_not_part_of_the_first_prompt(project, newline):
 
 
 SCRIPTS = {"Cyrillic": "сколько 2+2=", "CJK": "二加二等于几", "emoji": "2+2=🙂", "Arabic (right to left)": "٢+٢=",
-           "a combining accent": "e\u0301 2+2=", "a zero-width space": "2+\u200b2=", "a NUL byte": "2+2=\x00"}
+           "a combining accent": "e\u0301 2+2=", "a zero-width space": "2+\u200b2=",
+           "a NUL byte": "2+2=\x00"}
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,14 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, TypeVar
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from offline_opd.atomic import atomic_dir, write_json
 from offline_opd.config import TrainConfig
 from offline_opd.errors import UserError
 from offline_opd.models.loading import resolve_model_dir
 from offline_opd.provenance.record import check_unchanged
-from offline_opd.runtime import is_rank_zero
+from offline_opd.runtime import Terminated, is_rank_zero
 from offline_opd.train.data import ResumableDataModule
 from offline_opd.train.module import TrainModule
 from offline_opd.train.sharding import MetaWeights, ShardedStrategy, gather_full_state, load_on_meta
@@ -192,7 +194,12 @@ def fit(module: TrainModule, data: ResumableDataModule, cfg: TrainConfig, logs: 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer = build_trainer(cfg, logs, callbacks)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    except SIGTERMException:
+        # Lightning's own SIGTERM handler ends fit with this SystemExit, whose code (None) means success:
+        # the stage was stopped, and says so like any stage stopped by SIGTERM (offline_opd.runtime).
+        raise Terminated(signal.SIGTERM) from None
     if trainer.global_step < cfg.max_steps:
         raise RuntimeError(f"training stopped at step {trainer.global_step} of {cfg.max_steps}")
     # The final state, so a rerun (say, after the output was deleted) saves again without retraining.
