@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         loaded.model, cfg, cross_entropy_objective(), fused=args.fused, weights=loaded.weights)
     data = ExampleDataModule(examples(args.rows, loaded.model.config.vocab_size, 3, args.seq), cfg.batch_size,
                              cfg.seed, pad_id=0)
-    result = fit(module, data, cfg, args.out / "logs", key="fsdp_run", callbacks=[held])
+    result = fit(module, data, cfg, args.out / "logs", key="fsdp_run", where="fsdp_run: sft", callbacks=[held])
     rank = result.trainer.global_rank
     cuda = {"cuda_max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
     (args.out / f"rank{rank}.json").write_text(json.dumps({**held.peak, **cuda, "speed": result.speed()}))

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from offline_opd.atomic import check_writable, exclusive, write_json
-from offline_opd.config import load_section
 from offline_opd.errors import UserError
 from offline_opd.plots import render_folder
+from offline_opd.validation import load_checked
 
 log = logging.getLogger("opd")
 
@@ -245,7 +245,7 @@ def stage_main(name: str, doc: str | None, add_args: Callable[[argparse.Argument
     try:
         with stops:
             threads = apply_thread_policy()
-            cfg = load_section(section or name, args.params)
+            cfg = load_checked(section or name, args.params)
             with guard_outputs(name, args):
                 metrics = {**(run(args, cfg) or {}), "torch_threads": threads}
                 stops.check()
@@ -306,13 +306,38 @@ def closed_pipe_is_quiet() -> Iterator[None]:
 
 def cli(main: Callable[[], Any]) -> None:
     """Run a stage's `main` as a command. After it succeeds in a process that loaded vLLM, exit without
-    interpreter teardown: the stage's outputs and metrics are already written atomically and the engine is
-    shut down, but vLLM's leftover threads can abort the process at teardown ("terminate called without an
-    active exception", exit -6), and DVC would then mark a finished stage as failed. In-process callers
-    (tests, bench/) call `main` directly and keep the normal exit."""
+    interpreter teardown: the stage's outputs and metrics are already written atomically, but vLLM's
+    leftover threads can abort the process at teardown ("terminate called without an active exception",
+    exit -6), and DVC would then mark a finished stage as failed. The hard exit skips the finalizers that
+    stop vLLM's engine-core process, so `end_children` stops it first. In-process callers (tests, bench/)
+    call `main` directly and keep the normal exit."""
     main()
     if "vllm" in sys.modules:
+        end_children()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def end_children(grace_s: float = 10.0) -> None:
+    """Stop every process this one started through multiprocessing (a vLLM engine core still open), so that
+    a finished stage leaves no process behind, multiprocessing's resource tracker included.
+
+    Why: an engine core outlives a hard exit, and it holds the resource tracker's pipe open, so the
+    tracker (which ignores SIGTERM by design) also stays: found after `dvc exp run` with backend vllm.
+    SIGTERM first (vLLM shuts its engine down on it), SIGKILL after `grace_s`. The tracker then exits by
+    itself when this process exits and closes the last end of its pipe (it unlinks any shared memory left
+    registered first).
+    """
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join(5.0)

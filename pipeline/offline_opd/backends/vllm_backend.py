@@ -40,6 +40,42 @@ def vllm_version() -> str:
     return f"vllm {_vllm().__version__}"
 
 
+# vLLM's CPU attention kernels exist for these head sizes only (vllm 0.32:
+# vllm/v1/attention/backends/cpu_attn.py, CPUAttentionBackend.get_supported_head_sizes); read from vLLM
+# itself where that class is importable, so a newer vLLM's list wins.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def cpu_head_sizes() -> tuple[int, ...]:
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        return tuple(CPUAttentionBackend.get_supported_head_sizes())
+    except (ImportError, AttributeError):
+        return CPU_HEAD_SIZES
+
+
+def check_model_fits_vllm(folder: Path, max_model_len: int, section: str, device: str) -> None:
+    """Refuse, before vLLM starts its engine process, what it would fail on there: an attention head size its
+    CPU kernels lack (the toy models' 24 ended in an EngineDeadError traceback with the cause only on stdout),
+    and a max_model_len beyond the model's positions."""
+    from offline_opd.models.loading import load_config
+
+    config = load_config(folder)
+    heads = getattr(config, "num_attention_heads", None)
+    head = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    if device == "cpu" and head is not None and head not in cpu_head_sizes():
+        raise UserError(f"params.yaml: {section}.backend: vllm on CPU supports attention head sizes "
+                        f"{', '.join(map(str, cpu_head_sizes()))} (at least {min(cpu_head_sizes())}), but {folder} "
+                        f"has head size {head} (hidden_size {config.hidden_size} / {heads} heads); set "
+                        f"{section}.backend: hf for this model")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_model_len > positions:
+        raise UserError(f"params.yaml: {section}.max_model_len: {max_model_len} is more than the "
+                        f"{positions} positions of {folder} (max_position_embeddings); lower it to at most "
+                        f"{positions}")
+
+
 class VLLMEngine:
     """One vLLM engine per model: sampling with per-request seeds, and scoring as a prompt-log-prob prefill."""
 
@@ -53,6 +89,7 @@ class VLLMEngine:
 
         vllm = _vllm()
         folder = resolve_model_dir(model_path)
+        check_model_fits_vllm(folder, max_model_len, section, device)
         memory = {}
         if device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")

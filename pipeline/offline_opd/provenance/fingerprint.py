@@ -24,6 +24,7 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from offline_opd.atomic import write_json
+from offline_opd.errors import UserError
 from offline_opd.models.loading import ModelPathError, loading, resolve_model_dir
 
 # What transformers loads, in its order of preference: (index file, single file).
@@ -35,6 +36,12 @@ CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 # Fields save_pretrained writes that say where or with what a model was saved, not what it is.
 VOLATILE_JSON_KEYS = {"transformers_version", "_name_or_path", "name_or_path", "torch_dtype_str"}
 SHORT = 16
+FIX_TOKENIZER = ("teacher and student must share one tokenizer: rebuild them with the same tokenizer and rerun "
+                 "`dvc repro`")
+
+
+class TokenizerMismatch(UserError, ValueError):
+    """Models that must read text into the same token ids do not. The message names both and the fix."""
 
 
 def cache_path() -> Path:
@@ -201,6 +208,18 @@ def tokenizer_fingerprint(model_dir: Path | str) -> str:
         return {"fingerprint": hashlib.sha256(payload.encode()).hexdigest()[:SHORT]}
 
     return _cached("tokenizer", model_dir, files, compute)["fingerprint"]
+
+
+def check_same_tokenizer(models: dict[str, Path]) -> str:
+    """Every model reads text into the same ids (evaluate compares their answers and log-probs token by token).
+    Returns the shared tokenizer fingerprint."""
+    fps = {name: tokenizer_fingerprint(path) for name, path in models.items()}
+    first = next(iter(models))
+    other = next((n for n in models if fps[n] != fps[first]), None)
+    if other is not None:
+        raise TokenizerMismatch(f"tokenizer mismatch: {other} {models[other]} has tokenizer {fps[other]} but "
+                               f"{first} {models[first]} has {fps[first]}; fix: {FIX_TOKENIZER}")
+    return fps[first]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     model, dtype, weights = load_for_training(args.init, cfg.precision, sharded=cfg.strategy == "fsdp")
     module = TrainModule(model, cfg, objective, weights=weights)
     try:
-        result = fit(module, data, cfg, args.logs, run_key(cfg, report, data.infos))
+        result = fit(module, data, cfg, args.logs, run_key(cfg, report, data.infos), f"{args.params}: distill")
     except ShardError as exc:
         raise unwrap_worker_error(exc) from None
 

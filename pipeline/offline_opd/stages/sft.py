@@ -120,17 +120,14 @@ def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
         base = teacher_dir if cfg.source == "teacher" else resolve_model_source(cfg.source)
         source = str(base)
         model, tokenizer, dtype, weights = pretrained_student(cfg, base, meta["tokenizer_fingerprint"], args.data)
-    if cfg.prune_to_layers is not None:
-        if cfg.source == "scratch":
-            raise UserError(f"{args.params}: sft.prune_to_layers prunes a pretrained base; with sft.source "
-                            f"'scratch' set sft.num_layers instead (or prune_to_layers: null)")
+    if cfg.prune_to_layers is not None:   # never with a scratch student (SftConfig refuses it at load)
         kept = prune_layers(model, cfg.prune_to_layers, f"{args.params}: sft.prune_to_layers")
         log.info("pruned the student base to layers %s", kept)
     params = sum(p.numel() for p in model.parameters())
     key = run_key(cfg, examples, teacher=teacher_fp, parts=[i.meta["run_key"] for i in infos], base=source)
     # Right padding is never attended by a response token: any id will do.
     result = train_supervised(model, examples, cfg, tokenizer.pad_token_id or 0, args.logs, key,
-                              weights=weights)
+                              f"{args.params}: sft", weights=weights)
 
     def finish(folder: Path) -> None:
         """Tokenizer and provenance; the saved tokenizer must still be the data's."""

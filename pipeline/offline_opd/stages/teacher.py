@@ -89,7 +89,7 @@ def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
                                  cfg.intermediate_size, cfg.seed).to(training_dtype(cfg.precision))
     params = sum(p.numel() for p in model.parameters())
     result = train_supervised(model, train_set, cfg, tokenizer.pad_token_id, args.logs,
-                              run_key(cfg, train_set, holdout=holdout))
+                              run_key(cfg, train_set, holdout=holdout), f"{args.params}: teacher")
     max_new = max(len(e.input_ids) - e.prompt_len for e in train_set) + 8
 
     def finish(folder: Path) -> Optional[float]:

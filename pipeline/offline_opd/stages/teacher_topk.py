@@ -35,7 +35,8 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from offline_opd.contract import shards
-from offline_opd.config import ConfigError, TeacherTopkConfig
+from offline_opd.config import TeacherTopkConfig, load_params
+from offline_opd.provenance.consistency import check_scoring_teacher
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
 from offline_opd.provenance.record import check_unchanged
 from offline_opd.backends.engine import engine_footer, load_engine
@@ -73,14 +74,20 @@ def check_tokenizer(teacher: Path, teacher_tok: str, rollouts: shards.ShardInfo)
             f"rebuild the student from the teacher's")
 
 
+def allow_override(params: Path) -> bool:
+    """`distill.allow_inconsistent_teacher`, the one switch for a teacher ablation, read here too so that
+    the ablation's shards can be scored. Not a param of this stage: it decides only whether the stage
+    refuses, never what it writes (and a refusal leaves no output for DVC to cache)."""
+    distill = load_params(params, required=()).get("distill")
+    return distill is not None and distill.allow_inconsistent_teacher
+
+
 class PrivilegedPrompts:
     """Teacher prompt ids under the privileged-context template, per prompt_id."""
 
     def __init__(self, template: str, prompts_path: Path, tokenizer) -> None:
+        # The template's fields were checked at params load (config.check_template).
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-        if not fields <= {"prompt", "answer"}:
-            raise UserError(f"teacher_topk.privileged_context {template!r}: only {{prompt}} and {{answer}} "
-                            f"may appear (found {', '.join(sorted(fields - {'prompt', 'answer'}))})")
         table = read_prompts(prompts_path)
         ids, texts, answers = (table.column(c).to_pylist() for c in ("prompt_id", "prompt", "answer"))
         if "answer" in fields and None in answers:
@@ -129,17 +136,8 @@ def scored_table(rollouts: pa.Table, scored: list[Scored], fmt: TeacherFormat) -
     return rollouts
 
 
-def check_config(cfg: TeacherTopkConfig, where: str) -> Selection:
-    """Cross-key rules the schema cannot express, as one-line errors naming the key."""
-    if (cfg.selection == "topk") != (cfg.samples == 0):
-        raise ConfigError(f"{where}.samples: {cfg.samples} with selection {cfg.selection}: draws need "
-                        f"selection sampled or topk+sampled and samples >= 1; top-k alone needs samples: 0")
-    if cfg.union_student_k and cfg.selection == "sampled":
-        raise ConfigError(f"{where}.union_student_k: adds π_ref's ids to the top-k, but selection sampled stores "
-                        f"no top-k; use selection topk or topk+sampled, or union_student_k: 0")
-    if cfg.backend == "vllm" and (cfg.selection != "topk" or cfg.union_student_k):
-        raise ConfigError(f"{where}.backend: vllm returns only top-k log-probs; selection {cfg.selection} and "
-                        f"union_student_k {cfg.union_student_k} need backend: hf")
+def selection_for(cfg: TeacherTopkConfig) -> Selection:
+    """What each position stores; the settings' cross-key rules were checked at load (TeacherTopkConfig)."""
     return Selection(cfg.selection, cfg.k, cfg.samples)
 
 
@@ -164,7 +162,7 @@ def extras_for(rollouts: pa.Table, selection: Selection, seed: int, policy_score
 
 def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     shard = args.shard
-    selection = check_config(cfg, f"{args.params}: teacher_topk")
+    selection = selection_for(cfg)
     vocab = load_config(args.teacher).vocab_size
     if cfg.k > vocab:
         raise UserError(f"{args.params}: teacher_topk.k: {cfg.k} is more than the teacher's vocabulary ({vocab} "
@@ -177,6 +175,7 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     check_unchanged(args.teacher)  # an edited teacher is named as such, not as a tokenizer mismatch
     teacher_fp, teacher_tok = model_fingerprint(args.teacher), tokenizer_fingerprint(args.teacher)
     check_tokenizer(args.teacher, teacher_tok, first)
+    check_scoring_teacher(args.teacher, teacher_fp, first, allow_override(args.params))
     privileged = None
     if cfg.privileged_context is not None:
         prompts_path = args.prompts or Path(first.meta.get("prompts_path", ""))

@@ -67,6 +67,10 @@ class OnlineBatches(ResumableDataModule):
     def layout(self) -> dict[str, Any]:
         return {"online": True, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed}
 
+    def longest_sequence(self) -> int:
+        """A sampled sequence is at most its prompt plus rollouts.max_new_tokens."""
+        return max(map(len, self.prompts[1]), default=0) + self.rollouts.max_new_tokens
+
     def train_dataloader(self):
         return self.grouped(self._batches())
 
@@ -122,7 +126,7 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     from offline_opd.train.losses import loss_from_config
     from offline_opd.models.loading import load_config, load_tokenizer
     from offline_opd.contract.prompts import encode_prompt, read_prompts
-    from offline_opd.stages.teacher_topk import check_config, teacher_format
+    from offline_opd.stages.teacher_topk import selection_for, teacher_format
     from offline_opd.train.module import TrainModule
     from offline_opd.train.trainer import fit, load_for_training, save_model
 
@@ -133,7 +137,7 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     rollouts: RolloutsConfig = load_section("rollouts", args.params)
     topk: TeacherTopkConfig = load_section("teacher_topk", args.params)
     check_online(topk, str(args.params))
-    fmt = teacher_format(topk, check_config(topk, f"{args.params}: teacher_topk"), load_config(args.teacher).vocab_size)
+    fmt = teacher_format(topk, selection_for(topk), load_config(args.teacher).vocab_size)
     objective = loss_from_config(cfg, f"{args.params}: distill", behavior_temperature=rollouts.temperature)
     table = read_prompts(args.prompts)
     tokenizer = load_tokenizer(args.init)
@@ -146,7 +150,7 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     data = OnlineBatches(module, prompts, tokenizer, scorer, fmt, cfg, rollouts, topk.k, frozen)
     start = time.perf_counter()
     try:
-        result = fit(module, data, cfg, args.logs, f"online-{time.time_ns()}")
+        result = fit(module, data, cfg, args.logs, f"online-{time.time_ns()}", f"{args.params}: distill")
     finally:
         scorer.close()
     wall = time.perf_counter() - start

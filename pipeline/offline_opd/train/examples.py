@@ -104,3 +104,6 @@ class ExampleDataModule(ResumableDataModule):
     def layout(self) -> dict[str, Any]:
         return {"world_size": self.rank_world()[1], "batch_size": self.batch_size, "seed": self.seed,
                 "examples": len(self.examples)}
+
+    def longest_sequence(self) -> int:
+        return max(len(e.input_ids) for e in self.examples)

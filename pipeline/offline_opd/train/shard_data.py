@@ -225,6 +225,12 @@ class TeacherShardDataModule(ResumableDataModule):
         return self.grouped(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                        pin_memory=torch.cuda.is_available()))
 
+    def longest_sequence(self) -> int:
+        """The longest rollout in the first row group of every part: a sample, read before any batch."""
+        self.setup()
+        return max(max(pc.list_value_length(next(shards.iter_row_groups(i, ["input_ids"]))
+                                             .column("input_ids")).to_pylist(), default=0) for i in self.infos)
+
     def layout(self) -> dict[str, Any]:
         self.setup()
         return {"world_size": self.rank_world()[1], "num_workers": self.num_workers, "batch_size": self.batch_size,

@@ -39,8 +39,8 @@ def run_key(cfg: TrainConfig, examples: Sequence[Example], **inputs: Any) -> str
 
 
 def train_supervised(model: torch.nn.Module, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
-                     logs: Path, key: str, weights: Optional[MetaWeights] = None) -> FitResult:
+                     logs: Path, key: str, where: str, weights: Optional[MetaWeights] = None) -> FitResult:
     """Fine-tune `model` (already in the training dtype, or on the meta device with its `weights`) on
-    `examples`, resuming `logs` under `key`."""
+    `examples`, resuming `logs` under `key`; `where` names the params section in errors."""
     data = ExampleDataModule(examples, cfg.batch_size, cfg.seed, pad_id)
-    return fit(TrainModule(model, cfg, cross_entropy_objective(), weights=weights), data, cfg, logs, key)
+    return fit(TrainModule(model, cfg, cross_entropy_objective(), weights=weights), data, cfg, logs, key, where)

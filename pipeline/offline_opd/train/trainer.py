@@ -38,6 +38,7 @@ from offline_opd.provenance.record import check_unchanged
 from offline_opd.runtime import Terminated, is_rank_zero
 from offline_opd.train.data import ResumableDataModule
 from offline_opd.train.module import TrainModule
+from offline_opd.train.resources import Shape, check_fits_machine
 from offline_opd.train.sharding import MetaWeights, ShardedStrategy, gather_full_state, load_on_meta
 
 log = logging.getLogger("opd.train")
@@ -187,9 +188,11 @@ class FitResult:
 
 
 def fit(module: TrainModule, data: ResumableDataModule, cfg: TrainConfig, logs: Path, key: str,
-        callbacks: Sequence[pl.Callback] = ()) -> FitResult:
-    """Train to cfg.max_steps, resuming `<logs>` if it holds a checkpoint of the run `key`; `callbacks`:
-    more Lightning callbacks (measurements)."""
+        where: str, callbacks: Sequence[pl.Callback] = ()) -> FitResult:
+    """Train to cfg.max_steps, resuming `<logs>` if it holds a checkpoint of the run `key`; `where` names the
+    params section in errors (e.g. "params.yaml: sft"); `callbacks`: more Lightning callbacks (measurements)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_fits_machine(cfg, Shape.of(module.model), data.longest_sequence(), module.fused_on(device), where)
     ckpt = resume_checkpoint(logs, key)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -200,6 +203,12 @@ def fit(module: TrainModule, data: ResumableDataModule, cfg: TrainConfig, logs: 
         # Lightning's own SIGTERM handler ends fit with this SystemExit, whose code (None) means success:
         # the stage was stopped, and says so like any stage stopped by SIGTERM (offline_opd.runtime).
         raise Terminated(signal.SIGTERM) from None
+    except SystemExit:
+        # Lightning turns Ctrl-C into sys.exit(1) after its graceful shutdown; give it back to the stage,
+        # which prints one line and exits with 130 like every other stage (the last checkpoint stays for resume).
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
     if trainer.global_step < cfg.max_steps:
         raise RuntimeError(f"training stopped at step {trainer.global_step} of {cfg.max_steps}")
     # The final state, so a rerun (say, after the output was deleted) saves again without retraining.
