@@ -83,7 +83,6 @@ def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inc
         prov = read_provenance(init_dir, ("model_fingerprint", "tokenizer_fingerprint", "sft_teacher_fingerprint"))
     except ProvenanceError as exc:
         raise ConsistencyError(f"π_ref {init_dir}: {exc}") from None
-    check_unchanged(init_dir)  # never overridable: an edited π_ref is not the model anything recorded
     prov_path = init_dir / PROVENANCE_FILE
     sft_files = ", ".join(prov.get("sft_data_files") or []) or "unrecorded sft data files"
     init_fp, init_tok = model_fingerprint(init_dir), tokenizer_fingerprint(init_dir)
@@ -102,6 +101,8 @@ def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inc
                  f"{init_dir} (tokenizer fingerprint, recomputed)", FIX_TOKENIZER, False),
     ]
     mismatches += [m for m in checks if m.found != m.expected]
+    _raise_or_warn([m for m in mismatches if not m.overridable], allow_inconsistent_teacher)  # structural first
+    check_unchanged(init_dir)  # then, never overridable either: an edited π_ref is not the model anything recorded
     _raise_or_warn(mismatches, allow_inconsistent_teacher)
     return {
         "teacher_fingerprint": fp["teacher_fingerprint"],

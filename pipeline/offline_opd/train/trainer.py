@@ -203,10 +203,11 @@ def fit(module: TrainModule, data: ResumableDataModule, cfg: TrainConfig, logs: 
         # Lightning's own SIGTERM handler ends fit with this SystemExit, whose code (None) means success:
         # the stage was stopped, and says so like any stage stopped by SIGTERM (offline_opd.runtime).
         raise Terminated(signal.SIGTERM) from None
-    except SystemExit:
+    except SystemExit as exc:
         # Lightning turns Ctrl-C into sys.exit(1) after its graceful shutdown; give it back to the stage,
         # which prints one line and exits with 130 like every other stage (the last checkpoint stays for resume).
-        if trainer.interrupted:
+        # Only Ctrl-C: `trainer.interrupted` is also set by any other exception, a library's SystemExit included.
+        if trainer.interrupted and isinstance(exc.__context__, KeyboardInterrupt):
             raise KeyboardInterrupt from None
         raise
     if trainer.global_step < cfg.max_steps:
