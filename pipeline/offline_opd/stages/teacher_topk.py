@@ -38,6 +38,7 @@ from offline_opd.contract import shards
 from offline_opd.config import TeacherTopkConfig, load_params
 from offline_opd.provenance.consistency import check_scoring_teacher
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
+from offline_opd.provenance.record import check_unchanged
 from offline_opd.backends.engine import engine_footer, load_engine
 from offline_opd.models.loading import load_config, load_tokenizer
 from offline_opd.contract.prompts import encode_prompt, read_prompts
@@ -166,8 +167,12 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     if cfg.k > vocab:
         raise UserError(f"{args.params}: teacher_topk.k: {cfg.k} is more than the teacher's vocabulary ({vocab} "
                         f"tokens, {args.teacher}); lower k")
+    if cfg.union_student_k > vocab:
+        raise UserError(f"{args.params}: teacher_topk.union_student_k: {cfg.union_student_k} is more than the "
+                        f"vocabulary ({vocab} tokens, {args.teacher}); lower union_student_k")
     parts = shards.open_run(args.rollouts, "rollouts", shards.ROLLOUT_SCHEMA)
     first = parts[0]
+    check_unchanged(args.teacher)  # an edited teacher is named as such, not as a tokenizer mismatch
     teacher_fp, teacher_tok = model_fingerprint(args.teacher), tokenizer_fingerprint(args.teacher)
     check_tokenizer(args.teacher, teacher_tok, first)
     check_scoring_teacher(args.teacher, teacher_fp, first, allow_override(args.params))
@@ -179,7 +184,8 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
                               prompts=privileged.digest if privileged else None)
     fmt = teacher_format(cfg, selection, vocab)
     args.out.mkdir(parents=True, exist_ok=True)
-    todo = shards.pending_parts(args.out, KIND, key, len(parts), shard)
+    pending = shards.pending_parts(args.out, KIND, key, len(parts), shard)
+    todo = pending.todo
     meta = {
         **{k: first.meta[k] for k in POLICY_KEYS},
         "kind": KIND, "run_key": key, "rollouts_run_key": first.meta["run_key"], "num_parts": len(parts),
@@ -195,6 +201,7 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
              "parts_written": 0, "rows": 0, "response_tokens": 0, "bytes": 0, "sum_teacher_logprob": 0.0,
              "sampled_in_topk": 0}
     if not todo:
+        pending.clear_stale()
         return stats
     engine = load_engine(args.teacher, cfg, KIND, max_logprobs=cfg.k)
     # π_ref's own top ids for the union targets: a second engine, on the policy the rollouts name.
@@ -206,7 +213,7 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
         extras = extras_for(rollouts, selection, cfg.seed, policy, cfg.union_student_k)
         scored = engine.score(*teacher_inputs(rollouts, privileged), k=cfg.k, extras=extras)
         path = shards.write_shard(args.out / shards.part_name(j), scored_table(rollouts, scored, fmt),
-                                  meta, shards.teacher_schema(fmt))
+                                  meta, shards.teacher_schema(fmt), before_replace=pending.clear_stale)
         stats["parts_written"] += 1
         stats["rows"] += rollouts.num_rows
         stats["bytes"] += path.stat().st_size
