@@ -15,7 +15,7 @@ from offline_opd.contract import shards, tables
 from offline_opd.contract.codec import Compact, Plain, make_codec
 from offline_opd.contract.tables import TeacherFormat
 from offline_opd.tools.inspect_shards import (META_SQL, QUERIES, SUMMARY_SQL, TOKENS_SUMMARY_SQL, TOKENS_VIEW_SQL,
-                                     TOP_GAPS_SQL, connect, format_table, main, query, views_sql)
+                                              TOP_GAPS_SQL, connect, format_table, main, query, views_sql)
 from tests.tiny_models import legacy, save_model, teacher_meta, write_teacher_shards
 
 META = teacher_meta("a" * 16, "b" * 16, "c" * 16, k=4)
@@ -23,7 +23,7 @@ META = teacher_meta("a" * 16, "b" * 16, "c" * 16, k=4)
 
 @pytest.fixture
 def folder(tmp_path):
-    write_teacher_shards(tmp_path / "topk", META, n_parts=3, per_part={2: {"run_key": "other"}})
+    write_teacher_shards(tmp_path / "topk", META, n_parts=3, per_part={2: {"teacher_path": "other"}})
     return tmp_path / "topk"
 
 
@@ -50,8 +50,8 @@ def test_meta_lists_every_footer_key_of_every_shard(folder):
         for key, value in shards.read_meta(path).items():
             where = shown[(key, value)]
             assert where == "all 3" or path.name in where.split()
-    assert shown[("run_key", "other")] == "part-00002.parquet"
-    assert shown[("run_key", "r")] == "part-00000.parquet part-00001.parquet"
+    assert shown[("teacher_path", "other")] == "part-00002.parquet"
+    assert shown[("teacher_path", "t")] == "part-00000.parquet part-00001.parquet"
 
 
 def hand_shard(path, dtype):
@@ -145,7 +145,7 @@ def test_printed_queries_run_in_plain_duckdb(folder, capsys):
     printed = capsys.readouterr().out
     assert "parquet_kv_metadata" in printed and all(f"-- {name}" in printed for name in QUERIES)
     con = duckdb.connect()
-    con.execute(views_sql(f"{folder}/*.parquet"))
+    con.execute(views_sql(shards.list_parts(folder)))
     con.execute(TOKENS_VIEW_SQL)
     assert len(con.execute(TOKENS_SUMMARY_SQL).fetchall()) == 4  # three shards + total
     con.execute("SET VARIABLE top = 3; SET VARIABLE context = 2;")
@@ -234,8 +234,9 @@ def test_readme_shows_the_views_opd_inspect_prints(tmp_path):
     """The README's SQL is `opd-inspect queries` for a compact shard with 32 entries per position, verbatim."""
     coded_shard(tmp_path / shards.part_name(0), Compact(), 49_152, 32, 8)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert views_sql(f"{tmp_path}/*.parquet").replace(f"{tmp_path}/*.parquet", "data/teacher_topk/*.parquet") \
-        .strip() in readme
+    part = tmp_path / shards.part_name(0)
+    shown = views_sql([part]).replace(str(part), f"data/teacher_topk/{part.name}")
+    assert shown.strip() in readme
     assert TOKENS_VIEW_SQL.strip() in readme
 
 

@@ -65,9 +65,9 @@ def run_topk(env: Path, rollouts_dir: Path, out: Path, *extra: str, teacher: Pat
 
 
 def folder_contents(folder: Path) -> tuple[list[str], pa.Table, list[dict]]:
-    """Part names, all rows, and footers without the creation time: what two equal runs must share."""
+    """Part names, all rows, and footers without the creation time (and the file checksum, which covers it): what two equal runs must share."""
     parts = shards.list_parts(folder)
-    metas = [{k: v for k, v in shards.read_meta(p).items() if k != "created_at"} for p in parts]
+    metas = [{k: v for k, v in shards.read_meta(p).items() if k not in ("created_at", "file_sha256")} for p in parts]
     return [p.name for p in parts], pa.concat_tables(pq.read_table(p) for p in parts), metas
 
 
@@ -281,9 +281,11 @@ def test_pending_parts_leaves_other_processes_parts_alone(tmp_path):
     (tmp_path / ".part-00001.parquet.tmp-999").write_bytes(b"being written by process 1/2")
     (tmp_path / ".part-00002.parquet.tmp-998").write_bytes(b"left by a crashed 0/2")
     (tmp_path / "part-00004.parquet").write_bytes(b"stale, from a run with more parts")
-    assert shards.pending_parts(tmp_path, "rollouts", "key", n_parts=4, shard=(0, 2)) == [0, 2]
+    plan = shards.pending_parts(tmp_path, "rollouts", "key", n_parts=4, shard=(0, 2))
+    assert plan.todo == [0, 2] and [p.name for p in plan.stale] == ["part-00004.parquet"]
+    plan.clear_stale()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".part-00001.parquet.tmp-999"]
-    assert shards.pending_parts(tmp_path, "rollouts", "key", n_parts=4, shard=(1, 2)) == [1, 3]
+    assert shards.pending_parts(tmp_path, "rollouts", "key", n_parts=4, shard=(1, 2)).todo == [1, 3]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -96,8 +96,41 @@ def test_finished_parts_keeps_only_this_runs_intact_parts(tmp_path):
     broken = shards.write_shard(tmp_path / shards.part_name(2), teacher_table(), META, schema)
     broken.write_bytes(b"PAR1 garbage")
     (tmp_path / ".part-00003.parquet.tmp-123").write_bytes(b"half")
-    assert shards.finished_parts(tmp_path, "teacher_topk", "r1") == {"part-00000.parquet"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.parquet"]
+    done, stale = shards.finished_parts(tmp_path, "teacher_topk", "r1")
+    assert done == {"part-00000.parquet"}
+    assert [p.name for p in stale] == ["part-00001.parquet", "part-00002.parquet"]
+    # the temporary is gone now; the stale parts stay until this run has a part to replace them with
+    assert sorted(p.name for p in tmp_path.iterdir()) == [shards.part_name(j) for j in range(3)]
+
+
+def test_a_flipped_byte_makes_a_finished_part_one_to_redo(tmp_path):
+    path = shards.write_shard(tmp_path / shards.part_name(0), teacher_table(), META, tables.teacher_schema())
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert shards.finished_parts(tmp_path, "teacher_topk", "r1") == (set(), [path])
+
+
+def test_stale_parts_go_only_when_a_new_part_is_ready(tmp_path, monkeypatch):
+    schema = tables.teacher_schema()
+    for j in range(3):
+        shards.write_shard(tmp_path / shards.part_name(j), teacher_table(), META | {"run_key": "old"}, schema)
+    plan = shards.pending_parts(tmp_path, "teacher_topk", "r1", n_parts=2)
+    assert plan.todo == [0, 1] and len(plan.stale) == 3
+    assert len(shards.list_parts(tmp_path)) == 3, "planning alone removes nothing"
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pq, "write_table", fail)
+        with pytest.raises(OSError):
+            shards.write_shard(tmp_path / shards.part_name(0), teacher_table(), META, schema,
+                               before_replace=plan.clear_stale)
+    assert [shards.read_meta(p)["run_key"] for p in shards.list_parts(tmp_path)] == ["old"] * 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary is left"
+    shards.write_shard(tmp_path / shards.part_name(0), teacher_table(), META, schema, before_replace=plan.clear_stale)
+    assert [p.name for p in shards.list_parts(tmp_path)] == [shards.part_name(0)]
 
 
 def test_shard_spec():
@@ -124,7 +157,13 @@ def test_open_run_refuses_mixed_and_incomplete_runs(tmp_path):
     (tmp_path / shards.part_name(2)).unlink()
     (tmp_path / shards.part_name(1)).unlink()
     shards.write_shard(tmp_path / shards.part_name(3), teacher_table(first=15), META | {"num_parts": 3}, schema)
-    with pytest.raises(shards.ShardError, match=r"incomplete \(2 parts, its footers say 3; missing "
+    with pytest.raises(shards.ShardError, match=r"part-00003.parquet: not a part of the `teacher_topk` run.*say 3"):
+        shards.open_run(tmp_path, "teacher_topk", schema)
+    (tmp_path / shards.part_name(3)).rename(tmp_path / "part-00000 (copy).parquet")
+    with pytest.raises(shards.ShardError, match=r"part-00000 \(copy\).parquet: not a part of the `teacher_topk`"):
+        shards.open_run(tmp_path, "teacher_topk", schema)
+    (tmp_path / "part-00000 (copy).parquet").unlink()
+    with pytest.raises(shards.ShardError, match=r"incomplete \(1 parts, its footers say 3; missing "
                                                 r"part-00001.parquet, part-00002.parquet\)"):
         shards.open_run(tmp_path, "teacher_topk", schema)
     with pytest.raises(shards.ShardError, match="no part-"):
@@ -151,8 +190,9 @@ def test_page_checksums_are_written_and_a_flipped_byte_names_file_and_row_group(
     flip_byte_in_data_page(path, 2, "teacher_logprob")
     # without the page CRC the flip is silent: the values just change
     assert pq.ParquetFile(path).read_row_group(2).column("teacher_logprob").to_pylist() != intact[2]
-    info = shards.open_shard(path, "teacher_topk", tables.teacher_schema())  # the footer is intact
-    read = shards.iter_row_groups(info)
+    with pytest.raises(shards.ShardError, match=rf"{path.name}: its bytes do not match the checksum sealed"):
+        shards.open_shard(path, "teacher_topk", tables.teacher_schema())  # the footer is intact, the seal is not
+    read = shards.iter_row_groups(info)  # a shard opened before the damage: the page CRC names it when streamed
     assert [next(read).column("teacher_logprob").to_pylist() for _ in range(2)] == intact[:2]
     with pytest.raises(shards.ShardError, match=rf"{path.name}: row group 2 is unreadable.*(CRC|checksum)"):
         next(read)

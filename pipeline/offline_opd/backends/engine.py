@@ -18,6 +18,7 @@ from typing import Protocol
 from offline_opd.backends.base import Extras, Sample, Sampling, Scored
 from offline_opd.config import EngineConfig
 from offline_opd.models.loading import default_device
+from offline_opd.provenance.record import check_unchanged
 
 BACKENDS = ("hf", "vllm")
 
@@ -81,8 +82,10 @@ def load_engine(model_path: Path | str, cfg: EngineConfig, section: str, *, max_
     """The engine named by `cfg.backend`, holding the model in `model_path`.
 
     `max_logprobs` is the largest k the engine will be asked to score (vLLM fixes it at start);
-    `section` names the params section in error messages.
+    `section` names the params section in error messages. A folder a stage wrote must still hold what
+    that stage recorded (`check_unchanged`), or every number the engine produces is of another model.
     """
+    check_unchanged(model_path)
     device = device or default_device()
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.backend == "hf":

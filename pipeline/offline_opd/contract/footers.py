@@ -10,11 +10,8 @@ are added by `shards.write_shard`.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, ClassVar, Mapping, Optional
-
-from offline_opd.contract.tables import SCHEMA_VERSION
 
 # Keys every footer carries, whatever its kind (write_shard fills them in).
 COMMON = ("schema_version", "kind", "created_at")
@@ -117,9 +114,3 @@ REQUIRED_META: dict[str, list[str]] = {kind: footer.required() for kind, footer 
 def _raw(f: Field) -> bool:
     """Whether a field is stored as the string itself (else as JSON)."""
     return f.type in ("str", "Optional[str]") and not f.metadata.get("json")
-
-
-def stamp(meta: Mapping[str, str]) -> dict[str, str]:
-    """`meta` with the keys the writer adds: the schema version and the time of writing."""
-    return {"schema_version": SCHEMA_VERSION, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **meta}

@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from offline_opd.errors import UserError
-from offline_opd.contract.footers import FOOTERS, REQUIRED_META, Footer, stamp
+from offline_opd.contract.footers import FOOTERS, REQUIRED_META, Footer
+from offline_opd.contract.integrity import verify_sealed, write_sealed
 from offline_opd.contract.tables import (READABLE_VERSIONS, ROLLOUT_SCHEMA, SCHEMA_VERSION, SFT_SCHEMA, TeacherFormat,
                                          current_names, stored_name, teacher_format_of, teacher_schema)
+
+log = logging.getLogger("opd.shards")
 
 META_PREFIX = "opd."
 ROW_GROUP_SIZE = 256
@@ -38,38 +43,76 @@ class ShardError(UserError, ValueError):
     """A shard is missing, unreadable, or breaks the contract. The message names the file."""
 
 
+_PART_RE = re.compile(r"part-(\d{5,})\.parquet")
+
+
 def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
 def list_parts(folder: Path | str) -> list[Path]:
-    return sorted(Path(folder).glob("part-*.parquet"))
+    """The files named exactly like parts (part-NNNNN.parquet), in part order."""
+    found = [(m, p) for p in Path(folder).glob("part-*.parquet") if (m := _PART_RE.fullmatch(p.name))]
+    return [p for m, p in sorted(found, key=lambda mp: int(mp[0].group(1)))]
+
+
+def run_parts(folder: Path | str, kind: str) -> list[Path]:
+    """The parts in a shard folder that holds nothing else a Parquet reader would pick up.
+
+    Every reader (distill, sft, teacher_topk, opd-inspect, DuckDB through `opd-inspect queries`) reads
+    exactly these parts; a stray `.parquet` beside them (`part-00000 (copy).parquet`, `old.parquet`)
+    would be read by a glob but not by the pipeline, so it is refused instead of silently ignored.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ShardError(f"{folder}: is a file, expected a folder of part-*.parquet {kind} shards")
+    strays = sorted(p.name for p in folder.glob("*") if p.suffix.lower() in (".parquet", ".pq")
+                    and not p.name.startswith(".") and not _PART_RE.fullmatch(p.name)) if folder.is_dir() else []
+    if strays:
+        raise ShardError(f"{folder / strays[0]}: not a part of the `{kind}` run in {folder} (parts are named "
+                         f"part-NNNNN.parquet{f'; {len(strays)} such files' if len(strays) > 1 else ''}); "
+                         f"move it out of the folder: a reader globbing *.parquet would count it, the pipeline "
+                         f"would not")
+    return list_parts(folder)
 
 
 def write_shard(path: Path | str, table: pa.Table, meta: Footer | Mapping[str, Any], schema: pa.Schema,
-                encodings: Mapping[str, str] | None = None) -> Path:
+                encodings: Mapping[str, str] | None = None, before_replace: Callable[[], None] | None = None) -> Path:
     """Validate and write one shard atomically: a crash leaves no file that looks complete.
 
     `meta` (a typed footer, or key/values: non-string values are JSON-encoded) is written with the `opd.`
     prefix, plus the schema version and the time of writing. `encodings`: Parquet encodings per column
-    (`TeacherFormat.encodings`), those columns compressed at ENCODED_LEVEL.
+    (`TeacherFormat.encodings`), those columns compressed at ENCODED_LEVEL. The file gets
+    page CRCs and a sealed whole-file checksum (offline_opd.contract.integrity). `before_replace` runs
+    once the complete file is on disk under its temporary name, just before it takes its place
+    (`PartPlan.clear_stale`: parts of another run go only when a part of this one is ready).
     """
     path = Path(path)
     table = table.select(schema.names).cast(schema)
     values = meta.to_meta() if isinstance(meta, Footer) else meta
-    footer = {f"{META_PREFIX}{k}": (v if isinstance(v, str) else json.dumps(v))
-              for k, v in stamp({k: v for k, v in values.items()}).items()}
+    footer = {f"{META_PREFIX}{k}": (v if isinstance(v, str) else json.dumps(v)) for k, v in values.items()}
+    if (index := _PART_RE.fullmatch(path.name)) is not None:
+        footer[f"{META_PREFIX}part"] = str(int(index.group(1)))   # a copy under another part's name is found
+    footer.setdefault(f"{META_PREFIX}schema_version", SCHEMA_VERSION)
+    footer.setdefault(f"{META_PREFIX}created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     table = table.replace_schema_metadata(footer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    encodings = dict(encodings or {})
-    # Plain (dictionary off) float16 is what DuckDB reads; BYTE_STREAM_SPLIT float16 it does not.
-    # Page CRCs let every read detect a flipped bit and name the file and row group (iter_row_groups).
-    pq.write_table(table, tmp, compression=COMPRESSION, row_group_size=ROW_GROUP_SIZE,
-                   use_dictionary=["sample_id", "prompt_id"], write_statistics=["sample_id", "prompt_id", "prompt_len"],
-                   write_page_checksum=True, column_encoding=_leaf_paths(table.schema, encodings) or None,
-                   compression_level={name: ENCODED_LEVEL for name in _leaf_paths(table.schema, encodings)} or None)
-    os.replace(tmp, path)
+    try:
+        # Plain (dictionary off) float16 is what DuckDB reads; BYTE_STREAM_SPLIT float16 it does not.
+        # Page CRCs let every read detect a flipped bit and name the file and row group (iter_row_groups).
+        leaves = _leaf_paths(table.schema, encodings or {})
+        write_sealed(tmp, table, compression=COMPRESSION, row_group_size=ROW_GROUP_SIZE,
+                     use_dictionary=["sample_id", "prompt_id"],
+                     write_statistics=["sample_id", "prompt_id", "prompt_len"],
+                     column_encoding=leaves or None,
+                     compression_level={name: ENCODED_LEVEL for name in leaves} or None)
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -104,21 +147,40 @@ class ShardInfo:
         """The typed footer of the shard's kind (`footers.FOOTERS`)."""
         return FOOTERS[self.meta["kind"]].from_meta(self.meta)
 
-    @property
-    def version(self) -> str:
-        return self.meta["schema_version"]
+
+def check_integrity(path: Path | str, kind: str | None = None) -> None:
+    """The file is byte for byte what its writer sealed (or, written before seals existed, every page
+    passes its CRC): a flipped, truncated or appended byte anywhere is a ShardError naming the file
+    (and `kind`, the stage to rerun)."""
+    path = Path(path)
+    rerun = f"`dvc repro {kind}`" if kind else "the stage that wrote it"
+    try:
+        sealed = verify_sealed(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise ShardError(f"{path}: not a readable Parquet file ({' '.join(str(exc).split())}); delete it and "
+                         f"rerun {rerun}") from exc
+    if sealed is None:
+        verify_pages(path)
+    elif not sealed:
+        raise ShardError(f"{path}: its bytes do not match the checksum sealed in its footer (a flipped, lost or "
+                         f"added byte): the file is corrupt: delete it and rerun {rerun}")
 
 
 def open_shard(path: Path | str, kind: str, schema: pa.Schema | None = None) -> ShardInfo:
-    """Check a shard's footer and schema against the contract before any training touches it."""
+    """Check a shard's integrity, footer and schema against the contract before any training touches it."""
     path = Path(path)
     meta = read_meta(path)
+    check_integrity(path, kind)
     if meta.get("kind", kind) != kind:
         raise ShardError(f"{path}: is a '{meta['kind']}' shard, expected '{kind}'")
     missing = [k for k in REQUIRED_META[kind] if k not in meta]
     if missing:
         raise ShardError(f"{path}: footer metadata lacks {', '.join(META_PREFIX + m for m in missing)}; "
                          f"it was not written by this pipeline's `{kind}` stage: rerun it")
+    named = _PART_RE.fullmatch(path.name)
+    if "part" in meta and named is not None and meta["part"] != str(int(named.group(1))):
+        raise ShardError(f"{path}: holds part {meta['part']!r} of its run, not the part its name says (a copied "
+                         f"part?); delete it and rerun the `{kind}` stage")
     if meta["schema_version"] not in READABLE_VERSIONS:
         raise ShardError(f"{path}: schema version {meta['schema_version']}, this code reads "
                          f"{', '.join(READABLE_VERSIONS)}; rerun the `{kind}` stage")
@@ -139,7 +201,7 @@ def open_run(folder: Path | str, kind: str, schema: pa.Schema,
              agree: tuple[str, ...] = ("run_key",)) -> list[ShardInfo]:
     """Every part of one complete run of stage `kind` in `folder`, footer- and schema-checked (`check_run`)."""
     folder = Path(folder)
-    parts = list_parts(folder)
+    parts = run_parts(folder, kind)
     if not parts:
         raise ShardError(f"{folder}: no part-*.parquet {kind} shards; run the `{kind}` stage first (dvc repro {kind})")
     infos = [open_shard(p, kind, schema) for p in parts]
@@ -164,6 +226,11 @@ def check_run(folder: Path, infos: list[ShardInfo], kind: str, agree: tuple[str,
                                  f"delete {folder} and rerun `dvc repro {kind}`")
     expected = [part_name(j) for j in range(int(first.meta.get("num_parts", len(infos))))]
     names = [i.path.name for i in infos]
+    extra = sorted(set(names) - set(expected))
+    if extra:
+        raise ShardError(f"{folder / extra[0]}: not a part of the `{kind}` run in {folder}: its footers say "
+                         f"{len(expected)} parts; a copied or left-over part? delete it, or rerun "
+                         f"`dvc repro {kind}`")
     if names != expected:
         missing = sorted(set(expected) - set(names))
         raise ShardError(f"{folder}: the `{kind}` run is incomplete ({len(names)} parts, its footers say "
@@ -197,7 +264,7 @@ def open_teacher_shards(folder: Path | str) -> list[ShardInfo]:
     is rebuilt as 1 - Σ exp(top-k), which is off by nats where the true tail is below ~1e-4.
     """
     folder = Path(folder)
-    parts = list_parts(folder)
+    parts = run_parts(folder, "teacher_topk")
     if not parts:
         raise ShardError(f"{folder}: no part-*.parquet teacher shards; run the `teacher_topk` stage")
     infos = [open_shard(p, "teacher_topk", teacher_schema(shard_format(p, read_meta(p)))) for p in parts]
@@ -236,7 +303,9 @@ def teacher_format(infos: list[ShardInfo]) -> TeacherFormat:
 def check_folder(folder: Path | str) -> list[ShardInfo]:
     """`opd-inspect check DIR`: the parts in `folder`, of whichever kind their footers name, are one run."""
     folder = Path(folder)
-    parts = list_parts(folder)
+    if not folder.exists():
+        raise ShardError(f"{folder}: no such shard folder; run the stage that writes it (`dvc repro`)")
+    parts = run_parts(folder, "shard")
     if not parts:
         raise ShardError(f"{folder}: no part-*.parquet shards")
     kind = read_meta(parts[0]).get("kind")
@@ -283,34 +352,38 @@ def verify_pages(path: Path | str) -> int:
 
 
 def finished_parts(folder: Path | str, kind: str, run_key: str,
-                   only: Collection[str] | None = None) -> set[str]:
-    """Names of parts already complete for this exact run (resume skips them).
+                   only: Collection[str] | None = None) -> tuple[set[str], list[Path]]:
+    """Names of parts already complete for this exact run (resume skips them), and the parts that are not.
 
-    A part counts only if its footer is intact, it has this code's schema version and its `run_key` (a
-    hash of the stage's settings and input fingerprints) matches: parts left by a crashed run resume,
-    parts from other settings or an older schema and
-    half-written temporaries are deleted so they can never mix into this run's output. `only`
-    limits all of this to the part names a process owns, so processes filling one folder with
-    `--shard i/n` never delete each other's parts or temporaries mid-write.
+    A part counts only if it is intact (its sealed checksum, or its page CRCs, match: a flipped byte
+    makes it a part to redo, never a finished one), its footer is this pipeline's, its schema version
+    this code's, and its `run_key`
+    (a hash of the stage's settings and input fingerprints) matches: parts left by a crashed run
+    resume. The others (other settings, corrupt) are returned to be removed once this run has a part
+    ready to replace them (`PartPlan.clear_stale`), so a run that fails before that leaves them as they
+    were. Half-written temporaries are never good output and are deleted now. `only` limits all of
+    this to the part names a process owns, so processes filling one folder with `--shard i/n` never
+    touch each other's parts or temporaries mid-write.
     """
     folder = Path(folder)
     for tmp in folder.glob(".part-*.tmp-*"):
         if only is None or tmp.name[1:].split(".tmp-")[0] in only:
             tmp.unlink(missing_ok=True)
-    done = set()
+    done, stale = set(), []
     for path in list_parts(folder):
         if only is not None and path.name not in only:
             continue
         try:
             meta = open_shard(path, kind).meta
             ok = meta.get("run_key") == run_key and meta["schema_version"] == SCHEMA_VERSION
-        except ShardError:
+        except ShardError as exc:
+            log.warning("%s; it will be written again", exc)
             ok = False
         if ok:
             done.add(path.name)
         else:
-            path.unlink()
-    return done
+            stale.append(path)
+    return done, stale
 
 
 def make_run_key(**inputs: Any) -> str:
@@ -318,23 +391,41 @@ def make_run_key(**inputs: Any) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def pending_parts(folder: Path | str, kind: str, run_key: str, n_parts: int,
-                  shard: tuple[int, int] = (0, 1)) -> list[int]:
-    """Indices of this process's parts (index % n == i) still to write for a run of `n_parts` parts.
+@dataclass
+class PartPlan:
+    """This process's parts still to write (`todo`), and the files its run replaces (`stale`).
 
-    First removes this process's stale and half-written parts (`finished_parts`) and its parts
+    Nothing in `stale` is removed until `clear_stale` runs: pass it as `write_shard(...,
+    before_replace=plan.clear_stale)`, so the first part of this run that is complete on disk takes
+    the old parts' place, and call it directly when nothing is left to write. A run that fails on its
+    way there (a model that does not load, a setting that fails on the first batch, a full disk)
+    leaves the previous run's parts as they were.
+    """
+
+    folder: Path
+    todo: list[int]
+    stale: list[Path] = field(default_factory=list)
+
+    def clear_stale(self) -> None:
+        for path in self.stale:
+            path.unlink(missing_ok=True)
+        self.stale = []
+
+
+def pending_parts(folder: Path | str, kind: str, run_key: str, n_parts: int,
+                  shard: tuple[int, int] = (0, 1)) -> PartPlan:
+    """This process's parts (index % n == i) still to write for a run of `n_parts` parts, and what they replace.
+
+    The replaced files are this process's stale and corrupt parts (`finished_parts`) and its parts
     numbered `n_parts` or more, left by an earlier run that had more, so the folder ends up holding
-    exactly this run's parts.
+    exactly this run's parts. A stray `.parquet` in the folder is refused first (`run_parts`): no
+    reader would accept the folder with it.
     """
     i, n = shard
     folder = Path(folder)
-    existing = {int(m.group(1)): p for p in list_parts(folder) if (m := _PART_RE.fullmatch(p.name))}
+    existing = {int(m.group(1)): p for p in run_parts(folder, kind) if (m := _PART_RE.fullmatch(p.name))}
     owned = {part_name(j) for j in set(range(n_parts)) | set(existing) if j % n == i}
-    done = finished_parts(folder, kind, run_key, only=owned)
-    for j, path in existing.items():
-        if j >= n_parts and j % n == i:
-            path.unlink(missing_ok=True)
-    return [j for j in range(i, n_parts, n) if part_name(j) not in done]
+    done, stale = finished_parts(folder, kind, run_key, only=owned)
+    stale += [path for j, path in existing.items() if j >= n_parts and j % n == i and path not in stale]
+    return PartPlan(folder, [j for j in range(i, n_parts, n) if part_name(j) not in done], stale)
 
-
-_PART_RE = re.compile(r"part-(\d+)\.parquet")

@@ -28,7 +28,7 @@ from pathlib import Path
 from offline_opd.errors import UserError
 from offline_opd.contract import shards
 from offline_opd.provenance.fingerprint import FIX_TOKENIZER, model_fingerprint, tokenizer_fingerprint
-from offline_opd.provenance.record import PROVENANCE_FILE, ProvenanceError, read_provenance
+from offline_opd.provenance.record import PROVENANCE_FILE, ProvenanceError, check_unchanged, read_provenance
 
 log = logging.getLogger("opd.consistency")
 
@@ -96,14 +96,13 @@ def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inc
         Mismatch("policy (π_ref)", "the rollouts were sampled by policy", fp["policy_fingerprint"],
                  where.format(key="policy_fingerprint"), "distill starts from", init_fp, recomputed,
                  FIX_POLICY, True),
-        Mismatch("π_ref provenance", "the sft stage recorded", prov["model_fingerprint"],
-                 f"{prov_path} (model_fingerprint)", "the folder holds", init_fp, recomputed,
-                 "the model changed after the sft stage wrote it: rerun `dvc repro sft`", True),
         Mismatch("tokenizer", "the shards were tokenized with", fp["tokenizer_fingerprint"],
                  where.format(key="tokenizer_fingerprint"), "π_ref's tokenizer is", init_tok,
                  f"{init_dir} (tokenizer fingerprint, recomputed)", FIX_TOKENIZER, False),
     ]
     mismatches += [m for m in checks if m.found != m.expected]
+    _raise_or_warn([m for m in mismatches if not m.overridable], allow_inconsistent_teacher)  # structural first
+    check_unchanged(init_dir)  # then, never overridable either: an edited π_ref is not the model anything recorded
     _raise_or_warn(mismatches, allow_inconsistent_teacher)
     return {
         "teacher_fingerprint": fp["teacher_fingerprint"],

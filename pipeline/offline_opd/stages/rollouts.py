@@ -42,6 +42,7 @@ def run(args: argparse.Namespace, cfg: RolloutsConfig) -> dict:
     stats = {"parts_total": plan.footer.num_parts, "parts_skipped": plan.skipped,
              "parts_written": 0, "rows": 0, "response_tokens": 0, "at_max_new_tokens": 0}
     if not plan.todo:
+        plan.pending.clear_stale()
         return stats
     engine = load_engine(args.policy, cfg, KIND)
     start = time.perf_counter()
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace, cfg: RolloutsConfig) -> dict:
         samples = engine.generate(plan.tokens[part], Sampling(cfg.n_samples, cfg.temperature, cfg.max_new_tokens,
                                                               seed=batch_seed(cfg.seed, j)))
         table = rollout_table(plan.prompt_ids[part], plan.tokens[part], samples)
-        shards.write_shard(args.out / shards.part_name(j), table, plan.footer, ROLLOUT_SCHEMA)
+        shards.write_shard(args.out / shards.part_name(j), table, plan.footer, ROLLOUT_SCHEMA,
+                           before_replace=plan.pending.clear_stale)
         flat = [s for row in samples for s in row]
         stats["parts_written"] += 1
         stats["rows"] += len(flat)

@@ -24,7 +24,7 @@ from offline_opd.config import SftConfig
 from offline_opd.provenance.consistency import FIX_TOKENIZER, ConsistencyError
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
 from offline_opd.models.loading import build_llama, parameter_count, prune_layers, resolve_model_dir, resolve_model_source
-from offline_opd.provenance.record import write_provenance
+from offline_opd.provenance.record import check_unchanged, write_provenance
 from offline_opd.errors import UserError
 from offline_opd.runtime import stage_main
 from offline_opd.train.examples import Example
@@ -98,6 +98,7 @@ def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
     examples, infos = read_sft_parts(args.data)
     footer = infos[0].footer
     teacher_dir = resolve_model_dir(args.teacher)
+    check_unchanged(args.teacher)  # an edited teacher is named as such, not as a teacher mismatch
     teacher_fp = model_fingerprint(args.teacher)
     if teacher_fp != footer.teacher_fingerprint:
         raise ConsistencyError(

@@ -39,6 +39,7 @@ def run(args: argparse.Namespace, cfg: SftDataConfig) -> dict:
     stats = {"parts_total": plan.footer.num_parts, "parts_written": 0, "rows": 0, "response_tokens": 0,
              "at_max_new_tokens": 0}
     if not plan.todo:
+        plan.pending.clear_stale()
         return stats
     engine = load_engine(args.teacher, cfg, KIND)
     for j in tqdm(plan.todo, desc="sft_data", unit="part"):
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace, cfg: SftDataConfig) -> dict:
         sampling = Sampling(1, cfg.temperature, cfg.max_new_tokens, seed=batch_seed(cfg.seed, j))
         samples = [row[0] for row in engine.generate(plan.tokens[rows], sampling)]
         part = sft_table(plan.prompt_ids[rows], plan.texts[rows], plan.tokens[rows], samples, plan.tokenizer)
-        shards.write_shard(args.out / shards.part_name(j), part, plan.footer, SFT_SCHEMA)
+        shards.write_shard(args.out / shards.part_name(j), part, plan.footer, SFT_SCHEMA,
+                           before_replace=plan.pending.clear_stale)
         stats["parts_written"] += 1
         stats["rows"] += len(samples)
         stats["response_tokens"] += sum(len(s.response_ids) for s in samples)

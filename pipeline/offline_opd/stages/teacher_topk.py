@@ -38,6 +38,7 @@ from offline_opd.contract import shards
 from offline_opd.config import TeacherTopkConfig, load_params
 from offline_opd.provenance.consistency import check_scoring_teacher
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
+from offline_opd.provenance.record import check_unchanged
 from offline_opd.backends.engine import engine_footer, load_engine
 from offline_opd.models.loading import load_config, load_tokenizer
 from offline_opd.contract.prompts import encode_prompt, read_prompts
@@ -137,8 +138,12 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     if cfg.k > vocab:
         raise UserError(f"{args.params}: teacher_topk.k: {cfg.k} is more than the teacher's vocabulary ({vocab} "
                         f"tokens, {args.teacher}); lower k")
+    if cfg.union_student_k > vocab:
+        raise UserError(f"{args.params}: teacher_topk.union_student_k: {cfg.union_student_k} is more than the "
+                        f"vocabulary ({vocab} tokens, {args.teacher}); lower union_student_k")
     parts = shards.open_run(args.rollouts, "rollouts", ROLLOUT_SCHEMA)
     first = parts[0]
+    check_unchanged(args.teacher)  # an edited teacher is named as such, not as a tokenizer mismatch
     policy: RolloutsFooter = first.footer
     teacher_fp, teacher_tok = model_fingerprint(args.teacher), tokenizer_fingerprint(args.teacher)
     check_tokenizer(args.teacher, teacher_tok, first)
@@ -151,7 +156,8 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
                               prompts=privileged.digest if privileged else None)
     fmt = teacher_format(cfg, vocab)
     args.out.mkdir(parents=True, exist_ok=True)
-    todo = shards.pending_parts(args.out, KIND, key, len(parts), shard)
+    pending = shards.pending_parts(args.out, KIND, key, len(parts), shard)
+    todo = pending.todo
     footer = TeacherTopkFooter(   # the rollouts' policy fields unchanged: which policy sampled the rows, and how
         policy_fingerprint=policy.policy_fingerprint, policy_path=policy.policy_path,
         tokenizer_fingerprint=policy.tokenizer_fingerprint, sampling_temperature=policy.sampling_temperature,
@@ -164,6 +170,7 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
              "parts_written": 0, "rows": 0, "response_tokens": 0, "bytes": 0, "sum_teacher_logprob": 0.0,
              "sampled_in_topk": 0}
     if not todo:
+        pending.clear_stale()
         return stats
     engine = load_engine(args.teacher, cfg, KIND, max_logprobs=cfg.k)
     # π_ref's own top ids for the union targets: a second engine, on the policy the rollouts name.
@@ -175,7 +182,8 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
         extras = extras_for(rollouts, selection, cfg.seed, pi_ref, cfg.union_student_k)
         scored = engine.score(*teacher_inputs(rollouts, privileged), k=cfg.k, extras=extras)
         path = shards.write_shard(args.out / shards.part_name(j), scored_table(rollouts, scored, fmt),
-                                  footer, teacher_schema(fmt), fmt.encodings())
+                                  footer, teacher_schema(fmt), fmt.encodings(),
+                                  before_replace=pending.clear_stale)
         stats["parts_written"] += 1
         stats["rows"] += rollouts.num_rows
         stats["bytes"] += path.stat().st_size

@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence, TypeVar
@@ -26,11 +28,14 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, TypeVar
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from offline_opd.atomic import atomic_dir, write_json
 from offline_opd.config import TrainConfig
+from offline_opd.errors import UserError
 from offline_opd.models.loading import resolve_model_dir
-from offline_opd.runtime import is_rank_zero
+from offline_opd.provenance.record import check_unchanged
+from offline_opd.runtime import Terminated, is_rank_zero
 from offline_opd.train.data import ResumableDataModule
 from offline_opd.train.module import TrainModule
 from offline_opd.train.resources import Shape, check_fits_machine
@@ -57,12 +62,14 @@ class Loaded(NamedTuple):
 
 
 def load_for_training(path: Path | str, precision: str, sharded: bool = False) -> Loaded:
-    """A pretrained causal LM in the training dtype, and the dtype it is stored in.
+    """A pretrained causal LM in the training dtype, and the dtype it is stored in (refused if a stage
+    wrote it and it changed since: `check_unchanged`).
 
     `sharded` (strategy fsdp): the parameters stay on the meta device and each rank reads its own shard
     of them after fully_shard (TrainModule.configure_model), so no rank holds the whole model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_unchanged(path)
     folder = resolve_model_dir(path)
     stored = getattr(AutoConfig.from_pretrained(folder), "dtype", None) or torch.float32
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
@@ -128,6 +135,7 @@ def resume_checkpoint(logs: Path, key: str) -> Optional[Path]:
         same = False
     last = ckpt_dir / LAST_CKPT
     if same and last.exists():
+        check_checkpoint(last, logs)
         log.info("resuming from %s", last)
         return last
     if not is_rank_zero():
@@ -137,6 +145,22 @@ def resume_checkpoint(logs: Path, key: str) -> Optional[Path]:
         shutil.rmtree(logs)
     write_json(stamp, {"run_key": key})
     return None
+
+
+def check_checkpoint(path: Path, logs: Path) -> None:
+    """A resume checkpoint must be whole: torch.save writes a zip whose entries carry CRC32s, so a truncated
+    or flipped byte is found here (one read of the file) and named, instead of failing inside Lightning's
+    restore with a traceback. FSDP's sharded checkpoints (folders) are left to their own loader."""
+    if path.is_dir():
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        bad = f"{type(exc).__name__}: {exc}"
+    if bad is not None:
+        raise UserError(f"{path}: the resume checkpoint is corrupt ({bad}); delete {logs} to start this run "
+                        f"over (the stage's previous outputs are untouched)")
 
 
 @dataclass
@@ -175,10 +199,15 @@ def fit(module: TrainModule, data: ResumableDataModule, cfg: TrainConfig, logs: 
     trainer = build_trainer(cfg, logs, callbacks)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt)
-    except SystemExit:
+    except SIGTERMException:
+        # Lightning's own SIGTERM handler ends fit with this SystemExit, whose code (None) means success:
+        # the stage was stopped, and says so like any stage stopped by SIGTERM (offline_opd.runtime).
+        raise Terminated(signal.SIGTERM) from None
+    except SystemExit as exc:
         # Lightning turns Ctrl-C into sys.exit(1) after its graceful shutdown; give it back to the stage,
         # which prints one line and exits with 130 like every other stage (the last checkpoint stays for resume).
-        if trainer.interrupted:
+        # Only Ctrl-C: `trainer.interrupted` is also set by any other exception, a library's SystemExit included.
+        if trainer.interrupted and isinstance(exc.__context__, KeyboardInterrupt):
             raise KeyboardInterrupt from None
         raise
     if trainer.global_step < cfg.max_steps:
