@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from offline_opd.contract import integrity, shards
+from offline_opd.contract import integrity, shards, tables
 from tests.tiny_models import teacher_meta
 
 K, VOCAB, PROMPT, RESPONSE = 8, 100, 12, 33   # the embedded default's shape: ~33 response tokens per row
@@ -50,7 +50,7 @@ def teacher_table(rows: int, seed: int = 0) -> pa.Table:
     return pa.table({
         "sample_id": [f"s{i:06d}#0" for i in range(rows)], "prompt_id": [f"s{i:06d}" for i in range(rows)],
         "input_ids": lists(ids, pa.int32()), "prompt_len": pa.array(np.full(rows, PROMPT, np.int32)),
-        "student_logprobs": lists(-rng.random((rows, RESPONSE)).astype(np.float32), pa.float32()),
+        "behavior_logprob": lists(-rng.random((rows, RESPONSE)).astype(np.float32), pa.float32()),
         "teacher_logprob": lists(np.take_along_axis(logp, ids[:, PROMPT:, None], 2)[..., 0], pa.float32()),
         "tail_logprob": lists(tail.astype(np.float32), pa.float32()),
         "topk_ids": lists(top.astype(np.int32), pa.int32()),
@@ -73,7 +73,7 @@ def read_all(pf: pq.ParquetFile) -> list[pa.Table]:
 
 def measure(rows: int, repeats: int, folder: Path) -> dict[str, float]:
     table = teacher_table(rows)
-    schema = shards.teacher_schema("float16")
+    schema = tables.teacher_schema("float16")
     path = shards.write_shard(folder / shards.part_name(0), table, teacher_meta("a" * 16, "b" * 16, "c" * 16, k=8),
                               schema)
     plain = folder / "plain.parquet"
