@@ -155,7 +155,7 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     wall = time.perf_counter() - start
     save_model(result, args.out, dtype, lambda folder: tokenizer.save_pretrained(folder))
     return {"sampler": args.sampler, "final_loss": result.final_loss, "steps": result.trainer.global_step, "online_wall_s": round(wall, 2),
-            **{k: round(v, 2) for k, v in data.seconds.items()}, **result.speed(),
+            **{k: round(v, 4) for k, v in data.seconds.items()}, **result.speed(),
             "config": dataclasses.asdict(cfg)}
 
 
