@@ -13,6 +13,7 @@ GPU (CUDA available):
   * --sweep: kernel configurations (BLOCK_V, num_warps, programs per SM) at N=16384, V=151936, k=64.
 CPU (no CUDA): small sizes, the chunked PyTorch path against eager PyTorch (time, peak RSS growth
 measured in a child process per variant). Finishes in about a minute on 2 cores.
+--shapes "N,V,k;N,V,k" replaces the sizes of the loss table (GPU or CPU): a short run (bench/gpu_check.sh).
 
 The last thing printed is a markdown table.
 """
@@ -102,60 +103,67 @@ def peak_extra(fn):
     return peak
 
 
+GPU_SHAPES = [(N, V, k) for N in (4096, 16384) for V in (32000, 151936) for k in (8, 64)]
+CPU_SHAPES = [(1024, 32000, 8), (1024, 32000, 64), (256, 151936, 64)]
+
+
+def shape_list(text: str) -> list[tuple[int, int, int]]:
+    """"N,V,k;N,V,k" -> [(N, V, k), ...]"""
+    return [tuple(int(x) for x in item.split(",")) for item in text.split(";") if item.strip()]
+
+
 def bench_gpu_loss(args, peak_bw):
     import triton.testing as tt
 
     rows = []
-    for N in (4096, 16384):
-        for V in (32000, 151936):
-            for k in (8, 64):
-                torch.cuda.empty_cache()
-                try:
-                    z, ids, lp = make_inputs(N, V, k, "cuda", torch.bfloat16)
-                except torch.cuda.OutOfMemoryError:
-                    print(f"skip N={N} V={V} k={k}: inputs do not fit")
-                    continue
-                zr = z.requires_grad_(True)
+    for N, V, k in args.shapes or GPU_SHAPES:
+        torch.cuda.empty_cache()
+        try:
+            z, ids, lp = make_inputs(N, V, k, "cuda", torch.bfloat16)
+        except torch.cuda.OutOfMemoryError:
+            print(f"skip N={N} V={V} k={k}: inputs do not fit")
+            continue
+        zr = z.requires_grad_(True)
 
-                def ours():
-                    loss = sparse_divergence(zr, ids, lp, args.mode)
-                    return torch.autograd.grad(loss.sum(), zr)[0]
+        def ours():
+            loss = sparse_divergence(zr, ids, lp, args.mode)
+            return torch.autograd.grad(loss.sum(), zr)[0]
 
-                buf = z.detach().clone().requires_grad_(True)
+        buf = z.detach().clone().requires_grad_(True)
 
-                def ours_inplace():
-                    # times the kernel on the same buffer: after the first call it holds gradients, which
-                    # costs the same (the work does not depend on the values)
-                    loss = sparse_divergence(buf, ids, lp, args.mode, inplace_grad=True)
-                    return torch.autograd.grad(loss.sum(), buf)[0]
+        def ours_inplace():
+            # times the kernel on the same buffer: after the first call it holds gradients, which
+            # costs the same (the work does not depend on the values)
+            loss = sparse_divergence(buf, ids, lp, args.mode, inplace_grad=True)
+            return torch.autograd.grad(loss.sum(), buf)[0]
 
-                def eager():
-                    loss = eager_loss(zr, ids, lp, args.mode)
-                    return torch.autograd.grad(loss.sum(), zr)[0]
+        def eager():
+            loss = eager_loss(zr, ids, lp, args.mode)
+            return torch.autograd.grad(loss.sum(), zr)[0]
 
-                r = dict(N=N, V=V, k=k)
-                r["ours_ms"] = tt.do_bench(ours, warmup=25, rep=args.rep, return_mode="median")
-                r["ours_inplace_ms"] = tt.do_bench(ours_inplace, warmup=25, rep=args.rep, return_mode="median")
-                r["ours_peak"] = peak_extra(ours)
-                del buf
-                buf = z.detach().clone().requires_grad_(True)
-                r["ours_inplace_peak"] = peak_extra(ours_inplace)
-                del buf
-                nbytes = N * V * 2 * 2 + N * k * (4 + 2) + N * 4
-                r["bytes"] = nbytes
-                r["gbps"] = nbytes / (r["ours_ms"] * 1e-3) / GB
-                r["pct_peak"] = 100 * nbytes / (r["ours_ms"] * 1e-3) / peak_bw
-                r["pct_peak_inplace"] = 100 * nbytes / (r["ours_inplace_ms"] * 1e-3) / peak_bw
-                try:
-                    r["eager_ms"] = tt.do_bench(eager, warmup=25, rep=args.rep, return_mode="median")
-                    r["eager_peak"] = peak_extra(eager)
-                except torch.cuda.OutOfMemoryError:
-                    r["eager_ms"] = r["eager_peak"] = None
-                    print(f"eager OOM at N={N} V={V} k={k}")
-                torch.cuda.empty_cache()
-                print(json.dumps(r), flush=True)
-                rows.append(r)
-                del z, zr, ids, lp
+        r = dict(N=N, V=V, k=k)
+        r["ours_ms"] = tt.do_bench(ours, warmup=25, rep=args.rep, return_mode="median")
+        r["ours_inplace_ms"] = tt.do_bench(ours_inplace, warmup=25, rep=args.rep, return_mode="median")
+        r["ours_peak"] = peak_extra(ours)
+        del buf
+        buf = z.detach().clone().requires_grad_(True)
+        r["ours_inplace_peak"] = peak_extra(ours_inplace)
+        del buf
+        nbytes = N * V * 2 * 2 + N * k * (4 + 2) + N * 4
+        r["bytes"] = nbytes
+        r["gbps"] = nbytes / (r["ours_ms"] * 1e-3) / GB
+        r["pct_peak"] = 100 * nbytes / (r["ours_ms"] * 1e-3) / peak_bw
+        r["pct_peak_inplace"] = 100 * nbytes / (r["ours_inplace_ms"] * 1e-3) / peak_bw
+        try:
+            r["eager_ms"] = tt.do_bench(eager, warmup=25, rep=args.rep, return_mode="median")
+            r["eager_peak"] = peak_extra(eager)
+        except torch.cuda.OutOfMemoryError:
+            r["eager_ms"] = r["eager_peak"] = None
+            print(f"eager OOM at N={N} V={V} k={k}")
+        torch.cuda.empty_cache()
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+        del z, zr, ids, lp
     return rows
 
 
@@ -342,11 +350,12 @@ def cpu_child(variant, N, V, k, mode, reps):
 
 def cpu_main(args):
     rows = []
-    for N, V, k in ((1024, 32000, 8), (1024, 32000, 64), (256, 151936, 64)):
+    for N, V, k in args.shapes or CPU_SHAPES:
         r = dict(N=N, V=V, k=k)
         for variant in ("chunked", "eager"):
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--cpu-child", variant, str(N), str(V),
-                                  str(k), "--mode", args.mode], capture_output=True, text=True, check=True)
+                                  str(k), "--mode", args.mode, "--reps", str(args.reps)],
+                                 capture_output=True, text=True, check=True)
             r[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         print(json.dumps(r), flush=True)
         rows.append(r)
@@ -373,6 +382,7 @@ def main():
     ap.add_argument("--cpu", action="store_true", help="run the CPU benchmark even when CUDA is present")
     ap.add_argument("--cpu-child", nargs=4, metavar=("VARIANT", "N", "V", "K"), help=argparse.SUPPRESS)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--shapes", type=shape_list, help='sizes of the loss table, "N,V,k;N,V,k" (default: all)')
     args = ap.parse_args()
     if args.cpu_child:
         v, N, V, k = args.cpu_child

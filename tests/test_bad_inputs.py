@@ -12,6 +12,7 @@ import errno
 from pathlib import Path
 from typing import Callable
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -280,7 +281,7 @@ def test_disk_full_names_the_path_and_leaves_nothing(tmp_path, capsys, monkeypat
     def full(table, where, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(where))
 
-    monkeypatch.setattr(prepare.pq, "write_table", full)
+    monkeypatch.setattr(pq, "write_table", full)
     line = run_stage(tmp_path, capsys, "task", copy.deepcopy(CI))
     assert "No space left on device" in line and ".out.tmp-" in line and "sft.parquet" in line, line
 

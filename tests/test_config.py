@@ -104,3 +104,13 @@ def test_out_of_range_value_names_key_and_bound(tmp_path, section, key, value):
     data[section][key] = value
     with pytest.raises(ConfigError, match=rf"params\.yaml: {section}\.{key}: .* out of range; it must be"):
         load_section(section, write(tmp_path, data))
+
+
+@pytest.mark.parametrize("section", ["teacher", "sft", "distill"])
+def test_cpu_offload_needs_strategy_fsdp(tmp_path, section):
+    data = base()
+    data[section]["cpu_offload"] = True                      # the toy preset trains with strategy auto
+    with pytest.raises(ConfigError, match=rf"params\.yaml: {section}\.cpu_offload: .*strategy: fsdp"):
+        load_section(section, write(tmp_path, data))
+    data[section]["strategy"] = "fsdp"
+    assert load_section(section, write(tmp_path, data)).cpu_offload is True

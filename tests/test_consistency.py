@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from offline_opd.contract import shards
 from offline_opd.provenance.consistency import ConsistencyError, check_distill_inputs
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
-from offline_opd.provenance.record import PROVENANCE_FILE, write_provenance
+from offline_opd.provenance.record import PROVENANCE_FILE, ModelChangedError, write_provenance
 from tests.tiny_models import save_model, swap_token_ids, teacher_meta, write_teacher_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,8 +109,9 @@ def test_pi_ref_edited_after_sft_is_refused(world):
     root, _, init, _ = world
     edited = copy_with_one_weight_changed(init, root / "tmp_edit")
     shutil.copy(edited / "model.safetensors", init / "model.safetensors")
-    with pytest.raises(ConsistencyError, match="π_ref provenance mismatch.*dvc repro sft"):
-        check_distill_inputs(init, root / "teacher_topk", False)
+    for allow in (False, True):  # an edited π_ref is never overridable: it is not the model anything recorded
+        with pytest.raises(ModelChangedError, match="model.safetensors changed after the `sft` stage.*dvc repro --force sft"):
+            check_distill_inputs(init, root / "teacher_topk", allow)
 
 
 def test_override_runs_warns_and_records(world, caplog):
@@ -143,17 +144,19 @@ def test_truncated_shard_is_named(world):
         check_distill_inputs(init, root / "teacher_topk", False)
 
 
-def test_corrupted_row_group_is_named_when_streamed(world):
-    """Footer intact, data pages garbled: the check passes (it reads metadata only), streaming names the file."""
+def test_corrupted_row_group_is_named_by_the_check_and_when_streamed(world):
+    """Footer intact, data pages garbled: the check refuses the file (its sealed checksum), and a shard
+    opened before the damage names the file and row group when streamed (its page CRCs)."""
     root, _, init, _ = world
     path = root / "teacher_topk" / shards.part_name(1)
+    info = shards.open_shard(path, "teacher_topk")
     col = pq.ParquetFile(path).metadata.row_group(0).column(2)  # input_ids
     data = bytearray(path.read_bytes())
     start = col.data_page_offset
     data[start:start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
     path.write_bytes(bytes(data))
-    check_distill_inputs(init, root / "teacher_topk", False)
-    info = shards.open_shard(path, "teacher_topk")
+    with pytest.raises(shards.ShardError, match=r"part-00001\.parquet: its bytes do not match the checksum"):
+        check_distill_inputs(init, root / "teacher_topk", False)
     with pytest.raises(shards.ShardError, match=r"part-00001\.parquet: row group 0 is unreadable"):
         list(shards.iter_row_groups(info))
 

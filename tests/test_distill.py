@@ -215,7 +215,7 @@ def test_corrupt_row_group_is_a_one_line_error_naming_the_file(inputs, capsys):
         run_distill(root, init, num_workers=2, max_steps=20)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"error: {path}: row group")
+    assert err.startswith(f"error: {path}: its bytes do not match the checksum sealed in its footer")
     assert not (root / "out").exists()
 
 

@@ -39,18 +39,36 @@ def test_repro_runs_every_stage_and_writes_metrics(project):
 
 
 def test_duckdb_cli_reads_teacher_shards_and_prints_k(project):
-    """The README's shell query, verbatim, through the `duckdb` command the install provides."""
+    """The README's shell recipe, verbatim: the views over the checked parts, then the query, through the
+    `duckdb` command the install provides."""
     root, env, _ = project
     k = yaml.safe_load((root / "params.yaml").read_text())["teacher_topk"]["k"]
-    query = ("select count(*), avg(len(topk_ids)/ (len(input_ids)-prompt_len)) "
-             "from read_parquet('data/teacher_topk/*.parquet')")
-    out = sh(["duckdb", "-csv", "-noheader", "-c", query], root, env).stdout
-    n, avg_k = out.strip().split(",")
+    readme = (REPO / "README.md").read_text()
+    views_cmd, duckdb_cmd = "opd-inspect queries views > views.sql", (
+        'duckdb -c ".read views.sql" -c "select count(*), avg(len(topk_ids)/ (len(input_ids)-prompt_len)) '
+        'from shards"')
+    assert f"{views_cmd}\n{duckdb_cmd}\n" in readme
+    views = sh(["python", "-m", "offline_opd.tools.inspect_shards", "queries", "views"], root, env).stdout
+    (root / "views.sql").write_text(views)
+    query = duckdb_cmd.split('-c "')[2].rstrip('"')
+    out = sh(["duckdb", "-csv", "-noheader", "-c", ".read views.sql", "-c", query], root, env).stdout
+    (root / "views.sql").unlink()
+    n, avg_k = out.strip().splitlines()[-1].split(",")
     assert int(n) > 0 and float(avg_k) == k
 
 
 def test_second_repro_does_nothing(project):
     root, env, _ = project
+    assert ran_stages(sh(["dvc", "repro"], root, env).stdout) == []
+
+
+def test_teacher_rerun_with_identical_weights_leaves_downstream_cached(project):
+    """Hashed outputs carry no timestamps: retraining the teacher to the same weights changes no byte of its
+    folder, so DVC keeps every stage after it. (A `created_at` in opd_provenance.json reran all six.)"""
+    root, env, _ = project
+    before = (root / "data" / "models" / "teacher" / "opd_provenance.json").read_bytes()
+    assert ran_stages(sh(["dvc", "repro", "-f", "-s", "teacher"], root, env).stdout) == ["teacher"]
+    assert (root / "data" / "models" / "teacher" / "opd_provenance.json").read_bytes() == before
     assert ran_stages(sh(["dvc", "repro"], root, env).stdout) == []
 
 

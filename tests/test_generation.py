@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from offline_opd.backends.engine import load_engine
-from offline_opd.backends.generation import Sample, Sampling, batch_seed, length_batches
+from offline_opd.backends.base import Sample, Sampling, batch_seed
+from offline_opd.backends.generation import length_batches
 from tests.tiny_models import engine_config, hf_engine, save_model
 
 PROMPTS = [[1, 20, 21, 22], [1, 23], [1, 24, 25, 26, 27, 28, 29], [1], [1, 30, 30, 30]]

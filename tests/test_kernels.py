@@ -15,6 +15,7 @@ Tolerances.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 
@@ -24,6 +25,8 @@ import torch
 import opd_kernels
 from opd_kernels import MODE_PARAMS, MODES, check_mode_params, fused_linear_sparse_divergence, sparse_divergence
 from opd_kernels import reference as ref
+from opd_kernels.inputs import kernel_inputs
+from opd_kernels.modes import KERNEL_MODES, kernel_mode
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEV == "cuda"
@@ -167,6 +170,38 @@ def test_mode_table_and_validation():
     with pytest.raises(ValueError, match="needs sampled_ids"):
         sparse_divergence(d["z"], d["ids"], d["lp"], "pg", backend="torch")
     assert opd_kernels.backend_for("cpu") == "torch" and opd_kernels.backend_for("cpu", "triton") == "triton"
+
+
+def test_one_record_per_mode():
+    """The kernel ids, the public defaults table and the constants all come from the one record per mode."""
+    ids = [m.id for m in KERNEL_MODES.values()]
+    assert len(set(ids)) == len(ids) and tuple(KERNEL_MODES) == MODES
+    assert all(MODE_PARAMS[name] == {k: p.default for k, p in m.params.items()} for name, m in KERNEL_MODES.items())
+    assert all(check_mode_params(name, {}) == MODE_PARAMS[name] for name in MODES)   # defaults are in range
+    assert kernel_mode("skew_fkl", {"alpha": 0.25}) == (KERNEL_MODES["skew_fkl"].id,
+                                                        (0.25, math.log(0.25), math.log(0.75), 0.0))
+    assert kernel_mode("jsd", {"beta": 0.0}) == kernel_mode("fkl")   # TRL's endpoints
+    assert kernel_mode("jsd", {"beta": 1.0}) == kernel_mode("rkl")
+    assert [m.name for m in KERNEL_MODES.values() if m.sampled_token] == ["pg"]
+
+
+def test_kernel_inputs_are_one_frozen_record_sliced_by_rows():
+    d = make_inputs(6, 20, 3, device="cpu")
+    g = torch.Generator().manual_seed(4)
+    kw = dict(mask=d["mask"], weights=torch.rand(6, generator=g), tail_logprob=-torch.rand(6, generator=g),
+              entry_weights=torch.rand(6, 3, generator=g))
+    inp = kernel_inputs(6, "cpu", d["ids"], d["lp"], "jsd", beta=0.3, **kw, **pg_kw(d))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        inp.keep = None
+    part = inp.rows(2, 5)
+    for f in dataclasses.fields(inp):
+        whole, rows = getattr(inp, f.name), getattr(part, f.name)
+        assert torch.equal(rows, whole[2:5]) if torch.is_tensor(whole) else rows == whole, f.name
+    # a divergence mode drops the sampled-token inputs; pg drops the top-k, the tail and the entry weights
+    assert inp.sampled_ids is None and inp.topk_ids.shape == (6, 3) and inp.entry_weights is not None
+    pg = kernel_inputs(6, "cpu", d["ids"], d["lp"], "pg", **kw, **pg_kw(d))
+    assert pg.topk_ids is None and pg.tail_logprob is None and pg.entry_weights is None
+    assert torch.equal(pg.sampled_ids, d["samp"]) and pg.mode_id == KERNEL_MODES["pg"].id
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,13 +395,11 @@ def _kernels(V, block_v):
 def _compare(d, mode, dtype, block_v, prm=None):
     tri = _triton()
     prm = prm or {}
-    mid, cst = opd_kernels.modes.kernel_mode(mode, prm)
     kw = pg_kw(d) if mode == "pg" else {}
+    inp = kernel_inputs(d["z"].shape[0], d["z"].device, d["ids"], d["lp"], mode, mask=d["mask"], **kw, **prm)
     a, ga = run(d, mode, "torch", **prm)
     for kern in _kernels(d["z"].shape[1], block_v):
-        b, gb = tri.sparse_divergence_fwd(d["z"], d["ids"], d["lp"], d["mask"], None, mid, cst,
-                                          kw.get("sampled_ids"), kw.get("teacher_sampled_logprob"),
-                                          kw.get("behavior_logprob"), block_v=block_v, kernel=kern)
+        b, gb = tri.sparse_divergence_fwd(d["z"], inp, block_v=block_v, kernel=kern)
         assert torch.isfinite(b).all() and torch.isfinite(gb.float()).all(), kern
         assert rel(b, a) < 1e-5, kern
         if dtype == torch.float32:
@@ -418,12 +451,11 @@ def test_triton_pg_k0_and_fp16_minus_inf_teacher():
     d = make_inputs(6, 100, 0, mask_frac=0.3)
     # k = 0 and no behaviour log-prob
     tri = _triton()
-    mid, cst = opd_kernels.modes.kernel_mode("pg", {})
     z = d["z"].clone().requires_grad_(True)
     loss = sparse_divergence(z, None, None, "pg", mask=d["mask"], backend="torch", **pg_kw(d, behavior=False))
     loss.sum().backward()
-    b, gb = tri.sparse_divergence_fwd(d["z"], None, None, d["mask"], None, mid, cst, d["samp"], d["tlp"], None,
-                                      block_v=32)
+    inp = kernel_inputs(6, z.device, None, None, "pg", mask=d["mask"], **pg_kw(d, behavior=False))
+    b, gb = tri.sparse_divergence_fwd(d["z"], inp, block_v=32)
     assert rel(b, loss.detach()) < 1e-5 and rel(gb, z.grad) < 1e-5
     # teacher log-probs of -inf in fp16 stay finite
     d = make_inputs(4, 60, 5)
@@ -579,18 +611,39 @@ def _elementwise(p, q, mode, prm):
     raise AssertionError(mode)
 
 
+@pytest.mark.parametrize("tail", ["floor", "rebuilt"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "pg"])  # pg reads no entries and no tail
+def test_k_equals_v_in_fp32_is_the_full_vocabulary_loss(mode, backend, tail):
+    """k = V in fp32: the empty tail adds nothing. Shards store an empty tail as the floor -1e4
+    (sparse_targets.TAIL_FLOOR); the student's complement is then ~1e-7 of rounding, clamped to 1e-6,
+    which gave rkl a spurious 1e-6 * (log 1e-6 + 1e4) = +1e-2 nats per token before the fix."""
+    if backend == "triton":
+        _triton()
+    N, V = 5, 64
+    d = make_inputs(N, V, V, lp_dtype=torch.float32, seed=3)
+    floor = torch.full((N,), -1.0e4, device=DEV) if tail == "floor" else None
+    z = d["z"].clone().requires_grad_(True)
+    loss = sparse_divergence(z, d["ids"], d["lp"], mode, tail_logprob=floor, backend=backend)
+    (grad,) = torch.autograd.grad(loss.sum(), z)
+    z64 = d["z"].double().cpu().requires_grad_(True)
+    p_full = torch.zeros(N, V, dtype=torch.float64).scatter(1, d["ids"].long().cpu(), d["lp"].double().cpu().exp())
+    dense = _divergence(p_full, torch.softmax(z64, -1), mode, check_mode_params(mode, {}))
+    (want,) = torch.autograd.grad(dense.sum(), z64)
+    assert (loss.double().cpu() - dense.detach()).abs().max() < 2e-5, (loss, dense)
+    assert rel(grad, want) < 1e-5
+
+
 @pytest.mark.parametrize("mode", [m for m in MODES if m != "pg"])
 def test_triton_exact_tail_and_entry_weights_match_reference(mode):
     tri = _triton()
     d = _tail_inputs()
-    mid, cst = opd_kernels.modes.kernel_mode(mode, {})
     for kw in (dict(tail_logprob=d["tail"]), dict(entry_weights=d["ew"]),
                dict(tail_logprob=d["tail"], entry_weights=d["ew"])):
         a, ga = run(d, mode, "torch", **kw)
+        inp = kernel_inputs(d["z"].shape[0], d["z"].device, d["ids"], d["lp"], mode, mask=d["mask"], **kw)
         for kern in _kernels(80, 128):
-            b, gb = tri.sparse_divergence_fwd(d["z"], d["ids"], d["lp"], d["mask"], None, mid, cst, None, None,
-                                              None, kw.get("tail_logprob"), kw.get("entry_weights"), block_v=128,
-                                              kernel=kern)
+            b, gb = tri.sparse_divergence_fwd(d["z"], inp, block_v=128, kernel=kern)
             assert rel(b, a) < 1e-5 and rel(gb, ga) < 1e-5, (kern, list(kw))
 
 

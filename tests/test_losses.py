@@ -6,6 +6,7 @@ divergence equals the full one) with ordinary autograd; the module under test go
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,7 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from offline_opd.config import ConfigError
-from offline_opd.train.losses import DistillLoss, LossSpec, Targets, loss_spec, select_tokens
+from opd_kernels import KERNEL_MODES
+from offline_opd.train.losses import LOSSES, DistillLoss, LossSpec, Targets, loss_spec, select_tokens
+from offline_opd.train.pg import PolicyGradient
+from offline_opd.train.terms import KernelTerm
 
 N, V, H = 7, 11, 5
 
@@ -223,3 +227,38 @@ def test_taid_loss_changes_with_progress():
 def test_bad_loss_settings_name_the_key(mode, params, match):
     with pytest.raises(ConfigError, match=match):
         loss_spec(mode, params, "params.yaml: distill")
+
+
+def test_every_kernel_mode_is_one_loss_record():
+    assert list(LOSSES) == list(KERNEL_MODES)
+    for name, loss in LOSSES.items():
+        assert loss.kernel is KERNEL_MODES[name]
+        spec = loss_spec(name, {}, "p")   # every default is valid
+        assert spec.objective == {k: p.default for k, p in loss.objective.items()}
+        assert set(spec.params) | set(spec.schedule) == set(loss.kernel.params)
+        # every key the record allows is accepted on its own, at its default
+        defaults = {**loss.kernel.defaults, **{k: p.default for k, p in loss.objective.items()},
+                    **{k: v for s in loss.schedules.values() for k, v in ((s.start_key, s.start), (s.end_key, s.end))}}
+        assert set(loss.allowed_keys) == set(defaults)
+        for key in loss.allowed_keys:
+            loss_spec(name, {key: defaults[key]}, "p")
+
+
+def test_the_objective_uses_the_records_term(monkeypatch):
+    """DistillLoss builds the term its mode's record names, with the record's objective params."""
+    seen = []
+
+    class Spy(KernelTerm):
+        def loss(self, targets, params, student, keep, weights):
+            seen.append((self.mode, dict(params), int(keep.sum())))
+            return super().loss(targets, params, student, keep, weights)
+
+    monkeypatch.setitem(LOSSES, "rkl", dataclasses.replace(LOSSES["rkl"], term=Spy))
+    logits, teacher, t = make(k=V)
+    out, _ = run(DistillLoss(loss_spec("rkl", {}, "p")), logits, t)
+    assert seen == [("rkl", {}, N)]
+    want, _ = dense(lambda z: (torch.log_softmax(z, -1).exp() * (torch.log_softmax(z, -1) - teacher)).sum(-1).mean(),
+                    logits)
+    torch.testing.assert_close(out.loss.double(), want, rtol=1e-6, atol=1e-7)
+    assert isinstance(DistillLoss(loss_spec("pg", {"baseline": 0.5}, "p")).term, PolicyGradient)
+    assert DistillLoss(loss_spec("pg", {"baseline": 0.5}, "p")).term.baseline == 0.5

@@ -12,14 +12,14 @@ import yaml
 from offline_opd.stages import rollouts
 
 from offline_opd.stages import teacher_topk
-from offline_opd.backends.generation import Sampling
+from offline_opd.backends.base import Sampling
 from offline_opd.provenance.consistency import ConsistencyError, check_distill_inputs
 from offline_opd.errors import UserError
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
 from offline_opd.models.loading import build_char_tokenizer, build_llama, prune_layers
 from offline_opd.contract.prompts import validate_prompts
 from offline_opd.provenance.record import write_provenance
-from tests.tiny_models import LOCAL_CLUSTER, hf_engine, save_model
+from tests.tiny_models import LOCAL_CLUSTER, REPO, hf_engine, save_model
 
 ENGINE = {"batch_size": 4, "dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0, "cluster": LOCAL_CLUSTER}
 
@@ -70,8 +70,10 @@ def test_prune_refuses_impossible_layer_counts(keep):
 
 
 def test_teacher_topk_pointed_at_the_pruned_student_is_refused_naming_both(tmp_path, capsys):
-    """The pruned student shares the teacher's tokenizer, so teacher_topk accepts it as a scorer; distill's
-    consistency check must still refuse its shards, naming the teacher π_ref was fine-tuned on and the scorer."""
+    """The pruned student shares the teacher's tokenizer, so only fingerprints tell it from the teacher:
+    teacher_topk refuses it as a scorer before scoring, naming the teacher π_ref was fine-tuned on and the
+    scorer. With the ablation override it scores, and distill's consistency check (without the override)
+    still refuses the shards, naming both."""
     teacher = save_model(tmp_path / "teacher", seed=1, hidden=32, layers=4)
     student = tmp_path / "student"
     pruned_copy(build_llama(build_char_tokenizer(), 32, 4, 2, 64, seed=1), 2, student)
@@ -80,17 +82,27 @@ def test_teacher_topk_pointed_at_the_pruned_student_is_refused_naming_both(tmp_p
     assert tokenizer_fingerprint(student) == tokenizer_fingerprint(teacher)
     prompts = validate_prompts(pa.table({"prompt": ["12+34=", "5+6=", "70+8="], "answer": ["46", "11", "78"]}), "t")
     pq.write_table(prompts, tmp_path / "opd.parquet")
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({
+    sections = {
         "rollouts": {"backend": "hf", **ENGINE, "max_new_tokens": 6, "temperature": 1.0, "rows_per_shard": 8,
                      "seed": 0, "n_samples": 2},
         "teacher_topk": {"backend": "hf", **ENGINE, "k": 3, "logprob_dtype": "float16", "privileged_context": None,
-                         "selection": "topk", "samples": 0, "union_student_k": 0, "seed": 0, "codec": "plain"}}))
+                         "selection": "topk", "samples": 0, "union_student_k": 0, "seed": 0, "codec": "plain"}}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(sections))
     common = ["--params", str(params), "--metrics-dir", str(tmp_path / "metrics")]
     rollouts.main(common + ["--policy", str(student), "--prompts", str(tmp_path / "opd.parquet"),
                             "--out", str(tmp_path / "rollouts")])
-    teacher_topk.main(common + ["--teacher", str(student), "--rollouts", str(tmp_path / "rollouts"),
-                                "--out", str(tmp_path / "topk")])
+    score = ["--teacher", str(student), "--rollouts", str(tmp_path / "rollouts"), "--out", str(tmp_path / "topk")]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        teacher_topk.main(common + score)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and "teacher mismatch" in err
+    assert model_fingerprint(student) in err and model_fingerprint(teacher) in err
+    assert not list((tmp_path / "topk").glob("part-*"))
+    distill = yaml.safe_load((REPO / "params.yaml").read_text())["distill"]
+    params.write_text(yaml.safe_dump({**sections, "distill": {**distill, "allow_inconsistent_teacher": True}}))
+    teacher_topk.main(common + score)
     with pytest.raises(ConsistencyError) as err:
         check_distill_inputs(student, tmp_path / "topk", allow_inconsistent_teacher=False)
     msg = str(err.value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from offline_opd.stages import distill
@@ -68,7 +69,20 @@ def test_duplicated_part(run, capsys):
     folder = root / "shards"
     shutil.copy(folder / shards.part_name(0), folder / shards.part_name(2))
     for err in (refused_by_distill(root, init, capsys), refused_by_inspect(root, capsys)):
-        assert shards.part_name(2) in err and "is also in part-00000.parquet" in err and "duplicated" in err
+        # its footer names it part 0: caught before its rows are compared
+        assert shards.part_name(2) in err and "holds part '0' of its run" in err and "copied part" in err
+
+
+def test_duplicated_rows_under_a_parts_own_name(run, capsys):
+    """Rows of part 0 written again as part 1 (a part index that matches its name): the row check names it."""
+    root, init = run
+    folder = root / "shards"
+    first = folder / shards.part_name(0)
+    table = pq.read_table(first)
+    meta = {k: v for k, v in shards.read_meta(first).items() if k not in ("file_sha256", "part")}
+    shards.write_shard(folder / shards.part_name(1), table, meta, table.schema.remove_metadata())
+    for err in (refused_by_distill(root, init, capsys), refused_by_inspect(root, capsys)):
+        assert shards.part_name(1) in err and "is also in part-00000.parquet" in err and "duplicated" in err
 
 
 def test_part_of_another_run_of_the_same_teacher_and_policy(run, capsys):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from offline_opd.backends.engine import greedy_responses, load_engine
-from offline_opd.backends.generation import Sampling
+from offline_opd.backends.base import Sampling
 from offline_opd.contract.prompts import encode_prompt
 from tests.tiny_models import REPO, engine_config, hf_engine
 

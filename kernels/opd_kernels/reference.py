@@ -15,11 +15,12 @@ themselves with `inplace_grad=True`), and backward only rescales it by grad_outp
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from .inputs import KernelInputs
 from .modes import LOGP_MIN, MODE_ID, TAIL_EPS_FP32, TAIL_EPS_FP64
 
 PG, FKL, RKL, JSD, SKEW_FKL, SKEW_RKL, TAID, ENTROPY_AWARE = (
@@ -77,29 +78,24 @@ def outcome_terms(lp, lq, p, q, mode: int, cst: Tuple[float, float, float, float
 
 def chunk_loss_grad(
     z: torch.Tensor,
-    topk_ids: Optional[torch.Tensor],
-    topk_logprobs: Optional[torch.Tensor],
-    keep: Optional[torch.Tensor],
-    weights: Optional[torch.Tensor],
-    mode: int,
-    cst: Tuple[float, float, float, float],
-    sampled_ids: Optional[torch.Tensor] = None,
-    teacher_sampled_logprob: Optional[torch.Tensor] = None,
-    behavior_logprob: Optional[torch.Tensor] = None,
-    tail_logprob: Optional[torch.Tensor] = None,
-    entry_weights: Optional[torch.Tensor] = None,
+    inp: KernelInputs,
     need_grad: bool = True,
     out: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Loss [C] and gradient [C, V] (compute dtype: float64 for float64 logits, else float32) of a chunk.
 
-    keep: [C] bool or None (all), rows to compute (others get loss 0 and gradient 0). weights: [C] or None, multiplies
-    the loss and the gradient of each row. out: optional [C, V] buffer of the compute dtype to build the
+    inp: the chunk's C rows (`KernelInputs.rows`). Of its fields: keep, rows to compute (others get loss 0
+    and gradient 0); weights multiply the loss and the gradient of each row; tail_logprob, the teacher's
+    exact log-mass outside the stored ids (None: rebuilt as 1 - sum_S p, clamped); entry_weights, given,
+    make the stored entries an importance sample of the whole vocabulary and the loss sum_j w_j l_j with
+    no tail bucket (kernels/MATH.md §6). out: optional [C, V] buffer of the compute dtype to build the
     gradient in (it may be `z` itself: z is fully read before out is written).
-    tail_logprob: [C] or None, the teacher's exact log-mass outside the stored ids (None: rebuilt as
-    1 - sum_S p, clamped). entry_weights: [C, k] or None; given, the stored entries are an importance
-    sample of the whole vocabulary and the loss is sum_j w_j l_j with no tail bucket (kernels/MATH.md §6).
     """
+    mode, cst, keep, weights = inp.mode_id, inp.cst, inp.keep, inp.weights
+    topk_ids, topk_logprobs, tail_logprob, entry_weights = (inp.topk_ids, inp.topk_logprobs, inp.tail_logprob,
+                                                             inp.entry_weights)
+    sampled_ids, teacher_sampled_logprob, behavior_logprob = (inp.sampled_ids, inp.teacher_sampled_logprob,
+                                                              inp.behavior_logprob)
     cd = torch.float64 if z.dtype == torch.float64 else torch.float32
     C, V = z.shape
     zf = z.to(cd)
@@ -143,8 +139,10 @@ def chunk_loss_grad(
         qt = q_raw.clamp(min=eps)
         lqt = torch.log(qt)
         # Sampled entries carry importance weights and estimate the whole vocabulary: no tail bucket.
+        # Neither when the row stores every id of the vocabulary (k = V): the tail holds no outcome, and the
+        # student's complement there is rounding noise (kernels/MATH.md §4).
         ew = torch.ones_like(lp) if entry_weights is None else torch.where(valid, entry_weights.to(cd), zero)
-        wt = 1.0 if entry_weights is None else 0.0
+        wt = torch.where(valid.sum(1) < V, 1.0, 0.0).to(cd) if entry_weights is None else torch.zeros_like(lse)
         ea = None
         if mode == ENTROPY_AWARE:
             h, s = cst[0], cst[1]
@@ -183,11 +181,6 @@ def _softmax_into(zf: torch.Tensor, lse: torch.Tensor, out: Optional[torch.Tenso
     return torch.sub(zf, lse[:, None], out=out).exp_()
 
 
-def take_rows(t: Optional[torch.Tensor], s: int, e: int) -> Optional[torch.Tensor]:
-    """Rows s:e of an optional per-row input (None stays None): one chunk's share."""
-    return None if t is None else t[s:e]
-
-
 def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, inplace: bool) -> Tuple[torch.Tensor, bool]:
     """Multiply the precomputed [N, V] gradient row-wise by grad_output [N]: (result, modified grad?).
 
@@ -208,51 +201,48 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, inplace: boo
     return (grad.mul_(col), True) if inplace else ((grad * col).to(grad.dtype), False)
 
 
-def run_backward(ctx, grad_output):
-    """Shared backward of the two sparse_divergence Functions."""
-    if ctx.consumed:
-        raise RuntimeError("sparse_divergence(inplace_grad=True): backward ran already and rescaled the "
-                           "gradient in place; it cannot run again")
-    (grad,) = ctx.saved_tensors
-    out, modified = scale_saved_grad(grad, grad_output, ctx.inplace)
-    ctx.consumed = modified
-    return out
+def sparse_divergence_chunked(logits: torch.Tensor, inp: KernelInputs, need_grad: bool = True,
+                              inplace_grad: bool = False,
+                              chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The PyTorch path on 2-D logits and their `inp`, chunk by chunk: (loss [N], grad [N, V] logits dtype or None)."""
+    N, V = logits.shape
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = torch.empty(N, dtype=out_dtype, device=logits.device)
+    grad = None
+    if need_grad:
+        grad = logits if inplace_grad else torch.empty_like(logits)
+    chunk = chunk_size or default_chunk_rows(N, V)
+    with torch.no_grad():
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            # build the gradient directly in the output when it has the compute dtype (fp32, fp64)
+            direct = grad is not None and grad.dtype == out_dtype
+            ls, gs = chunk_loss_grad(logits[s:e], inp.rows(s, e), need_grad, out=grad[s:e] if direct else None)
+            loss[s:e] = ls
+            if gs is not None and not direct:
+                grad[s:e].copy_(gs)
+    return loss, grad
 
 
-class SparseDivergenceTorch(torch.autograd.Function):
-    """Autograd function over 2-D inputs; the public wrapper is `opd_kernels.sparse_divergence`."""
+class SavedGradient(torch.autograd.Function):
+    """Autograd of either implementation (`opd_kernels.sparse_divergence` picks one): `loss_and_grad(logits)`
+    computes the loss and its gradient together in forward; backward only rescales the saved gradient by
+    grad_output (`scale_saved_grad`). Only the logits get a gradient."""
 
     @staticmethod
-    def forward(ctx, logits, topk_ids, topk_logprobs, keep, weights, mode, cst, sampled_ids,
-                teacher_sampled_logprob, behavior_logprob, tail_logprob, entry_weights, inplace_grad, chunk_size,
-                need_grad):
-        N, V = logits.shape
-        out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        loss = torch.empty(N, dtype=out_dtype, device=logits.device)
-        grad = None
-        if need_grad:
-            grad = logits if inplace_grad else torch.empty_like(logits)
-        chunk = chunk_size or default_chunk_rows(N, V)
-        with torch.no_grad():
-            for s in range(0, N, chunk):
-                e = min(N, s + chunk)
-                # build the gradient directly in the output when it has the compute dtype (fp32, fp64)
-                direct = grad is not None and grad.dtype == out_dtype
-                ls, gs = chunk_loss_grad(
-                    logits[s:e], take_rows(topk_ids, s, e), take_rows(topk_logprobs, s, e), take_rows(keep, s, e),
-                    take_rows(weights, s, e), mode, cst, take_rows(sampled_ids, s, e),
-                    take_rows(teacher_sampled_logprob, s, e), take_rows(behavior_logprob, s, e),
-                    take_rows(tail_logprob, s, e), take_rows(entry_weights, s, e), need_grad,
-                    out=grad[s:e] if direct else None)
-                loss[s:e] = ls
-                if gs is not None and not direct:
-                    grad[s:e].copy_(gs)
-        if grad is not None:
-            ctx.save_for_backward(grad.detach())
+    def forward(ctx, logits: torch.Tensor,
+                loss_and_grad: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], inplace_grad: bool):
+        loss, grad = loss_and_grad(logits.detach())
+        ctx.save_for_backward(grad.detach())
         ctx.inplace, ctx.consumed = bool(inplace_grad), False
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        return (run_backward(ctx, grad_output),) + (None,) * 14
+        if ctx.consumed:
+            raise RuntimeError("sparse_divergence(inplace_grad=True): backward ran already and rescaled the "
+                               "gradient in place; it cannot run again")
+        (grad,) = ctx.saved_tensors
+        out, ctx.consumed = scale_saved_grad(grad, grad_output, ctx.inplace)
+        return out, None, None

@@ -23,10 +23,9 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
+from .inputs import KernelInputs
 from .modes import LOGP_MIN, MODE_ID, TAIL_EPS_FP32
-from .reference import run_backward
 
 PG = tl.constexpr(MODE_ID["pg"])
 FKL = tl.constexpr(MODE_ID["fkl"])
@@ -93,12 +92,13 @@ def _outcome(lp, lq, p, q, c0, c1, c2, ea, MODE: tl.constexpr):
 
 
 @triton.jit
-def _row_terms(lse, zs, lp_raw, valid, za, tlp, blp, tail_lp, ew, c0, c1, c2, tail_eps, logp_min,
+def _row_terms(lse, zs, lp_raw, valid, za, tlp, blp, tail_lp, ew, V, c0, c1, c2, tail_eps, logp_min,
                MODE: tl.constexpr, HAS_BEHAVIOR: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_EW: tl.constexpr):
     """Loss and gradient pieces of one row given its log-sum-exp (kernels/MATH.md).
 
     HAS_TAIL: tail_lp is the teacher's exact tail log-mass (else rebuilt from the entries). HAS_EW: the
-    entries carry importance weights ew and the tail bucket is left out (MATH.md §6).
+    entries carry importance weights ew and the tail bucket is left out (MATH.md §6). A row that stores
+    all V ids has an empty tail: no tail bucket either (MATH.md §4).
 
     Returns (loss, c, u_s, q, G, adv, lqa): the gradient is q_i * c off S, u_j - q_j * G on S, and for pg
     adv * (q_a - 1) at the sampled token a (u_s, q, G unused for pg; adv, lqa unused otherwise).
@@ -132,7 +132,7 @@ def _row_terms(lse, zs, lp_raw, valid, za, tlp, blp, tail_lp, ew, c0, c1, c2, ta
             wt = 0.0
         else:
             w_s = tl.where(valid, 1.0, 0.0)
-            wt = 1.0
+            wt = tl.where(tl.sum(valid.to(tl.int32), 0) < V, 1.0, 0.0)
         ea = 0.0
         if MODE == ENTROPY_AWARE:
             ent = -tl.sum(w_s * p * lp, 0) - wt * pt * lpt
@@ -226,10 +226,10 @@ def _sparse_div_kernel(
                 blp = 0.0
                 if HAS_BEHAVIOR:
                     blp = tl.load(blp_ptr + row).to(tl.float32)
-                loss, c, u_s, q, G, adv, lqa = _row_terms(lse, za, za, za, za, tlp, blp, za, za, c0, c1, c2,
+                loss, c, u_s, q, G, adv, lqa = _row_terms(lse, za, za, za, za, tlp, blp, za, za, V, c0, c1, c2,
                                                           tail_eps, logp_min, MODE, HAS_BEHAVIOR, False, False)
             else:
-                loss, c, u_s, q, G, adv, lqa = _row_terms(lse, zs, lp_raw, valid, 0.0, 0.0, 0.0, tail_lp, ew, c0,
+                loss, c, u_s, q, G, adv, lqa = _row_terms(lse, zs, lp_raw, valid, 0.0, 0.0, 0.0, tail_lp, ew, V, c0,
                                                           c1, c2, tail_eps, logp_min, MODE, HAS_BEHAVIOR, HAS_TAIL,
                                                           HAS_EW)
             tl.store(loss_ptr + row, loss * w)
@@ -347,11 +347,11 @@ def _sparse_div_coop_kernel(
                 blp = 0.0
                 if HAS_BEHAVIOR:
                     blp = tl.load(blp_ptr + row).to(tl.float32)
-                loss, c, u_s, q, Gs, adv, lqa = _row_terms(lse, za, za, za, za, tlp, blp, za, za, c0, c1, c2,
+                loss, c, u_s, q, Gs, adv, lqa = _row_terms(lse, za, za, za, za, tlp, blp, za, za, V, c0, c1, c2,
                                                            tail_eps, logp_min, MODE, HAS_BEHAVIOR, False, False)
             else:
                 zs = tl.load(zs_ptr + row * BLOCK_K + ks, mask=valid, other=0.0, cache_modifier=".cg")
-                loss, c, u_s, q, Gs, adv, lqa = _row_terms(lse, zs, lp_raw, valid, 0.0, 0.0, 0.0, tail_lp, ew, c0,
+                loss, c, u_s, q, Gs, adv, lqa = _row_terms(lse, zs, lp_raw, valid, 0.0, 0.0, 0.0, tail_lp, ew, V, c0,
                                                            c1, c2, tail_eps, logp_min, MODE, HAS_BEHAVIOR, HAS_TAIL,
                                                            HAS_EW)
             if seg == 0:
@@ -414,17 +414,7 @@ def default_config(V: int, dtype: torch.dtype, device: torch.device, kernel: str
 
 def sparse_divergence_fwd(
     logits: torch.Tensor,
-    topk_ids: Optional[torch.Tensor],
-    topk_logprobs: Optional[torch.Tensor],
-    keep: Optional[torch.Tensor],
-    weights: Optional[torch.Tensor],
-    mode: int,
-    cst: Tuple[float, float, float, float],
-    sampled_ids: Optional[torch.Tensor] = None,
-    teacher_sampled_logprob: Optional[torch.Tensor] = None,
-    behavior_logprob: Optional[torch.Tensor] = None,
-    tail_logprob: Optional[torch.Tensor] = None,
-    entry_weights: Optional[torch.Tensor] = None,
+    inp: KernelInputs,
     need_grad: bool = True,
     inplace_grad: bool = False,
     block_v: Optional[int] = None,
@@ -432,10 +422,15 @@ def sparse_divergence_fwd(
     programs: Optional[int] = None,
     kernel: Optional[str] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Launch the kernel on 2-D inputs; returns (loss [N] fp32, grad [N, V] logits dtype or None).
+    """Launch the kernel on 2-D logits and their `inp`; returns (loss [N] fp32, grad [N, V] logits dtype or None).
 
     block_v, num_warps, programs, kernel ('coop' / 'twopass'): overrides for tests and benchmarks.
     """
+    mode, cst, keep, weights = inp.mode_id, inp.cst, inp.keep, inp.weights
+    topk_ids, topk_logprobs, tail_logprob, entry_weights = (inp.topk_ids, inp.topk_logprobs, inp.tail_logprob,
+                                                             inp.entry_weights)
+    sampled_ids, teacher_sampled_logprob, behavior_logprob = (inp.sampled_ids, inp.teacher_sampled_logprob,
+                                                              inp.behavior_logprob)
     if logits.device.type != "cuda" and not is_interpreted():
         raise RuntimeError("the Triton backend on CPU tensors needs TRITON_INTERPRET=1 in the environment "
                            "before opd_kernels.triton_sparse is imported (use backend='torch' on CPU)")
@@ -512,23 +507,3 @@ def sparse_divergence_fwd(
             BLOCK_V=bv, EV1=os.environ.get("OPD_SPARSE_EV1", "evict_last") if dev.type == "cuda" else "",
             EV2=os.environ.get("OPD_SPARSE_EV2", "evict_first") if dev.type == "cuda" else "", **common)
     return loss, grad
-
-
-class SparseDivergenceTriton(torch.autograd.Function):
-    """Autograd function over 2-D inputs; the public wrapper is `opd_kernels.sparse_divergence`."""
-
-    @staticmethod
-    def forward(ctx, logits, topk_ids, topk_logprobs, keep, weights, mode, cst, sampled_ids,
-                teacher_sampled_logprob, behavior_logprob, tail_logprob, entry_weights, inplace_grad):
-        loss, grad = sparse_divergence_fwd(
-            logits.detach(), topk_ids, topk_logprobs, keep, weights, mode, cst, sampled_ids,
-            teacher_sampled_logprob, behavior_logprob, tail_logprob, entry_weights, need_grad=True,
-            inplace_grad=inplace_grad)
-        ctx.save_for_backward(grad.detach())
-        ctx.inplace, ctx.consumed = bool(inplace_grad), False
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        return (run_backward(ctx, grad_output),) + (None,) * 12

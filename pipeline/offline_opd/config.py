@@ -1,18 +1,28 @@
 """The parameter schema: one dataclass per `params.yaml` section, validated at load.
 
-Every stage reads exactly one section (plus nothing else), and `dvc.yaml` declares that section as
-the stage's params, so editing a key reruns only the stages downstream of it. All keys are required
-in the file: a default hidden in code would be invisible to DVC's parameter tracking, and a run
-could change behaviour without DVC noticing.
+Every stage reads one section, and `dvc.yaml` declares that section as the stage's params, so
+editing a key reruns only the stages downstream of it (`teacher_topk` also reads
+`distill.allow_inconsistent_teacher`, which decides only whether it refuses, never what it writes). All keys are required in the file: a
+default hidden in code would be invisible to DVC's parameter tracking, and a run could change
+behaviour without DVC noticing.
+
+Every stage validates the whole file at load, not only its own section (offline_opd.validation, which
+runs this module's `load_params` and then the checks that need the loss registry): ranges in the
+types, cross-key rules in each section's `__post_init__`, cross-section rules (a k that leaves distill
+nothing to match, greedy rollouts that distill cannot weight) in `check_params`. So a mistake in
+`distill:` stops the first stage, not the seventh. Validation reads nothing else: what depends on the
+machine or on a model folder is checked when the stage starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import string
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, TypeVar
+from typing import Annotated, Any, Literal, NoReturn, Optional, TypeVar
 
 import yaml
 
@@ -23,6 +33,20 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 class ConfigError(UserError, ValueError):
     """A parameter file is missing, malformed, or holds a bad value. The message names file and key."""
+
+
+class RuleError(ConfigError):
+    """A cross-key rule of one section, raised by its `__post_init__`, which knows the key but not the
+    file; `parse_section` prefixes `params.yaml: section.` to `key`."""
+
+    def __init__(self, key: str, detail: str) -> None:
+        super().__init__(f"{key}: {detail}")
+        self.key, self.detail = key, detail
+
+
+def refuse(key: str, detail: str) -> NoReturn:
+    """Fail a cross-key rule inside `__post_init__`, naming the key of this section."""
+    raise RuleError(key, detail)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +70,10 @@ class Range:
                 raise ConfigError(f"{where}: {value!r} is out of range; it must be {word} {bound:g}")
 
 
+# Every integer key fits a signed 32-bit int (what torch, numpy and Lightning accept for seeds,
+# steps and sizes everywhere); a larger value is a typo, refused at load instead of overflowing later.
+MAX_INT = 2**31 - 1
+
 # The bounds most keys need, named once.
 Count = Annotated[int, Range(ge=1)]            # sizes, steps, batch sizes: at least 1
 NonNegInt = Annotated[int, Range(ge=0)]        # seeds, worker counts
@@ -68,11 +96,11 @@ class TaskConfig:
     # `answer` (reference answer for the verifier) and `split` (sft/opd/eval).
     prompt_file: Optional[str]
 
-    def check(self, where: str) -> None:
+    def __post_init__(self) -> None:
         """A prompt file with the toy task would be silently ignored; refuse it."""
         if self.kind == "addition" and self.prompt_file is not None:
-            raise ConfigError(f"{where}.prompt_file: set, but task.kind 'addition' ignores it; set "
-                              f"task.kind: file to use it, or prompt_file: null")
+            refuse("prompt_file", "set, but task.kind 'addition' ignores it; set task.kind: file to use it, "
+                                  "or prompt_file: null")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +110,10 @@ class TrainConfig:
     `batch_size` is sequences per device per micro-batch, so one optimizer step sees
     batch_size x devices x num_nodes x accumulate_grad_batches sequences, and its loss is divided by
     the loss tokens of all of them (pipeline/offline_opd/train/module.py). `precision` bf16-true loads and trains
-    the weights in bf16; 32-true and bf16-mixed keep fp32 weights. `strategy: fsdp` shards parameters,
-    gradients and optimizer state per decoder layer; with `gradient_checkpointing` it recomputes each
-    layer's activations in backward.
+    the weights in bf16; 32-true and bf16-mixed keep fp32 weights. `strategy: fsdp` is FSDP2: parameters,
+    gradients and optimizer state sharded over all ranks, one unit per decoder layer
+    (pipeline/offline_opd/train/sharding.py); `cpu_offload` keeps those shards in CPU memory (fsdp only).
+    `gradient_checkpointing` recomputes each decoder layer's activations in backward.
     """
 
     max_steps: Count
@@ -102,8 +131,15 @@ class TrainConfig:
     devices: Count
     num_nodes: Count
     gradient_checkpointing: bool
+    cpu_offload: bool                  # fsdp: parameter, gradient and AdamW shards in CPU memory
     checkpoint_every_n_steps: Count    # steps between resume checkpoints (<logs>/checkpoints/last.ckpt)
     seed: NonNegInt
+
+    def __post_init__(self) -> None:
+        """Offloading moves FSDP's shards; without sharding there is nothing to offload."""
+        if self.cpu_offload and self.strategy != "fsdp":
+            refuse("cpu_offload", "true needs strategy: fsdp (it offloads FSDP's parameter and optimizer shards); "
+                                  "set strategy: fsdp or cpu_offload: false")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,12 +153,14 @@ class ModelConfig(TrainConfig):
     num_heads: Count
     intermediate_size: Count
 
-    def check(self, where: str) -> None:
+    def __post_init__(self) -> None:
         """A scratch Llama splits hidden_size into num_heads heads of an even size (rotary embeddings)."""
+        super().__post_init__()
+        if not self.source.strip():
+            refuse("source", "empty; set scratch, a model folder or a hub id")
         if self.source == "scratch" and (self.hidden_size % self.num_heads or self.hidden_size // self.num_heads % 2):
-            raise ConfigError(f"{where}.num_heads: {self.num_heads} heads do not split hidden_size "
-                              f"{self.hidden_size} into heads of an even size; pick num_heads so that "
-                              f"hidden_size / num_heads is an even integer")
+            refuse("num_heads", f"{self.num_heads} heads do not split hidden_size {self.hidden_size} into heads "
+                                f"of an even size; pick num_heads so that hidden_size / num_heads is an even integer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +180,7 @@ class EngineConfig:
     backend: Literal["hf", "vllm"]
     batch_size: Count
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
-    max_model_len: Count       # prompt + response tokens per sequence; longer inputs are refused
+    max_model_len: Annotated[int, Range(ge=2)]   # prompt + response tokens (one of each at least); longer refused
     kv_cache_gib: Positive     # vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE on CPU); unused by hf
 
 
@@ -170,11 +208,11 @@ class ClusterConfig:
         """GPUs one engine spans (vLLM's tensor_parallel_size): gpus_per_replica when it is several, else 1."""
         return max(1, int(self.gpus_per_replica))
 
-    def check(self, where: str) -> None:
+    def __post_init__(self) -> None:
         """Ray accepts a fraction of one GPU, but several GPUs per actor only whole (vLLM's tensor parallel size)."""
         if self.gpus_per_replica > 1 and not float(self.gpus_per_replica).is_integer():
-            raise ConfigError(f"{where}.gpus_per_replica: {self.gpus_per_replica:g} is a fraction above 1; use a "
-                              f"fraction of one GPU (<= 1) or a whole number of GPUs (vLLM's tensor parallel size)")
+            refuse("gpus_per_replica", f"{self.gpus_per_replica:g} is a fraction above 1; use a fraction of one GPU "
+                                       f"(<= 1) or a whole number of GPUs (vLLM's tensor parallel size)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,12 +221,12 @@ class StageEngineConfig(EngineConfig):
 
     cluster: ClusterConfig
 
-    def check(self, where: str) -> None:
+    def __post_init__(self) -> None:
         """Several GPUs per replica is vLLM tensor parallelism; the hf engine would use one of them and idle the rest."""
         if self.cluster.gpus_per_replica > 1 and self.backend != "vllm":
-            raise ConfigError(f"{where}.cluster.gpus_per_replica: {self.cluster.gpus_per_replica:g} GPUs per replica "
-                              f"need backend: vllm (tensor parallel); backend {self.backend} runs on one GPU: set "
-                              f"gpus_per_replica <= 1 and raise replicas instead")
+            refuse("cluster.gpus_per_replica", f"{self.cluster.gpus_per_replica:g} GPUs per replica need backend: "
+                                               f"vllm (tensor parallel); backend {self.backend} runs on one GPU: set "
+                                               f"gpus_per_replica <= 1 and raise replicas instead")
 
 
 def run_settings(cfg: Any) -> dict:
@@ -211,6 +249,10 @@ class GenerationConfig(StageEngineConfig):
     rows_per_shard: Count
     seed: NonNegInt
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_new_tokens(self.max_new_tokens, self.max_model_len)
+
 
 @dataclasses.dataclass(frozen=True)
 class SftDataConfig(GenerationConfig):
@@ -228,6 +270,12 @@ class SftConfig(ModelConfig):
     """
 
     prune_to_layers: Optional[Count]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prune_to_layers is not None and self.source == "scratch":
+            refuse("prune_to_layers", f"{self.prune_to_layers} prunes a pretrained base, but sft.source is "
+                                      f"'scratch'; set sft.num_layers instead, or prune_to_layers: null")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +301,22 @@ class TeacherTopkConfig(StageEngineConfig):
     union_student_k: NonNegInt
     seed: NonNegInt                                # the draws are a function of (seed, sample_id)
     # Storage of ids and log-probs (pipeline/offline_opd/contract/codec.py); logprob_dtype applies to `plain` only.
-    codec: Literal["plain", "q8", "q16"]
+    codec: Literal["plain", "q8", "q16", "compact"]
+
+    def __post_init__(self) -> None:
+        """Which stored entries the settings make: draws need a sampling selection, vLLM stores top-k only."""
+        super().__post_init__()
+        if (self.selection == "topk") != (self.samples == 0):
+            refuse("samples", f"{self.samples} with selection {self.selection}: draws need selection sampled or "
+                              f"topk+sampled and samples >= 1; top-k alone needs samples: 0")
+        if self.union_student_k and self.selection == "sampled":
+            refuse("union_student_k", "adds π_ref's ids to the top-k, but selection sampled stores no top-k; "
+                                      "use selection topk or topk+sampled, or union_student_k: 0")
+        if self.backend == "vllm" and (self.selection != "topk" or self.union_student_k):
+            refuse("backend", f"vllm returns only top-k log-probs; selection {self.selection} and "
+                              f"union_student_k {self.union_student_k} need backend: hf")
+        if self.privileged_context is not None:
+            check_template(self.privileged_context)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +350,34 @@ class EvaluateConfig(StageEngineConfig):
     verifier: str
     divergence_batch_size: Count
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_new_tokens(self.max_new_tokens, self.max_model_len)
+
+
+def check_new_tokens(max_new_tokens: int, max_model_len: int) -> None:
+    """max_model_len counts prompt and response tokens: a response cap that fills it leaves no room for a prompt."""
+    if max_new_tokens >= max_model_len:
+        refuse("max_new_tokens", f"{max_new_tokens} leaves no room for a prompt within max_model_len "
+                                 f"{max_model_len} (prompt + response tokens); lower max_new_tokens or raise "
+                                 f"max_model_len")
+
+
+TEMPLATE_FIELDS = ("prompt", "answer")
+
+
+def check_template(template: str) -> None:
+    """teacher_topk.privileged_context is filled with str.format: only {prompt} and {answer}, well formed."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        refuse("privileged_context", f"{template!r} is not a format template ({exc}); write literal braces as "
+                                     f"{{{{ and }}}}")
+    unknown = sorted(fields - set(TEMPLATE_FIELDS))
+    if unknown:
+        refuse("privileged_context", f"{template!r}: only {{prompt}} and {{answer}} may appear (found "
+                                     f"{', '.join(repr(f) for f in unknown)})")
+
 
 SECTIONS: dict[str, type] = {
     "task": TaskConfig,
@@ -302,32 +393,96 @@ SECTIONS: dict[str, type] = {
 C = TypeVar("C")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (plain YAML keeps the last one
+    silently, so an edit to the first copy of `lr:` would change nothing)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is set twice in one section (line {key_node.start_mark.line + 1}); "
+                                f"keep one", key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_params(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: parameter file not found (run from the repo root, or pass --params)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror}); pass a readable YAML file with --params") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     return data
 
 
 def load_section(section: str, path: Path | str = DEFAULT_PARAMS) -> Any:
-    """Load and validate one section of the parameter file into its dataclass."""
+    """Validate the file (`load_params`) and return one section's dataclass; the section must be present."""
     if section not in SECTIONS:
         raise ConfigError(f"unknown section {section!r}; known: {', '.join(SECTIONS)}")
-    data = read_params(path)
-    if section not in data:
-        raise ConfigError(f"{path}: missing section '{section}:' (see configs/toy.yaml for a complete example)")
-    return parse_section(SECTIONS[section], data[section], f"{path}: {section}")
+    return load_params(path, required=(section,))[section]
 
 
 def load_all(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
-    """Validate every section; used by `python -m offline_opd.tools.preset` and the tests."""
-    return {name: load_section(name, path) for name in SECTIONS}
+    """Every section, all required, and the rules of this module checked (offline_opd.validation adds the rest)."""
+    return load_params(path, required=tuple(SECTIONS))
+
+
+def load_params(path: Path | str, required: tuple[str, ...]) -> dict[str, Any]:
+    """Parse every known section the file holds and run the cross-section rules among them.
+
+    A section a stage does not read may be absent (tests and tools write partial files; DVC itself
+    refuses a params.yaml that lacks a declared section), but whatever is present is checked, so a
+    bad `distill:` key stops `prepare` instead of the seventh stage.
+    """
+    data = read_params(path)
+    for name in required:
+        if name not in data:
+            raise ConfigError(f"{path}: missing section '{name}:' (see configs/toy.yaml for a complete example)")
+    cfgs = {name: parse_section(cls, data[name], f"{path}: {name}") for name, cls in SECTIONS.items() if name in data}
+    check_params(cfgs, str(path))
+    return cfgs
+
+
+def check_params(cfgs: dict[str, Any], path: str) -> None:
+    """The rules that span sections, over the sections in `cfgs` (those that need the loss registry or the
+    verifiers are in offline_opd.validation, which stages and opd-preset run after this)."""
+    task, topk, rollouts, distill, evaluate = (cfgs.get(n) for n in ("task", "teacher_topk", "rollouts", "distill",
+                                                                       "evaluate"))
+    teacher, sft = cfgs.get("teacher"), cfgs.get("sft")
+    if distill is not None and topk is not None and distill.loss != "pg" and topk.selection == "topk" \
+            and topk.k == 0 and topk.union_student_k == 0:
+        raise ConfigError(f"{path}: teacher_topk.k: 0 stores no teacher entries, so distill.loss "
+                          f"{distill.loss!r} has nothing to match (its divergence is 0 on every token and "
+                          f"training would change nothing); set k >= 1, or distill.loss: pg (which needs "
+                          f"only the sampled token's log-prob)")
+    if distill is not None and rollouts is not None and rollouts.temperature == 0:
+        raise ConfigError(f"{path}: rollouts.temperature: 0 is greedy decoding, but distill weighs π_ref's "
+                          f"samples by their log-probs at the sampling temperature, which greedy rollouts do "
+                          f"not have; set rollouts.temperature > 0 (1.0 samples π_ref itself)")
+    if topk is not None and rollouts is not None and topk.max_model_len < rollouts.max_model_len:
+        raise ConfigError(f"{path}: teacher_topk.max_model_len: {topk.max_model_len} is shorter than the "
+                          f"rollouts it scores (rollouts.max_model_len {rollouts.max_model_len}); set it to at "
+                          f"least {rollouts.max_model_len}")
+    if sft is not None and teacher is not None and sft.source == "teacher" and teacher.source == "scratch" \
+            and sft.prune_to_layers is not None and sft.prune_to_layers > teacher.num_layers:
+        raise ConfigError(f"{path}: sft.prune_to_layers: {sft.prune_to_layers} keeps more layers than the "
+                          f"scratch teacher has (teacher.num_layers {teacher.num_layers}); lower it, or null")
+    if evaluate is not None and task is not None and task.kind == "addition" and evaluate.n_eval is not None \
+            and evaluate.n_eval > task.n_eval:
+        raise ConfigError(f"{path}: evaluate.n_eval: {evaluate.n_eval} is more than the "
+                          f"{task.n_eval} eval prompts task.n_eval makes; lower it, or null for all")
 
 
 def parse_section(cls: type[C], raw: Any, where: str) -> C:
@@ -345,11 +500,10 @@ def parse_section(cls: type[C], raw: Any, where: str) -> C:
             f"see configs/toy.yaml)"
         )
     values = {name: _coerce(raw[name], hints[name], f"{where}.{name}") for name in fields}
-    parsed = cls(**values)
-    check = getattr(parsed, "check", None)
-    if check is not None:
-        check(where)
-    return parsed
+    try:
+        return cls(**values)
+    except RuleError as exc:
+        raise ConfigError(f"{where}.{exc.key}: {exc.detail}") from None
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -377,15 +531,21 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if abs(value) > MAX_INT:
+            raise ConfigError(f"{where}: {value} is too large; integer keys must lie within ±{MAX_INT}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # YAML reads "3e-3" (no dot) as a string; accept numeric strings.
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-        return float(value)
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = float(value)   # YAML reads "3e-3" (no dot) as a string; numeric strings are accepted
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        except OverflowError:       # an integer beyond a float's range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: {value!r} is not a finite number; set a finite value")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -397,5 +557,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return {}
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        bad = next((k for k in value if not isinstance(k, str)), None)
+        if bad is not None:
+            raise ConfigError(f"{where}: key {bad!r} is not a name; keys are parameter names such as tau")
         return dict(value)
     raise TypeError(f"unsupported config type {hint} at {where}")

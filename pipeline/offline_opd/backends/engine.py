@@ -2,8 +2,9 @@
 
 A stage builds one engine per model (`load_engine`) from its params section and calls `generate` or
 `score`; it never branches on the backend name. Both backends (`hf` here in-process, `vllm` through
-vLLM's engine) return the same `Sample` / `Scored` records, so the shards they write are
-interchangeable, and `tests/test_vllm_backend.py` compares them on the same inputs.
+vLLM's engine) return the same `Sample` / `Scored` records (base.py), so the shards they write are
+interchangeable, and `tests/test_vllm_backend.py` compares them on the same inputs. The backends import
+base.py, never this module: only the factory below names them.
 
 Seeds are per sequence: sample j of a `generate` call draws from its own generator seeded from
 (sampling.seed, j), so a result does not depend on batch size, scheduling, or what ran before.
@@ -12,13 +13,12 @@ Seeds are per sequence: sample j of a `generate` call draws from its own generat
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
-from offline_opd.backends.generation import Sample, Sampling
-from offline_opd.backends.scoring import Extras, Scored
+from offline_opd.backends.base import Extras, Sample, Sampling, Scored
 from offline_opd.config import EngineConfig
-from offline_opd.errors import UserError
 from offline_opd.models.loading import default_device
+from offline_opd.provenance.record import check_unchanged
 
 BACKENDS = ("hf", "vllm")
 
@@ -77,23 +77,17 @@ def engine_footer(cfg: EngineConfig, device: str | None = None) -> dict:
             "max_model_len": cfg.max_model_len}
 
 
-def check_fits(lengths: Sequence[int], max_model_len: int, section: str) -> None:
-    """Refuse a sequence longer than the engine's max_model_len before any work (vLLM would fail mid-run)."""
-    longest = max(lengths, default=0)
-    if longest > max_model_len:
-        raise UserError(f"params.yaml: {section}.max_model_len is {max_model_len} but a sequence needs {longest} "
-                        f"tokens (prompt + max_new_tokens); raise {section}.max_model_len (up to what the model "
-                        f"supports) or shorten the prompts / max_new_tokens")
-
-
 def load_engine(model_path: Path | str, cfg: EngineConfig, section: str, *, max_logprobs: int = 0,
                 device: str | None = None, tensor_parallel: int = 1) -> Engine:
     """The engine named by `cfg.backend`, holding the model in `model_path`.
 
     `max_logprobs` is the largest k the engine will be asked to score (vLLM fixes it at start);
     `section` names the params section in error messages; `tensor_parallel` is the number of GPUs vLLM
-    splits the model over (`<section>.cluster.gpus_per_replica`; the config refuses it above 1 for hf).
+    splits the model over (`<section>.cluster.gpus_per_replica`; the config refuses it above 1 for hf). A
+    folder a stage wrote must still hold what that stage recorded (`check_unchanged`), or every number the
+    engine produces is of another model.
     """
+    check_unchanged(model_path)
     device = device or default_device()
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.backend == "hf":

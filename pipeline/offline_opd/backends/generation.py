@@ -1,4 +1,4 @@
-"""Sampling responses with their behaviour-policy log-probs: the records both backends return, and `hf` decoding.
+"""The `hf` backend's sampling: responses with their behaviour-policy log-probs (records in base.py).
 
 Offline OPD needs, for every sampled token, the exact log-prob the sampling policy gave it
 (log_softmax(logits / T) of that token), so the `hf` backend runs its own KV-cached decoding loop
@@ -7,43 +7,15 @@ repetition penalty, ...) and the recorded log-probs would no longer describe the
 tokens came from. Temperature 0 means greedy decoding, with log-probs reported at T = 1.
 
 Randomness is per sequence: sample j of a call is drawn by inverse-CDF sampling from uniforms of its
-own `torch.Generator`, seeded from (seed, j), so a result depends neither on the batch size nor on
-what the process ran before (vLLM gets the same per-request seeds).
+own `torch.Generator`, seeded from (seed, j) (`base.job_seeds`), so a result depends neither on the
+batch size nor on what the process ran before (vLLM gets the same per-request seeds).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
-
-
-@dataclass(frozen=True)
-class Sample:
-    response_ids: list[int]   # generated ids, stopping after eos (eos included) or at max_new_tokens
-    logprobs: list[float]     # behaviour-policy log-prob of each response id, at the sampling temperature
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How to sample: `n` responses per prompt at `temperature` (0 = greedy, log-probs then at T = 1)."""
-
-    n: int
-    temperature: float
-    max_new_tokens: int
-    seed: int
-
-    def __post_init__(self) -> None:
-        if self.n < 1 or self.max_new_tokens < 1 or self.temperature < 0:
-            raise ValueError(f"need n >= 1, max_new_tokens >= 1, temperature >= 0; got n={self.n}, "
-                             f"max_new_tokens={self.max_new_tokens}, temperature={self.temperature}")
-
-
-
-def batch_seed(seed: int, index: int) -> int:
-    """A well-mixed 63-bit seed for batch `index` (seed 0 batch 1 and seed 1 batch 0 must differ)."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+from offline_opd.backends.base import Sample, Sampling, check_prompts, job_seeds, stop_token_ids
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -67,28 +39,6 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device):
             mask[row, width - len(s):] = 1
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
-
-
-def stop_token_ids(tokenizer, generation_config) -> list[int]:
-    """EOS ids from the tokenizer and the model's generation config (chat models often list several)."""
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(generation_config, "eos_token_id", None)
-    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-    ids.discard(None)
-    if not ids:
-        raise ValueError("the model has no eos token (tokenizer.eos_token_id and generation_config are unset); "
-                         "set eos_token in its tokenizer_config.json")
-    return sorted(ids)
-
-
-def job_seeds(seed: int, n_jobs: int) -> list[int]:
-    """The seed of each sequence of one call: job j (prompt j // n, sample j % n) gets (seed, j)."""
-    return [batch_seed(seed, j) for j in range(n_jobs)]
-
-
-def check_prompts(prompt_ids: Sequence[Sequence[int]]) -> None:
-    if any(len(p) == 0 for p in prompt_ids):
-        raise ValueError("an empty prompt cannot be continued: every prompt needs at least one token")
 
 
 class HFGenerator:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from offline_opd.backends.engine import check_fits
-from offline_opd.backends.generation import HFGenerator, Sample, Sampling
-from offline_opd.backends.scoring import Extras, HFScorer, Scored
+from offline_opd.backends.base import Extras, Sample, Sampling, Scored, check_fits
+from offline_opd.backends.generation import HFGenerator
+from offline_opd.backends.scoring import HFScorer
 
 
 class HFEngine:

@@ -1,4 +1,4 @@
-"""Teacher scoring: for every response token, the teacher's top-k and the sampled token's log-prob.
+"""The `hf` backend's teacher scoring: per response token, the teacher's top-k and the sampled token's log-prob.
 
 One prefill per batch, no decoding: position t of a sequence scores token input_ids[prompt_len + t]
 given everything before it, at temperature 1 (the teacher's own distribution; the student's sampling
@@ -9,47 +9,15 @@ gathered separately from the top-k, so it is exact even when the token ranks out
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
+from offline_opd.backends.base import SCORING_TEMPERATURE, Extras, Scored, check_inputs
 from offline_opd.backends.generation import length_batches, left_pad
 from offline_opd.contract.sparse_targets import Selection, select
 
-SCORING_TEMPERATURE = 1.0
 LOGPROB_CHUNK_ELEMS = 1 << 26  # fp32 log-prob elements per block of positions (256 MiB)
-
-
-@dataclass(frozen=True)
-class Scored:
-    teacher_logprob: np.ndarray   # [T] float32: log-prob of each response token
-    topk_ids: np.ndarray          # [T, W] int32: stored ids per position (top-k first, descending; -1 empty)
-    topk_logprobs: np.ndarray     # [T, W] float32: their log-probs
-    tail_logprob: np.ndarray      # [T] float32: log of the teacher mass outside the stored ids, exact in fp32
-    sample_counts: Optional[np.ndarray] = None  # [T, W] uint8: draws per entry (0: not drawn); sampled only
-
-
-@dataclass(frozen=True)
-class Extras:
-    """Optional per-sequence inputs beyond top-k (offline_opd.contract.sparse_targets): what to store, the
-    uniforms [T, samples] that drive the draws, π_ref's own top ids [T, e] to add (union)."""
-
-    selection: Selection
-    uniforms: Optional[list[np.ndarray]] = None
-    union_ids: Optional[list[np.ndarray]] = None
-
-
-def check_inputs(input_ids: list[list[int]], prompt_lens: list[int], k: int, vocab: int) -> None:
-    """Bad lengths would silently shift every score by a position; refuse them before any work."""
-    if not 0 <= k <= vocab:
-        raise ValueError(f"k={k} must be between 0 and the vocabulary size {vocab}")
-    if len(input_ids) != len(prompt_lens):
-        raise ValueError(f"{len(input_ids)} sequences but {len(prompt_lens)} prompt lengths")
-    for i, (ids, p) in enumerate(zip(input_ids, prompt_lens)):
-        if not 1 <= p <= len(ids):
-            raise ValueError(f"sequence {i}: prompt_len {p} must be in [1, {len(ids)}] (the first token "
-                             f"has no prediction to score)")
 
 
 class HFScorer:

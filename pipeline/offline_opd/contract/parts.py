@@ -14,15 +14,18 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from offline_opd.contract import shards
 from offline_opd.config import GenerationConfig, run_settings
 from offline_opd.errors import UserError
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
+from offline_opd.provenance.record import check_unchanged
 from offline_opd.backends.engine import engine_footer
 from offline_opd.models.loading import load_tokenizer
 from offline_opd.contract.prompts import encode_prompt, read_prompts
+from offline_opd.contract.footers import FOOTERS, RolloutsFooter, SftDataFooter
+
+ROLES = {"sft_data": "teacher", "rollouts": "policy"}   # which model generates a stage's parts
 
 
 @dataclass(frozen=True)
@@ -37,39 +40,45 @@ class PromptParts:
     answers: list[str | None]
     tokens: list[list[int]]
     per_part: int              # whole prompts per part
-    meta: dict[str, Any]       # the footer every part carries
-    todo: list[int]            # this process's part indices still to write
+    footer: RolloutsFooter | SftDataFooter   # the footer every part carries
+    pending: shards.PartPlan   # this process's part indices still to write, and the parts they replace
     skipped: int               # this process's parts already complete (resumed)
+
+    @property
+    def todo(self) -> list[int]:
+        return self.pending.todo
 
     def bounds(self, part: int) -> slice:
         """The prompts of part `part`."""
         return slice(part * self.per_part, min((part + 1) * self.per_part, len(self.tokens)))
 
 
-def plan_parts(kind: str, role: str, model: Path, prompts_path: Path, out: Path, cfg: GenerationConfig,
+def plan_parts(kind: str, model: Path, prompts_path: Path, out: Path, cfg: GenerationConfig,
                per_part: int, shard: tuple[int, int], size_key: str) -> PromptParts:
-    """Read and tokenize the prompts, clear `out` of stale parts, and list the parts left to write.
+    """Read and tokenize the prompts and list the parts left to write (and the stale parts they replace,
+    removed only once a new part is ready: `shards.PartPlan`).
 
-    `role` ("teacher" or "policy") names the model's run-key input and footer fields
-    (`<role>_fingerprint`, `<role>_path`); `size_key` is the `task` key to raise when there are no prompts.
+    `kind` ("sft_data": the teacher generates, or "rollouts": the policy) names the model's run-key input
+    and footer fields (`teacher_fingerprint` or `policy_fingerprint`, and its path); `size_key` is the
+    `task` key to raise when there are no prompts.
     """
+    role = ROLES[kind]
+    check_unchanged(model)  # an edited model is named as such before anything is computed from it
     table = read_prompts(prompts_path)
     if table.num_rows == 0:
         raise UserError(f"{prompts_path}: no prompts; rerun `dvc repro prepare` with task.{size_key} > 0")
     prompt_ids, texts, answers = (table.column(c).to_pylist() for c in ("prompt_id", "prompt", "answer"))
     tokenizer = load_tokenizer(model)
-    tokens = [encode_prompt(tokenizer, t) for t in texts]
+    tokens = [encode_prompt(tokenizer, t, f"{prompts_path}: prompt {pid}") for pid, t in zip(prompt_ids, texts)]
     fingerprint = model_fingerprint(model)
     digest = hashlib.sha256(json.dumps([prompt_ids, texts]).encode()).hexdigest()
     key = shards.make_run_key(config=run_settings(cfg), prompts=digest, **{role: fingerprint})
     n_parts = math.ceil(len(tokens) / per_part)
     out.mkdir(parents=True, exist_ok=True)
-    todo = shards.pending_parts(out, kind, key, n_parts, shard)
-    meta = {
-        "kind": kind, "run_key": key, "num_parts": n_parts,
-        f"{role}_fingerprint": fingerprint, "tokenizer_fingerprint": tokenizer_fingerprint(model),
-        f"{role}_path": str(model), "prompts_path": str(prompts_path),
-        "sampling_temperature": cfg.temperature, **engine_footer(cfg), "config": run_settings(cfg),
-    }
-    skipped = len(range(shard[0], n_parts, shard[1])) - len(todo)
-    return PromptParts(prompt_ids, texts, answers, tokens, per_part, meta, todo, skipped)
+    pending = shards.pending_parts(out, kind, key, n_parts, shard)
+    footer = FOOTERS[kind](
+        run_key=key, num_parts=n_parts, **{f"{role}_fingerprint": fingerprint, f"{role}_path": str(model)},
+        tokenizer_fingerprint=tokenizer_fingerprint(model), prompts_path=str(prompts_path),
+        sampling_temperature=cfg.temperature, **engine_footer(cfg), config=run_settings(cfg))
+    skipped = len(range(shard[0], n_parts, shard[1])) - len(pending.todo)
+    return PromptParts(prompt_ids, texts, answers, tokens, per_part, footer, pending, skipped)

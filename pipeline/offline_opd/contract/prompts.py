@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from offline_opd.contract.integrity import verify_sealed, write_sealed
 from offline_opd.errors import UserError
 
 SPLITS = ("sft", "opd", "eval")
@@ -38,33 +39,65 @@ def validate_prompts(table: pa.Table, where: str) -> pa.Table:
     for optional in ("answer", "reference"):
         if optional not in table.column_names:
             table = table.append_column(optional, pa.nulls(table.num_rows, pa.string()))
+    for required in ("prompt_id", "prompt"):
+        column = table.column(required)
+        if column.null_count:
+            row = column.is_null().to_pylist().index(True)
+            raise PromptFileError(f"{where}: '{required}' is null in row {row + 1}; every prompt needs one")
     try:
         table = table.select(PROMPT_SCHEMA.names).cast(PROMPT_SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
         raise PromptFileError(f"{where}: columns prompt_id/prompt/answer/reference must be strings ({exc})") from exc
     ids = table.column("prompt_id")
-    if ids.null_count or table.column("prompt").null_count:
-        raise PromptFileError(f"{where}: 'prompt_id' and 'prompt' may not be null")
     if len(set(ids.to_pylist())) != table.num_rows:
-        raise PromptFileError(f"{where}: 'prompt_id' values are not unique")
+        seen: set[str] = set()
+        twice = next(i for i in ids.to_pylist() if i in seen or seen.add(i))
+        raise PromptFileError(f"{where}: 'prompt_id' values are not unique ({twice!r} appears more than once); "
+                              f"give every prompt its own id, or drop the column to have ids assigned")
     return table
 
 
+def write_prompts(path: Path | str, table: pa.Table) -> None:
+    """One prompt set, sealed with a whole-file checksum that `read_prompts` verifies."""
+    write_sealed(path, table.cast(PROMPT_SCHEMA))
+
+
 def read_prompts(path: Path | str) -> pa.Table:
+    """A prompt set `prepare` wrote, checked byte for byte against its seal and then against the contract."""
     path = Path(path)
     if not path.exists():
         raise PromptFileError(f"{path}: prompt file not found; run the `prepare` stage (dvc repro prepare)")
+    if path.is_dir():
+        raise PromptFileError(f"{path}: is a folder, expected a prompt set written by `prepare` (a .parquet file)")
     try:
+        if verify_sealed(path) is False:
+            raise PromptFileError(f"{path}: its bytes do not match the checksum sealed in its footer (a flipped, "
+                                  f"lost or added byte): the file is corrupt: rerun `dvc repro prepare`")
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
-        raise PromptFileError(f"{path}: not a readable Parquet file ({exc})") from exc
+        raise PromptFileError(f"{path}: not a readable Parquet file ({exc}); rerun `dvc repro prepare`") from exc
     return validate_prompts(table, str(path))
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a prompt: the chat template when the tokenizer has one, else plain text plus BOS."""
+def encode_prompt(tokenizer, prompt: str, where: str = "a prompt") -> list[int]:
+    """Token ids of a prompt: the chat template when the tokenizer has one, else plain text plus BOS.
+
+    Text the tokenizer cannot represent (characters outside a fixed alphabet, such as the toy models'
+    printable ASCII) would reach every model as the unknown token, so teacher and student would
+    answer a prompt neither can read: refused, naming the characters (`where` names the prompt).
+    """
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                              add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    else:
+        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk in ids and tokenizer.unk_token not in prompt:
+        unknown = [c for c in dict.fromkeys(prompt) if unk in tokenizer(c, add_special_tokens=False)["input_ids"]]
+        shown = "".join(unknown[:8]) + ("..." if len(unknown) > 8 else "")
+        raise PromptFileError(f"{where} ({prompt[:40]!r}{'...' if len(prompt) > 40 else ''}) holds characters the "
+                              f"tokenizer does not know ({shown!r}, {len(unknown)} in all): every model would read "
+                              f"them as {tokenizer.unk_token}; remove them from the prompt file, or use models "
+                              f"whose tokenizer covers them")
+    return ids

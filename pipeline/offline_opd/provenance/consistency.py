@@ -9,7 +9,13 @@ teacher_topk shard footers, π_ref's `opd_provenance.json`, and π_ref's model f
 Teacher and policy mismatches can be overridden for ablations (`distill.allow_inconsistent_teacher`);
 the override is logged as a warning and returned in the report that distill records. Structural
 mismatches (tokenizer, k, schema version) are never overridable: the shards' token ids and top-k
-layout would not mean what training assumes.
+layout would not mean what training assumes. A structural mismatch is reported alone, so its
+message never suggests the override. π_ref's tokenizer is fingerprinted from its folder, not taken
+from its provenance: a tokenizer changed after `sft` wrote the folder is a tokenizer mismatch.
+
+The same rules run earlier where they can: `teacher_topk` checks its teacher against π_ref's SFT
+teacher before scoring (`check_scoring_teacher`), and `evaluate` refuses models whose tokenizers
+differ (`fingerprint.check_same_tokenizer`).
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ from pathlib import Path
 
 from offline_opd.errors import UserError
 from offline_opd.contract import shards
-from offline_opd.provenance.fingerprint import model_fingerprint
-from offline_opd.provenance.record import PROVENANCE_FILE, ProvenanceError, read_provenance
+from offline_opd.provenance.fingerprint import FIX_TOKENIZER, model_fingerprint, tokenizer_fingerprint
+from offline_opd.provenance.record import PROVENANCE_FILE, ProvenanceError, check_unchanged, read_provenance
 
 log = logging.getLogger("opd.consistency")
 
@@ -33,8 +39,9 @@ FIX_TEACHER = ("rerun `dvc repro teacher_topk` with the SFT teacher (or `dvc rep
                "teacher), or set distill.allow_inconsistent_teacher: true for an ablation")
 FIX_POLICY = ("rerun `dvc repro rollouts teacher_topk` so π_ref samples the rollouts, or set "
               "distill.allow_inconsistent_teacher: true for an ablation")
-FIX_TOKENIZER = ("teacher and student must share one tokenizer: rebuild them with the same tokenizer and rerun "
-                 "`dvc repro`")
+FIX_SCORER = ("pass the teacher that wrote π_ref's SFT data as --teacher (`dvc repro teacher_topk`), or rerun "
+              "`dvc repro` from sft_data with this teacher, or set distill.allow_inconsistent_teacher: true for an "
+              "ablation")
 
 
 class ConsistencyError(UserError, ValueError):
@@ -78,7 +85,7 @@ def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inc
         raise ConsistencyError(f"π_ref {init_dir}: {exc}") from None
     prov_path = init_dir / PROVENANCE_FILE
     sft_files = ", ".join(prov.get("sft_data_files") or []) or "unrecorded sft data files"
-    init_fp = model_fingerprint(init_dir)
+    init_fp, init_tok = model_fingerprint(init_dir), tokenizer_fingerprint(init_dir)
     fp = {key: first.meta[key] for key in ("teacher_fingerprint", "policy_fingerprint", "tokenizer_fingerprint")}
     recomputed = f"{init_dir} (model fingerprint, recomputed)"
     checks = [
@@ -89,14 +96,13 @@ def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inc
         Mismatch("policy (π_ref)", "the rollouts were sampled by policy", fp["policy_fingerprint"],
                  where.format(key="policy_fingerprint"), "distill starts from", init_fp, recomputed,
                  FIX_POLICY, True),
-        Mismatch("π_ref provenance", "the sft stage recorded", prov["model_fingerprint"],
-                 f"{prov_path} (model_fingerprint)", "the folder holds", init_fp, recomputed,
-                 "the model changed after the sft stage wrote it: rerun `dvc repro sft`", True),
         Mismatch("tokenizer", "the shards were tokenized with", fp["tokenizer_fingerprint"],
-                 where.format(key="tokenizer_fingerprint"), "π_ref's tokenizer is", prov["tokenizer_fingerprint"],
-                 f"{prov_path} (tokenizer_fingerprint)", FIX_TOKENIZER, False),
+                 where.format(key="tokenizer_fingerprint"), "π_ref's tokenizer is", init_tok,
+                 f"{init_dir} (tokenizer fingerprint, recomputed)", FIX_TOKENIZER, False),
     ]
     mismatches += [m for m in checks if m.found != m.expected]
+    _raise_or_warn([m for m in mismatches if not m.overridable], allow_inconsistent_teacher)  # structural first
+    check_unchanged(init_dir)  # then, never overridable either: an edited π_ref is not the model anything recorded
     _raise_or_warn(mismatches, allow_inconsistent_teacher)
     return {
         "teacher_fingerprint": fp["teacher_fingerprint"],
@@ -104,7 +110,7 @@ def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inc
         "policy_fingerprint": fp["policy_fingerprint"],
         "init_fingerprint": init_fp,
         "tokenizer_fingerprint": fp["tokenizer_fingerprint"],
-        "init_tokenizer_fingerprint": prov["tokenizer_fingerprint"],
+        "init_tokenizer_fingerprint": init_tok,
         "k": json.loads(first.meta["k"]),
         "schema_version": first.meta["schema_version"],
         "num_shards": len(infos),
@@ -129,8 +135,29 @@ def _shard_disagreements(infos: list[shards.ShardInfo]) -> list[Mismatch]:
     return out
 
 
+def check_scoring_teacher(teacher: Path, teacher_fp: str, rollouts: shards.ShardInfo,
+                          allow_inconsistent_teacher: bool) -> None:
+    """teacher_topk's half of the chain, before anything is scored: `teacher` must be the teacher whose
+    answers π_ref (the policy the rollouts name) was fine-tuned on. distill checks the same from the
+    shards, but only after the most expensive stage ran. A policy without provenance cannot be checked
+    here (distill refuses it); that is logged, not refused, so a bare policy folder can still be scored.
+    """
+    policy = Path(rollouts.meta["policy_path"])
+    try:
+        prov = read_provenance(policy, ("sft_teacher_fingerprint",))
+    except ProvenanceError as exc:
+        log.warning("teacher chain not checked before scoring (π_ref %s: %s); distill checks it", policy, exc)
+        return
+    found = Mismatch("teacher", "the scoring teacher is", teacher_fp, f"{teacher} (model fingerprint)",
+                     "π_ref was fine-tuned on answers of teacher", prov["sft_teacher_fingerprint"],
+                     f"{policy / PROVENANCE_FILE} (sft_teacher_fingerprint; π_ref sampled {rollouts.path.parent})",
+                     FIX_SCORER, True)
+    _raise_or_warn([found] if found.found != found.expected else [], allow_inconsistent_teacher)
+
+
 def _raise_or_warn(mismatches: list[Mismatch], allow: bool) -> None:
-    hard = [m for m in mismatches if not (allow and m.overridable)]
+    structural = [m for m in mismatches if not m.overridable]
+    hard = structural or [m for m in mismatches if not allow]
     if hard:
         raise ConsistencyError(" | ".join(m.message() for m in hard))
     for m in mismatches:

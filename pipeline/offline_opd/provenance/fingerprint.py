@@ -6,7 +6,9 @@ disagrees. A tokenizer fingerprint hashes what decides token ids (vocabulary, ad
 tokens, normalizer, pre-tokenizer, merges, post-processor), so a teacher and a student that
 tokenize identically agree even when their `tokenizer_config.json` differ in cosmetic fields.
 Hashing tens of GB of weights is slow, so both are cached, keyed on the folder's path and each
-file's name, size and mtime (and inode, so that a folder renamed into place keeps its entry).
+file's name, size, mtime and ctime (and inode, so that a folder renamed into place keeps its entry).
+The ctime is what catches an edit in place whose mtime was put back (`touch -r`, `cp -p`, rsync -t):
+setting a file's times sets its ctime to now, and nothing but the clock can set a ctime back.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from tqdm import tqdm
 
 from offline_opd.atomic import write_json
+from offline_opd.errors import UserError
 from offline_opd.models.loading import ModelPathError, loading, resolve_model_dir
 
 # What transformers loads, in its order of preference: (index file, single file).
@@ -33,6 +36,12 @@ CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 # Fields save_pretrained writes that say where or with what a model was saved, not what it is.
 VOLATILE_JSON_KEYS = {"transformers_version", "_name_or_path", "name_or_path", "torch_dtype_str"}
 SHORT = 16
+FIX_TOKENIZER = ("teacher and student must share one tokenizer: rebuild them with the same tokenizer and rerun "
+                 "`dvc repro`")
+
+
+class TokenizerMismatch(UserError, ValueError):
+    """Models that must read text into the same token ids do not. The message names both and the fix."""
 
 
 def cache_path() -> Path:
@@ -98,38 +107,50 @@ def _read_cache(path: Path) -> dict:
     return cache if isinstance(cache, dict) else {}
 
 
-def _cached(kind: str, model_dir: Path, files: list[Path], compute: Callable[[], str]) -> str:
-    """One entry per (kind, folder), valid while every file keeps its name, size and mtime.
+def _cached(kind: str, model_dir: Path, files: list[Path], compute: Callable[[], dict[str, Any]],
+            needs: str = "fingerprint") -> dict[str, Any]:
+    """One entry per (kind, folder), valid while every file keeps its name, size, mtime and ctime.
 
     Keying entries on the folder (not on the stats) lets a retrained model replace its old entry,
     and entries of folders that no longer exist (atomic_dir temporaries) are dropped on write, so
     the cache stays as small as the set of model folders on disk. A folder renamed into place (what
-    atomic_dir does after a stage fingerprints its output) keeps its files' inodes too, so the next
-    stage takes the entry made under the temporary name instead of reading every weight byte again;
-    a copy (new inodes, even with mtimes preserved) is hashed.
+    atomic_dir does after a stage fingerprints its output) keeps its files' inodes and ctimes too, so
+    the next stage takes the entry made under the temporary name instead of reading every weight byte
+    again; a copy (new inodes, even with mtimes preserved) is hashed, and so is a file edited in place
+    whose mtime was restored (its ctime moved). An entry lacking the field `needs` (written by an older
+    version) is recomputed.
     """
     slot = f"{kind}:{model_dir.resolve()}"
     stats, inodes = [], []
     for p in files:
         st = p.stat()
-        stats.append([p.name, st.st_size, st.st_mtime_ns])
+        stats.append([p.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
         inodes.append([st.st_dev, st.st_ino])
     path = cache_path()
     cache = _read_cache(path)
     entry = cache.get(slot)
-    if isinstance(entry, dict) and entry.get("files") == stats:
-        return entry["fingerprint"]
+    if isinstance(entry, dict) and entry.get("files") == stats and needs in entry:
+        return entry
     renamed = next((e for k, e in cache.items() if k.startswith(f"{kind}:") and isinstance(e, dict)
-                    and e.get("files") == stats and e.get("inodes") == inodes), None)
-    value = renamed["fingerprint"] if renamed is not None else compute()
+                    and e.get("files") == stats and e.get("inodes") == inodes and needs in e), None)
+    value = {k: v for k, v in renamed.items() if k not in ("files", "inodes")} if renamed is not None else compute()
     # Re-read: other processes may have added entries while this one was hashing.
     cache = {k: v for k, v in _read_cache(path).items() if Path(k.partition(":")[2]).is_dir()}
-    cache[slot] = {"files": stats, "inodes": inodes, "fingerprint": value}
+    cache[slot] = {"files": stats, "inodes": inodes, **value}
     try:
         write_json(path, cache)
     except OSError:
         pass  # a read-only home only costs a recomputation next time
-    return value
+    return cache[slot]
+
+
+def model_file_digests(model_dir: Path | str) -> dict[str, str]:
+    """sha256 of each file the model fingerprint covers (config, weights, tokenizer, chat template), by name.
+
+    Recorded in opd_provenance.json, so that a folder changed after its stage wrote it is reported by
+    the file that changed (offline_opd.provenance.record.check_unchanged).
+    """
+    return dict(_model_entry(resolve_model_dir(model_dir))["digests"])
 
 
 def model_fingerprint(model_dir: Path | str) -> str:
@@ -137,19 +158,23 @@ def model_fingerprint(model_dir: Path | str) -> str:
 
     File names and contents only, never paths: a copy elsewhere agrees, one changed weight byte does not.
     """
-    model_dir = resolve_model_dir(model_dir)
+    return _model_entry(resolve_model_dir(model_dir))["fingerprint"]
+
+
+def _model_entry(model_dir: Path) -> dict[str, Any]:
     files = _model_files(model_dir)
 
-    def compute() -> str:
-        h = hashlib.sha256()
+    def compute() -> dict[str, Any]:
         total = sum(p.stat().st_size for p in files)
         with tqdm(total=total, desc=f"fingerprint {model_dir}", unit="B", unit_scale=True,
                   disable=total < 1 << 28) as bar:
-            for p in files:
-                h.update(f"{p.name}\0{_file_digest(p, bar)}\n".encode())
-        return h.hexdigest()[:SHORT]
+            digests = {p.name: _file_digest(p, bar) for p in files}
+        h = hashlib.sha256()
+        for p in files:
+            h.update(f"{p.name}\0{digests[p.name]}\n".encode())
+        return {"fingerprint": h.hexdigest()[:SHORT], "digests": digests}
 
-    return _cached("model", model_dir, files, compute)
+    return _cached("model", model_dir, files, compute, needs="digests")
 
 
 def tokenizer_fingerprint(model_dir: Path | str) -> str:
@@ -180,9 +205,21 @@ def tokenizer_fingerprint(model_dir: Path | str) -> str:
             rules = {"vocab": sorted(tok.get_vocab().items())}
         special = {name: tok.convert_tokens_to_ids(value) for name, value in tok.special_tokens_map.items()}
         payload = json.dumps({"rules": rules, "special": special}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:SHORT]
+        return {"fingerprint": hashlib.sha256(payload.encode()).hexdigest()[:SHORT]}
 
-    return _cached("tokenizer", model_dir, files, compute)
+    return _cached("tokenizer", model_dir, files, compute)["fingerprint"]
+
+
+def check_same_tokenizer(models: dict[str, Path]) -> str:
+    """Every model reads text into the same ids (evaluate compares their answers and log-probs token by token).
+    Returns the shared tokenizer fingerprint."""
+    fps = {name: tokenizer_fingerprint(path) for name, path in models.items()}
+    first = next(iter(models))
+    other = next((n for n in models if fps[n] != fps[first]), None)
+    if other is not None:
+        raise TokenizerMismatch(f"tokenizer mismatch: {other} {models[other]} has tokenizer {fps[other]} but "
+                               f"{first} {models[first]} has {fps[first]}; fix: {FIX_TOKENIZER}")
+    return fps[first]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,19 +228,22 @@ def main(argv: list[str] | None = None) -> None:
         description="Print the model and tokenizer fingerprints of Hugging Face model folders. The model "
                     "fingerprint hashes config, weights, tokenizer files and chat template (not paths: copies "
                     "agree); the tokenizer fingerprint hashes what decides token ids. Both are cached by file "
-                    "name, size and mtime in $OPD_CACHE_DIR (default ~/.cache/offline-opd): the first call on a "
+                    "name, size, mtime and ctime in $OPD_CACHE_DIR (default ~/.cache/offline-opd): the first call on a "
                     "large model reads every weight byte, later calls are instant.")
     parser.add_argument("model_dirs", nargs="+", type=Path,
                         help="local model folders (or pipeline outputs holding opd_model_ref.json)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per folder")
     args = parser.parse_args(argv)
-    for d in args.model_dirs:
-        try:
-            row = {"path": str(d), "model": model_fingerprint(d), "tokenizer": tokenizer_fingerprint(d)}
-        except ModelPathError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
-        print(json.dumps(row) if args.json else f"{row['model']}  tokenizer={row['tokenizer']}  {d}")
+    from offline_opd.runtime import closed_pipe_is_quiet
+
+    with closed_pipe_is_quiet():  # `opd-fingerprint a b c | head -1` stops quietly
+        for d in args.model_dirs:
+            try:
+                row = {"path": str(d), "model": model_fingerprint(d), "tokenizer": tokenizer_fingerprint(d)}
+            except ModelPathError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
+            print(json.dumps(row) if args.json else f"{row['model']}  tokenizer={row['tokenizer']}  {d}", flush=True)
 
 
 if __name__ == "__main__":

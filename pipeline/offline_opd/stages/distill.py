@@ -79,9 +79,9 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     data = TeacherShardDataModule(args.shards, cfg.batch_size, cfg.seed, cfg.shuffle_row_groups, cfg.num_workers)
     data.setup()
     objective = loss_from_config(cfg, f"{args.params}: distill",
-                                 behavior_temperature=float(data.infos[0].meta["sampling_temperature"]))
-    model, dtype = load_for_training(args.init, cfg.precision)
-    module = TrainModule(model, cfg, objective)
+                                 behavior_temperature=data.infos[0].footer.sampling_temperature)
+    model, dtype, weights = load_for_training(args.init, cfg.precision, sharded=cfg.strategy == "fsdp")
+    module = TrainModule(model, cfg, objective, weights=weights)
     try:
         result = fit(module, data, cfg, args.logs, run_key(cfg, report, data.infos), f"{args.params}: distill")
     except ShardError as exc:

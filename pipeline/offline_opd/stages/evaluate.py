@@ -34,6 +34,8 @@ from offline_opd.config import EvaluateConfig
 from offline_opd.errors import UserError
 from offline_opd.models.loading import default_device, load_model, load_tokenizer, resolve_model_dir
 from offline_opd.contract.prompts import encode_prompt, read_prompts
+from offline_opd.provenance.fingerprint import check_same_tokenizer
+from offline_opd.provenance.record import check_unchanged
 from offline_opd.runtime import cli, stage_main
 from offline_opd.tasks.verifiers import accuracy, exact, load_verifier
 
@@ -87,7 +89,9 @@ def run(args: argparse.Namespace, cfg: EvaluateConfig) -> dict:
     verify = load_verifier(cfg.verifier, f"{args.params}: evaluate.verifier")
     models = {"teacher": args.teacher, "student_sft": args.ref, "student_opd": args.student}
     for path in models.values():
-        resolve_model_dir(path)  # a missing model fails here, before any generation
+        resolve_model_dir(path)  # a missing or edited model fails here, before any generation
+        check_unchanged(path)
+    check_same_tokenizer(models)  # answers and log-probs are compared token id by token id
     table = read_prompts(args.prompts)
     if cfg.n_eval is not None:
         table = table.slice(0, cfg.n_eval)

@@ -19,10 +19,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from offline_opd.atomic import atomic_dir
 from offline_opd.config import TaskConfig
+from offline_opd.contract.prompts import write_prompts
 from offline_opd.runtime import stage_main
 from offline_opd.tasks.task import make_task
 
@@ -36,7 +35,7 @@ def run(args: argparse.Namespace, cfg: TaskConfig) -> dict:
     splits = make_task(cfg, args.params).splits()
     with atomic_dir(args.out) as tmp:
         for name, table in splits.items():
-            pq.write_table(table, tmp / f"{name}.parquet")
+            write_prompts(tmp / f"{name}.parquet", table)
     return {f"n_{name}": table.num_rows for name, table in splits.items()}
 
 

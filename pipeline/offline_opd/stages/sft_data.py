@@ -18,14 +18,13 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
-import pyarrow as pa
-
 from offline_opd.contract import shards
 from offline_opd.config import SftDataConfig
 from offline_opd.backends.engine import Engine, load_engine
-from offline_opd.backends.generation import Sample, Sampling, batch_seed
+from offline_opd.backends.base import Sampling, batch_seed
 from offline_opd.backends.pool import run_units
 from offline_opd.contract.parts import PromptParts, plan_parts
+from offline_opd.contract.tables import SFT_SCHEMA, sft_table
 from offline_opd.runtime import add_shard_arg, cli, stage_main
 
 KIND = "sft_data"
@@ -36,17 +35,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=Path, required=True, help="SFT prompt set (data/prompts/sft.parquet)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the part-XXXXX.parquet shards (data/sft)")
     add_shard_arg(parser)
-
-
-def sft_table(prompt_ids: list[str], prompts: list[str], prompt_tokens: list[list[int]], samples: list[Sample],
-              tokenizer) -> pa.Table:
-    return pa.table({
-        "prompt_id": prompt_ids,
-        "prompt": prompts,
-        "response": tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True),
-        "input_ids": pa.array([p + s.response_ids for p, s in zip(prompt_tokens, samples)], pa.list_(pa.int32())),
-        "prompt_len": pa.array([len(p) for p in prompt_tokens], pa.int32()),
-    })
 
 
 @dataclass(frozen=True)
@@ -72,16 +60,20 @@ class SftDataWork:
         sampling = Sampling(1, cfg.temperature, cfg.max_new_tokens, seed=batch_seed(cfg.seed, j))
         samples = [row[0] for row in engine.generate(plan.tokens[rows], sampling)]
         table = sft_table(plan.prompt_ids[rows], plan.texts[rows], plan.tokens[rows], samples, engine.tokenizer)
-        shards.write_shard(self.out / shards.part_name(j), table, plan.meta, shards.SFT_SCHEMA)
+        shards.write_shard(self.out / shards.part_name(j), table, plan.footer, SFT_SCHEMA,
+                           before_replace=plan.pending.replaced_by(j))
         return {"rows": len(samples), "response_tokens": sum(len(s.response_ids) for s in samples),
                 "at_max_new_tokens": sum(len(s.response_ids) == cfg.max_new_tokens for s in samples)}
 
 
 def run(args: argparse.Namespace, cfg: SftDataConfig) -> dict:
-    plan = plan_parts(KIND, "teacher", args.teacher, args.prompts, args.out, cfg,
+    plan = plan_parts(KIND, args.teacher, args.prompts, args.out, cfg,
                       per_part=cfg.rows_per_shard, shard=args.shard, size_key="n_sft")
-    stats = {"parts_total": plan.meta["num_parts"], "parts_skipped": plan.skipped, "parts_written": 0, "rows": 0,
+    stats = {"parts_total": plan.footer.num_parts, "parts_skipped": plan.skipped, "parts_written": 0, "rows": 0,
              "response_tokens": 0, "at_max_new_tokens": 0}
+    if not plan.todo:
+        plan.pending.clear_stale()
+        return stats
     for _, record in run_units(SftDataWork(args.teacher, cfg, plan, args.out), plan.todo, cfg.cluster, KIND):
         stats["parts_written"] += 1
         for key, value in record.items():

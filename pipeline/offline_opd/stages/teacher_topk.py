@@ -38,21 +38,22 @@ import numpy as np
 import pyarrow as pa
 
 from offline_opd.contract import shards
-from offline_opd.config import ConfigError, TeacherTopkConfig, run_settings
+from offline_opd.config import TeacherTopkConfig, load_params, run_settings
+from offline_opd.provenance.consistency import check_scoring_teacher
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
+from offline_opd.provenance.record import check_unchanged
 from offline_opd.backends.engine import Engine, engine_footer, load_engine
 from offline_opd.backends.pool import run_units
 from offline_opd.models.loading import load_config, load_tokenizer
 from offline_opd.contract.prompts import encode_prompt, read_prompts
-from offline_opd.backends.scoring import SCORING_TEMPERATURE, Extras, Scored
+from offline_opd.backends.base import SCORING_TEMPERATURE, Extras
 from offline_opd.errors import UserError
-from offline_opd.contract.codec import TeacherFormat, encode, make_codec
+from offline_opd.contract.footers import RolloutsFooter, TeacherTopkFooter
+from offline_opd.contract.tables import ROLLOUT_SCHEMA, TeacherFormat, scored_table, teacher_format, teacher_schema
 from offline_opd.contract.sparse_targets import Selection, draw_uniforms
 from offline_opd.runtime import add_shard_arg, cli, stage_main
 
 KIND = "teacher_topk"
-# Rollout footer fields every teacher shard carries unchanged: which policy sampled the rows, and how.
-POLICY_KEYS = ("policy_fingerprint", "policy_path", "tokenizer_fingerprint", "sampling_temperature")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -76,14 +77,20 @@ def check_tokenizer(teacher: Path, teacher_tok: str, rollouts: shards.ShardInfo)
             f"rebuild the student from the teacher's")
 
 
+def allow_override(params: Path) -> bool:
+    """`distill.allow_inconsistent_teacher`, the one switch for a teacher ablation, read here too so that
+    the ablation's shards can be scored. Not a param of this stage: it decides only whether the stage
+    refuses, never what it writes (and a refusal leaves no output for DVC to cache)."""
+    distill = load_params(params, required=()).get("distill")
+    return distill is not None and distill.allow_inconsistent_teacher
+
+
 class PrivilegedPrompts:
     """Teacher prompt ids under the privileged-context template, per prompt_id."""
 
     def __init__(self, template: str, prompts_path: Path, tokenizer) -> None:
+        # The template's fields were checked at params load (config.check_template).
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-        if not fields <= {"prompt", "answer"}:
-            raise UserError(f"teacher_topk.privileged_context {template!r}: only {{prompt}} and {{answer}} "
-                            f"may appear (found {', '.join(sorted(fields - {'prompt', 'answer'}))})")
         table = read_prompts(prompts_path)
         ids, texts, answers = (table.column(c).to_pylist() for c in ("prompt_id", "prompt", "answer"))
         if "answer" in fields and None in answers:
@@ -115,43 +122,6 @@ def teacher_inputs(table: pa.Table, privileged: PrivilegedPrompts | None) -> tup
     return out, [len(cache[pid]) for pid in table.column("prompt_id").to_pylist()]
 
 
-def _ragged(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
-    """One list<value_type> array from per-row numpy arrays (flattened row-major), without Python per-value work."""
-    lengths = np.array([a.size for a in arrays], dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    values = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(value_type.to_pandas_dtype())))
-
-
-def scored_table(rollouts: pa.Table, scored: list[Scored], fmt: TeacherFormat) -> pa.Table:
-    """The rollout rows plus the teacher columns of `fmt` (entries encoded by its codec)."""
-    rows = [{"teacher_logprob": s.teacher_logprob, "tail_logprob": s.tail_logprob, "sample_counts": s.sample_counts,
-             **encode(fmt.codec, s.topk_ids, s.topk_logprobs)} for s in scored]
-    for field in fmt.fields():
-        rollouts = rollouts.append_column(field.name, _ragged([r[field.name] for r in rows], field.type.value_type))
-    return rollouts
-
-
-def check_config(cfg: TeacherTopkConfig, where: str) -> Selection:
-    """Cross-key rules the schema cannot express, as one-line errors naming the key."""
-    if (cfg.selection == "topk") != (cfg.samples == 0):
-        raise ConfigError(f"{where}.samples: {cfg.samples} with selection {cfg.selection}: draws need "
-                        f"selection sampled or topk+sampled and samples >= 1; top-k alone needs samples: 0")
-    if cfg.union_student_k and cfg.selection == "sampled":
-        raise ConfigError(f"{where}.union_student_k: adds π_ref's ids to the top-k, but selection sampled stores "
-                        f"no top-k; use selection topk or topk+sampled, or union_student_k: 0")
-    if cfg.backend == "vllm" and (cfg.selection != "topk" or cfg.union_student_k):
-        raise ConfigError(f"{where}.backend: vllm returns only top-k log-probs; selection {cfg.selection} and "
-                        f"union_student_k {cfg.union_student_k} need backend: hf")
-    return Selection(cfg.selection, cfg.k, cfg.samples)
-
-
-def teacher_format(cfg: TeacherTopkConfig, selection: Selection, vocab: int) -> TeacherFormat:
-    """The format this run writes: the codec sized to the teacher's vocabulary."""
-    codec = make_codec(cfg.codec, cfg.logprob_dtype, vocab)
-    return TeacherFormat(codec, selection.width(cfg.union_student_k), cfg.samples, exact_tail=True)
-
-
 def extras_for(rollouts: pa.Table, selection: Selection, seed: int, policy_scorer, union_k: int) -> Extras:
     """Per-sequence draws and π_ref's top ids for one part (π_ref scores the rollouts as sampled)."""
     ids, plens = rollouts.column("input_ids").to_pylist(), rollouts.column("prompt_len").to_pylist()
@@ -174,7 +144,8 @@ class ScoreWork:
     cfg: TeacherTopkConfig
     parts: list[shards.ShardInfo]           # the rollout parts, checked as one run
     out: Path
-    meta: dict
+    footer: TeacherTopkFooter
+    pending: shards.PartPlan
     fmt: TeacherFormat
     selection: Selection
     privileged: PrivilegedPrompts | None
@@ -186,20 +157,21 @@ class ScoreWork:
         try:
             # π_ref's own top ids for the union targets: a second engine, on the policy the rollouts name.
             if cfg.union_student_k:
-                engines.append(load_engine(Path(self.parts[0].meta["policy_path"]), cfg, KIND,
+                engines.append(load_engine(Path(self.footer.policy_path), cfg, KIND,
                                            max_logprobs=cfg.union_student_k, tensor_parallel=tp))
             yield partial(self.part, engines[0], engines[1] if len(engines) > 1 else None)
         finally:
             for engine in engines:
                 engine.close()
 
-    def part(self, engine: Engine, policy: Engine | None, j: int) -> dict:
+    def part(self, engine: Engine, pi_ref: Engine | None, j: int) -> dict:
         cfg = self.cfg
         rollouts = pa.concat_tables(shards.iter_row_groups(self.parts[j]))
-        extras = extras_for(rollouts, self.selection, cfg.seed, policy, cfg.union_student_k)
+        extras = extras_for(rollouts, self.selection, cfg.seed, pi_ref, cfg.union_student_k)
         scored = engine.score(*teacher_inputs(rollouts, self.privileged), k=cfg.k, extras=extras)
         path = shards.write_shard(self.out / shards.part_name(j), scored_table(rollouts, scored, self.fmt),
-                                  self.meta, shards.teacher_schema(self.fmt))
+                                  self.footer, teacher_schema(self.fmt), self.fmt.encodings(),
+                                  before_replace=self.pending.replaced_by(j))
         stats = {"rows": rollouts.num_rows, "bytes": path.stat().st_size, "response_tokens": 0,
                  "sum_teacher_logprob": 0.0, "sampled_in_topk": 0}
         for s, seq, p in zip(scored, rollouts.column("input_ids").to_pylist(),
@@ -212,41 +184,46 @@ class ScoreWork:
 
 def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     shard = args.shard
-    selection = check_config(cfg, f"{args.params}: teacher_topk")
+    selection = Selection.of(cfg)
     vocab = load_config(args.teacher).vocab_size
     if cfg.k > vocab:
         raise UserError(f"{args.params}: teacher_topk.k: {cfg.k} is more than the teacher's vocabulary ({vocab} "
                         f"tokens, {args.teacher}); lower k")
-    parts = shards.open_run(args.rollouts, "rollouts", shards.ROLLOUT_SCHEMA)
+    if cfg.union_student_k > vocab:
+        raise UserError(f"{args.params}: teacher_topk.union_student_k: {cfg.union_student_k} is more than the "
+                        f"vocabulary ({vocab} tokens, {args.teacher}); lower union_student_k")
+    parts = shards.open_run(args.rollouts, "rollouts", ROLLOUT_SCHEMA)
     first = parts[0]
+    check_unchanged(args.teacher)  # an edited teacher is named as such, not as a tokenizer mismatch
+    policy: RolloutsFooter = first.footer
     teacher_fp, teacher_tok = model_fingerprint(args.teacher), tokenizer_fingerprint(args.teacher)
     check_tokenizer(args.teacher, teacher_tok, first)
+    check_scoring_teacher(args.teacher, teacher_fp, first, allow_override(args.params))
     privileged = None
     if cfg.privileged_context is not None:
-        prompts_path = args.prompts or Path(first.meta.get("prompts_path", ""))
+        prompts_path = args.prompts or Path(policy.prompts_path or "")
         privileged = PrivilegedPrompts(cfg.privileged_context, prompts_path, load_tokenizer(args.teacher))
-    key = shards.make_run_key(config=run_settings(cfg), teacher=teacher_fp, rollouts=first.meta["run_key"],
+    key = shards.make_run_key(config=run_settings(cfg), teacher=teacher_fp, rollouts=policy.run_key,
                               prompts=privileged.digest if privileged else None)
-    fmt = teacher_format(cfg, selection, vocab)
+    fmt = teacher_format(cfg, vocab)
     args.out.mkdir(parents=True, exist_ok=True)
-    todo = shards.pending_parts(args.out, KIND, key, len(parts), shard)
-    meta = {
-        **{k: first.meta[k] for k in POLICY_KEYS},
-        "kind": KIND, "run_key": key, "rollouts_run_key": first.meta["run_key"], "num_parts": len(parts),
-        "teacher_fingerprint": teacher_fp, "teacher_path": str(args.teacher), "k": cfg.k,
-        "scoring_temperature": SCORING_TEMPERATURE,
-        # Always JSON (write_shard passes strings through): json.loads gives None or the template.
-        "privileged_context": json.dumps(cfg.privileged_context),
-        "logprob_dtype": cfg.logprob_dtype, **engine_footer(cfg),
-        "codec": fmt.codec.to_meta(), "width": fmt.width, "samples": fmt.samples, "selection": cfg.selection,
-        "config": run_settings(cfg),
-    }
+    pending = shards.pending_parts(args.out, KIND, key, len(parts), shard)
+    todo = pending.todo
+    footer = TeacherTopkFooter(   # the rollouts' policy fields unchanged: which policy sampled the rows, and how
+        policy_fingerprint=policy.policy_fingerprint, policy_path=policy.policy_path,
+        tokenizer_fingerprint=policy.tokenizer_fingerprint, sampling_temperature=policy.sampling_temperature,
+        run_key=key, rollouts_run_key=policy.run_key, num_parts=len(parts), teacher_fingerprint=teacher_fp,
+        teacher_path=str(args.teacher), k=cfg.k, scoring_temperature=SCORING_TEMPERATURE,
+        privileged_context=cfg.privileged_context, logprob_dtype=cfg.logprob_dtype, **engine_footer(cfg),
+        codec=fmt.codec.describe(), width=fmt.width, samples=fmt.samples, selection=cfg.selection,
+        config=run_settings(cfg))
     stats = {"parts_total": len(parts), "parts_skipped": len(range(shard[0], len(parts), shard[1])) - len(todo),
              "parts_written": 0, "rows": 0, "response_tokens": 0, "bytes": 0, "sum_teacher_logprob": 0.0,
              "sampled_in_topk": 0}
     if not todo:
+        pending.clear_stale()
         return stats
-    work = ScoreWork(args.teacher, cfg, parts, args.out, meta, fmt, selection, privileged)
+    work = ScoreWork(args.teacher, cfg, parts, args.out, footer, pending, fmt, selection, privileged)
     start = time.perf_counter()
     for _, record in run_units(work, todo, cfg.cluster, KIND):
         stats["parts_written"] += 1

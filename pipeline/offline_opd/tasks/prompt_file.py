@@ -9,7 +9,6 @@ A file elsewhere would be read without DVC noticing its edits, so it is refused.
 from __future__ import annotations
 
 import json
-import logging
 import random
 from pathlib import Path
 
@@ -18,8 +17,6 @@ import pyarrow.parquet as pq
 
 from offline_opd.config import TaskConfig
 from offline_opd.contract.prompts import SPLITS, PromptFileError, validate_prompts
-
-log = logging.getLogger("opd")
 
 
 PROMPT_DIR = "prompt_files"
@@ -51,6 +48,8 @@ def read_jsonl(path: Path) -> list[dict]:
             if len(line) > MAX_LINE_BYTES:
                 raise PromptFileError(f"{path}: line {number} is longer than {MAX_LINE_BYTES >> 20} MiB; "
                                       f"split or shorten that prompt")
+            if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]  # a UTF-8 byte order mark, as Windows editors write: not part of the JSON
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -66,6 +65,12 @@ def read_jsonl(path: Path) -> list[dict]:
             if not isinstance(row, dict):
                 raise PromptFileError(f"{path}: line {number} is a JSON {type(row).__name__}, not an object "
                                       f"with a 'prompt' key")
+            try:
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise PromptFileError(f"{path}: line {number} escapes a lone surrogate ({exc.object[exc.start]!r}), "
+                                      f"which is not text; fix the escape (a pair such as \\ud83d\\ude00, or the "
+                                      f"character itself)") from None
             rows.append(row)
     return rows
 
@@ -85,9 +90,26 @@ def read_prompt_file(path: Path) -> pa.Table:
     raise PromptFileError(f"{path}: unknown file type {suffix!r}; use .jsonl (one JSON object per line) or .parquet")
 
 
+def check_distinct(table: pa.Table, path: Path) -> None:
+    """No empty prompt, and no prompt twice: a repeated prompt is trained on twice, counted twice by
+    evaluate, or (across splits) makes eval accuracy not held out; usually two files were concatenated."""
+    first: dict[str, str] = {}
+    for pid, prompt in zip(table.column("prompt_id").to_pylist(), table.column("prompt").to_pylist()):
+        if not prompt.strip():
+            raise PromptFileError(f"{path}: prompt {pid} is empty; remove it or write its text")
+        if prompt in first:
+            raise PromptFileError(f"{path}: prompt {pid} repeats prompt {first[prompt]} ({prompt[:40]!r}); "
+                                  f"remove the duplicates (each prompt once)")
+        first[prompt] = pid
+
+
 def file_splits(cfg: TaskConfig, path: Path) -> dict[str, pa.Table]:
     raw = read_prompt_file(path)
+    if raw.num_rows == 0:
+        raise PromptFileError(f"{path}: holds no prompts (an empty file, or only blank lines); write one JSON "
+                              f"object with a 'prompt' per line")
     table = validate_prompts(raw, str(path))
+    check_distinct(table, path)
     if "split" in raw.column_names:
         split = raw.column("split").cast(pa.string()).to_pylist()
         bad = sorted({str(s) for s in split} - set(SPLITS))
@@ -109,11 +131,6 @@ def file_splits(cfg: TaskConfig, path: Path) -> dict[str, pa.Table]:
     empty = [name for name, t in out.items() if t.num_rows == 0]
     if empty:
         raise PromptFileError(f"{path}: split {empty[0]!r} is empty; every split (sft, opd, eval) needs prompts")
-    overlap = set(out["eval"].column("prompt").to_pylist()) & (
-        set(out["sft"].column("prompt").to_pylist()) | set(out["opd"].column("prompt").to_pylist()))
-    if overlap:
-        log.warning("%s: %d eval prompts also appear in sft/opd: eval accuracy will not be held out",
-                    path, len(overlap))
     return out
 
 

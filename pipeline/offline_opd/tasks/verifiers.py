@@ -67,13 +67,21 @@ def exact(response: str, answer: str) -> bool:
 BUILTIN: dict[str, Verifier] = {"numeric": numeric, "exact": exact}
 
 
+_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def check_verifier(spec: str, where: str = "params.yaml: evaluate.verifier") -> None:
+    """`spec` names a built-in or has the form module:function; checked at params load, without importing."""
+    if spec not in BUILTIN and not _SPEC.fullmatch(spec):
+        raise UserError(f"{where}: {spec!r} is not a verifier; use {', '.join(BUILTIN)} or module:function")
+
+
 def load_verifier(spec: str, where: str = "params.yaml: evaluate.verifier") -> Verifier:
     """The verifier named by `spec`: a built-in name or `module:function`."""
+    check_verifier(spec, where)
     if spec in BUILTIN:
         return BUILTIN[spec]
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise UserError(f"{where}: {spec!r} is not a verifier; use {', '.join(BUILTIN)} or module:function")
+    module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

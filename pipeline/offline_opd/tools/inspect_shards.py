@@ -1,15 +1,22 @@
 """`opd-inspect`: explain logit shards with DuckDB SQL (what they hold, who wrote them, what they teach).
 
 Every view and query is plain DuckDB SQL kept as a named string in this module, so the README shows them
-verbatim and users can run them in the `duckdb` CLI or build their own. Views over the shard glob:
+verbatim and users can run them in the `duckdb` CLI or build their own. `--shards` names a shard folder
+(default data/teacher_topk) or a glob; every folder it touches first passes the shard-folder check that
+distill applies (offline_opd.contract.shards.check_folder: each part's sealed checksum, footer and schema,
+one complete run, no row twice, no stray `.parquet`), and the views then read exactly the checked parts,
+listed by name (never a glob, which would also read a stray or copied file). Views:
 `shard_rows` (the rows as stored, plus `filename`), `shards` (the same rows decoded: `topk_ids` as
 integers with -1 for an empty slot, `topk_logprobs` as log-probs, whatever the codec; `tail_logprob`
 NULL for shards written before it existed), `shard_meta` (the `opd.*` footer key/values via
 `parquet_kv_metadata`) and `shard_files` (file sizes via `read_blob`, which does not read contents).
-`tokens` (one row per response token) is a view over `shards`. The decoding is the macro
-`opd_dequant` (pipeline/offline_opd/contract/codec.py describes the codecs); its parameters come from the footer.
+`tokens` (one row per response token) is a view over `shards`. The decoding SQL is generated from the
+codec the footer records (`Codec.sql_columns` in pipeline/offline_opd/contract/codec.py, next to the numpy
+decoder it must equal; tests/test_inspect.py checks them against each other on the same shards).
 `check DIR` and `verify` are not SQL: `check` runs the shard contract's run check
-(offline_opd.contract.shards.check_folder), the one distill applies before training; `verify` reads every page.
+(offline_opd.contract.shards.check_folder), the one distill applies before training; `verify` checks each
+file's sealed checksum and reads every page, naming every corrupt file. Output piped into a reader that
+stops early (`| head -1`) ends the command quietly.
 """
 
 from __future__ import annotations
@@ -24,39 +31,29 @@ import duckdb
 
 from offline_opd.errors import UserError
 from offline_opd.contract import shards as shard_contract
+from offline_opd.contract.tables import view_sql
 from offline_opd.models.loading import ModelPathError
+from offline_opd.runtime import closed_pipe_is_quiet
 
-DEFAULT_GLOB = "data/teacher_topk/*.parquet"
+DEFAULT_SHARDS = "data/teacher_topk"
 DEFAULT_TOKENIZER = "data/models/teacher"
 
-# {glob} and {decode} (the select list of `shards`, from DECODE_SQL) are the placeholders; the rest is
-# what you would type into `duckdb`.
+# {files} (the checked parts, a DuckDB list of file names) and {decode} (the select list of `shards`, from
+# `tables.view_sql`: the columns under today's names, the entries decoded by the footer's codec) are the
+# placeholders; the rest is what you would type into `duckdb`.
 VIEWS_SQL = """
-CREATE OR REPLACE MACRO opd_dequant(ids, lpmax, codes, step, empty) AS
-  list_transform(codes, lambda x, i: CASE WHEN ids[i] = empty THEN '-inf'::FLOAT
-    ELSE lpmax[(i - 1) // (len(codes) // greatest(len(lpmax), 1)) + 1] - x * step END);
 CREATE OR REPLACE VIEW shard_rows AS
-  SELECT * FROM read_parquet('{glob}', filename = true);
+  SELECT * FROM read_parquet({files}, filename = true);
 CREATE OR REPLACE VIEW shards AS
-  SELECT {decode} FROM shard_rows;
+  SELECT {decode}
+  FROM shard_rows;
 CREATE OR REPLACE VIEW shard_meta AS
   SELECT file_name AS filename, substr(decode(key), 5) AS key, decode(value) AS value
-  FROM parquet_kv_metadata('{glob}')
+  FROM parquet_kv_metadata({files})
   WHERE starts_with(decode(key), 'opd.');
 CREATE OR REPLACE VIEW shard_files AS
-  SELECT filename, size FROM read_blob('{glob}');
+  SELECT filename, size FROM read_blob({files});
 """
-
-# The select list of `shards` per kind of shard: rollouts and plain teacher shards as stored
-# ({exact_tail}: version 1 shards get a NULL tail), quantised ones decoded with the footer's parameters.
-DECODE_SQL = {
-    "stored": "*",
-    "no_tail": "*, NULL::FLOAT[] AS tail_logprob",
-    "quantised": "* EXCLUDE (topk_ids, topk_lpmax, topk_lpq),\n"
-                 "    list_transform(topk_ids, lambda x: CASE WHEN x = {empty} THEN -1 ELSE x::INTEGER END)"
-                 " AS topk_ids,\n"
-                 "    opd_dequant(topk_ids, topk_lpmax, topk_lpq, {step}, {empty}) AS topk_logprobs",
-}
 
 # One row per response token. Position t (1-based) of a response is input_ids[prompt_len + t]; its
 # top-k block is topk_ids[(t-1)*k + 1 : t*k] (DuckDB slices are 1-based, both ends inclusive).
@@ -64,12 +61,13 @@ DECODE_SQL = {
 # a lower bound on the full-vocabulary entropy, equal to it when the tail mass is zero. The tail is the
 # stored exact one, or (version 1 shards) rebuilt as 1 - sum(top_p). With k = 0 (shards for the `pg`
 # loss) the top-k columns, entropy and argmax agreement are NULL. `k` here is the entries per position
-# (more than the footer's k with union or sampled entries; then top_ids[1] is still the teacher's argmax
-# unless the selection is `sampled`).
+# (more than the footer's k with union or sampled entries). The teacher's argmax is the stored entry
+# with the largest log-prob (entries are in descending order except with codec `compact`, which keeps
+# them in id order; it is the argmax itself unless the selection is `sampled`).
 TOKENS_VIEW_SQL = """
 CREATE OR REPLACE VIEW tokens AS
 WITH rows AS (
-  SELECT filename, sample_id, input_ids, prompt_len, student_logprobs, teacher_logprob, tail_logprob,
+  SELECT filename, sample_id, input_ids, prompt_len, behavior_logprob, teacher_logprob, tail_logprob,
          topk_ids, topk_logprobs, len(topk_ids) // greatest(len(teacher_logprob), 1) AS k
   FROM shards
 ), positions AS (
@@ -79,7 +77,7 @@ WITH rows AS (
          input_ids[prompt_len + t] AS token_id,
          teacher_logprob[t] AS teacher_lp,
          tail_logprob[t] AS tail_lp,
-         student_logprobs[t] AS student_lp,
+         behavior_logprob[t] AS student_lp,
          topk_ids[(t - 1) * k + 1 : t * k] AS top_ids,
          list_transform(topk_logprobs[(t - 1) * k + 1 : t * k], lambda x: exp(x)) AS top_p
   FROM positions
@@ -90,8 +88,8 @@ WITH rows AS (
 SELECT filename, sample_id, input_ids, prompt_len, k, t, token_id, teacher_lp, student_lp,
        teacher_lp - student_lp AS gap,
        top_ids, top_p, tail_p,
-       top_ids[1] AS teacher_argmax,
-       token_id = top_ids[1] AS sampled_is_teacher_argmax,
+       top_ids[list_position(top_p, list_max(top_p))] AS teacher_argmax,
+       token_id = top_ids[list_position(top_p, list_max(top_p))] AS sampled_is_teacher_argmax,
        -list_sum(list_transform(top_p, lambda p: CASE WHEN p > 0 THEN p * ln(p) ELSE 0 END))
          - CASE WHEN tail_p > 0 THEN tail_p * ln(tail_p) ELSE 0 END AS teacher_entropy
 FROM tails;
@@ -162,38 +160,55 @@ class InspectError(UserError, ValueError):
     """No shards match, or one is unreadable; the message names the glob or file."""
 
 
-def connect(pattern: str) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with the shard views defined over `pattern`, after checking every footer."""
-    if not globlib.glob(pattern):
-        raise InspectError(f"no shards match {pattern!r}: run `dvc repro teacher_topk`, or pass --shards GLOB")
+def shard_files(spec: str) -> list[Path]:
+    """The parts `--shards` names, after the shard-folder check of every folder they are in.
+
+    A folder: all its parts. A glob: the parts it matches (a subset of a run is fine to inspect), each
+    folder it touches checked whole; a matched file that is not one of the checked parts is refused.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        return [info.path for info in shard_contract.check_folder(path)]
+    matched = sorted(Path(p) for p in globlib.glob(spec))
+    if not matched:
+        raise InspectError(f"no shards match {spec!r}: run `dvc repro teacher_topk`, or pass --shards FOLDER")
+    checked: set[Path] = set()
+    for folder in dict.fromkeys(p.parent for p in matched):
+        checked.update(info.path.resolve() for info in shard_contract.check_folder(folder))
+    outside = [p for p in matched if p.resolve() not in checked]
+    if outside:
+        raise InspectError(f"{outside[0]}: matched by {spec!r} but not a part of the checked shard run in "
+                           f"{outside[0].parent}; pass the folder itself with --shards")
+    return matched
+
+
+def connect(spec: str) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the shard views defined over the checked parts `spec` names (`shard_files`)."""
     con = duckdb.connect()
-    con.execute(views_sql(pattern))
+    con.execute(views_sql(shard_files(spec)))
     return con
 
 
-def views_sql(pattern: str) -> str:
-    """VIEWS_SQL for the shards matching `pattern`, decoding them as their footers say (as stored if none)."""
+def views_sql(files: Sequence[Path]) -> str:
+    """VIEWS_SQL over exactly `files`, decoding them as their footers say (as stored if none)."""
     decodes = {}
-    for path in sorted(globlib.glob(pattern)):
+    for path in files:
         meta = shard_contract.read_meta(path)  # names a truncated or corrupt file instead of a DuckDB stack
         decodes.setdefault(decode_sql(Path(path), meta), path)
     if len(decodes) > 1:
-        a, b = decodes.values()
+        a, b = list(decodes.values())[:2]
         raise InspectError(f"{a} and {b} store their entries differently (codec or schema version); "
                            f"inspect one run at a time with --shards")
-    decode = next(iter(decodes), DECODE_SQL["stored"])
-    return VIEWS_SQL.format(glob=pattern.replace("'", "''"), decode=decode)
+    decode = next(iter(decodes), "*")
+    listed = ", ".join("'" + str(p).replace("'", "''") + "'" for p in files)
+    return VIEWS_SQL.format(files=f"[{listed}]", decode=decode)
 
 
 def decode_sql(path: Path, meta: dict[str, str]) -> str:
     """The select list of the `shards` view that decodes this shard (from its footer)."""
-    if meta.get("kind") != "teacher_topk":
-        return DECODE_SQL["stored"]
-    fmt = shard_contract.teacher_format_of(path, meta)
-    if fmt.codec.quantised:
-        empty = (1 << {"uint8": 8, "uint16": 16, "uint32": 32}[fmt.codec.id_type]) - 1
-        return DECODE_SQL["quantised"].format(empty=empty, step=repr(fmt.codec.lp_step))
-    return DECODE_SQL["stored" if fmt.exact_tail else "no_tail"]
+    kind, version = meta.get("kind"), meta.get("schema_version", "")
+    fmt = shard_contract.shard_format(path, meta) if kind == "teacher_topk" else None
+    return view_sql(kind, version, fmt)
 
 
 def query(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], list[tuple]]:
@@ -243,16 +258,19 @@ def decode_in_context(tok: Any, context_ids: list[int], token_id: int) -> str:
     return repr(f"{before}⟦{piece}⟧")[1:-1]
 
 
-def verify(pattern: str) -> str:
-    """Every page of every matching shard read and CRC-checked: a line per shard, or one error naming
-    each corrupt file and row group."""
-    files = sorted(globlib.glob(pattern))
+def verify(spec: str) -> str:
+    """Every matching shard's sealed checksum checked and every page read and CRC-checked: a line per
+    shard, or one error naming each corrupt file (and row group)."""
+    folder = Path(spec)
+    files = shard_contract.list_parts(folder) if folder.is_dir() else sorted(Path(p) for p in globlib.glob(spec))
     if not files:
-        raise InspectError(f"no shards match {pattern!r}: run `dvc repro teacher_topk`, or pass --shards GLOB")
+        raise InspectError(f"no shards match {spec!r}: run `dvc repro teacher_topk`, or pass --shards FOLDER")
     rows, bad = [], []
     for path in files:
         try:
-            rows.append((Path(path).name, shard_contract.verify_pages(path), "ok"))
+            groups = shard_contract.verify_pages(path)   # first: a bad page is named with its row group
+            shard_contract.check_integrity(path)          # then the seal, which also covers the footer
+            rows.append((path.name, groups, "ok"))
         except shard_contract.ShardError as exc:
             bad.append(str(exc))
     if bad:
@@ -293,10 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="opd-inspect", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__ + "\nRun `opd-inspect queries` to print the SQL and use it in plain DuckDB.")
-    parser.add_argument("--shards", default=DEFAULT_GLOB, help=f"shard files (glob; default {DEFAULT_GLOB})")
+    parser.add_argument("--shards", default=DEFAULT_SHARDS,
+                        help=f"a shard folder, or a glob of parts in one (default {DEFAULT_SHARDS}); every folder "
+                             f"is checked first, as distill checks it")
     # Also accepted after the subcommand (`opd-inspect summary --shards ...`), where users tend to put it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--shards", default=argparse.SUPPRESS, help="shard files (glob)")
+    common.add_argument("--shards", default=argparse.SUPPRESS, help="a shard folder, or a glob of parts")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("summary", parents=[common],
                    help="per shard: rows, response tokens, k, teacher fingerprint, file bytes, bytes/token")
@@ -313,27 +333,37 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run any DuckDB query; views shards, shard_meta, shard_files, tokens exist")
     sql.add_argument("query", help='e.g. "select count(*) from tokens where sampled_is_teacher_argmax"')
     sub.add_parser("verify", parents=[common],
-                   help="read every page of every shard, checking its CRC: run before a long training run "
-                        "(distill also checks each page as it reads it)")
-    sub.add_parser("queries", parents=[common],
-                   help="print the SQL of the views and queries, with this --shards glob filled in")
+                   help="check every shard's sealed checksum and read every page, checking its CRC, naming each "
+                        "corrupt file (distill checks the same before training)")
+    queries = sub.add_parser("queries", parents=[common],
+                             help="check the shard folder, then print the SQL of the views and queries over its "
+                                  "parts, listed by name, to run in plain DuckDB")
+    queries.add_argument("names", nargs="*", metavar="NAME", help=f"only these ({', '.join(QUERIES)}; default all)")
     check = sub.add_parser("check", help="are the parts in DIR one complete run: every part present, one run "
                                          "key, no row twice (what distill enforces)? Exit 2 naming the problem if not")
     check.add_argument("dir", type=Path, help="a shard folder (data/rollouts, data/teacher_topk or data/sft)")
     return parser
 
 
+def queries_text(spec: str, names: Sequence[str]) -> str:
+    """The SQL `opd-inspect queries` prints: the views over the checked parts, then the queries."""
+    views = views_sql(shard_files(spec)) if not names or "views" in names else ""
+    return "\n".join(f"-- {name}\n{views if name == 'views' else sql}".rstrip() + "\n"
+                     for name, sql in QUERIES.items() if not names or name in names)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.command == "queries":
-        for name, sql in QUERIES.items():
-            print(f"-- {name}\n{views_sql(args.shards) if name == 'views' else sql}".rstrip() + "\n")
-        return
-    try:
-        print(run(args))
-    except (InspectError, shard_contract.ShardError, ModelPathError, duckdb.Error) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    unknown = sorted(set(getattr(args, "names", [])) - set(QUERIES))
+    if unknown:
+        parser.error(f"queries: unknown name {unknown[0]!r}; choose from {', '.join(QUERIES)}")
+    with closed_pipe_is_quiet():
+        try:
+            print(queries_text(args.shards, args.names) if args.command == "queries" else run(args))
+        except (InspectError, shard_contract.ShardError, ModelPathError, duckdb.Error) as exc:
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -67,6 +67,10 @@ class OnlineBatches(ResumableDataModule):
     def layout(self) -> dict[str, Any]:
         return {"online": True, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed}
 
+    def longest_sequence(self) -> int:
+        """A sampled sequence is at most its prompt plus rollouts.max_new_tokens."""
+        return max(map(len, self.prompts[1]), default=0) + self.rollouts.max_new_tokens
+
     def train_dataloader(self):
         return self.grouped(self._batches())
 
@@ -78,9 +82,9 @@ class OnlineBatches(ResumableDataModule):
             yield from order
 
     def _batches(self) -> Iterator[dict[str, Any]]:
-        from offline_opd.backends.generation import HFGenerator, Sampling, batch_seed
-        from offline_opd.stages.rollouts import rollout_table
-        from offline_opd.stages.teacher_topk import scored_table
+        from offline_opd.backends.base import Sampling, batch_seed
+        from offline_opd.backends.generation import HFGenerator
+        from offline_opd.contract.tables import rollout_table, scored_table
         from offline_opd.train.shard_data import collate
 
         order = self._order()
@@ -121,21 +125,24 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     from offline_opd.train.losses import loss_from_config
     from offline_opd.models.loading import load_config, load_tokenizer
     from offline_opd.contract.prompts import encode_prompt, read_prompts
-    from offline_opd.stages.teacher_topk import check_config, teacher_format
+    from offline_opd.contract.tables import teacher_format
     from offline_opd.train.module import TrainModule
     from offline_opd.train.trainer import fit, load_for_training, save_model
 
     check_kernel_backend(cfg, args.params)
+    if cfg.strategy == "fsdp":
+        raise UserError(f"{args.params}: distill.strategy: fsdp is not supported by online OPD (it samples from "
+                        f"the live model, whose weights FSDP shards); set it to auto or ddp")
     rollouts: RolloutsConfig = load_section("rollouts", args.params)
     topk: TeacherTopkConfig = load_section("teacher_topk", args.params)
     check_online(topk, str(args.params))
-    fmt = teacher_format(topk, check_config(topk, f"{args.params}: teacher_topk"), load_config(args.teacher).vocab_size)
+    fmt = teacher_format(topk, load_config(args.teacher).vocab_size)
     objective = loss_from_config(cfg, f"{args.params}: distill", behavior_temperature=rollouts.temperature)
     table = read_prompts(args.prompts)
     tokenizer = load_tokenizer(args.init)
     prompts = (table.column("prompt_id").to_pylist(),
                [encode_prompt(tokenizer, t) for t in table.column("prompt").to_pylist()])
-    model, dtype = load_for_training(args.init, cfg.precision)
+    model, dtype, _ = load_for_training(args.init, cfg.precision)
     module = TrainModule(model, cfg, objective)
     scorer = load_engine(args.teacher, topk, "teacher_topk", max_logprobs=topk.k)   # hf or vllm, as configured
     frozen = copy.deepcopy(model).eval() if args.sampler == "init" else None
@@ -148,7 +155,7 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     wall = time.perf_counter() - start
     save_model(result, args.out, dtype, lambda folder: tokenizer.save_pretrained(folder))
     return {"sampler": args.sampler, "final_loss": result.final_loss, "steps": result.trainer.global_step, "online_wall_s": round(wall, 2),
-            **{k: round(v, 2) for k, v in data.seconds.items()}, **result.speed(),
+            **{k: round(v, 4) for k, v in data.seconds.items()}, **result.speed(),
             "config": dataclasses.asdict(cfg)}
 
 

