@@ -23,7 +23,7 @@ the time since. Every output must decode to the same rows. Torch runs 1 thread p
 default). /proc/loadavg is read before, between the runs and after: the ratios mean "idle cores" only
 where the load stays near 0. Results go to `--out` under the key `ray` (other keys of that file are kept).
 
-    PYTHONPATH=pipeline:kernels python bench/scale_out_ray.py [--parts 12 --rows 12 --rounds 3] [--out bench/results/scale_out.json]
+    PYTHONPATH=pipeline:kernels python bench/scale_out_ray.py [--parts 24 --rows 12 --rounds 2] [--out bench/results/scale_out.json]
 """
 
 from __future__ import annotations
@@ -49,9 +49,12 @@ sys.path[:0] = [str(ROOT / "pipeline"), str(ROOT / "kernels"), str(ROOT / "bench
 
 from train_memory import SMOLLM2_135M  # noqa: E402  (the one copy of the shape, shared with scale_out.py)
 
-from offline_opd.atomic import write_json
+from offline_opd.atomic import write_text
+from offline_opd.backends.base import Sample
 from offline_opd.backends.generation import left_pad, length_batches
 from offline_opd.contract import shards
+from offline_opd.contract.footers import RolloutsFooter
+from offline_opd.contract.tables import ROLLOUT_SCHEMA, rollout_table
 from offline_opd.models.loading import build_char_tokenizer, load_model, load_tokenizer
 from offline_opd.provenance.fingerprint import tokenizer_fingerprint
 from offline_opd.stages import teacher_topk
@@ -74,18 +77,14 @@ def build_teacher(folder: Path) -> Path:
 def write_rollouts(folder: Path, teacher: Path, parts: int, rows: int, prompt_len: int, response_len: int) -> int:
     """Synthetic rollout parts (random ids) whose footers name the teacher's tokenizer; returns response tokens."""
     rng = np.random.default_rng(0)
-    meta = {"kind": "rollouts", "run_key": "bench", "num_parts": parts, "policy_fingerprint": "bench",
-            "tokenizer_fingerprint": tokenizer_fingerprint(teacher), "policy_path": str(teacher),
-            "sampling_temperature": 1.0, "backend": "hf", "backend_version": "bench"}
+    footer = RolloutsFooter(backend="hf", backend_version="bench", tokenizer_fingerprint=tokenizer_fingerprint(teacher),
+                            run_key="bench", num_parts=parts, policy_fingerprint="bench", sampling_temperature=1.0,
+                            policy_path=str(teacher))
     for j in range(parts):
-        ids = rng.integers(4, SMOLLM2_135M["vocab_size"], (rows, prompt_len + response_len)).astype(np.int32)
-        table = pa.table({
-            "sample_id": [f"p{j}-{i}#0" for i in range(rows)], "prompt_id": [f"p{j}-{i}" for i in range(rows)],
-            "input_ids": pa.array(ids.tolist(), pa.list_(pa.int32())),
-            "prompt_len": pa.array([prompt_len] * rows, pa.int32()),
-            "student_logprobs": pa.array((-rng.random((rows, response_len))).astype(np.float32).tolist(),
-                                         pa.list_(pa.float32()))})
-        shards.write_shard(folder / shards.part_name(j), table, meta, shards.ROLLOUT_SCHEMA)
+        ids = rng.integers(4, SMOLLM2_135M["vocab_size"], (rows, prompt_len + response_len)).tolist()
+        samples = [[Sample(seq[prompt_len:], (-rng.random(response_len)).tolist())] for seq in ids]
+        table = rollout_table([f"p{j}-{i}" for i in range(rows)], [seq[:prompt_len] for seq in ids], samples)
+        shards.write_shard(folder / shards.part_name(j), table, footer, ROLLOUT_SCHEMA)
     return parts * rows * response_len
 
 
@@ -115,17 +114,17 @@ def timed_local_units(timing: dict, bare: BareForward):
     of the same part, alternately before and after it, so a load change on the machine hits both alike."""
     def run_units(work, units, cluster, section, noun="part"):
         start = time.perf_counter()
-        do = work.open()
-        timing.update(engine_load_s=time.perf_counter() - start, part_s=[], bare_s=0.0)
-        for unit in units:
-            if unit % 2 == 0:
-                timing["bare_s"] += bare(unit)
-            start = time.perf_counter()
-            record = do(unit)
-            timing["part_s"].append(time.perf_counter() - start)
-            if unit % 2 == 1:
-                timing["bare_s"] += bare(unit)
-            yield unit, record
+        with work.open() as do:
+            timing.update(engine_load_s=time.perf_counter() - start, part_s=[], bare_s=0.0)
+            for unit in units:
+                if unit % 2 == 0:
+                    timing["bare_s"] += bare(unit)
+                start = time.perf_counter()
+                record = do(unit)
+                timing["part_s"].append(time.perf_counter() - start)
+                if unit % 2 == 1:
+                    timing["bare_s"] += bare(unit)
+                yield unit, record
     return run_units
 
 
@@ -179,13 +178,13 @@ def ray_round(work: Path, teacher: Path, out: Path, args, per_part: int) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", type=int, default=12)
+    parser.add_argument("--parts", type=int, default=24)
     parser.add_argument("--rows", type=int, default=12, help="sequences per part (one engine batch)")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--response-len", type=int, default=96)
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=2,
                         help="local and Ray runs, alternately: a load change on a shared machine hits both")
     parser.add_argument("--out", type=Path, default=Path("bench/results/scale_out.json"))
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -258,7 +257,7 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     data = json.loads(args.out.read_text()) if args.out.exists() else {}
     data["ray"] = result
-    write_json(args.out, data)
+    write_text(args.out, json.dumps(data, indent=2) + "\n")   # the other keys keep their order
     if not identical:
         raise SystemExit("local and Ray outputs differ")
 

@@ -120,9 +120,10 @@ def _import_ray(section: str):
 
 class _Actor:
     """One replica: builds the engine once, then does one unit per call, and closes it when Ray Data lets the
-    actor go (a killed actor's engine processes go with it: Ray reaps a worker's children). A user error (a sequence too long, say) travels back as a record, so the
-    driver can raise it as the one-line error it is: Ray would otherwise wrap it in a traceback, and restart
-    an actor whose constructor raised, to fail the same way."""
+    actor go (a killed actor's engine processes go with it: Ray reaps a worker's children). A user error (a
+    sequence too long, say) travels back as a record, so the driver can raise it as the one-line error it
+    is: Ray would otherwise wrap it in a traceback, and restart an actor whose constructor raised, to fail
+    the same way."""
 
     def __init__(self, work: Work) -> None:
         from offline_opd.runtime import apply_thread_policy
