@@ -44,7 +44,7 @@ def test_missing_ray_is_one_line_naming_the_key_and_the_extra(monkeypatch):
         list(run_units(Units(), [0], cluster, "teacher_topk"))
     message = str(err.value)
     assert "\n" not in message
-    assert "params.yaml: teacher_topk.cluster.backend: ray needs Ray Data" in message
+    assert "params.yaml: teacher_topk.cluster.backend: ray needs the Python package 'ray'" in message
     assert "EXTRAS=dev,ray" in message and "teacher_topk.cluster.backend: local" in message
 
 

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from offline_opd.backends.engine import greedy_responses, load_engine
 from offline_opd.backends.generation import length_batches
 from offline_opd.config import ClusterConfig, StageEngineConfig
-from offline_opd.errors import UserError
+from offline_opd.errors import UserError, require
 
 log = logging.getLogger("opd")
 
@@ -109,12 +109,11 @@ def pooled_greedy_responses(model: Path, cfg: StageEngineConfig, section: str, p
 
 
 def _import_ray(section: str):
-    try:
-        import ray
-        import ray.data  # noqa: F401  (the extra, not just ray core)
-    except ImportError as exc:
-        raise UserError(f"params.yaml: {section}.cluster.backend: ray needs Ray Data, which is not installed "
-                        f"({exc}); install it with {INSTALL_HINT}, or set {section}.cluster.backend: local") from None
+    """Ray with its Data library (the `ray` extra), or the one-line error naming the key and the extra."""
+    require("ray.data", f"{INSTALL_HINT}, or set {section}.cluster.backend: local",
+            f"params.yaml: {section}.cluster.backend: ray")
+    import ray
+
     return ray
 
 
