@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from offline_opd.contract import shards
+from offline_opd.contract import shards, tables
 from offline_opd.config import ConfigError
 from offline_opd.train.shard_data import (TeacherShardDataModule, TeacherShardStream, collate, reader_units,
                                    shard_units, unwrap_worker_error)
@@ -91,7 +91,7 @@ def test_resume_neither_repeats_nor_skips(shard_dir, workers):
     tail = take(second.train_dataloader(), 19)
     assert ids_of(head + tail) == ids_of(full)
     for a, b in zip(head + tail, full):
-        for key in ("input_ids", "topk_ids", "topk_logprobs", "student_logprob"):
+        for key in ("input_ids", "topk_ids", "topk_logprobs", "behavior_logprob"):
             assert torch.equal(a[key], b[key])
 
 
@@ -119,7 +119,7 @@ def test_collate_places_teacher_values_at_their_tokens():
         assert (b["topk_ids"][i, :p] == -1).all() and (b["topk_ids"][i, n:] == -1).all()
         np.testing.assert_allclose(b["topk_logprobs"][i, p:n].reshape(-1).numpy(), r["topk_logprobs"], rtol=1e-6)
         np.testing.assert_allclose(b["teacher_logprob"][i, p:n].numpy(), r["teacher_logprob"], rtol=1e-6)
-        np.testing.assert_allclose(b["student_logprob"][i, p:n].numpy(), r["student_logprobs"], rtol=1e-6)
+        np.testing.assert_allclose(b["behavior_logprob"][i, p:n].numpy(), r["behavior_logprob"], rtol=1e-6)
     assert b["sample_id"] == table.column("sample_id").to_pylist()
 
 
@@ -154,7 +154,7 @@ def test_rows_that_break_the_length_contract_name_file_and_sample(tmp_path):
     ids = table.column("topk_ids").to_pylist()
     ids[2] = ids[2][:-1]
     table = table.set_column(table.schema.get_field_index("topk_ids"), "topk_ids", pa.array(ids, pa.list_(pa.int32())))
-    shards.write_shard(path, table, shards.read_meta(path), shards.teacher_schema("float16"))
+    shards.write_shard(path, table, shards.read_meta(path), tables.teacher_schema("float16"))
     stream = TeacherShardStream(shards.open_teacher_shards(tmp_path / "shards"), 2, 0, 1)
     with pytest.raises(shards.ShardError, match=r"part-00000\.parquet: row group 0, sample_id s00002: topk_ids"):
         next(iter(stream))

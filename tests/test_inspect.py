@@ -11,11 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from offline_opd.models.loading import build_char_tokenizer
-from offline_opd.contract import shards
-from offline_opd.contract.codec import Codec, TeacherFormat
+from offline_opd.contract import shards, tables
+from offline_opd.contract.codec import Compact, Plain, make_codec
+from offline_opd.contract.tables import TeacherFormat
 from offline_opd.tools.inspect_shards import (META_SQL, QUERIES, SUMMARY_SQL, TOKENS_SUMMARY_SQL, TOKENS_VIEW_SQL,
                                               TOP_GAPS_SQL, connect, format_table, main, query, views_sql)
-from tests.tiny_models import save_model, teacher_meta, write_teacher_shards
+from tests.tiny_models import legacy, save_model, teacher_meta, write_teacher_shards
 
 META = teacher_meta("a" * 16, "b" * 16, "c" * 16, k=4)
 
@@ -59,12 +60,12 @@ def hand_shard(path, dtype):
     prompt = tok("7+8=")["input_ids"]
     one, two, four, five = tok.convert_tokens_to_ids(list("1245"))
     row = {"sample_id": "s#0", "prompt_id": "s", "input_ids": prompt + [one, five], "prompt_len": len(prompt),
-           "student_logprobs": [math.log(0.5), math.log(0.01)],
+           "behavior_logprob": [math.log(0.5), math.log(0.01)],
            "teacher_logprob": [math.log(0.6), math.log(0.25)],
            "tail_logprob": [math.log(0.1), math.log(0.25)],
            "topk_ids": [one, two, four, five],
            "topk_logprobs": [math.log(p) for p in (0.6, 0.3, 0.5, 0.25)]}
-    shards.write_shard(path, pa.Table.from_pylist([row]), {**META, "k": 2}, shards.teacher_schema(dtype))
+    shards.write_shard(path, pa.Table.from_pylist([row]), {**META, "k": 2}, tables.teacher_schema(dtype))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -96,11 +97,11 @@ def test_tail_bucket_is_zero_when_topk_holds_all_mass(tmp_path):
     """Version 1 shards rebuild the tail: float16 rounding can make the top-k sum exceed 1, so the tail
     clamps to 0 and entropy stays finite."""
     row = {"sample_id": "s#0", "prompt_id": "s", "input_ids": [1, 5, 6], "prompt_len": 1,
-           "student_logprobs": [-0.1, -0.1], "teacher_logprob": [-0.69, 0.0],
+           "behavior_logprob": [-0.1, -0.1], "teacher_logprob": [-0.69, 0.0],
            "topk_ids": [5, 7, 6, 8], "topk_logprobs": [math.log(0.5), math.log(0.5001), 0.0, -30.0]}
-    v1 = TeacherFormat(Codec("plain", logprob_dtype="float32"), width=2, samples=0, exact_tail=False)
-    shards.write_shard(tmp_path / shards.part_name(0), pa.Table.from_pylist([row]),
-                       {**META, "k": 2, "schema_version": "1"}, shards.teacher_schema(v1))
+    v1 = TeacherFormat(Plain("float32"), width=2, samples=0, exact_tail=False)
+    old, schema = legacy(pa.Table.from_pylist([row]), tables.teacher_schema(v1), "1")
+    shards.write_shard(tmp_path / shards.part_name(0), old, {**META, "k": 2, "schema_version": "1"}, schema)
     con = connect(f"{tmp_path}/*.parquet")
     con.execute(TOKENS_VIEW_SQL)
     (_, rows) = query(con, "SELECT tail_p, teacher_entropy FROM tokens ORDER BY t")
@@ -128,10 +129,10 @@ def test_sql_command_has_all_views(folder, capsys):
 
 
 def test_sql_and_meta_work_on_rollout_shards(tmp_path, capsys):
-    table = pq.read_table(write_teacher_shards(tmp_path / "t", META, n_parts=1)[0]).select(shards.ROLLOUT_SCHEMA.names)
+    table = pq.read_table(write_teacher_shards(tmp_path / "t", META, n_parts=1)[0]).select(tables.ROLLOUT_SCHEMA.names)
     meta = {"kind": "rollouts", "policy_fingerprint": "b" * 16, "tokenizer_fingerprint": "c" * 16, "backend": "hf",
             "backend_version": "x", "sampling_temperature": 1.0}
-    shards.write_shard(tmp_path / "r" / shards.part_name(0), table, meta, shards.ROLLOUT_SCHEMA)
+    shards.write_shard(tmp_path / "r" / shards.part_name(0), table, meta, tables.ROLLOUT_SCHEMA)
     main(["sql", "--shards", f"{tmp_path}/r/*.parquet", "select count(*) as n from shards"])
     assert capsys.readouterr().out.splitlines()[2].strip() == str(table.num_rows)
     main(["meta", "--shards", f"{tmp_path}/r/*.parquet"])
@@ -170,33 +171,92 @@ def test_format_table_aligns_numbers_right():
     assert text[0] == "name    n" and text[2] == "a       1" and text[3] == "long  100" and text[4] == "b"
 
 
-def test_q8_shards_decode_in_sql_as_the_readme_shows(tmp_path):
-    """A q8 shard: the `shards` view gives the same ids and log-probs as the data path's decoder, the
-    tokens view works on it, and the views `opd-inspect queries` prints are the README's, verbatim."""
-    from offline_opd.contract.codec import encode, make_codec
-    from tests.tiny_models import teacher_rows
+def coded_shard(path, codec, vocab: int, width: int, n_positions: int, seed: int = 0) -> TeacherFormat:
+    """A teacher shard whose entry columns hold every code of `codec` (and the empty-slot marker), ids up to
+    vocab - 1, written column by column (not through `encode`, which never produces some codes)."""
+    rng = np.random.default_rng(seed)
+    fmt = TeacherFormat(codec, width=width, samples=0, exact_tail=True)
+    n = n_positions * width
+    ids = np.concatenate([rng.choice(vocab, width, replace=False) for _ in range(n_positions)])
+    ids[:width] = np.arange(vocab - width, vocab)                      # the largest ids too
+    if isinstance(codec, Compact):
+        codes = np.resize(np.arange(256), n)                           # 0..254 and 255 (empty)
+        ids = np.sort(ids.reshape(n_positions, width), 1)
+        cols = {"topk_id_delta": np.diff(ids, axis=1, prepend=0).reshape(-1),
+                "topk_lp_code": codes, "topk_lp_top": rng.integers(0, 12 * 4096, n_positions)}
+    else:
+        codes = np.resize(np.arange(codec.code_max + 1), n)
+        empty = rng.random(n) < 0.05
+        cols = {"topk_ids": np.where(empty, codec.empty, ids), "topk_lpq": codes,
+                "topk_lpmax": -rng.random(n_positions).astype(np.float32) * 12}
+    lengths = np.diff(np.linspace(0, n_positions, 5).astype(int))   # four rows
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    rows = {"sample_id": [f"s{i}" for i in range(4)], "prompt_id": [f"p{i}" for i in range(4)],
+            "input_ids": [[1] * (1 + t) for t in lengths], "prompt_len": [1] * 4,
+            "behavior_logprob": [[-0.5] * t for t in lengths], "teacher_logprob": [[-0.5] * t for t in lengths],
+            "tail_logprob": [[-3.0] * t for t in lengths]}
+    for f in codec.fields():
+        per = codec.widths(width)[f.name]
+        rows[f.name] = pa.array([cols[f.name][a * per:b * per].tolist() for a, b in zip(bounds, bounds[1:])], f.type)
+    shards.write_shard(path, pa.table(rows), {**META, "k": width, "width": width, "codec": codec.describe()},
+                       tables.teacher_schema(fmt), fmt.encodings())
+    return fmt
 
-    rows = teacher_rows(6, 4, 100, seed=2)
-    fmt = TeacherFormat(make_codec("q8", "", 100), width=4, samples=0, exact_tail=True)
-    n = [len(x) - p for x, p in zip(rows["input_ids"].to_pylist(), rows["prompt_len"].to_pylist())]
-    enc = [encode(fmt.codec, np.reshape(i, (t, 4)), np.reshape(lp, (t, 4)).astype(np.float32))
-           for i, lp, t in zip(rows["topk_ids"].to_pylist(), rows["topk_logprobs"].to_pylist(), n)]
-    table = rows.drop_columns(["topk_ids", "topk_logprobs"])
-    for f in fmt.fields():
-        if f.name in enc[0]:
-            table = table.append_column(f.name, pa.array([e[f.name].tolist() for e in enc], f.type))
-    shards.write_shard(tmp_path / shards.part_name(0), table, {**META, "codec": fmt.codec.to_meta()},
-                       shards.teacher_schema(fmt))
+
+@pytest.mark.parametrize("name, vocab", [("q8", 100), ("q8", 151_936), ("q16", 151_936), ("compact", 151_936),
+                                         ("compact", 49_152)])
+def test_duckdb_decodes_every_code_as_the_data_path_does(tmp_path, name, vocab):
+    """Codes 0..255 (q8), 0..65535 (q16), 0..254 and the empty marker (compact), ids up to V - 1 of a real
+    vocabulary: the `shards` view's ids and log-probs equal `Codec.decode`'s (the README's q8 SQL once
+    failed with a DECIMAL overflow from code 160 on)."""
+    codec = make_codec(name, "", vocab)
+    width, positions = (16, 4096) if name == "q16" else (32, 64)
+    fmt = coded_shard(tmp_path / shards.part_name(0), codec, vocab, width, positions)
     con = connect(f"{tmp_path}/*.parquet")
     got = con.execute("SELECT topk_ids, topk_logprobs FROM shards ORDER BY sample_id").fetchall()
     dec = fmt.decode(pq.read_table(tmp_path / shards.part_name(0)))
-    np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), dec["topk_ids"].reshape(-1))
-    np.testing.assert_allclose(np.concatenate([g[1] for g in got]), dec["topk_logprobs"].reshape(-1), atol=1e-6)
-    np.testing.assert_allclose(dec["topk_logprobs"].reshape(-1), np.concatenate(rows["topk_logprobs"].to_pylist()),
-                               atol=fmt.codec.lp_step / 2 + 1e-6)
+    sql_ids = np.concatenate([g[0] for g in got])
+    sql_lps = np.concatenate([g[1] for g in got]).astype(np.float32)
+    np.testing.assert_array_equal(sql_ids, dec["topk_ids"].reshape(-1))
+    assert sql_ids.max() == vocab - 1 and (sql_ids == -1).any()
+    finite = np.isfinite(dec["topk_logprobs"].reshape(-1))
+    assert (sql_lps[~finite] == -np.inf).all()
+    # one float32 ulp: DuckDB's exp and numpy's may differ in the last bit of a double
+    np.testing.assert_array_max_ulp(sql_lps[finite], dec["topk_logprobs"].reshape(-1)[finite], maxulp=1)
     con.execute(TOKENS_VIEW_SQL)
-    assert con.execute("SELECT count(*) FROM tokens WHERE tail_p > 0").fetchone()[0] == sum(n)
+    argmax = con.execute("SELECT teacher_argmax FROM tokens ORDER BY sample_id, t").fetchall()
+    lps = np.where(dec["topk_ids"] >= 0, dec["topk_logprobs"], -np.inf)
+    want = dec["topk_ids"][np.arange(len(lps)), lps.argmax(1)]
+    np.testing.assert_array_equal([a for (a,) in argmax], want)
+
+
+def test_readme_shows_the_views_opd_inspect_prints(tmp_path):
+    """The README's SQL is `opd-inspect queries` for a compact shard with 32 entries per position, verbatim."""
+    coded_shard(tmp_path / shards.part_name(0), Compact(), 49_152, 32, 8)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     part = tmp_path / shards.part_name(0)
     shown = views_sql([part]).replace(str(part), f"data/teacher_topk/{part.name}")
     assert shown.strip() in readme
+    assert TOKENS_VIEW_SQL.strip() in readme
+
+
+def test_shards_of_schema_2_read_under_todays_names(tmp_path):
+    """Version 2 shards name π_ref's log-prob `student_logprobs`: the data path and the views call it
+    `behavior_logprob`, so old shards read unchanged."""
+    from offline_opd.train.shard_data import collate
+
+    table = pq.read_table(write_teacher_shards(tmp_path / "new", META, n_parts=1, dtype="float32")[0])
+    old, schema = legacy(table, tables.teacher_schema("float32"), "2")
+    assert "student_logprobs" in old.column_names
+    shards.write_shard(tmp_path / "old" / shards.part_name(0), old, {**META, "schema_version": "2"}, schema)
+    (info,) = shards.open_teacher_shards(tmp_path / "old")
+    (back,) = list(shards.iter_row_groups(info, ["sample_id", "behavior_logprob"]))
+    assert back.column("behavior_logprob").to_pylist() == table.column("behavior_logprob").to_pylist()
+    batch = collate(pa.concat_tables(shards.iter_row_groups(info)), shards.teacher_format([info]))
+    assert batch["behavior_logprob"].abs().sum() > 0
+    con = connect(f"{tmp_path}/old/*.parquet")
+    got = con.execute("SELECT behavior_logprob FROM shards ORDER BY sample_id").fetchall()
+    want = table.sort_by("sample_id").column("behavior_logprob").to_pylist()
+    assert all(g == pytest.approx(w) for (g,), w in zip(got, want)) and len(got) == len(want)
+    con.execute(TOKENS_VIEW_SQL)
+    assert con.execute("SELECT count(student_lp) FROM tokens").fetchone()[0] > 0

@@ -611,6 +611,29 @@ def _elementwise(p, q, mode, prm):
     raise AssertionError(mode)
 
 
+@pytest.mark.parametrize("tail", ["floor", "rebuilt"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "pg"])  # pg reads no entries and no tail
+def test_k_equals_v_in_fp32_is_the_full_vocabulary_loss(mode, backend, tail):
+    """k = V in fp32: the empty tail adds nothing. Shards store an empty tail as the floor -1e4
+    (sparse_targets.TAIL_FLOOR); the student's complement is then ~1e-7 of rounding, clamped to 1e-6,
+    which gave rkl a spurious 1e-6 * (log 1e-6 + 1e4) = +1e-2 nats per token before the fix."""
+    if backend == "triton":
+        _triton()
+    N, V = 5, 64
+    d = make_inputs(N, V, V, lp_dtype=torch.float32, seed=3)
+    floor = torch.full((N,), -1.0e4, device=DEV) if tail == "floor" else None
+    z = d["z"].clone().requires_grad_(True)
+    loss = sparse_divergence(z, d["ids"], d["lp"], mode, tail_logprob=floor, backend=backend)
+    (grad,) = torch.autograd.grad(loss.sum(), z)
+    z64 = d["z"].double().cpu().requires_grad_(True)
+    p_full = torch.zeros(N, V, dtype=torch.float64).scatter(1, d["ids"].long().cpu(), d["lp"].double().cpu().exp())
+    dense = _divergence(p_full, torch.softmax(z64, -1), mode, check_mode_params(mode, {}))
+    (want,) = torch.autograd.grad(dense.sum(), z64)
+    assert (loss.double().cpu() - dense.detach()).abs().max() < 2e-5, (loss, dense)
+    assert rel(grad, want) < 1e-5
+
+
 @pytest.mark.parametrize("mode", [m for m in MODES if m != "pg"])
 def test_triton_exact_tail_and_entry_weights_match_reference(mode):
     tri = _triton()

@@ -42,7 +42,7 @@ def assert_behaviour_logprobs_are(model, batch) -> None:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     logp = torch.log_softmax(logits.float(), -1).gather(2, batch["input_ids"][:, 1:, None])[..., 0]
     resp = batch["response_mask"][:, 1:]
-    torch.testing.assert_close(batch["student_logprob"][:, 1:][resp], logp[resp], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(batch["behavior_logprob"][:, 1:][resp], logp[resp], rtol=1e-4, atol=1e-4)
 
 
 def test_online_opd_samples_and_scores_every_step_and_trains(tmp_path, monkeypatch):
@@ -62,7 +62,7 @@ def test_online_opd_samples_and_scores_every_step_and_trains(tmp_path, monkeypat
         assert batch["input_ids"].shape[0] == 4 and batch["topk_ids"].shape[-1] == 3
         resp = batch["response_mask"]
         assert (batch["topk_ids"][resp] >= 0).all() and (batch["topk_ids"][~resp] == -1).all()
-        assert (batch["teacher_logprob"][resp] <= 0).all() and (batch["student_logprob"][resp] <= 0).all()
+        assert (batch["teacher_logprob"][resp] <= 0).all() and (batch["behavior_logprob"][resp] <= 0).all()
     # the targets are the teacher's own: top-1 at token t is the teacher's argmax after tokens < t
     teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher").eval()
     batch = seen[0][0]

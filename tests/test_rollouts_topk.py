@@ -15,7 +15,7 @@ import yaml
 
 from offline_opd.models.loading import build_char_tokenizer
 from offline_opd.stages import rollouts
-from offline_opd.contract import shards
+from offline_opd.contract import shards, tables
 from offline_opd.stages import teacher_topk
 from offline_opd.tasks import addition as toy_task
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
@@ -67,7 +67,7 @@ def run_topk(env: Path, rollouts_dir: Path, out: Path, *extra: str, teacher: Pat
 def folder_contents(folder: Path) -> tuple[list[str], pa.Table, list[dict]]:
     """Part names, all rows, and footers without the creation time (and the file checksum, which covers it): what two equal runs must share."""
     parts = shards.list_parts(folder)
-    metas = [{k: v for k, v in shards.read_meta(p).items() if k not in ("created_at", "file_sha256")} for p in parts]
+    metas = [{k: v for k, v in shards.read_meta(p).items() if k != "file_sha256"} for p in parts]
     return [p.name for p in parts], pa.concat_tables(pq.read_table(p) for p in parts), metas
 
 
@@ -86,14 +86,14 @@ def test_shards_follow_the_contract(env, clean_run):
     seen_prompts: set[str] = set()
     teacher = hf_engine(env / "teacher", batch_size=1).model
     for rp, tp in zip(r_parts, t_parts):
-        r = shards.open_shard(rp, "rollouts", shards.ROLLOUT_SCHEMA)
-        t = shards.open_shard(tp, "teacher_topk", shards.teacher_schema("float16"))
+        r = shards.open_shard(rp, "rollouts", tables.ROLLOUT_SCHEMA)
+        t = shards.open_shard(tp, "teacher_topk", tables.teacher_schema("float16"))
         assert r.meta["kind"] == "rollouts" and r.meta["policy_fingerprint"] == policy_fp
         assert r.meta["tokenizer_fingerprint"] == tok_fp and r.meta["policy_path"] == str(env / "policy")
         assert r.meta["sampling_temperature"] == "1.0" and r.meta["backend"] == "hf"
         assert json.loads(r.meta["config"]) == ROLLOUTS and r.meta["backend_version"].startswith("transformers")
-        for key in teacher_topk.POLICY_KEYS:
-            assert t.meta[key] == r.meta[key]
+        for key in ("policy_fingerprint", "policy_path", "tokenizer_fingerprint", "sampling_temperature"):
+            assert t.meta[key] == r.meta[key]   # the rollouts' policy fields, unchanged
         assert t.meta["teacher_fingerprint"] == model_fingerprint(env / "teacher")
         assert t.meta["teacher_path"] == str(env / "teacher") and t.meta["k"] == str(K)
         assert t.meta["scoring_temperature"] == "1.0" and t.meta["privileged_context"] == "null"
@@ -111,7 +111,7 @@ def test_shards_follow_the_contract(env, clean_run):
             assert row["sample_id"].split("#") == [row["prompt_id"], row["sample_id"][-1]]
             ids, p = row["input_ids"], row["prompt_len"]
             n = len(ids) - p
-            assert 1 <= n <= ROLLOUTS["max_new_tokens"] and len(row["student_logprobs"]) == n
+            assert 1 <= n <= ROLLOUTS["max_new_tokens"] and len(row["behavior_logprob"]) == n
             assert len(s["teacher_logprob"]) == n and len(s["topk_ids"]) == len(s["topk_logprobs"]) == n * K
             lp = np.asarray(s["topk_logprobs"], dtype=np.float32).reshape(n, K)
             assert np.all(np.diff(lp, axis=1) <= 0)

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from offline_opd.contract import shards
+from offline_opd.contract import shards, tables
+from tests.tiny_models import legacy
 
 
 def teacher_table(n_rows: int = 5, k: int = 4, seed: int = 0, first: int = 0) -> pa.Table:
@@ -21,7 +22,7 @@ def teacher_table(n_rows: int = 5, k: int = 4, seed: int = 0, first: int = 0) ->
         rows.append({
             "sample_id": f"q{i}#0", "prompt_id": f"q{i}",
             "input_ids": rng.integers(0, 50, p + t).astype(np.int32).tolist(), "prompt_len": p,
-            "student_logprobs": (-rng.random(t)).astype(np.float32).tolist(),
+            "behavior_logprob": (-rng.random(t)).astype(np.float32).tolist(),
             "teacher_logprob": (-rng.random(t)).astype(np.float32).tolist(),
             "tail_logprob": np.log1p(-np.exp(lp.astype(np.float64)).sum(1).clip(max=0.999)).tolist(),
             "topk_ids": rng.integers(0, 50, t * k).astype(np.int32).tolist(),
@@ -38,10 +39,10 @@ META = {"kind": "teacher_topk", "teacher_fingerprint": "t" * 16, "policy_fingerp
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_round_trip_and_footer(tmp_path, dtype):
     table = teacher_table()
-    path = shards.write_shard(tmp_path / shards.part_name(0), table, META, shards.teacher_schema(dtype))
-    info = shards.open_shard(path, "teacher_topk", shards.teacher_schema(dtype))
+    path = shards.write_shard(tmp_path / shards.part_name(0), table, META, tables.teacher_schema(dtype))
+    info = shards.open_shard(path, "teacher_topk", tables.teacher_schema(dtype))
     assert info.num_rows == 5 and info.meta["k"] == "4" and info.meta["privileged_context"] == "null"
-    assert info.meta["schema_version"] == shards.SCHEMA_VERSION and "created_at" in info.meta
+    assert info.meta["schema_version"] == shards.SCHEMA_VERSION and "created_at" not in info.meta
     back = pa.concat_tables(shards.iter_row_groups(info))
     assert back.column("input_ids").to_pylist() == table.column("input_ids").to_pylist()
     got = np.concatenate(back.column("topk_logprobs").to_pylist()).astype(np.float32)
@@ -51,7 +52,7 @@ def test_round_trip_and_footer(tmp_path, dtype):
 
 
 def test_duckdb_and_polars_read_float16_shards(tmp_path):
-    shards.write_shard(tmp_path / shards.part_name(0), teacher_table(), META, shards.teacher_schema("float16"))
+    shards.write_shard(tmp_path / shards.part_name(0), teacher_table(), META, tables.teacher_schema("float16"))
     glob = str(tmp_path / "*.parquet")
     n, k = duckdb.execute(f"select count(*), avg(len(topk_ids) / (len(input_ids) - prompt_len)) "
                       f"from read_parquet('{glob}')").fetchone()
@@ -64,11 +65,11 @@ def test_duckdb_and_polars_read_float16_shards(tmp_path):
 
 def test_wrong_schema_names_file_and_column(tmp_path):
     path = tmp_path / shards.part_name(0)
-    schema = shards.teacher_schema()
+    schema = tables.teacher_schema()
     bad = teacher_table().drop_columns(["teacher_logprob"]).cast(pa.schema([f for f in schema if f.name != "teacher_logprob"]))
-    pq.write_table(bad.replace_schema_metadata({f"opd.{k}": str(v) for k, v in META.items()} | {"opd.schema_version": "1", "opd.created_at": "now"}), path)
+    pq.write_table(bad.replace_schema_metadata({f"opd.{k}": str(v) for k, v in META.items()} | {"opd.schema_version": tables.SCHEMA_VERSION}), path)
     with pytest.raises(shards.ShardError, match=rf"{path.name}.*missing column 'teacher_logprob'"):
-        shards.open_shard(path, "teacher_topk", shards.teacher_schema())
+        shards.open_shard(path, "teacher_topk", tables.teacher_schema())
 
 
 def test_missing_footer_and_wrong_kind(tmp_path):
@@ -76,20 +77,20 @@ def test_missing_footer_and_wrong_kind(tmp_path):
     pq.write_table(teacher_table(), path)
     with pytest.raises(shards.ShardError, match="footer metadata lacks"):
         shards.open_shard(path, "teacher_topk")
-    shards.write_shard(path, teacher_table(), META, shards.teacher_schema())
+    shards.write_shard(path, teacher_table(), META, tables.teacher_schema())
     with pytest.raises(shards.ShardError, match="is a 'teacher_topk' shard, expected 'rollouts'"):
         shards.open_shard(path, "rollouts")
 
 
 def test_truncated_file_is_reported_by_name(tmp_path):
-    path = shards.write_shard(tmp_path / shards.part_name(0), teacher_table(50), META, shards.teacher_schema())
+    path = shards.write_shard(tmp_path / shards.part_name(0), teacher_table(50), META, tables.teacher_schema())
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(shards.ShardError, match=path.name):
         shards.open_shard(path, "teacher_topk")
 
 
 def test_finished_parts_keeps_only_this_runs_intact_parts(tmp_path):
-    schema = shards.teacher_schema()
+    schema = tables.teacher_schema()
     shards.write_shard(tmp_path / shards.part_name(0), teacher_table(), META, schema)
     shards.write_shard(tmp_path / shards.part_name(1), teacher_table(), META | {"run_key": "other"}, schema)
     broken = shards.write_shard(tmp_path / shards.part_name(2), teacher_table(), META, schema)
@@ -142,7 +143,7 @@ def test_shard_spec():
 
 
 def test_open_run_refuses_mixed_and_incomplete_runs(tmp_path):
-    schema = shards.teacher_schema()
+    schema = tables.teacher_schema()
     for j in range(3):
         shards.write_shard(tmp_path / shards.part_name(j), teacher_table(first=5 * j), META | {"num_parts": 3},
                            schema)
@@ -182,15 +183,15 @@ def flip_byte_in_data_page(path, group: int, column: str) -> None:
 
 def test_page_checksums_are_written_and_a_flipped_byte_names_file_and_row_group(tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "ROW_GROUP_SIZE", 10)
-    path = shards.write_shard(tmp_path / shards.part_name(0), teacher_table(50), META, shards.teacher_schema())
-    info = shards.open_shard(path, "teacher_topk", shards.teacher_schema())
+    path = shards.write_shard(tmp_path / shards.part_name(0), teacher_table(50), META, tables.teacher_schema())
+    info = shards.open_shard(path, "teacher_topk", tables.teacher_schema())
     assert info.num_row_groups == 5
     intact = [t.column("teacher_logprob").to_pylist() for t in shards.iter_row_groups(info)]
     flip_byte_in_data_page(path, 2, "teacher_logprob")
     # without the page CRC the flip is silent: the values just change
     assert pq.ParquetFile(path).read_row_group(2).column("teacher_logprob").to_pylist() != intact[2]
     with pytest.raises(shards.ShardError, match=rf"{path.name}: its bytes do not match the checksum sealed"):
-        shards.open_shard(path, "teacher_topk", shards.teacher_schema())  # the footer is intact, the seal is not
+        shards.open_shard(path, "teacher_topk", tables.teacher_schema())  # the footer is intact, the seal is not
     read = shards.iter_row_groups(info)  # a shard opened before the damage: the page CRC names it when streamed
     assert [next(read).column("teacher_logprob").to_pylist() for _ in range(2)] == intact[:2]
     with pytest.raises(shards.ShardError, match=rf"{path.name}: row group 2 is unreadable.*(CRC|checksum)"):
@@ -198,17 +199,18 @@ def test_page_checksums_are_written_and_a_flipped_byte_names_file_and_row_group(
 
 
 def test_version_1_teacher_shards_read_with_a_warning(tmp_path):
-    from offline_opd.contract.codec import Codec, TeacherFormat
+    from offline_opd.contract.codec import Plain
+    from offline_opd.contract.tables import TeacherFormat
 
-    v1 = TeacherFormat(Codec("plain", logprob_dtype="float16"), width=4, samples=0, exact_tail=False)
-    shards.write_shard(tmp_path / shards.part_name(0), teacher_table().drop_columns(["tail_logprob"]),
-                       META | {"schema_version": "1"}, shards.teacher_schema(v1))
+    v1 = TeacherFormat(Plain("float16"), width=4, samples=0, exact_tail=False)
+    old, schema = legacy(teacher_table().drop_columns(["tail_logprob"]), tables.teacher_schema(v1), "1")
+    shards.write_shard(tmp_path / shards.part_name(0), old, META | {"schema_version": "1"}, schema)
     with pytest.warns(UserWarning, match=r"schema version 1 .* rebuilt from the top-k"):
         (info,) = shards.open_teacher_shards(tmp_path)
     assert shards.teacher_format([info]) == v1
     shards.write_shard(tmp_path / shards.part_name(0), teacher_table(), META | {"schema_version": "0"},
-                       shards.teacher_schema())
-    with pytest.raises(shards.ShardError, match="schema version 0, this code reads 1, 2"):
+                       tables.teacher_schema())
+    with pytest.raises(shards.ShardError, match="schema version 0, this code reads 1, 2, 3"):
         shards.open_teacher_shards(tmp_path)
 
 
@@ -217,7 +219,7 @@ def test_opd_inspect_verify_reads_every_page(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(shards, "ROW_GROUP_SIZE", 10)
     for j in range(2):
-        shards.write_shard(tmp_path / shards.part_name(j), teacher_table(30), META, shards.teacher_schema())
+        shards.write_shard(tmp_path / shards.part_name(j), teacher_table(30), META, tables.teacher_schema())
     main(["verify", "--shards", f"{tmp_path}/*.parquet"])
     lines = capsys.readouterr().out.splitlines()[2:]
     assert [line.split() for line in lines] == [[shards.part_name(j), "3", "ok"] for j in range(2)]
@@ -227,3 +229,13 @@ def test_opd_inspect_verify_reads_every_page(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert re.search(r"part-00001\.parquet: row group 1 is unreadable.*CRC", err)
+
+
+def test_rewriting_identical_content_writes_identical_bytes(tmp_path):
+    """No time of writing in the footer (issue 16): a rerun with the same rows and footer is byte-identical,
+    so DVC and the sealed checksum see the same output."""
+    a = shards.write_shard(tmp_path / "a" / shards.part_name(0), teacher_table(), META, tables.teacher_schema())
+    b = shards.write_shard(tmp_path / "b" / shards.part_name(0), teacher_table(), META, tables.teacher_schema())
+    assert a.read_bytes() == b.read_bytes()
+    c = shards.write_shard(tmp_path / "c" / shards.part_name(0), teacher_table(seed=1), META, tables.teacher_schema())
+    assert c.read_bytes() != a.read_bytes()

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from offline_opd.models.loading import build_char_tokenizer
-from offline_opd.contract import shards
+from offline_opd.contract import shards, tables
 from offline_opd.provenance.fingerprint import tokenizer_fingerprint
 from offline_opd.tools.teacher_mismatch import main, mismatch_stats
 from tests.tiny_models import save_model, swap_token_ids
@@ -39,10 +39,10 @@ def write_rollouts(folder, tokenizer_fp, n=5):
         p = tok(prompt)["input_ids"]
         r = tok.convert_tokens_to_ids(list(response))
         rows.append({"sample_id": f"q{i}#0", "prompt_id": f"q{i}", "input_ids": p + r, "prompt_len": len(p),
-                     "student_logprobs": [-0.5] * len(r)})
+                     "behavior_logprob": [-0.5] * len(r)})
     meta = {"kind": "rollouts", "policy_fingerprint": "p" * 16, "tokenizer_fingerprint": tokenizer_fp,
             "backend": "hf", "backend_version": "test", "sampling_temperature": 1.0, "run_key": "r"}
-    shards.write_shard(folder / shards.part_name(0), pa.Table.from_pylist(rows), meta, shards.ROLLOUT_SCHEMA)
+    shards.write_shard(folder / shards.part_name(0), pa.Table.from_pylist(rows), meta, tables.ROLLOUT_SCHEMA)
     return folder
 
 

@@ -10,7 +10,7 @@ from offline_opd.models.loading import build_char_tokenizer
 from offline_opd.stages import prepare
 from offline_opd.stages import sft
 from offline_opd.stages import sft_data
-from offline_opd.contract import shards
+from offline_opd.contract import shards, tables
 from offline_opd.stages import teacher
 from offline_opd.tasks import addition as toy_task
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
@@ -84,7 +84,7 @@ def test_sft_data_parts_carry_the_teacher(pipeline_dir):
     root, common = pipeline_dir
     parts = shards.list_parts(root / "sft")
     assert [p.name for p in parts] == [shards.part_name(i) for i in range(3)]   # 60 prompts / 25 per part
-    info = shards.open_shard(parts[0], "sft_data", shards.SFT_SCHEMA)
+    info = shards.open_shard(parts[0], "sft_data", tables.SFT_SCHEMA)
     assert info.meta["teacher_fingerprint"] == model_fingerprint(root / "teacher")
     assert info.meta["tokenizer_fingerprint"] == tokenizer_fingerprint(root / "teacher")
     row = next(shards.iter_row_groups(info)).to_pylist()[0]
@@ -136,7 +136,7 @@ def test_sft_refuses_parts_from_two_teachers_and_too_big_students(pipeline_dir, 
         info = shards.open_shard(part, "sft_data")
         table = next(shards.iter_row_groups(info))
         meta = {**info.meta, "teacher_fingerprint": "someotherteacher"} if i == 1 else info.meta
-        shards.write_shard(mixed / part.name, table, meta, shards.SFT_SCHEMA)
+        shards.write_shard(mixed / part.name, table, meta, tables.SFT_SCHEMA)
     args = ["--teacher", str(root / "teacher"), "--out", str(tmp_path / "student"), "--plots", str(tmp_path),
             "--logs", str(tmp_path / "logs")]
     err = stage_error(capsys, sft.main, common + ["--data", str(mixed)] + args)

@@ -16,8 +16,9 @@ import pyarrow as pa
 import yaml
 
 from offline_opd.models.loading import build_char_tokenizer, build_llama
-from offline_opd.contract import shards
-from offline_opd.contract.codec import Codec, TeacherFormat
+from offline_opd.contract import shards, tables
+from offline_opd.contract.codec import Plain
+from offline_opd.contract.tables import TeacherFormat
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
 from offline_opd.provenance.record import write_provenance
 
@@ -79,7 +80,7 @@ def teacher_rows(n: int, k: int, vocab: int, seed: int, start: int = 0) -> pa.Ta
         rows.append({
             "sample_id": f"s{i:05d}", "prompt_id": f"q{i // 2:05d}", "input_ids": ids.astype(np.int32).tolist(),
             "prompt_len": p,
-            "student_logprobs": (-rng.random(r) * 3).astype(np.float32).tolist(),
+            "behavior_logprob": (-rng.random(r) * 3).astype(np.float32).tolist(),
             "teacher_logprob": logp[np.arange(r), ids[p:]].astype(np.float32).tolist(),
             "tail_logprob": _complement_logsumexp(logp, top).astype(np.float32).tolist(),
             "topk_ids": top.reshape(-1).astype(np.int32).tolist(),
@@ -96,9 +97,15 @@ def _complement_logsumexp(logp: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.maximum(m + np.log(np.exp(rest - m[:, None]).sum(1)), -1e4)
 
 
+def legacy(table: pa.Table, schema: pa.Schema, version: str) -> tuple[pa.Table, pa.Schema]:
+    """`table` and `schema` under the column names of schema `version`: to write a shard as older code did."""
+    table = table.rename_columns([tables.stored_name(n, version) for n in table.column_names])
+    return table, pa.schema([f.with_name(tables.stored_name(f.name, version)) for f in schema])
+
+
 def plain_format(k: int) -> TeacherFormat:
     """The format of `teacher_rows` tables: plain top-k with the exact tail (what `collate` decodes)."""
-    return TeacherFormat(Codec("plain", logprob_dtype="float32"), width=k, samples=0, exact_tail=True)
+    return TeacherFormat(Plain("float32"), width=k, samples=0, exact_tail=True)
 
 
 def teacher_meta(teacher: str, policy: str, tokenizer: str, k: int = 4, **extra) -> dict:
@@ -123,7 +130,7 @@ def write_teacher_shards(folder: Path, meta: dict, n_parts: int = 2, rows_per_pa
     k, vocab = int(meta["k"]), len(build_char_tokenizer())
     return [shards.write_shard(folder / shards.part_name(i),
                                teacher_rows(rows_per_part, k, vocab, seed + i, start=i * rows_per_part),
-                               {**meta, **(per_part or {}).get(i, {})}, shards.teacher_schema(dtype))
+                               {**meta, **(per_part or {}).get(i, {})}, tables.teacher_schema(dtype))
             for i in range(n_parts)]
 
 

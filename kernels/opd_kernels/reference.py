@@ -139,8 +139,10 @@ def chunk_loss_grad(
         qt = q_raw.clamp(min=eps)
         lqt = torch.log(qt)
         # Sampled entries carry importance weights and estimate the whole vocabulary: no tail bucket.
+        # Neither when the row stores every id of the vocabulary (k = V): the tail holds no outcome, and the
+        # student's complement there is rounding noise (kernels/MATH.md §4).
         ew = torch.ones_like(lp) if entry_weights is None else torch.where(valid, entry_weights.to(cd), zero)
-        wt = 1.0 if entry_weights is None else 0.0
+        wt = torch.where(valid.sum(1) < V, 1.0, 0.0).to(cd) if entry_weights is None else torch.zeros_like(lse)
         ea = None
         if mode == ENTROPY_AWARE:
             h, s = cst[0], cst[1]

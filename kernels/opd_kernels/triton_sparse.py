@@ -92,12 +92,13 @@ def _outcome(lp, lq, p, q, c0, c1, c2, ea, MODE: tl.constexpr):
 
 
 @triton.jit
-def _row_terms(lse, zs, lp_raw, valid, za, tlp, blp, tail_lp, ew, c0, c1, c2, tail_eps, logp_min,
+def _row_terms(lse, zs, lp_raw, valid, za, tlp, blp, tail_lp, ew, V, c0, c1, c2, tail_eps, logp_min,
                MODE: tl.constexpr, HAS_BEHAVIOR: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_EW: tl.constexpr):
     """Loss and gradient pieces of one row given its log-sum-exp (kernels/MATH.md).
 
     HAS_TAIL: tail_lp is the teacher's exact tail log-mass (else rebuilt from the entries). HAS_EW: the
-    entries carry importance weights ew and the tail bucket is left out (MATH.md §6).
+    entries carry importance weights ew and the tail bucket is left out (MATH.md §6). A row that stores
+    all V ids has an empty tail: no tail bucket either (MATH.md §4).
 
     Returns (loss, c, u_s, q, G, adv, lqa): the gradient is q_i * c off S, u_j - q_j * G on S, and for pg
     adv * (q_a - 1) at the sampled token a (u_s, q, G unused for pg; adv, lqa unused otherwise).
@@ -131,7 +132,7 @@ def _row_terms(lse, zs, lp_raw, valid, za, tlp, blp, tail_lp, ew, c0, c1, c2, ta
             wt = 0.0
         else:
             w_s = tl.where(valid, 1.0, 0.0)
-            wt = 1.0
+            wt = tl.where(tl.sum(valid.to(tl.int32), 0) < V, 1.0, 0.0)
         ea = 0.0
         if MODE == ENTROPY_AWARE:
             ent = -tl.sum(w_s * p * lp, 0) - wt * pt * lpt
@@ -225,10 +226,10 @@ def _sparse_div_kernel(
                 blp = 0.0
                 if HAS_BEHAVIOR:
                     blp = tl.load(blp_ptr + row).to(tl.float32)
-                loss, c, u_s, q, G, adv, lqa = _row_terms(lse, za, za, za, za, tlp, blp, za, za, c0, c1, c2,
+                loss, c, u_s, q, G, adv, lqa = _row_terms(lse, za, za, za, za, tlp, blp, za, za, V, c0, c1, c2,
                                                           tail_eps, logp_min, MODE, HAS_BEHAVIOR, False, False)
             else:
-                loss, c, u_s, q, G, adv, lqa = _row_terms(lse, zs, lp_raw, valid, 0.0, 0.0, 0.0, tail_lp, ew, c0,
+                loss, c, u_s, q, G, adv, lqa = _row_terms(lse, zs, lp_raw, valid, 0.0, 0.0, 0.0, tail_lp, ew, V, c0,
                                                           c1, c2, tail_eps, logp_min, MODE, HAS_BEHAVIOR, HAS_TAIL,
                                                           HAS_EW)
             tl.store(loss_ptr + row, loss * w)
@@ -346,11 +347,11 @@ def _sparse_div_coop_kernel(
                 blp = 0.0
                 if HAS_BEHAVIOR:
                     blp = tl.load(blp_ptr + row).to(tl.float32)
-                loss, c, u_s, q, Gs, adv, lqa = _row_terms(lse, za, za, za, za, tlp, blp, za, za, c0, c1, c2,
+                loss, c, u_s, q, Gs, adv, lqa = _row_terms(lse, za, za, za, za, tlp, blp, za, za, V, c0, c1, c2,
                                                            tail_eps, logp_min, MODE, HAS_BEHAVIOR, False, False)
             else:
                 zs = tl.load(zs_ptr + row * BLOCK_K + ks, mask=valid, other=0.0, cache_modifier=".cg")
-                loss, c, u_s, q, Gs, adv, lqa = _row_terms(lse, zs, lp_raw, valid, 0.0, 0.0, 0.0, tail_lp, ew, c0,
+                loss, c, u_s, q, Gs, adv, lqa = _row_terms(lse, zs, lp_raw, valid, 0.0, 0.0, 0.0, tail_lp, ew, V, c0,
                                                            c1, c2, tail_eps, logp_min, MODE, HAS_BEHAVIOR, HAS_TAIL,
                                                            HAS_EW)
             if seg == 0:

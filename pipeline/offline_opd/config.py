@@ -244,7 +244,7 @@ class TeacherTopkConfig(EngineConfig):
     union_student_k: NonNegInt
     seed: NonNegInt                                # the draws are a function of (seed, sample_id)
     # Storage of ids and log-probs (pipeline/offline_opd/contract/codec.py); logprob_dtype applies to `plain` only.
-    codec: Literal["plain", "q8", "q16"]
+    codec: Literal["plain", "q8", "q16", "compact"]
 
     def __post_init__(self) -> None:
         """Which stored entries the settings make: draws need a sampling selection, vLLM stores top-k only."""

@@ -24,6 +24,9 @@ from offline_opd.provenance.record import check_unchanged
 from offline_opd.backends.engine import engine_footer
 from offline_opd.models.loading import load_tokenizer
 from offline_opd.contract.prompts import encode_prompt, read_prompts
+from offline_opd.contract.footers import FOOTERS, RolloutsFooter, SftDataFooter
+
+ROLES = {"sft_data": "teacher", "rollouts": "policy"}   # which model generates a stage's parts
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class PromptParts:
     tokens: list[list[int]]
     tokenizer: Any
     per_part: int              # whole prompts per part
-    meta: dict[str, Any]       # the footer every part carries
+    footer: RolloutsFooter | SftDataFooter   # the footer every part carries
     pending: shards.PartPlan   # this process's part indices still to write, and the parts they replace
     skipped: int               # this process's parts already complete (resumed)
 
@@ -49,15 +52,17 @@ class PromptParts:
         return slice(part * self.per_part, min((part + 1) * self.per_part, len(self.tokens)))
 
 
-def plan_parts(kind: str, role: str, model: Path, prompts_path: Path, out: Path, cfg: GenerationConfig,
+def plan_parts(kind: str, model: Path, prompts_path: Path, out: Path, cfg: GenerationConfig,
                per_part: int, shard: tuple[int, int], size_key: str) -> PromptParts:
     """Read and tokenize the prompts and list the parts left to write (and the stale parts they replace,
     removed only once a new part is ready: `shards.PartPlan`).
 
-    `role` ("teacher" or "policy") names the model's run-key input and footer fields
-    (`<role>_fingerprint`, `<role>_path`); `size_key` is the `task` key to raise when there are no prompts.
+    `kind` ("sft_data": the teacher generates, or "rollouts": the policy) names the model's run-key input
+    and footer fields (`teacher_fingerprint` or `policy_fingerprint`, and its path); `size_key` is the
+    `task` key to raise when there are no prompts.
     """
     check_unchanged(model)  # an edited model is named as such before anything is computed from it
+    role = ROLES[kind]
     table = read_prompts(prompts_path)
     if table.num_rows == 0:
         raise UserError(f"{prompts_path}: no prompts; rerun `dvc repro prepare` with task.{size_key} > 0")
@@ -70,11 +75,9 @@ def plan_parts(kind: str, role: str, model: Path, prompts_path: Path, out: Path,
     n_parts = math.ceil(len(tokens) / per_part)
     out.mkdir(parents=True, exist_ok=True)
     pending = shards.pending_parts(out, kind, key, n_parts, shard)
-    meta = {
-        "kind": kind, "run_key": key, "num_parts": n_parts,
-        f"{role}_fingerprint": fingerprint, "tokenizer_fingerprint": tokenizer_fingerprint(model),
-        f"{role}_path": str(model), "prompts_path": str(prompts_path),
-        "sampling_temperature": cfg.temperature, **engine_footer(cfg), "config": asdict(cfg),
-    }
+    footer = FOOTERS[kind](
+        run_key=key, num_parts=n_parts, **{f"{role}_fingerprint": fingerprint, f"{role}_path": str(model)},
+        tokenizer_fingerprint=tokenizer_fingerprint(model), prompts_path=str(prompts_path),
+        sampling_temperature=cfg.temperature, **engine_footer(cfg), config=asdict(cfg))
     skipped = len(range(shard[0], n_parts, shard[1])) - len(pending.todo)
-    return PromptParts(prompt_ids, texts, answers, tokens, tokenizer, per_part, meta, pending, skipped)
+    return PromptParts(prompt_ids, texts, answers, tokens, tokenizer, per_part, footer, pending, skipped)

@@ -1,8 +1,9 @@
-"""The shard contract (docs/design.md §4): schema, footer metadata, atomic writes, validated streaming reads.
+"""Writing and reading shards (docs/design.md §4): atomic writes, footer and schema checks, validated streaming reads.
 
 Rollout shards hold one row per sampled response; teacher shards are the same rows plus the teacher's
-columns, so `data/teacher_topk/part-i.parquet` is `data/rollouts/part-i.parquet` scored. Everything
-that writes or reads a shard goes through this module, so the contract lives in one place.
+columns, so `data/teacher_topk/part-i.parquet` is `data/rollouts/part-i.parquet` scored. The contract is
+the package `offline_opd.contract`: columns and table builders in `tables`, footers in `footers`, entry
+codecs in `codec`; this module is the one way shards reach the disk and come back, checked against them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import logging
 import os
 import re
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,56 +23,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from offline_opd.errors import UserError
-from offline_opd.contract.codec import Codec, TeacherFormat, codec_from_meta
+from offline_opd.contract.footers import FOOTERS, REQUIRED_META, Footer, stamp
 from offline_opd.contract.integrity import verify_sealed, write_sealed
+from offline_opd.contract.tables import (READABLE_VERSIONS, ROLLOUT_SCHEMA, SCHEMA_VERSION, SFT_SCHEMA, TeacherFormat,
+                                         current_names, stored_name, teacher_format_of, teacher_schema)
 
 log = logging.getLogger("opd.shards")
 
-# 2: teacher shards store the exact tail (`tail_logprob`) and may use a codec (`opd.codec`) and sampled
-# entries (`sample_counts`). Version 1 teacher shards still read: their tail is rebuilt, with a warning.
-SCHEMA_VERSION = "2"
-READABLE_VERSIONS = ("1", "2")
 META_PREFIX = "opd."
 ROW_GROUP_SIZE = 256
 COMPRESSION = "zstd"
-
-ROLLOUT_FIELDS = [
-    pa.field("sample_id", pa.string(), nullable=False),
-    pa.field("prompt_id", pa.string(), nullable=False),
-    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("prompt_len", pa.int32(), nullable=False),
-    pa.field("student_logprobs", pa.list_(pa.float32()), nullable=False),
-]
-
-
-ROLLOUT_SCHEMA = pa.schema(ROLLOUT_FIELDS)
-
-
-def teacher_schema(fmt: TeacherFormat | str = "float16") -> pa.Schema:
-    """Rollout columns plus the teacher columns of `fmt` (a logprob dtype: plain top-k with exact tail)."""
-    if isinstance(fmt, str):
-        fmt = TeacherFormat(Codec("plain", logprob_dtype=fmt), width=0, samples=0, exact_tail=True)
-    return pa.schema(ROLLOUT_FIELDS + fmt.fields())
-
-
-# Footer keys every shard of a kind must carry (values are strings; JSON where structured).
-REQUIRED_META = {
-    "rollouts": ["schema_version", "kind", "policy_fingerprint", "tokenizer_fingerprint", "backend",
-                 "backend_version", "sampling_temperature", "created_at"],
-    "teacher_topk": ["schema_version", "kind", "teacher_fingerprint", "policy_fingerprint",
-                     "tokenizer_fingerprint", "k", "scoring_temperature", "privileged_context",
-                     "backend", "backend_version", "created_at"],
-    "sft_data": ["schema_version", "kind", "teacher_fingerprint", "tokenizer_fingerprint", "backend",
-                 "backend_version", "created_at"],
-}
-
-SFT_SCHEMA = pa.schema([
-    pa.field("prompt_id", pa.string(), nullable=False),
-    pa.field("prompt", pa.string(), nullable=False),
-    pa.field("response", pa.string(), nullable=False),
-    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("prompt_len", pa.int32(), nullable=False),
-])
+# zstd level of the columns a codec asks a special encoding for (`TeacherFormat.encodings`): their byte
+# planes compress 5 % better at 9 than at the default 1 (bench/shard_bytes.py), at a fraction of scoring time.
+ENCODED_LEVEL = 9
 
 
 class ShardError(UserError, ValueError):
@@ -112,31 +75,37 @@ def run_parts(folder: Path | str, kind: str) -> list[Path]:
     return list_parts(folder)
 
 
-def write_shard(path: Path | str, table: pa.Table, meta: Mapping[str, Any], schema: pa.Schema,
+def write_shard(path: Path | str, table: pa.Table, meta: Footer | Mapping[str, Any], schema: pa.Schema,
+                encodings: Mapping[str, str] | None = None,
                 before_replace: Callable[[], None] | None = None) -> Path:
     """Validate and write one shard atomically: a crash leaves no file that looks complete.
 
-    `meta` keys are written with the `opd.` prefix; non-string values are JSON-encoded. The file gets
-    page CRCs and a sealed whole-file checksum (offline_opd.contract.integrity). `before_replace` runs
-    once the complete file is on disk under its temporary name, just before it takes its place
-    (`PartPlan.clear_stale`: parts of another run go only when a part of this one is ready).
+    `meta` (a typed footer, or key/values: non-string values are JSON-encoded) is written with the `opd.`
+    prefix, plus the schema version and, for a part, its index (no time of writing: a rerun with the same
+    content writes the same bytes). `encodings`: Parquet encodings per column (`TeacherFormat.encodings`),
+    those columns compressed at ENCODED_LEVEL. The file gets page CRCs and a sealed whole-file checksum
+    (offline_opd.contract.integrity). `before_replace` runs once the complete file is on disk under its
+    temporary name, just before it takes its place (`PartPlan.clear_stale`: parts of another run go only
+    when a part of this one is ready).
     """
     path = Path(path)
     table = table.select(schema.names).cast(schema)
-    footer = {f"{META_PREFIX}{k}": (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
+    values = dict(meta.to_meta() if isinstance(meta, Footer) else meta)
     if (index := _PART_RE.fullmatch(path.name)) is not None:
-        footer[f"{META_PREFIX}part"] = str(int(index.group(1)))   # a copy under another part's name is found
-    footer.setdefault(f"{META_PREFIX}schema_version", SCHEMA_VERSION)
-    footer.setdefault(f"{META_PREFIX}created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        values["part"] = str(int(index.group(1)))   # a copy under another part's name is found
+    footer = {f"{META_PREFIX}{k}": (v if isinstance(v, str) else json.dumps(v)) for k, v in stamp(values).items()}
     table = table.replace_schema_metadata(footer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    leaves = _leaf_paths(table.schema, dict(encodings or {}))
     try:
         # Plain (dictionary off) float16 is what DuckDB reads; BYTE_STREAM_SPLIT float16 it does not.
         # Page CRCs let every read detect a flipped bit and name the file and row group (iter_row_groups).
         write_sealed(tmp, table, compression=COMPRESSION, row_group_size=ROW_GROUP_SIZE,
                      use_dictionary=["sample_id", "prompt_id"],
-                     write_statistics=["sample_id", "prompt_id", "prompt_len"])
+                     write_statistics=["sample_id", "prompt_id", "prompt_len"],
+                     column_encoding=leaves or None,
+                     compression_level={name: ENCODED_LEVEL for name in leaves} or None)
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
@@ -144,6 +113,15 @@ def write_shard(path: Path | str, table: pa.Table, meta: Mapping[str, Any], sche
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _leaf_paths(schema: pa.Schema, by_column: Mapping[str, str]) -> dict[str, str]:
+    """Per-column settings keyed as pyarrow's writer names Parquet leaves (`col.list.element` for a list)."""
+    out = {}
+    for name, value in by_column.items():
+        field = schema.field(name)
+        out[f"{name}.list.element" if pa.types.is_list(field.type) else name] = value
+    return out
 
 
 def read_meta(path: Path | str) -> dict[str, str]:
@@ -159,9 +137,18 @@ def read_meta(path: Path | str) -> dict[str, str]:
 @dataclass(frozen=True)
 class ShardInfo:
     path: Path
-    meta: dict[str, str]
+    meta: dict[str, str]     # the footer's key/values as stored (strings); `footer` types them
     num_rows: int
     num_row_groups: int
+
+    @property
+    def footer(self) -> Footer:
+        """The typed footer of the shard's kind (`footers.FOOTERS`)."""
+        return FOOTERS[self.meta["kind"]].from_meta(self.meta)
+
+    @property
+    def version(self) -> str:
+        return self.meta["schema_version"]
 
 
 def check_integrity(path: Path | str, kind: str | None = None) -> None:
@@ -201,13 +188,14 @@ def open_shard(path: Path | str, kind: str, schema: pa.Schema | None = None) -> 
         raise ShardError(f"{path}: schema version {meta['schema_version']}, this code reads "
                          f"{', '.join(READABLE_VERSIONS)}; rerun the `{kind}` stage")
     pf = pq.ParquetFile(path)
-    if schema is not None:
+    if schema is not None:  # in today's column names: a renamed column is looked up under its old name
         actual = pf.schema_arrow
         for field in schema:
-            if field.name not in actual.names:
-                raise ShardError(f"{path}: missing column '{field.name}' ({field.type}); rerun the `{kind}` stage")
-            if not _same_type(actual.field(field.name).type, field.type):
-                raise ShardError(f"{path}: column '{field.name}' has type {actual.field(field.name).type}, "
+            name = stored_name(field.name, meta["schema_version"])
+            if name not in actual.names:
+                raise ShardError(f"{path}: missing column '{name}' ({field.type}); rerun the `{kind}` stage")
+            if not _same_type(actual.field(name).type, field.type):
+                raise ShardError(f"{path}: column '{name}' has type {actual.field(name).type}, "
                                  f"expected {field.type}; rerun the `{kind}` stage")
     return ShardInfo(path, meta, pf.metadata.num_rows, pf.metadata.num_row_groups)
 
@@ -282,7 +270,7 @@ def open_teacher_shards(folder: Path | str) -> list[ShardInfo]:
     parts = run_parts(folder, "teacher_topk")
     if not parts:
         raise ShardError(f"{folder}: no part-*.parquet teacher shards; run the `teacher_topk` stage")
-    infos = [open_shard(p, "teacher_topk", teacher_schema(teacher_format_of(p, read_meta(p)))) for p in parts]
+    infos = [open_shard(p, "teacher_topk", teacher_schema(shard_format(p, read_meta(p)))) for p in parts]
     check_run(folder, infos, "teacher_topk")
     old = [i.path.name for i in infos if i.meta["schema_version"] == "1"]
     if old:
@@ -292,21 +280,28 @@ def open_teacher_shards(folder: Path | str) -> list[ShardInfo]:
     return infos
 
 
-def teacher_format_of(path: Path, meta: dict[str, str]) -> TeacherFormat:
-    """The teacher format a shard's footer describes (footers written before v2 describe plain top-k)."""
-    width = int(json.loads(meta.get("width", meta.get("k", "0"))))
-    return TeacherFormat(codec_from_meta(meta, _logprob_dtype(path)), width=width,
-                         samples=int(meta.get("samples", "0")), exact_tail=meta.get("schema_version") != "1")
+def shard_format(path: Path, meta: dict[str, str]) -> TeacherFormat:
+    """The teacher format a shard's footer describes (`tables.teacher_format_of`), or a ShardError naming the file
+    when this code cannot read it (a newer schema version or codec)."""
+    if meta.get("schema_version") not in READABLE_VERSIONS:
+        raise ShardError(f"{path}: schema version {meta.get('schema_version')}, this code reads "
+                         f"{', '.join(READABLE_VERSIONS)}; rerun the `teacher_topk` stage")
+    try:
+        return teacher_format_of(path, meta)
+    except (ValueError, TypeError, KeyError, OSError, pa.ArrowException) as exc:
+        raise ShardError(f"{path}: footer key {META_PREFIX}codec does not describe a codec this code reads "
+                         f"({exc}); rerun the `teacher_topk` stage") from exc
 
 
 def teacher_format(infos: list[ShardInfo]) -> TeacherFormat:
     """The format every shard of one run shares (one batch holds one [B, T, W] tensor, one codec)."""
-    formats = [teacher_format_of(i.path, i.meta) for i in infos]
+    formats = [shard_format(i.path, i.meta) for i in infos]
     for info, fmt in zip(infos, formats):
         if fmt != formats[0]:
             raise ShardError(f"{info.path}: stores {fmt} but {infos[0].path} stores {formats[0]}; shards of one "
                              f"run must share k, codec and selection: rerun the `teacher_topk` stage")
     return formats[0]
+
 
 def check_folder(folder: Path | str) -> list[ShardInfo]:
     """`opd-inspect check DIR`: the parts in `folder`, of whichever kind their footers name, are one run."""
@@ -324,16 +319,6 @@ def check_folder(folder: Path | str) -> list[ShardInfo]:
     return open_run(folder, kind, ROLLOUT_SCHEMA if kind == "rollouts" else SFT_SCHEMA)
 
 
-def _logprob_dtype(path: Path) -> str:
-    try:
-        schema = pq.read_schema(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise ShardError(f"{path}: not a readable Parquet file ({exc}); delete it and rerun the stage") from exc
-    if "topk_logprobs" not in schema.names:
-        return "float16"  # open_shard then reports the missing column by name
-    return "float32" if pa.types.is_float32(schema.field("topk_logprobs").type.value_type) else "float16"
-
-
 def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
     """Type equality that ignores list item field names ('item' vs 'element' differ across writers)."""
     if pa.types.is_list(a) and pa.types.is_list(b):
@@ -343,11 +328,14 @@ def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
 
 def iter_row_groups(info: ShardInfo, columns: list[str] | None = None,
                     groups: list[int] | None = None) -> Iterator[pa.Table]:
-    """Stream a shard one row group at a time; a truncated or corrupt group names the file."""
+    """Stream a shard one row group at a time, columns under today's names (`tables.RENAMED`); a truncated or
+    corrupt group names the file."""
     pf = pq.ParquetFile(info.path, page_checksum_verification=True)
+    version = info.meta.get("schema_version", SCHEMA_VERSION)
+    stored = None if columns is None else [stored_name(c, version) for c in columns]
     for g in range(info.num_row_groups) if groups is None else groups:
         try:
-            yield pf.read_row_group(g, columns=columns)
+            yield current_names(pf.read_row_group(g, columns=stored), version)
         except (OSError, pa.ArrowException) as exc:
             raise ShardError(f"{info.path}: row group {g} is unreadable ({exc}); the file is corrupt or "
                              f"truncated: delete it and rerun the stage that wrote it") from exc
@@ -371,13 +359,13 @@ def finished_parts(folder: Path | str, kind: str, run_key: str,
     """Names of parts already complete for this exact run (resume skips them), and the parts that are not.
 
     A part counts only if it is intact (its sealed checksum, or its page CRCs, match: a flipped byte
-    makes it a part to redo, never a finished one), its footer is this pipeline's, and its `run_key`
-    (a hash of the stage's settings and input fingerprints) matches: parts left by a crashed run
-    resume. The others (other settings, corrupt) are returned to be removed once this run has a part
-    ready to replace them (`PartPlan.clear_stale`), so a run that fails before that leaves them as they
-    were. Half-written temporaries are never good output and are deleted now. `only` limits all of
-    this to the part names a process owns, so processes filling one folder with `--shard i/n` never
-    touch each other's parts or temporaries mid-write.
+    makes it a part to redo, never a finished one), its footer is this pipeline's, it has this code's
+    schema version and its `run_key` (a hash of the stage's settings and input fingerprints) matches:
+    parts left by a crashed run resume. The others (other settings, an older schema, corrupt) are
+    returned to be removed once this run has a part ready to replace them (`PartPlan.clear_stale`), so
+    a run that fails before that leaves them as they were. Half-written temporaries are never good
+    output and are deleted now. `only` limits all of this to the part names a process owns, so
+    processes filling one folder with `--shard i/n` never touch each other's parts or temporaries mid-write.
     """
     folder = Path(folder)
     for tmp in folder.glob(".part-*.tmp-*"):
@@ -388,7 +376,8 @@ def finished_parts(folder: Path | str, kind: str, run_key: str,
         if only is not None and path.name not in only:
             continue
         try:
-            ok = open_shard(path, kind).meta.get("run_key") == run_key
+            meta = open_shard(path, kind).meta
+            ok = meta.get("run_key") == run_key and meta["schema_version"] == SCHEMA_VERSION
         except ShardError as exc:
             log.warning("%s; it will be written again", exc)
             ok = False

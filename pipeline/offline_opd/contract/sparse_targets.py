@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
@@ -49,6 +49,12 @@ class Selection:
             raise ValueError(f"selection {self.mode!r}: use one of {', '.join(SELECTIONS)}")
         if self.sampled and not 1 <= self.samples <= MAX_SAMPLES:
             raise ValueError(f"selection {self.mode!r} needs 1 <= samples <= {MAX_SAMPLES}, got {self.samples}")
+
+    @classmethod
+    def of(cls, cfg: Any) -> "Selection":
+        """The selection `teacher_topk` settings (`config.TeacherTopkConfig`, whose cross-key rules are checked
+        at load) describe."""
+        return cls(cfg.selection, cfg.k, cfg.samples)
 
     @property
     def sampled(self) -> bool:

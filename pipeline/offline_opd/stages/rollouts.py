@@ -14,14 +14,14 @@ import argparse
 import time
 from pathlib import Path
 
-import pyarrow as pa
 from tqdm import tqdm
 
 from offline_opd.contract import shards
 from offline_opd.config import RolloutsConfig
 from offline_opd.backends.engine import load_engine
-from offline_opd.backends.base import Sample, Sampling, batch_seed
+from offline_opd.backends.base import Sampling, batch_seed
 from offline_opd.contract.parts import plan_parts
+from offline_opd.contract.tables import ROLLOUT_SCHEMA, rollout_table
 from offline_opd.runtime import add_shard_arg, cli, stage_main
 
 KIND = "rollouts"
@@ -36,22 +36,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_shard_arg(parser)
 
 
-def rollout_table(prompt_ids: list[str], prompt_tokens: list[list[int]], samples: list[list[Sample]]) -> pa.Table:
-    """Rows of one part: sample i of prompt p is `p#i`; input_ids are prompt + response, as π_ref saw them."""
-    rows = [(pid, i, ids, s) for pid, ids, row in zip(prompt_ids, prompt_tokens, samples) for i, s in enumerate(row)]
-    return pa.table({
-        "sample_id": [f"{pid}#{i}" for pid, i, _, _ in rows],
-        "prompt_id": [pid for pid, _, _, _ in rows],
-        "input_ids": pa.array([ids + s.response_ids for _, _, ids, s in rows], pa.list_(pa.int32())),
-        "prompt_len": pa.array([len(ids) for _, _, ids, _ in rows], pa.int32()),
-        "student_logprobs": pa.array([s.logprobs for _, _, _, s in rows], pa.list_(pa.float32())),
-    })
-
-
 def run(args: argparse.Namespace, cfg: RolloutsConfig) -> dict:
-    plan = plan_parts(KIND, "policy", args.policy, args.prompts, args.out, cfg,
+    plan = plan_parts(KIND, args.policy, args.prompts, args.out, cfg,
                       per_part=max(1, cfg.rows_per_shard // cfg.n_samples), shard=args.shard, size_key="n_opd")
-    stats = {"parts_total": plan.meta["num_parts"], "parts_skipped": plan.skipped,
+    stats = {"parts_total": plan.footer.num_parts, "parts_skipped": plan.skipped,
              "parts_written": 0, "rows": 0, "response_tokens": 0, "at_max_new_tokens": 0}
     if not plan.todo:
         plan.pending.clear_stale()
@@ -63,7 +51,7 @@ def run(args: argparse.Namespace, cfg: RolloutsConfig) -> dict:
         samples = engine.generate(plan.tokens[part], Sampling(cfg.n_samples, cfg.temperature, cfg.max_new_tokens,
                                                               seed=batch_seed(cfg.seed, j)))
         table = rollout_table(plan.prompt_ids[part], plan.tokens[part], samples)
-        shards.write_shard(args.out / shards.part_name(j), table, plan.meta, shards.ROLLOUT_SCHEMA,
+        shards.write_shard(args.out / shards.part_name(j), table, plan.footer, ROLLOUT_SCHEMA,
                            before_replace=plan.pending.clear_stale)
         flat = [s for row in samples for s in row]
         stats["parts_written"] += 1

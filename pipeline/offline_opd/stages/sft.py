@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from offline_opd.contract import shards
+from offline_opd.contract.tables import SFT_SCHEMA
 from offline_opd.atomic import write_text
 from offline_opd.config import SftConfig
 from offline_opd.provenance.consistency import FIX_TOKENIZER, ConsistencyError
@@ -48,7 +49,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def read_sft_parts(folder: Path) -> tuple[list[Example], list[shards.ShardInfo]]:
     """All parts of one complete sft_data run, checked to come from a single teacher and tokenizer."""
-    infos = shards.open_run(folder, "sft_data", shards.SFT_SCHEMA,
+    infos = shards.open_run(folder, "sft_data", SFT_SCHEMA,
                             agree=("teacher_fingerprint", "tokenizer_fingerprint", "run_key"))
     examples = []
     for info in infos:
@@ -95,14 +96,14 @@ def pretrained_student(cfg: SftConfig, base: Path, data_tokenizer_fp: str, data:
 
 def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
     examples, infos = read_sft_parts(args.data)
-    meta = infos[0].meta
+    footer = infos[0].footer
     teacher_dir = resolve_model_dir(args.teacher)
     check_unchanged(args.teacher)  # an edited teacher is named as such, not as a teacher mismatch
     teacher_fp = model_fingerprint(args.teacher)
-    if teacher_fp != meta["teacher_fingerprint"]:
+    if teacher_fp != footer.teacher_fingerprint:
         raise ConsistencyError(
-            f"teacher mismatch: {args.data} was written by teacher {meta['teacher_fingerprint']} "
-            f"({meta.get('teacher_path', '?')}) but --teacher {args.teacher} is {teacher_fp}; "
+            f"teacher mismatch: {args.data} was written by teacher {footer.teacher_fingerprint} "
+            f"({footer.teacher_path or '?'}) but --teacher {args.teacher} is {teacher_fp}; "
             f"rerun `dvc repro sft_data` with this teacher")
     teacher_params = parameter_count(teacher_dir)
     import torch
@@ -119,12 +120,12 @@ def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
         # once, not again for provenance.
         base = teacher_dir if cfg.source == "teacher" else resolve_model_source(cfg.source)
         source = str(base)
-        model, tokenizer, dtype, weights = pretrained_student(cfg, base, meta["tokenizer_fingerprint"], args.data)
+        model, tokenizer, dtype, weights = pretrained_student(cfg, base, footer.tokenizer_fingerprint, args.data)
     if cfg.prune_to_layers is not None:   # never with a scratch student (SftConfig refuses it at load)
         kept = prune_layers(model, cfg.prune_to_layers, f"{args.params}: sft.prune_to_layers")
         log.info("pruned the student base to layers %s", kept)
     params = sum(p.numel() for p in model.parameters())
-    key = run_key(cfg, examples, teacher=teacher_fp, parts=[i.meta["run_key"] for i in infos], base=source)
+    key = run_key(cfg, examples, teacher=teacher_fp, parts=[i.footer.run_key for i in infos], base=source)
     # Right padding is never attended by a response token: any id will do.
     result = train_supervised(model, examples, cfg, tokenizer.pad_token_id or 0, args.logs, key,
                               f"{args.params}: sft", weights=weights)
@@ -135,9 +136,9 @@ def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
         record = write_provenance(
             folder, "sft", source=source, config=asdict(cfg), sft_teacher_fingerprint=teacher_fp,
             sft_data_files=[i.path.name for i in infos], teacher_path=str(args.teacher))
-        if record["tokenizer_fingerprint"] != meta["tokenizer_fingerprint"]:
+        if record["tokenizer_fingerprint"] != footer.tokenizer_fingerprint:
             raise ConsistencyError(f"the saved student's tokenizer {record['tokenizer_fingerprint']} differs from "
-                                   f"the SFT data's {meta['tokenizer_fingerprint']} ({args.data}); fix: {FIX_TOKENIZER}")
+                                   f"the SFT data's {footer.tokenizer_fingerprint} ({args.data}); fix: {FIX_TOKENIZER}")
 
     save_model(result, args.out, dtype, finish)
     if not result.trainer.is_global_zero:

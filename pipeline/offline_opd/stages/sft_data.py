@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pyarrow as pa
 from tqdm import tqdm
 
 from offline_opd.contract import shards
 from offline_opd.config import SftDataConfig
 from offline_opd.backends.engine import load_engine
-from offline_opd.backends.base import Sample, Sampling, batch_seed
+from offline_opd.backends.base import Sampling, batch_seed
 from offline_opd.contract.parts import plan_parts
+from offline_opd.contract.tables import SFT_SCHEMA, sft_table
 from offline_opd.runtime import add_shard_arg, cli, stage_main
 
 KIND = "sft_data"
@@ -33,21 +33,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_shard_arg(parser)
 
 
-def sft_table(prompt_ids: list[str], prompts: list[str], prompt_tokens: list[list[int]], samples: list[Sample],
-              tokenizer) -> pa.Table:
-    return pa.table({
-        "prompt_id": prompt_ids,
-        "prompt": prompts,
-        "response": tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True),
-        "input_ids": pa.array([p + s.response_ids for p, s in zip(prompt_tokens, samples)], pa.list_(pa.int32())),
-        "prompt_len": pa.array([len(p) for p in prompt_tokens], pa.int32()),
-    })
-
-
 def run(args: argparse.Namespace, cfg: SftDataConfig) -> dict:
-    plan = plan_parts(KIND, "teacher", args.teacher, args.prompts, args.out, cfg,
+    plan = plan_parts(KIND, args.teacher, args.prompts, args.out, cfg,
                       per_part=cfg.rows_per_shard, shard=args.shard, size_key="n_sft")
-    stats = {"parts_total": plan.meta["num_parts"], "parts_written": 0, "rows": 0, "response_tokens": 0,
+    stats = {"parts_total": plan.footer.num_parts, "parts_written": 0, "rows": 0, "response_tokens": 0,
              "at_max_new_tokens": 0}
     if not plan.todo:
         plan.pending.clear_stale()
@@ -58,7 +47,7 @@ def run(args: argparse.Namespace, cfg: SftDataConfig) -> dict:
         sampling = Sampling(1, cfg.temperature, cfg.max_new_tokens, seed=batch_seed(cfg.seed, j))
         samples = [row[0] for row in engine.generate(plan.tokens[rows], sampling)]
         part = sft_table(plan.prompt_ids[rows], plan.texts[rows], plan.tokens[rows], samples, plan.tokenizer)
-        shards.write_shard(args.out / shards.part_name(j), part, plan.meta, shards.SFT_SCHEMA,
+        shards.write_shard(args.out / shards.part_name(j), part, plan.footer, SFT_SCHEMA,
                            before_replace=plan.pending.clear_stale)
         stats["parts_written"] += 1
         stats["rows"] += len(samples)

@@ -42,15 +42,14 @@ from offline_opd.provenance.record import check_unchanged
 from offline_opd.backends.engine import engine_footer, load_engine
 from offline_opd.models.loading import load_config, load_tokenizer
 from offline_opd.contract.prompts import encode_prompt, read_prompts
-from offline_opd.backends.base import SCORING_TEMPERATURE, Extras, Scored
+from offline_opd.backends.base import SCORING_TEMPERATURE, Extras
 from offline_opd.errors import UserError
-from offline_opd.contract.codec import TeacherFormat, encode, make_codec
+from offline_opd.contract.footers import RolloutsFooter, TeacherTopkFooter
+from offline_opd.contract.tables import ROLLOUT_SCHEMA, scored_table, teacher_format, teacher_schema
 from offline_opd.contract.sparse_targets import Selection, draw_uniforms
 from offline_opd.runtime import add_shard_arg, cli, stage_main
 
 KIND = "teacher_topk"
-# Rollout footer fields every teacher shard carries unchanged: which policy sampled the rows, and how.
-POLICY_KEYS = ("policy_fingerprint", "policy_path", "tokenizer_fingerprint", "sampling_temperature")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -119,34 +118,6 @@ def teacher_inputs(table: pa.Table, privileged: PrivilegedPrompts | None) -> tup
     return out, [len(cache[pid]) for pid in table.column("prompt_id").to_pylist()]
 
 
-def _ragged(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
-    """One list<value_type> array from per-row numpy arrays (flattened row-major), without Python per-value work."""
-    lengths = np.array([a.size for a in arrays], dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    values = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(value_type.to_pandas_dtype())))
-
-
-def scored_table(rollouts: pa.Table, scored: list[Scored], fmt: TeacherFormat) -> pa.Table:
-    """The rollout rows plus the teacher columns of `fmt` (entries encoded by its codec)."""
-    rows = [{"teacher_logprob": s.teacher_logprob, "tail_logprob": s.tail_logprob, "sample_counts": s.sample_counts,
-             **encode(fmt.codec, s.topk_ids, s.topk_logprobs)} for s in scored]
-    for field in fmt.fields():
-        rollouts = rollouts.append_column(field.name, _ragged([r[field.name] for r in rows], field.type.value_type))
-    return rollouts
-
-
-def selection_for(cfg: TeacherTopkConfig) -> Selection:
-    """What each position stores; the settings' cross-key rules were checked at load (TeacherTopkConfig)."""
-    return Selection(cfg.selection, cfg.k, cfg.samples)
-
-
-def teacher_format(cfg: TeacherTopkConfig, selection: Selection, vocab: int) -> TeacherFormat:
-    """The format this run writes: the codec sized to the teacher's vocabulary."""
-    codec = make_codec(cfg.codec, cfg.logprob_dtype, vocab)
-    return TeacherFormat(codec, selection.width(cfg.union_student_k), cfg.samples, exact_tail=True)
-
-
 def extras_for(rollouts: pa.Table, selection: Selection, seed: int, policy_scorer, union_k: int) -> Extras:
     """Per-sequence draws and π_ref's top ids for one part (π_ref scores the rollouts as sampled)."""
     ids, plens = rollouts.column("input_ids").to_pylist(), rollouts.column("prompt_len").to_pylist()
@@ -162,7 +133,7 @@ def extras_for(rollouts: pa.Table, selection: Selection, seed: int, policy_score
 
 def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     shard = args.shard
-    selection = selection_for(cfg)
+    selection = Selection.of(cfg)
     vocab = load_config(args.teacher).vocab_size
     if cfg.k > vocab:
         raise UserError(f"{args.params}: teacher_topk.k: {cfg.k} is more than the teacher's vocabulary ({vocab} "
@@ -170,33 +141,31 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     if cfg.union_student_k > vocab:
         raise UserError(f"{args.params}: teacher_topk.union_student_k: {cfg.union_student_k} is more than the "
                         f"vocabulary ({vocab} tokens, {args.teacher}); lower union_student_k")
-    parts = shards.open_run(args.rollouts, "rollouts", shards.ROLLOUT_SCHEMA)
+    parts = shards.open_run(args.rollouts, "rollouts", ROLLOUT_SCHEMA)
     first = parts[0]
+    policy: RolloutsFooter = first.footer
     check_unchanged(args.teacher)  # an edited teacher is named as such, not as a tokenizer mismatch
     teacher_fp, teacher_tok = model_fingerprint(args.teacher), tokenizer_fingerprint(args.teacher)
     check_tokenizer(args.teacher, teacher_tok, first)
     check_scoring_teacher(args.teacher, teacher_fp, first, allow_override(args.params))
     privileged = None
     if cfg.privileged_context is not None:
-        prompts_path = args.prompts or Path(first.meta.get("prompts_path", ""))
+        prompts_path = args.prompts or Path(policy.prompts_path or "")
         privileged = PrivilegedPrompts(cfg.privileged_context, prompts_path, load_tokenizer(args.teacher))
-    key = shards.make_run_key(config=asdict(cfg), teacher=teacher_fp, rollouts=first.meta["run_key"],
+    key = shards.make_run_key(config=asdict(cfg), teacher=teacher_fp, rollouts=policy.run_key,
                               prompts=privileged.digest if privileged else None)
-    fmt = teacher_format(cfg, selection, vocab)
+    fmt = teacher_format(cfg, vocab)
     args.out.mkdir(parents=True, exist_ok=True)
     pending = shards.pending_parts(args.out, KIND, key, len(parts), shard)
     todo = pending.todo
-    meta = {
-        **{k: first.meta[k] for k in POLICY_KEYS},
-        "kind": KIND, "run_key": key, "rollouts_run_key": first.meta["run_key"], "num_parts": len(parts),
-        "teacher_fingerprint": teacher_fp, "teacher_path": str(args.teacher), "k": cfg.k,
-        "scoring_temperature": SCORING_TEMPERATURE,
-        # Always JSON (write_shard passes strings through): json.loads gives None or the template.
-        "privileged_context": json.dumps(cfg.privileged_context),
-        "logprob_dtype": cfg.logprob_dtype, **engine_footer(cfg),
-        "codec": fmt.codec.to_meta(), "width": fmt.width, "samples": fmt.samples, "selection": cfg.selection,
-        "config": asdict(cfg),
-    }
+    footer = TeacherTopkFooter(   # the rollouts' policy fields unchanged: which policy sampled the rows, and how
+        policy_fingerprint=policy.policy_fingerprint, policy_path=policy.policy_path,
+        tokenizer_fingerprint=policy.tokenizer_fingerprint, sampling_temperature=policy.sampling_temperature,
+        run_key=key, rollouts_run_key=policy.run_key, num_parts=len(parts), teacher_fingerprint=teacher_fp,
+        teacher_path=str(args.teacher), k=cfg.k, scoring_temperature=SCORING_TEMPERATURE,
+        privileged_context=cfg.privileged_context, logprob_dtype=cfg.logprob_dtype, **engine_footer(cfg),
+        codec=fmt.codec.describe(), width=fmt.width, samples=fmt.samples, selection=cfg.selection,
+        config=asdict(cfg))
     stats = {"parts_total": len(parts), "parts_skipped": len(range(shard[0], len(parts), shard[1])) - len(todo),
              "parts_written": 0, "rows": 0, "response_tokens": 0, "bytes": 0, "sum_teacher_logprob": 0.0,
              "sampled_in_topk": 0}
@@ -205,15 +174,15 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
         return stats
     engine = load_engine(args.teacher, cfg, KIND, max_logprobs=cfg.k)
     # π_ref's own top ids for the union targets: a second engine, on the policy the rollouts name.
-    policy = (load_engine(Path(first.meta["policy_path"]), cfg, KIND, max_logprobs=cfg.union_student_k)
+    pi_ref = (load_engine(Path(policy.policy_path), cfg, KIND, max_logprobs=cfg.union_student_k)
               if cfg.union_student_k else None)
     start = time.perf_counter()
     for j in tqdm(todo, desc="teacher_topk", unit="part"):
         rollouts = pa.concat_tables(shards.iter_row_groups(parts[j]))
-        extras = extras_for(rollouts, selection, cfg.seed, policy, cfg.union_student_k)
+        extras = extras_for(rollouts, selection, cfg.seed, pi_ref, cfg.union_student_k)
         scored = engine.score(*teacher_inputs(rollouts, privileged), k=cfg.k, extras=extras)
         path = shards.write_shard(args.out / shards.part_name(j), scored_table(rollouts, scored, fmt),
-                                  meta, shards.teacher_schema(fmt), before_replace=pending.clear_stale)
+                                  footer, teacher_schema(fmt), fmt.encodings(), before_replace=pending.clear_stale)
         stats["parts_written"] += 1
         stats["rows"] += rollouts.num_rows
         stats["bytes"] += path.stat().st_size

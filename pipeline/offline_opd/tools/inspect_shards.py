@@ -10,8 +10,9 @@ listed by name (never a glob, which would also read a stray or copied file). Vie
 integers with -1 for an empty slot, `topk_logprobs` as log-probs, whatever the codec; `tail_logprob`
 NULL for shards written before it existed), `shard_meta` (the `opd.*` footer key/values via
 `parquet_kv_metadata`) and `shard_files` (file sizes via `read_blob`, which does not read contents).
-`tokens` (one row per response token) is a view over `shards`. The decoding is the macro
-`opd_dequant` (pipeline/offline_opd/contract/codec.py describes the codecs); its parameters come from the footer.
+`tokens` (one row per response token) is a view over `shards`. The decoding SQL is generated from the
+codec the footer records (`Codec.sql_columns` in pipeline/offline_opd/contract/codec.py, next to the numpy
+decoder it must equal; tests/test_inspect.py checks them against each other on the same shards).
 `check DIR` and `verify` are not SQL: `check` runs the shard contract's run check
 (offline_opd.contract.shards.check_folder), the one distill applies before training; `verify` checks each
 file's sealed checksum and reads every page, naming every corrupt file. Output piped into a reader that
@@ -30,6 +31,7 @@ import duckdb
 
 from offline_opd.errors import UserError
 from offline_opd.contract import shards as shard_contract
+from offline_opd.contract.tables import view_sql
 from offline_opd.models.loading import ModelPathError
 from offline_opd.runtime import closed_pipe_is_quiet
 
@@ -37,15 +39,14 @@ DEFAULT_SHARDS = "data/teacher_topk"
 DEFAULT_TOKENIZER = "data/models/teacher"
 
 # {files} (the checked parts, a DuckDB list of file names) and {decode} (the select list of `shards`, from
-# DECODE_SQL) are the placeholders; the rest is what you would type into `duckdb`.
+# `tables.view_sql`: the columns under today's names, the entries decoded by the footer's codec) are the
+# placeholders; the rest is what you would type into `duckdb`.
 VIEWS_SQL = """
-CREATE OR REPLACE MACRO opd_dequant(ids, lpmax, codes, step, empty) AS
-  list_transform(codes, lambda x, i: CASE WHEN ids[i] = empty THEN '-inf'::FLOAT
-    ELSE lpmax[(i - 1) // (len(codes) // greatest(len(lpmax), 1)) + 1] - x * step END);
 CREATE OR REPLACE VIEW shard_rows AS
   SELECT * FROM read_parquet({files}, filename = true);
 CREATE OR REPLACE VIEW shards AS
-  SELECT {decode} FROM shard_rows;
+  SELECT {decode}
+  FROM shard_rows;
 CREATE OR REPLACE VIEW shard_meta AS
   SELECT file_name AS filename, substr(decode(key), 5) AS key, decode(value) AS value
   FROM parquet_kv_metadata({files})
@@ -54,29 +55,19 @@ CREATE OR REPLACE VIEW shard_files AS
   SELECT filename, size FROM read_blob({files});
 """
 
-# The select list of `shards` per kind of shard: rollouts and plain teacher shards as stored
-# ({exact_tail}: version 1 shards get a NULL tail), quantised ones decoded with the footer's parameters.
-DECODE_SQL = {
-    "stored": "*",
-    "no_tail": "*, NULL::FLOAT[] AS tail_logprob",
-    "quantised": "* EXCLUDE (topk_ids, topk_lpmax, topk_lpq),\n"
-                 "    list_transform(topk_ids, lambda x: CASE WHEN x = {empty} THEN -1 ELSE x::INTEGER END)"
-                 " AS topk_ids,\n"
-                 "    opd_dequant(topk_ids, topk_lpmax, topk_lpq, {step}, {empty}) AS topk_logprobs",
-}
-
 # One row per response token. Position t (1-based) of a response is input_ids[prompt_len + t]; its
 # top-k block is topk_ids[(t-1)*k + 1 : t*k] (DuckDB slices are 1-based, both ends inclusive).
 # Teacher entropy is over the k+1 outcomes top-k + tail bucket (the distribution the losses use):
 # a lower bound on the full-vocabulary entropy, equal to it when the tail mass is zero. The tail is the
 # stored exact one, or (version 1 shards) rebuilt as 1 - sum(top_p). With k = 0 (shards for the `pg`
 # loss) the top-k columns, entropy and argmax agreement are NULL. `k` here is the entries per position
-# (more than the footer's k with union or sampled entries; then top_ids[1] is still the teacher's argmax
-# unless the selection is `sampled`).
+# (more than the footer's k with union or sampled entries). The teacher's argmax is the stored entry
+# with the largest log-prob (entries are in descending order except with codec `compact`, which keeps
+# them in id order; it is the argmax itself unless the selection is `sampled`).
 TOKENS_VIEW_SQL = """
 CREATE OR REPLACE VIEW tokens AS
 WITH rows AS (
-  SELECT filename, sample_id, input_ids, prompt_len, student_logprobs, teacher_logprob, tail_logprob,
+  SELECT filename, sample_id, input_ids, prompt_len, behavior_logprob, teacher_logprob, tail_logprob,
          topk_ids, topk_logprobs, len(topk_ids) // greatest(len(teacher_logprob), 1) AS k
   FROM shards
 ), positions AS (
@@ -86,7 +77,7 @@ WITH rows AS (
          input_ids[prompt_len + t] AS token_id,
          teacher_logprob[t] AS teacher_lp,
          tail_logprob[t] AS tail_lp,
-         student_logprobs[t] AS student_lp,
+         behavior_logprob[t] AS student_lp,
          topk_ids[(t - 1) * k + 1 : t * k] AS top_ids,
          list_transform(topk_logprobs[(t - 1) * k + 1 : t * k], lambda x: exp(x)) AS top_p
   FROM positions
@@ -97,8 +88,8 @@ WITH rows AS (
 SELECT filename, sample_id, input_ids, prompt_len, k, t, token_id, teacher_lp, student_lp,
        teacher_lp - student_lp AS gap,
        top_ids, top_p, tail_p,
-       top_ids[1] AS teacher_argmax,
-       token_id = top_ids[1] AS sampled_is_teacher_argmax,
+       top_ids[list_position(top_p, list_max(top_p))] AS teacher_argmax,
+       token_id = top_ids[list_position(top_p, list_max(top_p))] AS sampled_is_teacher_argmax,
        -list_sum(list_transform(top_p, lambda p: CASE WHEN p > 0 THEN p * ln(p) ELSE 0 END))
          - CASE WHEN tail_p > 0 THEN tail_p * ln(tail_p) ELSE 0 END AS teacher_entropy
 FROM tails;
@@ -205,23 +196,19 @@ def views_sql(files: Sequence[Path]) -> str:
         meta = shard_contract.read_meta(path)  # names a truncated or corrupt file instead of a DuckDB stack
         decodes.setdefault(decode_sql(Path(path), meta), path)
     if len(decodes) > 1:
-        a, b = decodes.values()
+        a, b = list(decodes.values())[:2]
         raise InspectError(f"{a} and {b} store their entries differently (codec or schema version); "
                            f"inspect one run at a time with --shards")
-    decode = next(iter(decodes), DECODE_SQL["stored"])
+    decode = next(iter(decodes), "*")
     listed = ", ".join("'" + str(p).replace("'", "''") + "'" for p in files)
     return VIEWS_SQL.format(files=f"[{listed}]", decode=decode)
 
 
 def decode_sql(path: Path, meta: dict[str, str]) -> str:
     """The select list of the `shards` view that decodes this shard (from its footer)."""
-    if meta.get("kind") != "teacher_topk":
-        return DECODE_SQL["stored"]
-    fmt = shard_contract.teacher_format_of(path, meta)
-    if fmt.codec.quantised:
-        empty = (1 << {"uint8": 8, "uint16": 16, "uint32": 32}[fmt.codec.id_type]) - 1
-        return DECODE_SQL["quantised"].format(empty=empty, step=repr(fmt.codec.lp_step))
-    return DECODE_SQL["stored" if fmt.exact_tail else "no_tail"]
+    kind, version = meta.get("kind"), meta.get("schema_version", "")
+    fmt = shard_contract.shard_format(path, meta) if kind == "teacher_topk" else None
+    return view_sql(kind, version, fmt)
 
 
 def query(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], list[tuple]]:

@@ -84,8 +84,7 @@ class OnlineBatches(ResumableDataModule):
     def _batches(self) -> Iterator[dict[str, Any]]:
         from offline_opd.backends.base import Sampling, batch_seed
         from offline_opd.backends.generation import HFGenerator
-        from offline_opd.stages.rollouts import rollout_table
-        from offline_opd.stages.teacher_topk import scored_table
+        from offline_opd.contract.tables import rollout_table, scored_table
         from offline_opd.train.shard_data import collate
 
         order = self._order()
@@ -126,7 +125,7 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     from offline_opd.train.losses import loss_from_config
     from offline_opd.models.loading import load_config, load_tokenizer
     from offline_opd.contract.prompts import encode_prompt, read_prompts
-    from offline_opd.stages.teacher_topk import selection_for, teacher_format
+    from offline_opd.contract.tables import teacher_format
     from offline_opd.train.module import TrainModule
     from offline_opd.train.trainer import fit, load_for_training, save_model
 
@@ -137,7 +136,7 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     rollouts: RolloutsConfig = load_section("rollouts", args.params)
     topk: TeacherTopkConfig = load_section("teacher_topk", args.params)
     check_online(topk, str(args.params))
-    fmt = teacher_format(topk, selection_for(topk), load_config(args.teacher).vocab_size)
+    fmt = teacher_format(topk, load_config(args.teacher).vocab_size)
     objective = loss_from_config(cfg, f"{args.params}: distill", behavior_temperature=rollouts.temperature)
     table = read_prompts(args.prompts)
     tokenizer = load_tokenizer(args.init)

@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 
 from offline_opd.contract import shards
+from offline_opd.contract.footers import RolloutsFooter
+from offline_opd.contract.tables import ROLLOUT_SCHEMA
 from offline_opd.atomic import write_json
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
 from offline_opd.errors import UserError
@@ -50,15 +52,15 @@ def mismatch_stats(logprobs_a: list[np.ndarray], logprobs_b: list[np.ndarray]) -
     }
 
 
-def read_rollouts(folder: Path, max_rows: int | None) -> tuple[pa.Table, dict[str, str]]:
+def read_rollouts(folder: Path, max_rows: int | None) -> tuple[pa.Table, RolloutsFooter]:
     """The first `max_rows` rollout rows (ids only) and the first shard's footer."""
-    parts = shards.list_parts(folder)
+    parts = shards.run_parts(folder, "rollouts")   # a stray .parquet beside the parts is refused, as distill does
     if not parts:
         raise UserError(f"{folder}: no part-*.parquet rollout shards; run `dvc repro rollouts`")
     tables, meta, rows = [], None, 0
     for path in parts:
-        info = shards.open_shard(path, "rollouts", shards.ROLLOUT_SCHEMA)
-        meta = meta or info.meta
+        info = shards.open_shard(path, "rollouts", ROLLOUT_SCHEMA)
+        meta = meta or info.footer
         for group in shards.iter_row_groups(info, ["sample_id", "input_ids", "prompt_len"]):
             tables.append(group)
             rows += group.num_rows
@@ -89,7 +91,7 @@ def measure(teacher_a: Path, teacher_b: Path, rollouts: Path, max_rows: int | No
             batch_size: int, device: str | None) -> dict:
     tok = {"teacher_a": tokenizer_fingerprint(teacher_a), "teacher_b": tokenizer_fingerprint(teacher_b)}
     table, meta = read_rollouts(rollouts, max_rows)
-    tok["rollouts"] = meta["tokenizer_fingerprint"]
+    tok["rollouts"] = meta.tokenizer_fingerprint
     if len(set(tok.values())) > 1:
         raise UserError(f"tokenizers differ: {teacher_a} {tok['teacher_a']}, {teacher_b} {tok['teacher_b']}, "
                         f"{rollouts} (footer opd.tokenizer_fingerprint) {tok['rollouts']}; log-probs of the same "
@@ -101,7 +103,7 @@ def measure(teacher_a: Path, teacher_b: Path, rollouts: Path, max_rows: int | No
         **mismatch_stats(lp_a, lp_b),
         "teacher_a": str(teacher_a), "teacher_a_fingerprint": model_fingerprint(teacher_a),
         "teacher_b": str(teacher_b), "teacher_b_fingerprint": model_fingerprint(teacher_b),
-        "rollouts": str(rollouts), "policy_fingerprint": meta["policy_fingerprint"],
+        "rollouts": str(rollouts), "policy_fingerprint": meta.policy_fingerprint,
         "tokenizer_fingerprint": tok["rollouts"], "backend": backend,
     }
 

@@ -53,7 +53,7 @@ def collate(examples: Sequence[Example], rows: Sequence[int], pad_id: int) -> di
     return {
         "input_ids": ids, "attention_mask": real.long(), "response_mask": response,
         "topk_ids": torch.where(response, ids, -1)[..., None].int(), "topk_logprobs": zeros[..., None],
-        "teacher_logprob": zeros, "student_logprob": zeros, "sample_id": list(rows),
+        "teacher_logprob": zeros, "behavior_logprob": zeros, "sample_id": list(rows),
     }
 
 

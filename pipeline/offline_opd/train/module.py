@@ -114,7 +114,7 @@ class TrainModule(pl.LightningModule):
         targets = Targets(
             sampled_ids=batch["input_ids"][:, 1:][target],
             teacher_logprob=batch["teacher_logprob"][:, 1:][target],
-            behavior_logprob=batch["student_logprob"][:, 1:][target],
+            behavior_logprob=batch["behavior_logprob"][:, 1:][target],
             topk_ids=batch["topk_ids"][:, 1:][target],
             topk_logprobs=batch["topk_logprobs"][:, 1:][target],
             tail_logprob=batch["tail_logprob"][:, 1:][target] if "tail_logprob" in batch else None,

@@ -32,10 +32,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from offline_opd.contract import shards
 from offline_opd.config import ConfigError
-from offline_opd.contract.codec import TeacherFormat
+from offline_opd.contract.tables import BEHAVIOR, ROLLOUT_SCHEMA, TeacherFormat
 from offline_opd.train.data import GroupedBatches, ResumableDataModule
 
-ROLLOUT_COLUMNS = ["sample_id", "input_ids", "prompt_len", "student_logprobs"]
+# The rollout columns a batch needs (all but prompt_id).
+ROLLOUT_COLUMNS = [name for name in ROLLOUT_SCHEMA.names if name != "prompt_id"]
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def check_rows(table: pa.Table, fmt: TeacherFormat, where: str) -> None:
     prompt = table.column("prompt_len").to_numpy()
     resp = length - prompt
     problems = [("prompt_len must be in [1, len(input_ids)]", (prompt < 1) | (resp < 0))]
-    for name, width in {"student_logprobs": 1, **fmt.widths()}.items():
+    for name, width in {BEHAVIOR: 1, **fmt.widths()}.items():
         got = pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False)
         problems.append((f"{name} must hold {width} value(s) per response token", got != resp * width))
     for what, bad in problems:
@@ -147,7 +148,7 @@ def collate(table: pa.Table, fmt: TeacherFormat) -> dict[str, Any]:
     """Right-padded [B, T] / [B, T, W] tensors; per-token values sit at the position of their token.
 
     Keys: input_ids, attention_mask, response_mask (True at response tokens), topk_ids (-1 elsewhere),
-    topk_logprobs, teacher_logprob, student_logprob (π_ref's behaviour log-prob), sample_id (list),
+    topk_logprobs, teacher_logprob, behavior_logprob (π_ref's log-prob at sampling time), sample_id (list),
     and, when the shards hold them, tail_logprob [B, T] and entry_weights [B, T, W] (decoded by `fmt`).
     """
     length = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -167,10 +168,10 @@ def collate(table: pa.Table, fmt: TeacherFormat) -> dict[str, Any]:
     resp_mask = np.zeros((B, T), bool)
     resp_mask[rrows, rcols] = True
     per_token = {}
-    for name, key in (("teacher_logprob", "teacher_logprob"), ("student_logprobs", "student_logprob")):
+    for name in ("teacher_logprob", BEHAVIOR):
         arr = np.zeros((B, T), np.float32)
         arr[rrows, rcols] = flat(name)
-        per_token[key] = torch.from_numpy(arr)
+        per_token[name] = torch.from_numpy(arr)
     for key, values in fmt.decode(table).items():
         if values is not None:
             arr = np.full((B, T, *values.shape[1:]), -1 if key == "topk_ids" else 0, values.dtype)
