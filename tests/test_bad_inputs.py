@@ -111,6 +111,12 @@ BAD_VALUES = [
     ("evaluate", "n_eval", 0, ">= 1"),
     ("evaluate", "max_new_tokens", 0, ">= 1"),
     ("evaluate", "backend", "sglang", "not one of"),
+    ("sft_data", "cluster.backend", "dask", "not one of"),
+    ("rollouts", "cluster.replicas", 0, ">= 1"),
+    ("teacher_topk", "cluster.cpus_per_replica", -1, ">= 0"),
+    ("teacher_topk", "cluster.gpus_per_replica", 2, "backend: vllm"),
+    ("evaluate", "cluster.gpus_per_replica", 1.5, "whole number"),
+    ("evaluate", "cluster.address", 6379, "expected a string"),
 ]
 
 
@@ -142,7 +148,11 @@ def run_stage(root: Path, capsys, section: str, params: dict | str | None = None
                          ids=[f"{s}.{k}={v}" for s, k, v, _ in BAD_VALUES])
 def test_bad_value_is_one_line_naming_the_key(tmp_path, capsys, section, key, value, words):
     params = copy.deepcopy(CI)
-    params[section][key] = value
+    *outer, last = key.split(".")          # cluster.replicas: a key of the nested `cluster` mapping
+    target = params[section]
+    for name in outer:
+        target = target[name]
+    target[last] = value
     line = run_stage(tmp_path, capsys, section, params)
     assert f"params.yaml: {section}.{key}" in line and words in line, line
 

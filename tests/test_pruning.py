@@ -19,9 +19,9 @@ from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fing
 from offline_opd.models.loading import build_char_tokenizer, build_llama, prune_layers
 from offline_opd.contract.prompts import validate_prompts
 from offline_opd.provenance.record import write_provenance
-from tests.tiny_models import REPO, hf_engine, save_model
+from tests.tiny_models import LOCAL_CLUSTER, REPO, hf_engine, save_model
 
-ENGINE = {"batch_size": 4, "dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0}
+ENGINE = {"batch_size": 4, "dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0, "cluster": LOCAL_CLUSTER}
 
 
 @pytest.fixture(autouse=True)

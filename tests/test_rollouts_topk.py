@@ -22,10 +22,10 @@ from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fing
 from offline_opd.backends.generation import HFGenerator
 from offline_opd.contract.prompts import validate_prompts
 from offline_opd.backends.scoring import HFScorer
-from tests.tiny_models import hf_engine, save_model
+from tests.tiny_models import LOCAL_CLUSTER, hf_engine, save_model
 
 N_PROMPTS, N_SAMPLES, ROWS_PER_SHARD, K = 7, 2, 4, 3   # 2 prompts per part -> 4 parts, the last one short
-ENGINE = {"dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0}
+ENGINE = {"dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0, "cluster": LOCAL_CLUSTER}
 ROLLOUTS = {"backend": "hf", "batch_size": 5, **ENGINE, "max_new_tokens": 10, "temperature": 1.0,
             "rows_per_shard": ROWS_PER_SHARD, "seed": 0, "n_samples": N_SAMPLES}
 TOPK = {"backend": "hf", "batch_size": 6, **ENGINE, "k": K, "logprob_dtype": "float16", "privileged_context": None,
@@ -43,6 +43,10 @@ def env(tmp_path_factory) -> Path:
                       "answer": [p.answer for p in problems]})
     pq.write_table(validate_prompts(table, "test"), root / "opd.parquet")
     return root
+
+
+def without_cluster(section: dict) -> dict:
+    return {k: v for k, v in section.items() if k != "cluster"}
 
 
 def params(root: Path, rollouts_cfg: dict | None = None, topk_cfg: dict | None = None) -> Path:
@@ -91,13 +95,14 @@ def test_shards_follow_the_contract(env, clean_run):
         assert r.meta["kind"] == "rollouts" and r.meta["policy_fingerprint"] == policy_fp
         assert r.meta["tokenizer_fingerprint"] == tok_fp and r.meta["policy_path"] == str(env / "policy")
         assert r.meta["sampling_temperature"] == "1.0" and r.meta["backend"] == "hf"
-        assert json.loads(r.meta["config"]) == ROLLOUTS and r.meta["backend_version"].startswith("transformers")
+        # The footer's config is the section without `cluster` (where it ran changes no row).
+        assert json.loads(r.meta["config"]) == without_cluster(ROLLOUTS) and r.meta["backend_version"].startswith("transformers")
         for key in ("policy_fingerprint", "policy_path", "tokenizer_fingerprint", "sampling_temperature"):
             assert t.meta[key] == r.meta[key]   # the rollouts' policy fields, unchanged
         assert t.meta["teacher_fingerprint"] == model_fingerprint(env / "teacher")
         assert t.meta["teacher_path"] == str(env / "teacher") and t.meta["k"] == str(K)
         assert t.meta["scoring_temperature"] == "1.0" and t.meta["privileged_context"] == "null"
-        assert t.meta["logprob_dtype"] == "float16" and json.loads(t.meta["config"]) == TOPK
+        assert t.meta["logprob_dtype"] == "float16" and json.loads(t.meta["config"]) == without_cluster(TOPK)
         assert t.meta["engine_dtype"] == r.meta["engine_dtype"] == "float32" and t.meta["max_model_len"] == "256"
         assert t.meta["rollouts_run_key"] == r.meta["run_key"] != t.meta["run_key"]
 
@@ -202,6 +207,17 @@ def test_a_part_that_crashed_mid_write_never_looks_finished(env, clean_run, monk
     run_topk(env, clean_run[0], out)
     assert sorted(p.name for p in out.iterdir()) == [shards.part_name(i) for i in range(4)]
     assert folder_contents(out) == folder_contents(clean_run[1])
+
+
+def test_cluster_settings_keep_finished_parts(env, clean_run):
+    """`cluster` decides where parts are computed, never what they hold: it is not in the run key."""
+    out = env / "cluster"
+    shutil.copytree(clean_run[0], out / "rollouts")
+    shutil.copytree(clean_run[1], out / "topk")
+    other = {**LOCAL_CLUSTER, "replicas": 7, "cpus_per_replica": 0.5, "gpus_per_replica": 1}
+    assert run_rollouts(env, out / "rollouts", cluster=other)["parts_skipped"] == 4
+    assert run_topk(env, out / "rollouts", out / "topk", cluster=other)["parts_skipped"] == 4
+    assert folder_contents(out / "topk") == folder_contents(clean_run[1])
 
 
 def test_changed_settings_replace_stale_and_extra_parts(env, clean_run):

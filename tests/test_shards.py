@@ -133,6 +133,23 @@ def test_stale_parts_go_only_when_a_new_part_is_ready(tmp_path, monkeypatch):
     assert [p.name for p in shards.list_parts(tmp_path)] == [shards.part_name(0)]
 
 
+def test_parts_written_at_once_leave_each_other_s_names_alone(tmp_path):
+    """Ray actors write one plan's parts at the same time: a part's `replaced_by` removes the stale files no
+    part of the run will replace and its own, never a stale name another writer may already have filled."""
+    schema = tables.teacher_schema()
+    for j in range(4):
+        shards.write_shard(tmp_path / shards.part_name(j), teacher_table(), META | {"run_key": "old"}, schema)
+    plan = shards.pending_parts(tmp_path, "teacher_topk", META["run_key"], n_parts=3)
+    assert plan.todo == [0, 1, 2] and len(plan.stale) == 4
+    # Another process writes part 1 first, with its own copy of the plan.
+    shards.write_shard(tmp_path / shards.part_name(1), teacher_table(), META, schema, before_replace=plan.replaced_by(1))
+    assert [shards.read_meta(p)["run_key"] for p in shards.list_parts(tmp_path)] == ["old", META["run_key"], "old"]
+    shards.write_shard(tmp_path / shards.part_name(0), teacher_table(), META, schema, before_replace=plan.replaced_by(0))
+    keys = {p.name: shards.read_meta(p)["run_key"] for p in shards.list_parts(tmp_path)}
+    assert keys == {shards.part_name(0): META["run_key"], shards.part_name(1): META["run_key"],
+                    shards.part_name(2): "old"}, "part 1 kept; part 2's old file is its writer's to replace"
+
+
 def test_shard_spec():
     from offline_opd.runtime import parse_shard_spec
 

@@ -24,6 +24,7 @@ TEACHER = {**yaml.safe_load((tiny_models.REPO / "params.yaml").read_text())["tea
            "max_steps": 4, "batch_size": 16, "lr": 3.0e-3, "warmup_frac": 0.25, "seed": 0,
            "checkpoint_every_n_steps": 2}
 SFT_DATA = {"backend": "hf", "batch_size": 32, "dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0,
+            "cluster": tiny_models.LOCAL_CLUSTER,
             "max_new_tokens": 12, "temperature": 0.0, "rows_per_shard": 25,
             "seed": 0}
 SFT = {**TEACHER, "hidden_size": 16, "num_layers": 1, "intermediate_size": 32, "prune_to_layers": None}

@@ -27,6 +27,10 @@ TEACHER_FP = "feedc0de" * 2
 FIRST_CHAR_ID = 4  # ids below are <pad>, <bos>, <eos>, <unk>
 
 
+# The `cluster` key of an engine stage's section: one engine in the test's own process.
+LOCAL_CLUSTER = {"backend": "local", "address": None, "replicas": 1, "cpus_per_replica": 1, "gpus_per_replica": 0}
+
+
 def save_model(out: Path, seed: int = 0, hidden: int = 16, layers: int = 2) -> Path:
     """A toy Llama with random (seeded) weights plus the toy tokenizer, saved in `out`."""
     tok = build_char_tokenizer()

@@ -185,7 +185,63 @@ class EngineConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerationConfig(EngineConfig):
+class ClusterConfig:
+    """`<section>.cluster`: where a stage's engine runs, in this process (`local`) or on a Ray Data actor pool (`ray`).
+
+    With `ray`, `replicas` actors each hold one engine on `cpus_per_replica` CPUs and `gpus_per_replica` GPUs
+    (vLLM splits a model over an actor's GPUs with tensor parallelism) and take the stage's parts one at a
+    time (pipeline/offline_opd/backends/pool.py). `address` names a running Ray cluster (`auto`, `host:6379`,
+    `ray://host:10001`); null starts a local one on this machine. No key here changes a row the stage writes,
+    so `run_settings` leaves the whole section out of run keys and footers: a run resumed with other values
+    keeps its finished parts. `local` runs one engine in the stage's process and reads only `gpus_per_replica`
+    (several GPUs: vLLM's tensor parallel size).
+    """
+
+    backend: Literal["local", "ray"]
+    address: Optional[str]
+    replicas: Count
+    cpus_per_replica: Annotated[float, Range(ge=0)]
+    gpus_per_replica: Annotated[float, Range(ge=0)]
+
+    @property
+    def tensor_parallel(self) -> int:
+        """GPUs one engine spans (vLLM's tensor_parallel_size): gpus_per_replica when it is several, else 1."""
+        return max(1, int(self.gpus_per_replica))
+
+    def __post_init__(self) -> None:
+        """Ray accepts a fraction of one GPU, but several GPUs per actor only whole (vLLM's tensor parallel size)."""
+        if self.gpus_per_replica > 1 and not float(self.gpus_per_replica).is_integer():
+            refuse("gpus_per_replica", f"{self.gpus_per_replica:g} is a fraction above 1; use a fraction of one GPU "
+                                       f"(<= 1) or a whole number of GPUs (vLLM's tensor parallel size)")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageEngineConfig(EngineConfig):
+    """The engine keys of a stage section plus `cluster`: where that stage's engine runs and how many copies."""
+
+    cluster: ClusterConfig
+
+    def __post_init__(self) -> None:
+        """Several GPUs per replica is vLLM tensor parallelism; the hf engine would use one of them and idle the rest."""
+        if self.cluster.gpus_per_replica > 1 and self.backend != "vllm":
+            refuse("cluster.gpus_per_replica", f"{self.cluster.gpus_per_replica:g} GPUs per replica need backend: "
+                                               f"vllm (tensor parallel); backend {self.backend} runs on one GPU: set "
+                                               f"gpus_per_replica <= 1 and raise replicas instead")
+
+
+def run_settings(cfg: Any) -> dict:
+    """A section's keys that decide the rows a stage writes: all of them but `cluster` (where the work runs).
+
+    Run keys and shard footers are built from these, so moving a stage between `local` and `ray`, or changing
+    `replicas`, keeps every finished part (DVC still reruns the stage, which then only checks the footers).
+    """
+    values = dataclasses.asdict(cfg)
+    values.pop("cluster", None)
+    return values
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig(StageEngineConfig):
     """Settings shared by every stage that generates text with a model."""
 
     max_new_tokens: Count
@@ -194,6 +250,7 @@ class GenerationConfig(EngineConfig):
     seed: NonNegInt
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_new_tokens(self.max_new_tokens, self.max_model_len)
 
 
@@ -229,7 +286,7 @@ class RolloutsConfig(GenerationConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class TeacherTopkConfig(EngineConfig):
+class TeacherTopkConfig(StageEngineConfig):
     """`teacher_topk`: the teacher scores every rollout token once (top-k + sampled token)."""
 
     k: NonNegInt
@@ -248,6 +305,7 @@ class TeacherTopkConfig(EngineConfig):
 
     def __post_init__(self) -> None:
         """Which stored entries the settings make: draws need a sampling selection, vLLM stores top-k only."""
+        super().__post_init__()
         if (self.selection == "topk") != (self.samples == 0):
             refuse("samples", f"{self.samples} with selection {self.selection}: draws need selection sampled or "
                               f"topk+sampled and samples >= 1; top-k alone needs samples: 0")
@@ -278,7 +336,7 @@ class DistillConfig(TrainConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class EvaluateConfig(EngineConfig):
+class EvaluateConfig(StageEngineConfig):
     """`evaluate`: greedy accuracy with the task verifier, agreement with the teacher, divergence to it.
 
     `backend`/`batch_size` drive greedy generation; the divergences are HF forwards over
@@ -293,6 +351,7 @@ class EvaluateConfig(EngineConfig):
     divergence_batch_size: Count
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_new_tokens(self.max_new_tokens, self.max_model_len)
 
 
@@ -491,6 +550,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
+    if dataclasses.is_dataclass(hint):
+        return parse_section(hint, value, where)
     if hint is dict or origin is dict:
         if value is None:
             return {}

@@ -78,12 +78,14 @@ def engine_footer(cfg: EngineConfig, device: str | None = None) -> dict:
 
 
 def load_engine(model_path: Path | str, cfg: EngineConfig, section: str, *, max_logprobs: int = 0,
-                device: str | None = None) -> Engine:
+                device: str | None = None, tensor_parallel: int = 1) -> Engine:
     """The engine named by `cfg.backend`, holding the model in `model_path`.
 
     `max_logprobs` is the largest k the engine will be asked to score (vLLM fixes it at start);
-    `section` names the params section in error messages. A folder a stage wrote must still hold what
-    that stage recorded (`check_unchanged`), or every number the engine produces is of another model.
+    `section` names the params section in error messages; `tensor_parallel` is the number of GPUs vLLM
+    splits the model over (`<section>.cluster.gpus_per_replica`; the config refuses it above 1 for hf). A
+    folder a stage wrote must still hold what that stage recorded (`check_unchanged`), or every number the
+    engine produces is of another model.
     """
     check_unchanged(model_path)
     device = device or default_device()
@@ -98,7 +100,7 @@ def load_engine(model_path: Path | str, cfg: EngineConfig, section: str, *, max_
 
         return VLLMEngine(model_path, batch_size=cfg.batch_size, dtype=dtype, max_model_len=cfg.max_model_len,
                           kv_cache_gib=cfg.kv_cache_gib, max_logprobs=max_logprobs, section=section,
-                          device=device)
+                          device=device, tensor_parallel=tensor_parallel)
     raise ValueError(f"unknown backend {cfg.backend!r}; use one of {', '.join(BACKENDS)}")
 
 

@@ -80,7 +80,8 @@ class VLLMEngine:
     """One vLLM engine per model: sampling with per-request seeds, and scoring as a prompt-log-prob prefill."""
 
     def __init__(self, model_path: Path | str, *, batch_size: int, dtype: str, max_model_len: int,
-                 kv_cache_gib: float, max_logprobs: int, section: str, device: str) -> None:
+                 kv_cache_gib: float, max_logprobs: int, section: str, device: str,
+                 tensor_parallel: int = 1) -> None:
         import os
 
         from transformers import GenerationConfig
@@ -105,7 +106,7 @@ class VLLMEngine:
         self.llm = vllm.LLM(model=str(folder), dtype=dtype, max_model_len=max_model_len, max_num_seqs=batch_size,
                             max_logprobs=self.max_logprobs, logprobs_mode="processed_logprobs",
                             enable_prefix_caching=False, generation_config="vllm", seed=0,
-                            enforce_eager=device == "cpu", **memory)
+                            enforce_eager=device == "cpu", tensor_parallel_size=tensor_parallel, **memory)
         self.tokenizer = load_tokenizer(folder)
         try:
             gen_config = GenerationConfig.from_pretrained(folder)

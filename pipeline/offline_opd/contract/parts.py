@@ -12,12 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from offline_opd.contract import shards
-from offline_opd.config import GenerationConfig
+from offline_opd.config import GenerationConfig, run_settings
 from offline_opd.errors import UserError
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
 from offline_opd.provenance.record import check_unchanged
@@ -31,13 +30,15 @@ ROLES = {"sft_data": "teacher", "rollouts": "policy"}   # which model generates 
 
 @dataclass(frozen=True)
 class PromptParts:
-    """The prompts of one run, their token ids, and this process's share of the parts still to write."""
+    """The prompts of one run, their token ids, and this process's share of the parts still to write.
+
+    Pickled to every Ray actor of the stage (offline_opd.backends.pool), so it holds no tokenizer: a worker
+    decodes with its engine's own, loaded from the same model folder."""
 
     prompt_ids: list[str]
     texts: list[str]
     answers: list[str | None]
     tokens: list[list[int]]
-    tokenizer: Any
     per_part: int              # whole prompts per part
     footer: RolloutsFooter | SftDataFooter   # the footer every part carries
     pending: shards.PartPlan   # this process's part indices still to write, and the parts they replace
@@ -71,13 +72,13 @@ def plan_parts(kind: str, model: Path, prompts_path: Path, out: Path, cfg: Gener
     tokens = [encode_prompt(tokenizer, t, f"{prompts_path}: prompt {pid}") for pid, t in zip(prompt_ids, texts)]
     fingerprint = model_fingerprint(model)
     digest = hashlib.sha256(json.dumps([prompt_ids, texts]).encode()).hexdigest()
-    key = shards.make_run_key(config=asdict(cfg), prompts=digest, **{role: fingerprint})
+    key = shards.make_run_key(config=run_settings(cfg), prompts=digest, **{role: fingerprint})
     n_parts = math.ceil(len(tokens) / per_part)
     out.mkdir(parents=True, exist_ok=True)
     pending = shards.pending_parts(out, kind, key, n_parts, shard)
     footer = FOOTERS[kind](
         run_key=key, num_parts=n_parts, **{f"{role}_fingerprint": fingerprint, f"{role}_path": str(model)},
         tokenizer_fingerprint=tokenizer_fingerprint(model), prompts_path=str(prompts_path),
-        sampling_temperature=cfg.temperature, **engine_footer(cfg), config=asdict(cfg))
+        sampling_temperature=cfg.temperature, **engine_footer(cfg), config=run_settings(cfg))
     skipped = len(range(shard[0], n_parts, shard[1])) - len(pending.todo)
-    return PromptParts(prompt_ids, texts, answers, tokens, tokenizer, per_part, footer, pending, skipped)
+    return PromptParts(prompt_ids, texts, answers, tokens, per_part, footer, pending, skipped)

@@ -113,6 +113,10 @@ def write_shard(path: Path | str, table: pa.Table, meta: Footer | Mapping[str, A
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    # A writer killed outright (SIGKILL: no except runs; a Ray actor whose retry wrote this part) leaves its
+    # temporary behind; this part supersedes it.
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        stale.unlink(missing_ok=True)
     return path
 
 
@@ -410,6 +414,21 @@ class PartPlan:
         for path in self.stale:
             path.unlink(missing_ok=True)
         self.stale = []
+
+    def replaced_by(self, part: int) -> Callable[[], None]:
+        """`before_replace` for part `part` when several processes write this plan's parts at once (a Ray actor
+        pool, offline_opd.backends.pool): it removes the stale files that no part of this run will take the
+        place of, and the one under this part's own name. A stale file under another part's name is left to
+        that part's writer, who replaces it: another process may already have put the new part there, which
+        `clear_stale` would delete. A run that fails midway thus leaves old parts where it had not yet
+        written (readers refuse the mixed folder; the rerun replaces them)."""
+        others = {part_name(j) for j in self.todo} - {part_name(part)}
+
+        def clear() -> None:
+            for path in self.stale:
+                if path.name not in others:
+                    path.unlink(missing_ok=True)
+        return clear
 
 
 def pending_parts(folder: Path | str, kind: str, run_key: str, n_parts: int,

@@ -10,7 +10,9 @@ the same sequences, `evaluate.divergence_batch_size` at a time and in fp32 block
 Each model is loaded once (docs/design.md §10): the teacher's module is kept for the divergences while one
 student at a time is loaded, generates and is scored, so two models are held at once (with `backend:
 vllm` briefly three: a student's engine and its transformers copy). With `backend: hf` the divergences
-reuse the engine's own module (`Engine.logits_model`).
+reuse the engine's own module (`Engine.logits_model`). With `evaluate.cluster.backend: ray` the greedy
+decoding runs on a Ray Data actor pool, one engine batch per unit, and this process loads each model
+once more for its divergences.
 
 Writes --metrics (metrics/eval.json): {"teacher": {"accuracy"}, "student_sft": {"accuracy",
 "teacher_agreement", "fkl", "rkl"}, "student_opd": {...}, "opd_gain": accuracy(student_opd) −
@@ -22,14 +24,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from offline_opd.atomic import write_json, write_text
 from offline_opd.eval.divergence import divergences
-from offline_opd.backends.engine import Engine, greedy_responses, load_engine
+from offline_opd.backends.engine import Engine, greedy_responses, load_engine, resolve_dtype
+from offline_opd.backends.pool import pooled_greedy_responses, session
 from offline_opd.config import EvaluateConfig
 from offline_opd.errors import UserError
-from offline_opd.models.loading import resolve_model_dir
+from offline_opd.models.loading import default_device, load_model, load_tokenizer, resolve_model_dir
 from offline_opd.contract.prompts import encode_prompt, read_prompts
 from offline_opd.provenance.fingerprint import check_same_tokenizer
 from offline_opd.provenance.record import check_unchanged
@@ -61,6 +64,27 @@ def greedy_answers(engine: Engine, prompts: list[str], max_new_tokens: int) -> A
     return Answers(prompt_ids, responses, engine.tokenizer.batch_decode(responses, skip_special_tokens=True))
 
 
+def answer(model: Path, cfg: EvaluateConfig, prompts: list[str]) -> tuple[Answers, int, Any]:
+    """One model's greedy answers, its tokenizer's pad id, and a transformers module for its divergences.
+
+    `cluster.backend: local` loads the engine here and reuses its module (hf: no second load). `ray` decodes
+    on the actor pool, in the engine batches one process would make (identical responses), and this process
+    loads the module only for the divergences, once the pool has let the model go.
+    """
+    if cfg.cluster.backend == "local":
+        engine = load_engine(model, cfg, "evaluate", tensor_parallel=cfg.cluster.tensor_parallel)
+        answers = greedy_answers(engine, prompts, cfg.max_new_tokens)
+        pad_id, module = engine.tokenizer.pad_token_id, engine.logits_model()
+        engine.close()
+        return answers, pad_id, module
+    tokenizer = load_tokenizer(model)
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    responses = pooled_greedy_responses(model, cfg, "evaluate", prompt_ids, cfg.max_new_tokens)
+    answers = Answers(prompt_ids, responses, tokenizer.batch_decode(responses, skip_special_tokens=True))
+    device = default_device()
+    return answers, tokenizer.pad_token_id, load_model(model, device, resolve_dtype(cfg.dtype, device))
+
+
 def run(args: argparse.Namespace, cfg: EvaluateConfig) -> dict:
     verify = load_verifier(cfg.verifier, f"{args.params}: evaluate.verifier")
     models = {"teacher": args.teacher, "student_sft": args.ref, "student_opd": args.student}
@@ -79,23 +103,17 @@ def run(args: argparse.Namespace, cfg: EvaluateConfig) -> dict:
         raise UserError(f"{args.prompts}: {len(missing)} eval prompts have no reference answer (e.g. "
                         f"prompt_id {missing[0]}); the verifier needs one for every eval prompt")
 
-    teacher = load_engine(args.teacher, cfg, "evaluate")
-    teacher_answers = greedy_answers(teacher, prompts, cfg.max_new_tokens)
-    pad_id = teacher.tokenizer.pad_token_id
-    teacher_lm = teacher.logits_model()
-    teacher.close()
-    results: dict = {"teacher": {"accuracy": accuracy(verify, teacher_answers.texts, answers)}}
-    for name in ("student_sft", "student_opd"):
-        student = load_engine(models[name], cfg, "evaluate")
-        mine = greedy_answers(student, prompts, cfg.max_new_tokens)
-        results[name] = {"accuracy": accuracy(verify, mine.texts, answers),
-                         # Agreement needs no verifier: the final answer (last segment) equals the teacher's.
-                         "teacher_agreement": accuracy(exact, mine.texts, teacher_answers.texts)}
-        student_lm = student.logits_model()
-        student.close()
-        results[name].update(divergences(teacher_lm, student_lm, mine.prompt_ids, mine.responses,
-                                         cfg.divergence_batch_size, pad_id))
-        del student_lm
+    with session(cfg.cluster, "evaluate"):      # with Ray: one cluster for the three models
+        teacher_answers, pad_id, teacher_lm = answer(args.teacher, cfg, prompts)
+        results: dict = {"teacher": {"accuracy": accuracy(verify, teacher_answers.texts, answers)}}
+        for name in ("student_sft", "student_opd"):
+            mine, _, student_lm = answer(models[name], cfg, prompts)
+            results[name] = {"accuracy": accuracy(verify, mine.texts, answers),
+                             # Agreement needs no verifier: the final answer (last segment) equals the teacher's.
+                             "teacher_agreement": accuracy(exact, mine.texts, teacher_answers.texts)}
+            results[name].update(divergences(teacher_lm, student_lm, mine.prompt_ids, mine.responses,
+                                             cfg.divergence_batch_size, pad_id))
+            del student_lm
     results["opd_gain"] = results["student_opd"]["accuracy"] - results["student_sft"]["accuracy"]
     results["n_eval"] = len(prompts)
     write_json(args.metrics, results)

@@ -4,23 +4,27 @@ Output: data/rollouts/part-XXXXX.parquet (the rollout shard contract), one row p
 with the sampling policy's per-token log-probs (the behaviour policy for importance ratios) and a
 footer naming the policy, tokenizer, backend and settings. A part holds the samples of a fixed
 slice of prompts and is seeded from (seed, part index) alone, so parts are independent units of
-work: a rerun after a crash skips finished parts, and `--shard i/n` lets several processes (a SLURM
-array) fill one folder, process i writing the parts whose index is i modulo n.
+work: a rerun after a crash skips finished parts, `--shard i/n` lets several processes (a SLURM
+array) fill one folder, process i writing the parts whose index is i modulo n, and
+`rollouts.cluster.backend: ray` spreads this process's parts over a Ray Data actor pool.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-
-from tqdm import tqdm
+from typing import Callable, Iterator
 
 from offline_opd.contract import shards
 from offline_opd.config import RolloutsConfig
-from offline_opd.backends.engine import load_engine
+from offline_opd.backends.engine import Engine, load_engine
 from offline_opd.backends.base import Sampling, batch_seed
-from offline_opd.contract.parts import plan_parts
+from offline_opd.backends.pool import run_units
+from offline_opd.contract.parts import PromptParts, plan_parts
 from offline_opd.contract.tables import ROLLOUT_SCHEMA, rollout_table
 from offline_opd.runtime import add_shard_arg, cli, stage_main
 
@@ -36,6 +40,35 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_shard_arg(parser)
 
 
+@dataclass(frozen=True)
+class RolloutWork:
+    """Part j of a rollouts run, sampled and written by whichever process runs it (offline_opd.backends.pool)."""
+
+    policy: Path
+    cfg: RolloutsConfig
+    plan: PromptParts
+    out: Path
+
+    @contextmanager
+    def open(self) -> Iterator[Callable[[int], dict]]:
+        engine = load_engine(self.policy, self.cfg, KIND, tensor_parallel=self.cfg.cluster.tensor_parallel)
+        try:
+            yield partial(self.part, engine)
+        finally:
+            engine.close()
+
+    def part(self, engine: Engine, j: int) -> dict:
+        cfg, rows = self.cfg, self.plan.bounds(j)
+        samples = engine.generate(self.plan.tokens[rows], Sampling(cfg.n_samples, cfg.temperature, cfg.max_new_tokens,
+                                                                   seed=batch_seed(cfg.seed, j)))
+        table = rollout_table(self.plan.prompt_ids[rows], self.plan.tokens[rows], samples)
+        shards.write_shard(self.out / shards.part_name(j), table, self.plan.footer, ROLLOUT_SCHEMA,
+                           before_replace=self.plan.pending.replaced_by(j))
+        flat = [s for row in samples for s in row]
+        return {"rows": len(flat), "response_tokens": sum(len(s.response_ids) for s in flat),
+                "at_max_new_tokens": sum(len(s.response_ids) == cfg.max_new_tokens for s in flat)}
+
+
 def run(args: argparse.Namespace, cfg: RolloutsConfig) -> dict:
     plan = plan_parts(KIND, args.policy, args.prompts, args.out, cfg,
                       per_part=max(1, cfg.rows_per_shard // cfg.n_samples), shard=args.shard, size_key="n_opd")
@@ -44,21 +77,12 @@ def run(args: argparse.Namespace, cfg: RolloutsConfig) -> dict:
     if not plan.todo:
         plan.pending.clear_stale()
         return stats
-    engine = load_engine(args.policy, cfg, KIND)
     start = time.perf_counter()
-    for j in tqdm(plan.todo, desc="rollouts", unit="part"):
-        part = plan.bounds(j)
-        samples = engine.generate(plan.tokens[part], Sampling(cfg.n_samples, cfg.temperature, cfg.max_new_tokens,
-                                                              seed=batch_seed(cfg.seed, j)))
-        table = rollout_table(plan.prompt_ids[part], plan.tokens[part], samples)
-        shards.write_shard(args.out / shards.part_name(j), table, plan.footer, ROLLOUT_SCHEMA,
-                           before_replace=plan.pending.clear_stale)
-        flat = [s for row in samples for s in row]
+    for _, record in run_units(RolloutWork(args.policy, cfg, plan, args.out), plan.todo, cfg.cluster, KIND):
         stats["parts_written"] += 1
-        stats["rows"] += len(flat)
-        stats["response_tokens"] += sum(len(s.response_ids) for s in flat)
-        stats["at_max_new_tokens"] += sum(len(s.response_ids) == cfg.max_new_tokens for s in flat)
-    seconds = time.perf_counter() - start
+        for key, value in record.items():
+            stats[key] += value
+    seconds = time.perf_counter() - start   # engine start included: with Ray the engines load in parallel
     stats["tokens_per_s"] = round(stats["response_tokens"] / max(seconds, 1e-9), 1)
     stats["mean_response_tokens"] = round(stats["response_tokens"] / max(stats["rows"], 1), 2)
     return stats

@@ -5,21 +5,25 @@ tokenizer's fingerprints, so `sft` and `distill` can prove later that the teache
 is the one that wrote this data. Output: data/sft/part-XXXXX.parquet (prompt_id, prompt, response,
 input_ids = prompt + response ids, prompt_len), `sft_data.rows_per_shard` prompts per part. Decoding is
 greedy with `sft_data.temperature: 0`, else sampled with seeds from (seed, part index), so parts are
-independent: a rerun skips finished parts, and `--shard i/n` lets n processes fill one folder.
+independent: a rerun skips finished parts, `--shard i/n` lets n processes fill one folder, and
+`sft_data.cluster.backend: ray` spreads this process's parts over a Ray Data actor pool.
 """
 
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-
-from tqdm import tqdm
+from typing import Callable, Iterator
 
 from offline_opd.contract import shards
 from offline_opd.config import SftDataConfig
-from offline_opd.backends.engine import load_engine
+from offline_opd.backends.engine import Engine, load_engine
 from offline_opd.backends.base import Sampling, batch_seed
-from offline_opd.contract.parts import plan_parts
+from offline_opd.backends.pool import run_units
+from offline_opd.contract.parts import PromptParts, plan_parts
 from offline_opd.contract.tables import SFT_SCHEMA, sft_table
 from offline_opd.runtime import add_shard_arg, cli, stage_main
 
@@ -33,26 +37,47 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_shard_arg(parser)
 
 
+@dataclass(frozen=True)
+class SftDataWork:
+    """Part j of the SFT data: the teacher answers the part's prompts and the part is written, by whichever
+    process runs it (offline_opd.backends.pool)."""
+
+    teacher: Path
+    cfg: SftDataConfig
+    plan: PromptParts
+    out: Path
+
+    @contextmanager
+    def open(self) -> Iterator[Callable[[int], dict]]:
+        engine = load_engine(self.teacher, self.cfg, KIND, tensor_parallel=self.cfg.cluster.tensor_parallel)
+        try:
+            yield partial(self.part, engine)
+        finally:
+            engine.close()
+
+    def part(self, engine: Engine, j: int) -> dict:
+        cfg, plan, rows = self.cfg, self.plan, self.plan.bounds(j)
+        sampling = Sampling(1, cfg.temperature, cfg.max_new_tokens, seed=batch_seed(cfg.seed, j))
+        samples = [row[0] for row in engine.generate(plan.tokens[rows], sampling)]
+        table = sft_table(plan.prompt_ids[rows], plan.texts[rows], plan.tokens[rows], samples, engine.tokenizer)
+        shards.write_shard(self.out / shards.part_name(j), table, plan.footer, SFT_SCHEMA,
+                           before_replace=plan.pending.replaced_by(j))
+        return {"rows": len(samples), "response_tokens": sum(len(s.response_ids) for s in samples),
+                "at_max_new_tokens": sum(len(s.response_ids) == cfg.max_new_tokens for s in samples)}
+
+
 def run(args: argparse.Namespace, cfg: SftDataConfig) -> dict:
     plan = plan_parts(KIND, args.teacher, args.prompts, args.out, cfg,
                       per_part=cfg.rows_per_shard, shard=args.shard, size_key="n_sft")
-    stats = {"parts_total": plan.footer.num_parts, "parts_written": 0, "rows": 0, "response_tokens": 0,
-             "at_max_new_tokens": 0}
+    stats = {"parts_total": plan.footer.num_parts, "parts_skipped": plan.skipped, "parts_written": 0, "rows": 0,
+             "response_tokens": 0, "at_max_new_tokens": 0}
     if not plan.todo:
         plan.pending.clear_stale()
         return stats
-    engine = load_engine(args.teacher, cfg, KIND)
-    for j in tqdm(plan.todo, desc="sft_data", unit="part"):
-        rows = plan.bounds(j)
-        sampling = Sampling(1, cfg.temperature, cfg.max_new_tokens, seed=batch_seed(cfg.seed, j))
-        samples = [row[0] for row in engine.generate(plan.tokens[rows], sampling)]
-        part = sft_table(plan.prompt_ids[rows], plan.texts[rows], plan.tokens[rows], samples, plan.tokenizer)
-        shards.write_shard(args.out / shards.part_name(j), part, plan.footer, SFT_SCHEMA,
-                           before_replace=plan.pending.clear_stale)
+    for _, record in run_units(SftDataWork(args.teacher, cfg, plan, args.out), plan.todo, cfg.cluster, KIND):
         stats["parts_written"] += 1
-        stats["rows"] += len(samples)
-        stats["response_tokens"] += sum(len(s.response_ids) for s in samples)
-        stats["at_max_new_tokens"] += sum(len(s.response_ids) == cfg.max_new_tokens for s in samples)
+        for key, value in record.items():
+            stats[key] += value
     return stats
 
 

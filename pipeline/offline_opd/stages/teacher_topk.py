@@ -16,8 +16,9 @@ draws from the teacher (`sample_counts`), `union_student_k` adds π_ref's own to
 from the rollouts' `policy_path`, is loaded next to the teacher for that), and `codec` sets how ids
 and log-probs are stored. The footer records codec, width (entries per position) and samples.
 
-Resume and `--shard i/n` work as in `rollouts`; a part's run key covers these settings, the
-teacher's fingerprint and the rollouts' run key, so new rollouts or a new teacher redo every part.
+Resume, `--shard i/n` and `teacher_topk.cluster` (a Ray Data actor pool) work as in `rollouts`; a part's
+run key covers these settings (but not `cluster`), the teacher's fingerprint and the rollouts' run key, so
+new rollouts or a new teacher redo every part.
 """
 
 from __future__ import annotations
@@ -27,25 +28,28 @@ import hashlib
 import json
 import string
 import time
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from offline_opd.contract import shards
-from offline_opd.config import TeacherTopkConfig, load_params
+from offline_opd.config import TeacherTopkConfig, load_params, run_settings
 from offline_opd.provenance.consistency import check_scoring_teacher
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
 from offline_opd.provenance.record import check_unchanged
-from offline_opd.backends.engine import engine_footer, load_engine
+from offline_opd.backends.engine import Engine, engine_footer, load_engine
+from offline_opd.backends.pool import run_units
 from offline_opd.models.loading import load_config, load_tokenizer
 from offline_opd.contract.prompts import encode_prompt, read_prompts
 from offline_opd.backends.base import SCORING_TEMPERATURE, Extras
 from offline_opd.errors import UserError
 from offline_opd.contract.footers import RolloutsFooter, TeacherTopkFooter
-from offline_opd.contract.tables import ROLLOUT_SCHEMA, scored_table, teacher_format, teacher_schema
+from offline_opd.contract.tables import ROLLOUT_SCHEMA, TeacherFormat, scored_table, teacher_format, teacher_schema
 from offline_opd.contract.sparse_targets import Selection, draw_uniforms
 from offline_opd.runtime import add_shard_arg, cli, stage_main
 
@@ -131,6 +135,53 @@ def extras_for(rollouts: pa.Table, selection: Selection, seed: int, policy_score
     return Extras(selection, uniforms, union)
 
 
+@dataclass(frozen=True)
+class ScoreWork:
+    """Part j of a teacher_topk run: the teacher scores rollouts part j and the scored part is written, by
+    whichever process runs it (offline_opd.backends.pool)."""
+
+    teacher: Path
+    cfg: TeacherTopkConfig
+    parts: list[shards.ShardInfo]           # the rollout parts, checked as one run
+    out: Path
+    footer: TeacherTopkFooter
+    pending: shards.PartPlan
+    fmt: TeacherFormat
+    selection: Selection
+    privileged: PrivilegedPrompts | None
+
+    @contextmanager
+    def open(self) -> Iterator[Callable[[int], dict]]:
+        cfg, tp = self.cfg, self.cfg.cluster.tensor_parallel
+        engines = [load_engine(self.teacher, cfg, KIND, max_logprobs=cfg.k, tensor_parallel=tp)]
+        try:
+            # π_ref's own top ids for the union targets: a second engine, on the policy the rollouts name.
+            if cfg.union_student_k:
+                engines.append(load_engine(Path(self.footer.policy_path), cfg, KIND,
+                                           max_logprobs=cfg.union_student_k, tensor_parallel=tp))
+            yield partial(self.part, engines[0], engines[1] if len(engines) > 1 else None)
+        finally:
+            for engine in engines:
+                engine.close()
+
+    def part(self, engine: Engine, pi_ref: Engine | None, j: int) -> dict:
+        cfg = self.cfg
+        rollouts = pa.concat_tables(shards.iter_row_groups(self.parts[j]))
+        extras = extras_for(rollouts, self.selection, cfg.seed, pi_ref, cfg.union_student_k)
+        scored = engine.score(*teacher_inputs(rollouts, self.privileged), k=cfg.k, extras=extras)
+        path = shards.write_shard(self.out / shards.part_name(j), scored_table(rollouts, scored, self.fmt),
+                                  self.footer, teacher_schema(self.fmt), self.fmt.encodings(),
+                                  before_replace=self.pending.replaced_by(j))
+        stats = {"rows": rollouts.num_rows, "bytes": path.stat().st_size, "response_tokens": 0,
+                 "sum_teacher_logprob": 0.0, "sampled_in_topk": 0}
+        for s, seq, p in zip(scored, rollouts.column("input_ids").to_pylist(),
+                             rollouts.column("prompt_len").to_pylist()):
+            stats["response_tokens"] += s.teacher_logprob.size
+            stats["sum_teacher_logprob"] += float(s.teacher_logprob.sum())
+            stats["sampled_in_topk"] += int((s.topk_ids == np.asarray(seq[p:])[:, None]).any(1).sum())
+        return stats
+
+
 def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     shard = args.shard
     selection = Selection.of(cfg)
@@ -152,7 +203,7 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     if cfg.privileged_context is not None:
         prompts_path = args.prompts or Path(policy.prompts_path or "")
         privileged = PrivilegedPrompts(cfg.privileged_context, prompts_path, load_tokenizer(args.teacher))
-    key = shards.make_run_key(config=asdict(cfg), teacher=teacher_fp, rollouts=policy.run_key,
+    key = shards.make_run_key(config=run_settings(cfg), teacher=teacher_fp, rollouts=policy.run_key,
                               prompts=privileged.digest if privileged else None)
     fmt = teacher_format(cfg, vocab)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -165,35 +216,22 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
         teacher_path=str(args.teacher), k=cfg.k, scoring_temperature=SCORING_TEMPERATURE,
         privileged_context=cfg.privileged_context, logprob_dtype=cfg.logprob_dtype, **engine_footer(cfg),
         codec=fmt.codec.describe(), width=fmt.width, samples=fmt.samples, selection=cfg.selection,
-        config=asdict(cfg))
+        config=run_settings(cfg))
     stats = {"parts_total": len(parts), "parts_skipped": len(range(shard[0], len(parts), shard[1])) - len(todo),
              "parts_written": 0, "rows": 0, "response_tokens": 0, "bytes": 0, "sum_teacher_logprob": 0.0,
              "sampled_in_topk": 0}
     if not todo:
         pending.clear_stale()
         return stats
-    engine = load_engine(args.teacher, cfg, KIND, max_logprobs=cfg.k)
-    # π_ref's own top ids for the union targets: a second engine, on the policy the rollouts name.
-    pi_ref = (load_engine(Path(policy.policy_path), cfg, KIND, max_logprobs=cfg.union_student_k)
-              if cfg.union_student_k else None)
+    work = ScoreWork(args.teacher, cfg, parts, args.out, footer, pending, fmt, selection, privileged)
     start = time.perf_counter()
-    for j in tqdm(todo, desc="teacher_topk", unit="part"):
-        rollouts = pa.concat_tables(shards.iter_row_groups(parts[j]))
-        extras = extras_for(rollouts, selection, cfg.seed, pi_ref, cfg.union_student_k)
-        scored = engine.score(*teacher_inputs(rollouts, privileged), k=cfg.k, extras=extras)
-        path = shards.write_shard(args.out / shards.part_name(j), scored_table(rollouts, scored, fmt),
-                                  footer, teacher_schema(fmt), fmt.encodings(),
-                                  before_replace=pending.clear_stale)
+    for _, record in run_units(work, todo, cfg.cluster, KIND):
         stats["parts_written"] += 1
-        stats["rows"] += rollouts.num_rows
-        stats["bytes"] += path.stat().st_size
-        for s, seq, p in zip(scored, rollouts.column("input_ids").to_pylist(),
-                             rollouts.column("prompt_len").to_pylist()):
-            stats["response_tokens"] += s.teacher_logprob.size
-            stats["sum_teacher_logprob"] += float(s.teacher_logprob.sum())
-            stats["sampled_in_topk"] += int((s.topk_ids == np.asarray(seq[p:])[:, None]).any(1).sum())
+        for name, value in record.items():
+            stats[name] += value
     tokens = max(stats["response_tokens"], 1)
     return {**{k: v for k, v in stats.items() if k != "sum_teacher_logprob"},
+            # engine start included: with Ray the engines load in parallel
             "tokens_per_s": round(stats["response_tokens"] / max(time.perf_counter() - start, 1e-9), 1),
             "bytes_per_response_token": round(stats["bytes"] / tokens, 2),
             # How far π_ref's samples are from the teacher: the teacher's NLL per sampled token.
