@@ -165,7 +165,21 @@ class ModelConfig(TrainConfig):
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig(ModelConfig):
-    """`teacher`: trains the toy teacher on reference answers, or resolves and fingerprints a real one."""
+    """`teacher`: trains the toy teacher on reference answers, or resolves and fingerprints a real one.
+
+    `finetune_steps` > 0 first fine-tunes a real source (GGUF or model folder) for that many steps on the
+    SFT prompts' answers with the training keys above (pipeline/offline_opd/train/finetune.py); 0 uses the
+    source as it is. `max_steps` is the toy teacher's (`source: scratch`) only.
+    """
+
+    finetune_steps: NonNegInt
+
+    def __post_init__(self) -> None:
+        """A scratch teacher is trained by `max_steps`; a second step count for it would be ignored."""
+        super().__post_init__()
+        if self.source == "scratch" and self.finetune_steps:
+            refuse("finetune_steps", f"{self.finetune_steps} with source: scratch, which trains for max_steps; "
+                                     f"set finetune_steps: 0 (it fine-tunes a real source)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -143,9 +143,22 @@ def convert_gguf_teacher(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     return {"params": params}
 
 
+def finetuned_teacher(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
+    """A real source fine-tuned on the SFT prompts' answers first (pipeline/offline_opd/train/finetune.py)."""
+    from offline_opd.train.finetune import finetune_stage
+
+    metrics = finetune_stage(args.prompts, cfg, args.out, args.logs, str(args.params))
+    if metrics:
+        write_text(args.plots / "loss.csv", metrics.pop("loss_csv"))
+        metrics["params"] = parameter_count(args.out)
+    return metrics
+
+
 def run(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     if cfg.source == "scratch":
         return train_scratch(args, cfg)
+    if cfg.finetune_steps:
+        return finetuned_teacher(args, cfg)
     if is_gguf_source(cfg.source):
         return convert_gguf_teacher(args, cfg)
     return adopt_existing(args, cfg)

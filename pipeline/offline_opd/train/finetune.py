@@ -1,0 +1,94 @@
+"""Fine-tuning a pretrained teacher on the task's reference answers before it teaches (`teacher.finetune_steps`).
+
+Users often distil from their own fine-tuned model rather than from a base checkpoint. A real source
+(a GGUF file or a model folder) that is weak at the task (SmolLM2-135M-Instruct answers "What is
+a + b?" right a third of the time, and rambles) can be trained here on the SFT split's `answer`
+column first: chat-templated prompt, then the answer, then eos, with the same supervised stack as the
+toy teacher and SFT (pipeline/offline_opd/train/supervised.py). The result is saved as an ordinary
+model folder, so everything downstream fingerprints the fine-tuned teacher, not its source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from offline_opd.config import TeacherConfig
+from offline_opd.atomic import atomic_dir
+from offline_opd.contract.prompts import encode_prompt, read_prompts
+from offline_opd.errors import UserError
+from offline_opd.models.gguf import convert_gguf, is_gguf_source, resolve_gguf
+from offline_opd.models.loading import resolve_model_source
+from offline_opd.provenance.fingerprint import model_fingerprint
+from offline_opd.provenance.record import write_provenance
+from offline_opd.train.examples import Example
+
+
+def answer_examples(tokenizer, prompts: list[str], answers: list[Optional[str]], where: str) -> list[Example]:
+    """Prompt (chat template) + answer + eos per prompt; a prompt without an answer is refused."""
+    examples = []
+    for prompt, answer in zip(prompts, answers):
+        if answer is None:
+            raise UserError(f"{where}: prompt {prompt[:40]!r} has no 'answer'; teacher.finetune_steps > 0 trains "
+                            f"the teacher on the SFT prompts' answers: add them, or set teacher.finetune_steps: 0")
+        prompt_ids = encode_prompt(tokenizer, prompt)
+        response = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        examples.append(Example(prompt_ids + response + [tokenizer.eos_token_id], len(prompt_ids)))
+    return examples
+
+
+def finetune_teacher(source_dir: Path, prompts: Path, cfg: TeacherConfig, out: Path, logs: Path, where: str,
+                     source: str) -> dict:
+    """Train the model in `source_dir` for `cfg.finetune_steps` steps, with the teacher's optimizer keys, on
+    the (prompt, answer) pairs of the prompt set `prompts`, and save it to `out` (weights in the source's
+    dtype, tokenizer, provenance naming `source` and the source folder's fingerprint). `where` names the
+    params file in errors. Resumes `logs` only for the same settings, examples and source weights.
+    Returns the stage metrics with the loss curve as `loss_csv` (empty off rank 0)."""
+    from transformers import AutoTokenizer
+
+    from offline_opd.train.supervised import run_key, train_supervised
+    from offline_opd.train.trainer import load_for_training, save_model
+
+    table = read_prompts(prompts)
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    examples = answer_examples(tokenizer, table.column("prompt").to_pylist(), table.column("answer").to_pylist(),
+                               str(prompts))
+    train_cfg = dataclasses.replace(cfg, max_steps=cfg.finetune_steps)
+    loaded = load_for_training(source_dir, cfg.precision, sharded=cfg.strategy == "fsdp")
+    source_fp = model_fingerprint(source_dir)
+    result = train_supervised(loaded.model, examples, train_cfg, tokenizer.pad_token_id or 0, logs,
+                              run_key(train_cfg, examples, base=source_fp), f"{where}: teacher",
+                              weights=loaded.weights)
+
+    def finish(folder: Path) -> None:
+        tokenizer.save_pretrained(folder)
+        write_provenance(folder, "teacher", source=source, config=asdict(cfg),
+                         finetuned_from_fingerprint=source_fp, finetune_prompts=str(prompts))
+
+    save_model(result, out, loaded.stored_dtype, finish)
+    if not result.trainer.is_global_zero:
+        return {}
+    return {"finetune_examples": len(examples), "final_loss": result.final_loss,
+            "train_s": result.speed()["train_s"], "resumed": result.resumed,
+            "loss_csv": result.loss_csv("loss")}
+
+
+def source_folder(cfg: TeacherConfig, scratch: Path, where: str) -> tuple[Path, str]:
+    """The model folder to fine-tune and the source it came from: a GGUF source is dequantized into
+    `scratch` (replaced), any other source is resolved as a model folder or hub id."""
+    if not is_gguf_source(cfg.source):
+        folder = resolve_model_source(cfg.source)
+        return folder, str(folder)
+    path = resolve_gguf(cfg.source, f"{where}: teacher.source")
+    with atomic_dir(scratch) as tmp:
+        convert_gguf(path, tmp)
+    return scratch, str(path)
+
+
+def finetune_stage(prompts: Path, cfg: TeacherConfig, out: Path, logs: Path, where: str) -> dict:
+    """The `teacher` stage with `finetune_steps` > 0: the source (converted under `logs` when a GGUF)
+    fine-tuned on the answers of the SFT prompt set `prompts`, saved to `out`."""
+    folder, source = source_folder(cfg, logs / "source", where)
+    return finetune_teacher(folder, prompts, cfg, out, logs, where, source)
