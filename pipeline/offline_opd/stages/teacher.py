@@ -7,6 +7,8 @@ in `.gguf` (a path, or `package:<python package>/<file>`) is dequantized once in
 here (pipeline/offline_opd/models/gguf.py). Any other `teacher.source` is a local model folder (or, only then, a hub id
 fetched with huggingface_hub): it is checked (config and tokenizer load) and
 fingerprinted, and the output folder holds a reference to it instead of a copy of its weights.
+With `teacher.finetune_steps` > 0 a real source is first fine-tuned on the SFT prompts' answers
+(pipeline/offline_opd/train/finetune.py) and saved here: downstream sees the fine-tuned teacher.
 Either way the folder gets opd_provenance.json, and the training curve goes to <plots>/loss.csv (a
 real teacher is not trained here, so its curve has the header and no rows; dvc.yaml declares the file).
 """
