@@ -11,12 +11,12 @@ model folder, so everything downstream fingerprints the fine-tuned teacher, not 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 from offline_opd.config import TeacherConfig
-from offline_opd.atomic import atomic_dir
 from offline_opd.contract.prompts import encode_prompt, read_prompts
 from offline_opd.errors import UserError
 from offline_opd.models.gguf import convert_gguf, is_gguf_source, resolve_gguf
@@ -75,20 +75,16 @@ def finetune_teacher(source_dir: Path, prompts: Path, cfg: TeacherConfig, out: P
             "loss_csv": result.loss_csv("loss")}
 
 
-def source_folder(cfg: TeacherConfig, scratch: Path, where: str) -> tuple[Path, str]:
-    """The model folder to fine-tune and the source it came from: a GGUF source is dequantized into
-    `scratch` (replaced), any other source is resolved as a model folder or hub id."""
+def finetune_stage(prompts: Path, cfg: TeacherConfig, out: Path, logs: Path, where: str) -> dict:
+    """The `teacher` stage with `finetune_steps` > 0: the source fine-tuned on the answers of the SFT prompt
+    set `prompts`, saved to `out`. A GGUF source is dequantized into a temporary folder beside `out` first
+    (deleted afterwards: only the fine-tuned teacher is an output; the conversion is deterministic, so a
+    resumed run finds the same source fingerprint)."""
     if not is_gguf_source(cfg.source):
         folder = resolve_model_source(cfg.source)
-        return folder, str(folder)
+        return finetune_teacher(folder, prompts, cfg, out, logs, where, str(folder))
     path = resolve_gguf(cfg.source, f"{where}: teacher.source")
-    with atomic_dir(scratch) as tmp:
-        convert_gguf(path, tmp)
-    return scratch, str(path)
-
-
-def finetune_stage(prompts: Path, cfg: TeacherConfig, out: Path, logs: Path, where: str) -> dict:
-    """The `teacher` stage with `finetune_steps` > 0: the source (converted under `logs` when a GGUF)
-    fine-tuned on the answers of the SFT prompt set `prompts`, saved to `out`."""
-    folder, source = source_folder(cfg, logs / "source", where)
-    return finetune_teacher(folder, prompts, cfg, out, logs, where, source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-source-") as tmp:
+        convert_gguf(path, Path(tmp))
+        return finetune_teacher(Path(tmp), prompts, cfg, out, logs, where, str(path))
