@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from offline_opd.config import TeacherConfig
-from offline_opd.contract.prompts import encode_prompt, read_prompts
-from offline_opd.errors import UserError
+from offline_opd.contract.prompts import read_prompts, reference_sequences
 from offline_opd.models.gguf import convert_gguf, is_gguf_source, resolve_gguf
 from offline_opd.models.loading import resolve_model_source
 from offline_opd.provenance.fingerprint import model_fingerprint
@@ -28,15 +27,10 @@ from offline_opd.train.examples import Example
 
 def answer_examples(tokenizer, prompts: list[str], answers: list[Optional[str]], where: str) -> list[Example]:
     """Prompt (chat template) + answer + eos per prompt; a prompt without an answer is refused."""
-    examples = []
-    for prompt, answer in zip(prompts, answers):
-        if answer is None:
-            raise UserError(f"{where}: prompt {prompt[:40]!r} has no 'answer'; teacher.finetune_steps > 0 trains "
-                            f"the teacher on the SFT prompts' answers: add them, or set teacher.finetune_steps: 0")
-        prompt_ids = encode_prompt(tokenizer, prompt)
-        response = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        examples.append(Example(prompt_ids + response + [tokenizer.eos_token_id], len(prompt_ids)))
-    return examples
+    fix = ("teacher.finetune_steps > 0 trains the teacher on the SFT prompts' answers: add them, or set "
+           "teacher.finetune_steps: 0")
+    return [Example(ids, prompt_len) for ids, prompt_len
+            in reference_sequences(tokenizer, prompts, answers, where, column="answer", fix=fix)]
 
 
 def finetune_teacher(source_dir: Path, prompts: Path, cfg: TeacherConfig, out: Path, logs: Path, where: str,
