@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from offline_opd.backends.base import SCORING_TEMPERATURE, rollout_extras
 from offline_opd.backends.engine import Engine, engine_footer, load_engine
-from offline_opd.backends.pool import run_units
+from offline_opd.backends import pool
 from offline_opd.config import TeacherTopkConfig, run_settings
 from offline_opd.contract import shards
 from offline_opd.contract.footers import RolloutsFooter, TeacherTopkFooter
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
         return stats
     work = ScoreWork(args.teacher, cfg, parts, args.out, footer, pending, fmt, selection, privileged)
     start = time.perf_counter()
-    for _, record in run_units(work, todo, cfg.cluster, KIND):
+    for _, record in pool.run_units(work, todo, cfg.cluster, KIND):
         stats["parts_written"] += 1
         for name, value in record.items():
             stats[name] += value
