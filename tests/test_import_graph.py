@@ -141,3 +141,13 @@ def test_nothing_outside_stages_imports_a_stage():
     files += [p for root in ROOTS.values() for p in root.rglob("*.py")
               if stages not in p.parents and stage_imports(p.read_text())]
     assert relative == [] and files == [], f"import a stage module: {relative + [str(p) for p in files]}"
+
+
+def test_bench_does_not_import_tests():
+    """Benchmarks are scripts over the library: what they share with the tests (toy models, scratch DVC
+    projects) lives in offline_opd, which both import."""
+    assert {n for n in imported_names("def f():\n    from tests.tiny_models import save_model\n")
+            if n.split(".")[0] == "tests"} == {"tests.tiny_models", "tests.tiny_models.save_model"}
+    found = {str(p): sorted(n for n in imported_names(p.read_text()) if n.split(".")[0] == "tests")
+             for p in (REPO / "bench").rglob("*.py")}
+    assert {p: names for p, names in found.items() if names} == {}
