@@ -56,7 +56,8 @@ from offline_opd.backends.generation import left_pad, length_batches
 from offline_opd.contract import shards
 from offline_opd.contract.footers import RolloutsFooter
 from offline_opd.contract.tables import ROLLOUT_SCHEMA, rollout_table
-from offline_opd.models.loading import build_char_tokenizer, load_model, load_tokenizer
+from offline_opd.models.loading import load_model, load_tokenizer
+from offline_opd.models.toy import build_char_tokenizer
 from offline_opd.provenance.fingerprint import tokenizer_fingerprint
 from offline_opd.runtime import run_stage
 

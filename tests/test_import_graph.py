@@ -151,3 +151,11 @@ def test_bench_does_not_import_tests():
     found = {str(p): sorted(n for n in imported_names(p.read_text()) if n.split(".")[0] == "tests")
              for p in (REPO / "bench").rglob("*.py")}
     assert {p: names for p, names in found.items() if names} == {}
+
+
+def test_only_the_scratch_teacher_builds_toy_models():
+    """The character tokenizer and toy Llamas (models/toy.py) are the toy path's: generic code (loading,
+    backends, training, the other stages) never imports them, so a real model's path cannot depend on them."""
+    graph = import_graph(top_level_only=False)
+    assert {"offline_opd.models.loading"} <= graph["offline_opd.models.toy"]     # the edge the test looks for
+    assert {name for name, deps in graph.items() if "offline_opd.models.toy" in deps} == {"offline_opd.stages.teacher"}

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from offline_opd.models.loading import build_char_tokenizer
+from offline_opd.models.toy import build_char_tokenizer
 from offline_opd.stages import rollouts
 from offline_opd.contract import shards, tables
 from offline_opd.stages import teacher_topk

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from offline_opd.models.loading import build_char_tokenizer
+from offline_opd.models.toy import build_char_tokenizer
 from offline_opd.stages import prepare
 from offline_opd.stages import sft
 from offline_opd.stages import sft_data

@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from offline_opd.models.loading import build_char_tokenizer
-from offline_opd.models.toy import save_toy_model as save_model  # noqa: F401  (the tests' name)
+from offline_opd.models.toy import build_char_tokenizer
+from offline_opd.models.toy import save_toy_model as save_model  # noqa: F401  (the tests' name for it)
 from offline_opd.contract import shards, tables
 from offline_opd.contract.codec import Plain
 from offline_opd.contract.tables import TeacherFormat

@@ -25,8 +25,9 @@ from offline_opd.contract.prompts import read_prompts, reference_sequences
 from offline_opd.errors import UserError
 from offline_opd.eval.exact_match import greedy_exact_match
 from offline_opd.models.gguf import convert_gguf, is_gguf_source, resolve_gguf
-from offline_opd.models.loading import (MAX_POSITIONS, build_char_tokenizer, build_llama, load_config, load_tokenizer,
-                                        parameter_count, resolve_model_source, write_model_ref)
+from offline_opd.models.loading import (MAX_POSITIONS, build_llama, load_config, load_tokenizer, parameter_count,
+                                        resolve_model_source, write_model_ref)
+from offline_opd.models.toy import build_char_tokenizer
 from offline_opd.provenance.record import write_provenance
 from offline_opd.runtime import cli, stage_main
 from offline_opd.train.examples import Example
