@@ -56,7 +56,7 @@ def stage_env(threads: int | None) -> dict:
 
 def prepare_inputs(work: Path, steps: int) -> None:
     params = yaml.safe_load((REPO / "configs" / "toy.yaml").read_text())
-    params["teacher"]["steps"] = steps
+    params["teacher"]["max_steps"] = steps
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run([sys.executable, "-m", "offline_opd.stages.prepare", "--out", "data/prompts"], cwd=work,
                    env=stage_env(1), check=True, capture_output=True)
