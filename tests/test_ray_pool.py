@@ -96,11 +96,11 @@ def run_topk(env: Path, rollouts_dir: Path, out: Path, cluster: dict) -> dict:
 
 
 def contents(folder: Path) -> tuple[list[str], list[dict], list[dict]]:
-    """Part names, decoded rows, and footers without the creation time (and the file checksum, which covers
-    it): what two equal runs must share. `check_folder` first: the parts are one complete run, every row once."""
+    """Part names, decoded rows, and footers without the file checksum (it covers the encoded bytes): what two
+    equal runs must share. `check_folder` first: the parts are one complete run, every row once."""
     shards.check_folder(folder)
     parts = shards.list_parts(folder)
-    metas = [{k: v for k, v in shards.read_meta(p).items() if k not in ("created_at", "file_sha256")} for p in parts]
+    metas = [{k: v for k, v in shards.read_meta(p).items() if k != "file_sha256"} for p in parts]
     return [p.name for p in parts], pa.concat_tables(pq.read_table(p) for p in parts).to_pylist(), metas
 
 

@@ -168,7 +168,7 @@ def data_offset(path: Path) -> int:
     return chunk.data_page_offset + chunk.total_compressed_size - 2
 
 
-def footer_offset(path: Path, text: bytes = b"created_at") -> int:
+def footer_offset(path: Path, text: bytes = b"run_key") -> int:
     """A byte of a footer value (after the key `text`): neither page CRCs nor readers notice it changing."""
     data = path.read_bytes()
     (length,) = struct.unpack("<I", data[-8:-4])

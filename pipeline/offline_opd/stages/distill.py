@@ -45,7 +45,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def run_key(cfg: DistillConfig, report: dict, infos: list[ShardInfo]) -> str:
     """Identity of a training run: its settings and its exact inputs. A checkpoint resumes only under it."""
-    shard_ids = [[i.path.name, i.meta.get("run_key"), i.meta.get("created_at")] for i in infos]
+    # The sealed sha256 of each part (not a time of writing): a part rewritten with other bytes is another input.
+    shard_ids = [[i.path.name, i.meta.get("run_key"), i.meta.get("file_sha256")] for i in infos]
     payload = {"config": dataclasses.asdict(cfg), "init": report["init_fingerprint"],
                "teacher": report["teacher_fingerprint"], "shards": shard_ids}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
