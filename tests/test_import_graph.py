@@ -159,3 +159,11 @@ def test_only_the_scratch_teacher_builds_toy_models():
     graph = import_graph(top_level_only=False)
     assert {"offline_opd.models.loading"} <= graph["offline_opd.models.toy"]     # the edge the test looks for
     assert {name for name, deps in graph.items() if "offline_opd.models.toy" in deps} == {"offline_opd.stages.teacher"}
+
+
+def test_the_pipeline_does_not_import_polars():
+    """polars is in the `dev` extra only (the tests read shards with it): a pipeline import of it would fail on
+    an install without that extra."""
+    found = [str(p) for root in ROOTS.values() for p in root.rglob("*.py")
+             if any(n.split(".")[0] == "polars" for n in imported_names(p.read_text()))]
+    assert found == []
