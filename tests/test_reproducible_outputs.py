@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 import torch
 import yaml
@@ -64,3 +65,51 @@ def test_a_rerun_on_identical_inputs_writes_identical_bytes(tmp_path):
     time.sleep(1.1)
     run_all(tmp_path, out)
     assert md5s(out) == first
+
+
+@pytest.mark.slow
+def test_dvc_forced_rerun_records_the_same_hashes(tmp_path):
+    """The same through DVC: a tiny git+DVC project with this repo's `teacher` (adopting a model folder),
+    `rollouts` and `teacher_topk` commands; `dvc repro -f` a second later must leave every output hash in
+    dvc.lock unchanged (so nothing downstream of them would rerun)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.tiny_models import REPO
+
+    root = tmp_path / "project"
+    (root / "data").mkdir(parents=True)
+    save_model(root / "data" / "policy", seed=0, hidden=16)
+    save_model(root / "model", seed=1, hidden=24)
+    problems = toy_task.make_problems(3, 5, seed=0)
+    table = pa.table({"prompt_id": [p.prompt_id for p in problems], "prompt": [p.prompt for p in problems],
+                      "answer": [p.answer for p in problems]})
+    pq.write_table(validate_prompts(table, "test"), root / "data" / "prompts.parquet")
+    (root / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "teacher": {"source": str(root / "model")}}))
+    stage = f"{sys.executable} -m offline_opd.stages."
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "teacher": {"cmd": stage + "teacher --prompts data/prompts.parquet --out data/teacher --plots plots "
+                                   "--logs logs", "deps": ["data/prompts.parquet"], "params": ["teacher"],
+                    "outs": ["data/teacher", "logs", "plots/loss.csv"]},
+        "rollouts": {"cmd": stage + "rollouts --policy data/policy --prompts data/prompts.parquet --out data/rollouts",
+                     "deps": ["data/policy", "data/prompts.parquet"], "params": ["rollouts"], "outs": ["data/rollouts"]},
+        "teacher_topk": {"cmd": stage + "teacher_topk --teacher data/teacher --rollouts data/rollouts --out "
+                                        "data/teacher_topk", "deps": ["data/teacher", "data/rollouts"],
+                         "params": ["teacher_topk"], "outs": ["data/teacher_topk"]},
+    }}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("pipeline", "kernels")),
+           "OPD_NUM_THREADS": "1"}
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
+                ["dvc", "repro", "-q"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, timeout=600)
+
+    def outs() -> dict:
+        lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+        return {name: [(o["path"], o["md5"]) for o in s["outs"]] for name, s in lock.items()}
+
+    first = outs()
+    assert set(first) == {"teacher", "rollouts", "teacher_topk"}
+    time.sleep(1.1)
+    subprocess.run(["dvc", "repro", "-f", "-q"], cwd=root, env=env, check=True, capture_output=True, timeout=600)
+    assert outs() == first
