@@ -105,6 +105,10 @@ class TeacherTopkFooter(RunFooter):
     width: Optional[int] = None
     samples: Optional[int] = None
     selection: Optional[str] = None
+    # What the rows are: None, π_ref's rollouts (`teacher_topk`); "sft_data", the teacher's own answers
+    # (`sft_topk`, GKD's off-policy rows: the policy fields then name the teacher that wrote them).
+    source: Optional[str] = None
+    sft_data_run_key: Optional[str] = None
 
 
 FOOTERS: dict[str, type[Footer]] = {f.kind: f for f in (RolloutsFooter, SftDataFooter, TeacherTopkFooter)}
