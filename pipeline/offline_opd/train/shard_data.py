@@ -142,9 +142,8 @@ class TeacherShardStream(IterableDataset):
         self.pools = [Pool(infos, self.fmt, seed, shuffle_row_groups)]
         if off_policy is not None:
             self.pools.append(Pool(off_policy, self.fmt, seed, shuffle_row_groups))
-        self.units = self.pools[0].units
         self.mix = mix or Mix(1.0, 1.0, 0, batch_size)
-        self.batch_size, self.seed, self.window = batch_size, seed, shuffle_row_groups
+        self.batch_size = batch_size
         self.rank, self.world_size, self.start_batches = rank, world_size, start_batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
