@@ -110,6 +110,21 @@ class TeacherTopkFooter(RunFooter):
     source: Optional[str] = None
     sft_data_run_key: Optional[str] = None
 
+    @classmethod
+    def of_rollouts(cls, policy: RolloutsFooter, **fields: Any) -> "TeacherTopkFooter":
+        """A footer that copies the rollouts' policy fields unchanged (which policy sampled the rows, and how)."""
+        return cls(policy_fingerprint=policy.policy_fingerprint, policy_path=policy.policy_path,
+                   tokenizer_fingerprint=policy.tokenizer_fingerprint,
+                   sampling_temperature=policy.sampling_temperature, rollouts_run_key=policy.run_key, **fields)
+
+    @classmethod
+    def of_sft_data(cls, sft: SftDataFooter, **fields: Any) -> "TeacherTopkFooter":
+        """A footer for the teacher's own SFT answers (`sft_topk`, GKD's off-policy rows): the policy fields name
+        the teacher that wrote them, at sft_data's temperature."""
+        return cls(policy_fingerprint=sft.teacher_fingerprint, policy_path=sft.teacher_path,
+                   tokenizer_fingerprint=sft.tokenizer_fingerprint, sampling_temperature=sft.sampling_temperature,
+                   source="sft_data", sft_data_run_key=sft.run_key, **fields)
+
 
 FOOTERS: dict[str, type[Footer]] = {f.kind: f for f in (RolloutsFooter, SftDataFooter, TeacherTopkFooter)}
 REQUIRED_META: dict[str, list[str]] = {kind: footer.required() for kind, footer in FOOTERS.items()}

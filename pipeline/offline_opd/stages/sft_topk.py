@@ -25,16 +25,17 @@ import pyarrow as pa
 
 from offline_opd.config import SftTopkConfig, load_params, run_settings
 from offline_opd.contract import shards
-from offline_opd.contract.footers import SftDataFooter
+from offline_opd.contract.footers import SftDataFooter, TeacherTopkFooter
+from offline_opd.contract.prompts import PrivilegedPrompts
 from offline_opd.contract.sparse_targets import Selection
 from offline_opd.contract.tables import SFT_SCHEMA, teacher_format, teacher_written_rows
 from offline_opd.errors import UserError
 from offline_opd.models.loading import load_config, load_tokenizer
-from offline_opd.provenance.consistency import check_sft_scorer
+from offline_opd.provenance.consistency import check_sft_scorer, override_allowed
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
 from offline_opd.provenance.record import check_unchanged
 from offline_opd.runtime import add_shard_arg, cli, stage_main
-from offline_opd.stages.teacher_topk import PrivilegedPrompts, ScoreWork, allow_override, score_parts, teacher_footer
+from offline_opd.stages.teacher_topk import ScoreWork, score_parts, scoring_fields
 
 KIND = "sft_topk"
 SHARD_KIND = "teacher_topk"   # the footer kind: the same contract as the rollouts' teacher shards
@@ -64,10 +65,7 @@ def run(args: argparse.Namespace, cfg: SftTopkConfig) -> dict:
         shards.pending_parts(args.out, SHARD_KIND, "disabled", 0, args.shard).clear_stale()
         return {"enabled": False, "parts_total": 0}
     topk = load_params(args.params, required=("teacher_topk",))["teacher_topk"]
-    vocab = load_config(args.teacher).vocab_size
-    if topk.k > vocab:
-        raise UserError(f"{args.params}: teacher_topk.k: {topk.k} is more than the teacher's vocabulary ({vocab} "
-                        f"tokens, {args.teacher}); lower k")
+    fmt = teacher_format(topk, load_config(args.teacher).vocab_size, args.params, args.teacher)
     parts = shards.open_run(args.sft, "sft_data", SFT_SCHEMA)
     sft: SftDataFooter = parts[0].footer
     check_unchanged(args.teacher)
@@ -76,19 +74,15 @@ def run(args: argparse.Namespace, cfg: SftTopkConfig) -> dict:
         raise UserError(f"tokenizer mismatch: teacher {args.teacher} has tokenizer fingerprint {teacher_tok}, but "
                         f"the SFT answers in {parts[0].path} were tokenized with {sft.tokenizer_fingerprint}; score "
                         f"them with the teacher that wrote them (`dvc repro sft_data sft_topk`)")
-    check_sft_scorer(args.teacher, teacher_fp, parts[0], allow_override(args.params))
+    check_sft_scorer(args.teacher, teacher_fp, parts[0], override_allowed(args.params))
     privileged = None
     if topk.privileged_context is not None:
         prompts_path = args.prompts or Path(sft.prompts_path or "")
         privileged = PrivilegedPrompts(topk.privileged_context, prompts_path, load_tokenizer(args.teacher))
     key = shards.make_run_key(config=run_settings(topk), teacher=teacher_fp, sft_data=sft.run_key,
                               prompts=privileged.digest if privileged else None)
-    fmt = teacher_format(topk, vocab)
     pending = shards.pending_parts(args.out, SHARD_KIND, key, len(parts), args.shard)
-    footer = teacher_footer(   # the writer of the rows is the teacher itself, at sft_data's temperature
-        topk, fmt, args.teacher, teacher_fp, key, len(parts), policy_fingerprint=sft.teacher_fingerprint,
-        policy_path=sft.teacher_path, tokenizer_fingerprint=sft.tokenizer_fingerprint,
-        sampling_temperature=sft.sampling_temperature, source="sft_data", sft_data_run_key=sft.run_key)
+    footer = TeacherTopkFooter.of_sft_data(sft, **scoring_fields(topk, fmt, args.teacher, teacher_fp, key, len(parts)))
     work = SftScoreWork(args.teacher, topk, parts, args.out, footer, pending, fmt, Selection.of(topk), privileged)
     return {"enabled": True, **score_parts(work, len(range(args.shard[0], len(parts), args.shard[1])), KIND)}
 
