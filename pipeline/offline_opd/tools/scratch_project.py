@@ -22,7 +22,7 @@ from offline_opd.errors import UserError
 
 # The folders that hold the import packages (offline_opd, opd_kernels): like src/, never packages themselves.
 SOURCE_ROOTS = ("pipeline", "kernels")
-STAGES = ["prepare", "teacher", "sft_data", "sft", "rollouts", "teacher_topk", "distill", "evaluate"]
+STAGES = ["prepare", "teacher", "sft_data", "sft", "rollouts", "teacher_topk", "sft_topk", "distill", "evaluate"]
 CHECKOUT = Path(__file__).resolve().parents[3]
 
 
