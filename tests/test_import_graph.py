@@ -167,3 +167,11 @@ def test_the_pipeline_does_not_import_polars():
     found = [str(p) for root in ROOTS.values() for p in root.rglob("*.py")
              if any(n.split(".")[0] == "polars" for n in imported_names(p.read_text()))]
     assert found == []
+
+
+def test_stages_do_not_import_each_other():
+    """What two stages share (teacher_topk's and sft_topk's scoring) lives in the library, so a stage's dvc.yaml
+    deps never include another stage's entry point."""
+    graph = import_graph(top_level_only=False)
+    stages = {name for name in graph if name.startswith("offline_opd.stages.")}
+    assert {(s, d) for s in stages for d in graph[s] & stages} == set()
