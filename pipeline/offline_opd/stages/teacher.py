@@ -9,15 +9,20 @@ fetched with huggingface_hub): it is checked (config and tokenizer load) and
 fingerprinted, and the output folder holds a reference to it instead of a copy of its weights.
 Either way the folder gets opd_provenance.json, and the training curve goes to <plots>/loss.csv (a
 real teacher is not trained here, so its curve has the header and no rows; dvc.yaml declares the file).
+
+With `teacher.domains` (multi-teacher OPD) the output holds one such folder per domain with a teacher of its
+own, each built as above from `teacher.expert(domain)` (a scratch teacher on its domain's SFT prompts only),
+plus the routing file (pipeline/offline_opd/provenance/teachers.py); loss.csv then has one column per domain.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
+
+import pyarrow as pa
 
 from offline_opd.atomic import atomic_dir, write_text
 from offline_opd.backends.engine import greedy_responses, load_engine
@@ -25,8 +30,10 @@ from offline_opd.config import EngineConfig, TeacherConfig
 from offline_opd.models.gguf import convert_gguf, is_gguf_source, resolve_gguf
 from offline_opd.models.loading import (MAX_POSITIONS, build_char_tokenizer, build_llama, load_config, load_tokenizer,
                              parameter_count, resolve_model_source, write_model_ref)
-from offline_opd.contract.prompts import encode_prompt, read_prompts
+from offline_opd.contract.prompts import DOMAIN, encode_prompt, prompt_domains, read_prompts
+from offline_opd.provenance.fingerprint import TokenizerMismatch
 from offline_opd.provenance.record import write_provenance
+from offline_opd.provenance.teachers import Teachers, write_routes
 from offline_opd.errors import UserError
 from offline_opd.runtime import cli, stage_main
 from offline_opd.train.examples import Example
@@ -71,8 +78,14 @@ def heldout_exact_match(model_dir: Path, prompts: list[str], references: list[st
     return sum(t == r for t, r in zip(texts, references)) / max(1, len(references))
 
 
-def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
-    table = read_prompts(args.prompts)
+def domain_record(args: argparse.Namespace) -> dict:
+    """What a domain teacher's provenance adds: its domain (`teachers.load_teachers` checks it)."""
+    domain = getattr(args, "domain", None)
+    return {} if domain is None else {"domain": domain}
+
+
+def train_scratch(args: argparse.Namespace, cfg: TeacherConfig, table=None) -> dict:
+    table = read_prompts(args.prompts) if table is None else table
     prompts, references = table.column("prompt").to_pylist(), table.column("reference").to_pylist()
     holdout = min(HOLDOUT, len(prompts) // 10)
     if len(prompts) - holdout < 1:
@@ -97,8 +110,8 @@ def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
         tokenizer.save_pretrained(folder)
         accuracy = (heldout_exact_match(folder, prompts[-holdout:], references[-holdout:], max_new)
                     if holdout else None)
-        write_provenance(folder, "teacher", source="scratch", config=asdict(cfg),
-                         train_prompts=str(args.prompts), heldout_prompts=holdout)
+        write_provenance(folder, "teacher", source="scratch", config=cfg.spec(),
+                         train_prompts=str(args.prompts), heldout_prompts=holdout, **domain_record(args))
         return accuracy
 
     accuracy = save_model(result, args.out, torch.float32, finish)
@@ -120,7 +133,7 @@ def adopt_existing(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     load_tokenizer(target)
     with atomic_dir(args.out) as tmp:
         write_model_ref(tmp, target, {"source": cfg.source})
-        write_provenance(tmp, "teacher", source=str(target), config=asdict(cfg))
+        write_provenance(tmp, "teacher", source=str(target), config=cfg.spec(), **domain_record(args))
     write_untrained_outputs(args)
     return {"params": parameter_count(target)}
 
@@ -137,18 +150,73 @@ def convert_gguf_teacher(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     path = resolve_gguf(cfg.source, f"{args.params}: teacher.source")
     with atomic_dir(args.out) as tmp:
         convert_gguf(path, tmp)
-        write_provenance(tmp, "teacher", source=str(path), config=asdict(cfg))
+        write_provenance(tmp, "teacher", source=str(path), config=cfg.spec(), **domain_record(args))
         params = parameter_count(tmp)
     write_untrained_outputs(args)
     return {"params": params}
 
 
-def run(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
+def build_one(args: argparse.Namespace, cfg: TeacherConfig, table=None) -> dict:
     if cfg.source == "scratch":
-        return train_scratch(args, cfg)
+        return train_scratch(args, cfg, table)
     if is_gguf_source(cfg.source):
         return convert_gguf_teacher(args, cfg)
     return adopt_existing(args, cfg)
+
+
+def check_prompt_domains(args: argparse.Namespace, cfg: TeacherConfig, domains: list[str] | None) -> None:
+    """Every SFT prompt's domain has a teacher and every teacher.domains key has prompts (else a typo)."""
+    where = f"{args.params}: teacher.domains"
+    if domains is None:
+        raise UserError(f"{where}: names {', '.join(cfg.domains)}, but {args.prompts} has no 'domain' column; "
+                        f"use task.kind addition+reverse or a prompt file with a 'domain' column, or domains: {{}}")
+    found = sorted(set(domains))
+    unknown = [d for d in found if d not in cfg.domains]
+    if unknown:
+        raise UserError(f"{where}: no teacher for prompt domain {unknown[0]!r} of {args.prompts}; add "
+                        f"`{unknown[0]}: {{}}` (its own teacher) or `{unknown[0]}: <another domain>`")
+    unused = [d for d in cfg.domains if d not in found]
+    if unused:
+        raise UserError(f"{where}.{unused[0]}: no prompt in {args.prompts} has this domain (found: "
+                        f"{', '.join(found)}); fix the name or remove the key")
+
+
+def merged_loss_csv(folders: dict[str, Path]) -> str:
+    """One loss curve per domain teacher, as columns step,<domain>... (blank where a teacher has no step)."""
+    curves = {}
+    for name, plots in folders.items():
+        rows = (plots / "loss.csv").read_text().splitlines()[1:]
+        curves[name] = dict(line.split(",", 1) for line in rows if line)
+    steps = sorted({int(s) for c in curves.values() for s in c})
+    lines = ["step," + ",".join(curves)] + [f"{s}," + ",".join(c.get(str(s), "") for c in curves.values())
+                                           for s in steps]
+    return "\n".join(lines) + "\n"
+
+
+def build_domains(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
+    """One teacher per domain with a teacher of its own, the routing file, and one shared tokenizer."""
+    table = read_prompts(args.prompts)
+    domains = prompt_domains(table)
+    check_prompt_domains(args, cfg, domains)
+    metrics, plots = {}, {}
+    with atomic_dir(args.out) as tmp:
+        for name in cfg.experts():
+            sub = argparse.Namespace(**{**vars(args), "out": tmp / name, "plots": args.plots / name,
+                                        "logs": args.logs / name, "domain": name})
+            rows = table.filter(pa.array([d == name for d in domains])).drop_columns([DOMAIN])
+            log.info("teacher of domain %s (%d SFT prompts)", name, rows.num_rows)
+            metrics[name], plots[name] = build_one(sub, cfg.expert(name), rows), sub.plots
+        write_routes(tmp, cfg.routes())
+        try:
+            Teachers(tmp, cfg.routes()).tokenizer_fingerprint()
+        except TokenizerMismatch as exc:   # the domain teachers must read text into the same ids
+            raise TokenizerMismatch(f"{args.params}: teacher.domains: {exc}") from None
+    write_text(args.plots / "loss.csv", merged_loss_csv(plots))
+    return {"domains": metrics, "routes": cfg.routes()}
+
+
+def run(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
+    return build_domains(args, cfg) if cfg.domains else build_one(args, cfg)
 
 
 def main(argv: list[str] | None = None) -> dict:

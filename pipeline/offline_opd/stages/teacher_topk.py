@@ -16,6 +16,11 @@ draws from the teacher (`sample_counts`), `union_student_k` adds π_ref's own to
 from the rollouts' `policy_path`, is loaded next to the teacher for that), and `codec` sets how ids
 and log-probs are stored. The footer records codec, width (entries per position) and samples.
 
+Multi-teacher OPD (a --teacher folder with one teacher per domain, pipeline/offline_opd/provenance/teachers.py):
+each rollout is scored by the teacher of its prompt's domain (read from --prompts, or the prompt set the
+rollouts recorded), each row records its domain and that teacher's fingerprint, and the footer maps every
+domain to its teacher (`teachers`); `teacher_fingerprint` is then the set's.
+
 Resume, `--shard i/n` and `teacher_topk.cluster` (a Ray Data actor pool) work as in `rollouts`; a part's
 run key covers these settings (but not `cluster`), the teacher's fingerprint and the rollouts' run key, so
 new rollouts or a new teacher redo every part.
@@ -40,16 +45,17 @@ import pyarrow as pa
 from offline_opd.contract import shards
 from offline_opd.config import TeacherTopkConfig, load_params, run_settings
 from offline_opd.provenance.consistency import check_scoring_teacher
-from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
-from offline_opd.provenance.record import check_unchanged
+from offline_opd.provenance.teachers import Teachers, load_teachers
 from offline_opd.backends.engine import Engine, engine_footer, load_engine
 from offline_opd.backends.pool import run_units
+from offline_opd.backends.routing import RoutedEngine
 from offline_opd.models.loading import load_config, load_tokenizer
-from offline_opd.contract.prompts import encode_prompt, read_prompts
+from offline_opd.contract.prompts import encode_prompt, prompt_domains, read_prompts
 from offline_opd.backends.base import SCORING_TEMPERATURE, Extras
 from offline_opd.errors import UserError
 from offline_opd.contract.footers import RolloutsFooter, TeacherTopkFooter
-from offline_opd.contract.tables import ROLLOUT_SCHEMA, TeacherFormat, scored_table, teacher_format, teacher_schema
+from offline_opd.contract.tables import (ROLLOUT_SCHEMA, TeacherFormat, add_domains, scored_table, teacher_format,
+                                         teacher_schema)
 from offline_opd.contract.sparse_targets import Selection, draw_uniforms
 from offline_opd.runtime import add_shard_arg, cli, stage_main
 
@@ -108,6 +114,26 @@ class PrivilegedPrompts:
         return encode_prompt(self.tokenizer, self.template.format(prompt=prompt, answer=answer))
 
 
+def row_domains(teachers: Teachers, prompts_path: Path) -> dict[str, str] | None:
+    """prompt_id -> domain under multi-teacher OPD (every domain checked to have a teacher); None with one teacher."""
+    if not teachers.multi:
+        return None
+    table = read_prompts(prompts_path)
+    domains = prompt_domains(table)
+    teachers.check_domains(domains, str(prompts_path))
+    return dict(zip(table.column("prompt_id").to_pylist(), domains))
+
+
+def part_domains(domains: dict[str, str], rollouts: pa.Table, where: Path) -> list[str]:
+    """The domain of each rollout row, by its prompt_id."""
+    out = [domains.get(p) for p in rollouts.column("prompt_id").to_pylist()]
+    if None in out:
+        pid = rollouts.column("prompt_id")[out.index(None)].as_py()
+        raise UserError(f"{where}: prompt {pid!r} is not in the prompt set that gives the domains; pass the OPD prompt "
+                        f"set the rollouts were sampled from with --prompts")
+    return out
+
+
 def teacher_inputs(table: pa.Table, privileged: PrivilegedPrompts | None) -> tuple[list[list[int]], list[int]]:
     """What the teacher scores: the rollout rows as they are, or the same responses after the privileged prompt."""
     ids, plens = table.column("input_ids").to_pylist(), table.column("prompt_len").to_pylist()
@@ -140,7 +166,7 @@ class ScoreWork:
     """Part j of a teacher_topk run: the teacher scores rollouts part j and the scored part is written, by
     whichever process runs it (offline_opd.backends.pool)."""
 
-    teacher: Path
+    teachers: Teachers
     cfg: TeacherTopkConfig
     parts: list[shards.ShardInfo]           # the rollout parts, checked as one run
     out: Path
@@ -149,11 +175,13 @@ class ScoreWork:
     fmt: TeacherFormat
     selection: Selection
     privileged: PrivilegedPrompts | None
+    domains: dict[str, str] | None          # prompt_id -> domain, under multi-teacher OPD only
 
     @contextmanager
     def open(self) -> Iterator[Callable[[int], dict]]:
         cfg, tp = self.cfg, self.cfg.cluster.tensor_parallel
-        engines = [load_engine(self.teacher, cfg, KIND, max_logprobs=cfg.k, tensor_parallel=tp)]
+        engines = [RoutedEngine(self.teachers,
+                                lambda path: load_engine(path, cfg, KIND, max_logprobs=cfg.k, tensor_parallel=tp))]
         try:
             # π_ref's own top ids for the union targets: a second engine, on the policy the rollouts name.
             if cfg.union_student_k:
@@ -164,13 +192,17 @@ class ScoreWork:
             for engine in engines:
                 engine.close()
 
-    def part(self, engine: Engine, pi_ref: Engine | None, j: int) -> dict:
+    def part(self, engine: RoutedEngine, pi_ref: Engine | None, j: int) -> dict:
         cfg = self.cfg
         rollouts = pa.concat_tables(shards.iter_row_groups(self.parts[j]))
         extras = extras_for(rollouts, self.selection, cfg.seed, pi_ref, cfg.union_student_k)
-        scored = engine.score(*teacher_inputs(rollouts, self.privileged), k=cfg.k, extras=extras)
-        path = shards.write_shard(self.out / shards.part_name(j), scored_table(rollouts, scored, self.fmt),
-                                  self.footer, teacher_schema(self.fmt), self.fmt.encodings(),
+        domains = None if self.domains is None else part_domains(self.domains, rollouts, self.parts[j].path)
+        scored = engine.score(*teacher_inputs(rollouts, self.privileged), k=cfg.k, extras=extras, domains=domains)
+        table = scored_table(rollouts, scored, self.fmt)
+        if domains is not None:
+            table = add_domains(table, domains, self.footer.teachers)
+        path = shards.write_shard(self.out / shards.part_name(j), table,
+                                  self.footer, teacher_schema(self.fmt, domains is not None), self.fmt.encodings(),
                                   before_replace=self.pending.replaced_by(j))
         stats = {"rows": rollouts.num_rows, "bytes": path.stat().st_size, "response_tokens": 0,
                  "sum_teacher_logprob": 0.0, "sampled_in_topk": 0}
@@ -185,7 +217,8 @@ class ScoreWork:
 def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     shard = args.shard
     selection = Selection.of(cfg)
-    vocab = load_config(args.teacher).vocab_size
+    teachers = load_teachers(args.teacher)
+    vocab = load_config(teachers.first).vocab_size
     if cfg.k > vocab:
         raise UserError(f"{args.params}: teacher_topk.k: {cfg.k} is more than the teacher's vocabulary ({vocab} "
                         f"tokens, {args.teacher}); lower k")
@@ -194,17 +227,19 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
                         f"vocabulary ({vocab} tokens, {args.teacher}); lower union_student_k")
     parts = shards.open_run(args.rollouts, "rollouts", ROLLOUT_SCHEMA)
     first = parts[0]
-    check_unchanged(args.teacher)  # an edited teacher is named as such, not as a tokenizer mismatch
+    teachers.check_unchanged()  # an edited teacher is named as such, not as a tokenizer mismatch
     policy: RolloutsFooter = first.footer
-    teacher_fp, teacher_tok = model_fingerprint(args.teacher), tokenizer_fingerprint(args.teacher)
+    teacher_fp, teacher_tok = teachers.fingerprint, teachers.tokenizer_fingerprint()
     check_tokenizer(args.teacher, teacher_tok, first)
-    check_scoring_teacher(args.teacher, teacher_fp, first, allow_override(args.params))
+    check_scoring_teacher(args.teacher, teacher_fp, first, allow_override(args.params), teachers.fingerprints)
+    prompts_path = args.prompts or Path(policy.prompts_path or "")
     privileged = None
     if cfg.privileged_context is not None:
-        prompts_path = args.prompts or Path(policy.prompts_path or "")
-        privileged = PrivilegedPrompts(cfg.privileged_context, prompts_path, load_tokenizer(args.teacher))
+        privileged = PrivilegedPrompts(cfg.privileged_context, prompts_path, load_tokenizer(teachers.first))
+    domains = row_domains(teachers, prompts_path)
     key = shards.make_run_key(config=run_settings(cfg), teacher=teacher_fp, rollouts=policy.run_key,
-                              prompts=privileged.digest if privileged else None)
+                              prompts=privileged.digest if privileged else None,
+                              **({"domains": sorted(domains.items())} if domains else {}))
     fmt = teacher_format(cfg, vocab)
     args.out.mkdir(parents=True, exist_ok=True)
     pending = shards.pending_parts(args.out, KIND, key, len(parts), shard)
@@ -216,14 +251,14 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
         teacher_path=str(args.teacher), k=cfg.k, scoring_temperature=SCORING_TEMPERATURE,
         privileged_context=cfg.privileged_context, logprob_dtype=cfg.logprob_dtype, **engine_footer(cfg),
         codec=fmt.codec.describe(), width=fmt.width, samples=fmt.samples, selection=cfg.selection,
-        config=run_settings(cfg))
+        config=run_settings(cfg), **({"teachers": teachers.fingerprints} if teachers.multi else {}))
     stats = {"parts_total": len(parts), "parts_skipped": len(range(shard[0], len(parts), shard[1])) - len(todo),
              "parts_written": 0, "rows": 0, "response_tokens": 0, "bytes": 0, "sum_teacher_logprob": 0.0,
              "sampled_in_topk": 0}
     if not todo:
         pending.clear_stale()
         return stats
-    work = ScoreWork(args.teacher, cfg, parts, args.out, footer, pending, fmt, selection, privileged)
+    work = ScoreWork(teachers, cfg, parts, args.out, footer, pending, fmt, selection, privileged, domains)
     start = time.perf_counter()
     for _, record in run_units(work, todo, cfg.cluster, KIND):
         stats["parts_written"] += 1
