@@ -231,12 +231,12 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     policy: RolloutsFooter = first.footer
     teacher_fp, teacher_tok = teachers.fingerprint, teachers.tokenizer_fingerprint()
     check_tokenizer(args.teacher, teacher_tok, first)
-    check_scoring_teacher(args.teacher, teacher_fp, first, allow_override(args.params), teachers.fingerprints)
     prompts_path = args.prompts or Path(policy.prompts_path or "")
+    domains = row_domains(teachers, prompts_path)   # every domain has a teacher, before the chain names one
+    check_scoring_teacher(args.teacher, teacher_fp, first, allow_override(args.params), teachers.fingerprints)
     privileged = None
     if cfg.privileged_context is not None:
         privileged = PrivilegedPrompts(cfg.privileged_context, prompts_path, load_tokenizer(teachers.first))
-    domains = row_domains(teachers, prompts_path)
     key = shards.make_run_key(config=run_settings(cfg), teacher=teacher_fp, rollouts=policy.run_key,
                               prompts=privileged.digest if privileged else None,
                               **({"domains": sorted(domains.items())} if domains else {}))
