@@ -112,7 +112,7 @@ def test_each_row_is_scored_by_its_domains_teacher(world):
 def test_consistent_multi_teacher_shards_pass_distills_check(world):
     root, _, fps = world
     report = check_distill_inputs(root / "policy", root / "topk", allow_inconsistent_teacher=False)
-    assert report["teachers"] == fps and report["override_used"] is False
+    assert report["teachers"] == report["sft_teachers"] == fps and report["override_used"] is False
     assert report["teacher_fingerprint"] == report["sft_teacher_fingerprint"] == set_fingerprint(fps)
 
 
@@ -238,6 +238,12 @@ def test_inspect_mix_counts_equal_the_rows(world, capsys):
                                                 mine.column("prompt_len").to_pylist()))
         assert got[domain][1:4] == [fps[domain], str(mine.num_rows), str(tokens)]
     assert got["total"][1] == str(table.num_rows)
+
+
+def test_inspect_tokens_decodes_with_the_teachers_shared_tokenizer(world, capsys):
+    root, teachers, _ = world
+    inspect_shards.main(["tokens", "--top", "2", "--tokenizer", str(teachers), "--shards", str(root / "topk")])
+    assert "largest teacher-student gaps" in capsys.readouterr().out
 
 
 def test_mixture_task_tags_and_interleaves_domains():

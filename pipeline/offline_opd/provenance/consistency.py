@@ -133,6 +133,7 @@ def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inc
         "override_used": bool(mismatches),
         "mismatches": [asdict(m) for m in mismatches],
         **({"teachers": json.loads(first.meta["teachers"])} if has_domains(first.meta) else {}),
+        **({"sft_teachers": prov["sft_teachers"]} if prov.get("sft_teachers") else {}),
     }
 
 

@@ -261,8 +261,9 @@ def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def top_gaps(con: duckdb.DuckDBPyConnection, top: int, context: int, tokenizer_dir: Path) -> str:
     """The tokens where teacher and student disagree most, decoded as `context⟦token⟧`."""
     from offline_opd.models.loading import load_tokenizer
+    from offline_opd.provenance.teachers import load_teachers
 
-    tok = load_tokenizer(tokenizer_dir)
+    tok = load_tokenizer(load_teachers(tokenizer_dir).first)   # a multi-teacher folder: the shared tokenizer
     con.execute(f"SET VARIABLE top = {int(top)}; SET VARIABLE context = {int(context)};")
     columns, rows = query(con, TOP_GAPS_SQL)
     shown = [c for c in columns if c != "context_ids"]
