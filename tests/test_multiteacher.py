@@ -223,6 +223,9 @@ def test_one_domain_scores_exactly_like_the_single_teacher_path(world, tmp_path)
     score(tmp_path, teachers / "add", root / "rollouts", tmp_path / "single", root / "opd.parquet", **ablation)
     multi, single = rows(tmp_path / "multi"), rows(tmp_path / "single")
     assert multi.drop_columns(["domain", "teacher_fingerprint"]).equals(single)
+    # ... and the single-teacher path writes nothing new: no domain columns, no `teachers` footer key
+    assert "domain" not in single.column_names and "teacher_fingerprint" not in single.column_names
+    assert "teachers" not in shards.read_meta(shards.list_parts(tmp_path / "single")[0])
     assert set(multi.column("teacher_fingerprint").to_pylist()) == {model_fingerprint(teachers / "add")}
 
 
@@ -322,3 +325,16 @@ def test_teacher_domain_without_prompts_is_refused_naming_the_key(tmp_path, caps
     with pytest.raises(SystemExit):
         teacher_stage(tmp_path, domains={"add": {}})
     assert "no teacher for prompt domain 'rev'" in capsys.readouterr().err
+
+
+def test_a_prompt_file_with_a_domain_column_keeps_it(tmp_path):
+    from offline_opd.tasks.prompt_file import file_splits
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": str(i), "domain": "ab"[i % 2],
+                                        "split": ("sft", "opd", "eval")[i % 3]}) + "\n" for i in range(12)))
+    splits = file_splits(TaskConfig("file", 1, 1, 1, 1, 0, str(path)), path)
+    assert all(t.column("domain").to_pylist() == ["ab"[int(a) % 2] for a in t.column("answer").to_pylist()]
+               for t in splits.values())
+    write_prompts(tmp_path / "sft.parquet", splits["sft"])
+    assert read_prompts(tmp_path / "sft.parquet").column_names[-1] == "domain"
