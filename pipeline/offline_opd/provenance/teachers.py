@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from offline_opd.atomic import write_json
+from offline_opd.contract.prompts import prompt_domains, read_prompts
 from offline_opd.errors import UserError
 from offline_opd.provenance.fingerprint import check_same_tokenizer, model_fingerprint, tokenizer_fingerprint
 from offline_opd.provenance.record import PROVENANCE_FILE, check_unchanged
@@ -111,6 +112,26 @@ class Teachers:
             raise TeacherRoutingError(
                 f"{where}: prompt domain {unknown[0]!r} has no teacher ({self.root / ROUTES_FILE} routes "
                 f"{', '.join(self.routes)}); add `{unknown[0]}: {{}}` to teacher.domains and rerun `dvc repro`")
+
+    def prompt_domains(self, prompts_path: Path) -> Optional[dict[str, str]]:
+        """prompt_id -> domain of a prompt set, every domain checked to have a teacher; None with one teacher."""
+        if self.routes is None:
+            return None
+        table = read_prompts(prompts_path)
+        domains = prompt_domains(table)
+        self.check_domains(domains, str(prompts_path))
+        return dict(zip(table.column("prompt_id").to_pylist(), domains))
+
+
+def row_domains(domains: Optional[dict[str, str]], prompt_ids: list[str], where: Path) -> Optional[list[str]]:
+    """The domain of each row by its prompt_id (`Teachers.prompt_domains`); None with one teacher."""
+    if domains is None:
+        return None
+    out = [domains.get(p) for p in prompt_ids]
+    if None in out:
+        raise TeacherRoutingError(f"{where}: prompt {prompt_ids[out.index(None)]!r} is not in the prompt set that "
+                                  f"gives the domains; pass the prompt set the rows were made from with --prompts")
+    return out
 
 
 def load_teachers(root: Path | str) -> Teachers:
