@@ -123,6 +123,25 @@ class Teachers:
         return dict(zip(table.column("prompt_id").to_pylist(), domains))
 
 
+def check_config_domains(configured: Iterable[str], domains: Optional[list[str]], where: str, prompts: Path) -> None:
+    """The `teacher` stage's check of `teacher.domains` (`where`) against the SFT prompts' domains: every prompt's
+    domain has a teacher, and every configured domain has prompts (else it is a typo)."""
+    configured = list(configured)
+    if domains is None:
+        raise TeacherRoutingError(f"{where}: names {', '.join(configured)}, but {prompts} has no 'domain' column; "
+                                  f"use task.kind addition+reverse or a prompt file with a 'domain' column, or "
+                                  f"domains: {{}}")
+    found = sorted(set(domains))
+    unknown = [d for d in found if d not in configured]
+    if unknown:
+        raise TeacherRoutingError(f"{where}: no teacher for prompt domain {unknown[0]!r} of {prompts}; add "
+                                  f"`{unknown[0]}: {{}}` (its own teacher) or `{unknown[0]}: <another domain>`")
+    unused = [d for d in configured if d not in found]
+    if unused:
+        raise TeacherRoutingError(f"{where}.{unused[0]}: no prompt in {prompts} has this domain (found: "
+                                  f"{', '.join(found)}); fix the name or remove the key")
+
+
 def row_domains(domains: Optional[dict[str, str]], prompt_ids: list[str], where: Path) -> Optional[list[str]]:
     """The domain of each row by its prompt_id (`Teachers.prompt_domains`); None with one teacher."""
     if domains is None:

@@ -25,6 +25,7 @@ from typing import Optional
 import pyarrow as pa
 
 from offline_opd.atomic import atomic_dir, write_text
+from offline_opd.plots import merge_curves
 from offline_opd.config import EngineConfig, TeacherConfig
 from offline_opd.contract.prompts import DOMAIN, prompt_domains, read_prompts, reference_sequences
 from offline_opd.errors import UserError
@@ -34,7 +35,7 @@ from offline_opd.models.loading import (MAX_POSITIONS, build_char_tokenizer, bui
                                         parameter_count, resolve_model_source, write_model_ref)
 from offline_opd.provenance.fingerprint import TokenizerMismatch
 from offline_opd.provenance.record import write_provenance
-from offline_opd.provenance.teachers import Teachers, write_routes
+from offline_opd.provenance.teachers import Teachers, check_config_domains, write_routes
 from offline_opd.runtime import cli, stage_main
 from offline_opd.train.examples import Example
 
@@ -143,40 +144,11 @@ def build_one(args: argparse.Namespace, cfg: TeacherConfig, table=None) -> dict:
     return adopt_existing(args, cfg)
 
 
-def check_prompt_domains(args: argparse.Namespace, cfg: TeacherConfig, domains: list[str] | None) -> None:
-    """Every SFT prompt's domain has a teacher and every teacher.domains key has prompts (else a typo)."""
-    where = f"{args.params}: teacher.domains"
-    if domains is None:
-        raise UserError(f"{where}: names {', '.join(cfg.domains)}, but {args.prompts} has no 'domain' column; "
-                        f"use task.kind addition+reverse or a prompt file with a 'domain' column, or domains: {{}}")
-    found = sorted(set(domains))
-    unknown = [d for d in found if d not in cfg.domains]
-    if unknown:
-        raise UserError(f"{where}: no teacher for prompt domain {unknown[0]!r} of {args.prompts}; add "
-                        f"`{unknown[0]}: {{}}` (its own teacher) or `{unknown[0]}: <another domain>`")
-    unused = [d for d in cfg.domains if d not in found]
-    if unused:
-        raise UserError(f"{where}.{unused[0]}: no prompt in {args.prompts} has this domain (found: "
-                        f"{', '.join(found)}); fix the name or remove the key")
-
-
-def merged_loss_csv(folders: dict[str, Path]) -> str:
-    """One loss curve per domain teacher, as columns step,<domain>... (blank where a teacher has no step)."""
-    curves = {}
-    for name, plots in folders.items():
-        rows = (plots / "loss.csv").read_text().splitlines()[1:]
-        curves[name] = dict(line.split(",", 1) for line in rows if line)
-    steps = sorted({int(s) for c in curves.values() for s in c})
-    lines = ["step," + ",".join(curves)] + [f"{s}," + ",".join(c.get(str(s), "") for c in curves.values())
-                                           for s in steps]
-    return "\n".join(lines) + "\n"
-
-
 def build_domains(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     """One teacher per domain with a teacher of its own, the routing file, and one shared tokenizer."""
     table = read_prompts(args.prompts)
     domains = prompt_domains(table)
-    check_prompt_domains(args, cfg, domains)
+    check_config_domains(cfg.domains, domains, f"{args.params}: teacher.domains", args.prompts)
     metrics, plots = {}, {}
     with atomic_dir(args.out) as tmp:
         for name in cfg.experts():
@@ -190,7 +162,7 @@ def build_domains(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
             Teachers(tmp, cfg.routes()).tokenizer_fingerprint()
         except TokenizerMismatch as exc:   # the domain teachers must read text into the same ids
             raise TokenizerMismatch(f"{args.params}: teacher.domains: {exc}") from None
-    write_text(args.plots / "loss.csv", merged_loss_csv(plots))
+    write_text(args.plots / "loss.csv", merge_curves({name: folder / "loss.csv" for name, folder in plots.items()}))
     return {"domains": metrics, "routes": cfg.routes()}
 
 
