@@ -51,7 +51,7 @@ from offline_opd.contract.tables import (ROLLOUT_SCHEMA, TeacherFormat, add_doma
                                          teacher_format, teacher_schema)
 from offline_opd.models.loading import load_config, load_tokenizer
 from offline_opd.provenance.consistency import check_scoring_teacher, check_scoring_tokenizer, override_allowed
-from offline_opd.provenance.teachers import Teachers, load_teachers, row_domains
+from offline_opd.provenance.teachers import load_teachers, row_domains
 from offline_opd.runtime import add_shard_arg, cli, stage_main
 
 KIND = "teacher_topk"
@@ -72,7 +72,7 @@ class ScoreWork:
     """Part j of a teacher_topk run: the teacher scores rollouts part j and the scored part is written, by
     whichever process runs it (offline_opd.backends.pool)."""
 
-    teachers: Teachers
+    teacher: Path                           # a teacher folder, or one with a teacher per domain
     cfg: TeacherTopkConfig
     parts: list[shards.ShardInfo]           # the rollout parts, checked as one run
     out: Path
@@ -81,12 +81,12 @@ class ScoreWork:
     fmt: TeacherFormat
     selection: Selection
     privileged: PrivilegedPrompts | None
-    domains: dict[str, str] | None          # prompt_id -> domain, under multi-teacher OPD only
+    domains: dict[str, str] | None = None   # prompt_id -> domain, under multi-teacher OPD only
 
     @contextmanager
     def open(self) -> Iterator[Callable[[int], dict]]:
         cfg, tp = self.cfg, self.cfg.cluster.tensor_parallel
-        engines = [RoutedEngine(self.teachers,
+        engines = [RoutedEngine(load_teachers(self.teacher),
                                 lambda path: load_engine(path, cfg, KIND, max_logprobs=cfg.k, tensor_parallel=tp))]
         try:
             # π_ref's own top ids for the union targets: a second engine, on the policy the rollouts name.
@@ -98,9 +98,13 @@ class ScoreWork:
             for engine in engines:
                 engine.close()
 
+    def rows(self, j: int) -> pa.Table:
+        """The rows part j scores, in the rollout columns (`sft_topk` reads the teacher's answers instead)."""
+        return pa.concat_tables(shards.iter_row_groups(self.parts[j]))
+
     def part(self, engine: RoutedEngine, pi_ref: Engine | None, j: int) -> dict:
         cfg = self.cfg
-        rollouts = pa.concat_tables(shards.iter_row_groups(self.parts[j]))
+        rollouts = self.rows(j)
         extras = rollout_extras(rollouts, self.selection, cfg.seed, pi_ref, cfg.union_student_k)
         domains = row_domains(self.domains, rollouts.column("prompt_id").to_pylist(), self.parts[j].path)
         scored = engine.score(*teacher_inputs(rollouts, self.privileged), k=cfg.k, extras=extras, domains=domains)
@@ -135,22 +139,33 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
                               **({"domains": sorted(domains.items())} if domains else {}))
     args.out.mkdir(parents=True, exist_ok=True)
     pending = shards.pending_parts(args.out, KIND, key, len(parts), shard)
-    todo = pending.todo
     footer = TeacherTopkFooter.of_rollouts(
-        policy, run_key=key, num_parts=len(parts), teacher_fingerprint=teacher_fp, teacher_path=str(args.teacher),
-        k=cfg.k, scoring_temperature=SCORING_TEMPERATURE, privileged_context=cfg.privileged_context,
-        logprob_dtype=cfg.logprob_dtype, **engine_footer(cfg), codec=fmt.codec.describe(), width=fmt.width,
-        samples=fmt.samples, selection=cfg.selection, config=run_settings(cfg),
+        policy, **scoring_fields(cfg, fmt, args.teacher, teacher_fp, key, len(parts)),
         **({"teachers": teachers.fingerprints} if teachers.multi else {}))
-    stats = {"parts_total": len(parts), "parts_skipped": len(range(shard[0], len(parts), shard[1])) - len(todo),
-             "parts_written": 0, "rows": 0, "response_tokens": 0, "bytes": 0, "sum_teacher_logprob": 0.0,
-             "sampled_in_topk": 0}
+    work = ScoreWork(args.teacher, cfg, parts, args.out, footer, pending, fmt, selection, privileged, domains)
+    return score_parts(work, len(range(shard[0], len(parts), shard[1])), KIND)
+
+
+def scoring_fields(cfg: TeacherTopkConfig, fmt: TeacherFormat, teacher: Path, teacher_fp: str, key: str,
+                   num_parts: int) -> dict:
+    """The footer fields of every scored part, whatever wrote its rows: the run, the teacher, the entry format
+    and the settings (`TeacherTopkFooter.of_rollouts` / `of_sft_data` add who wrote the rows)."""
+    return dict(run_key=key, num_parts=num_parts, teacher_fingerprint=teacher_fp, teacher_path=str(teacher),
+                k=cfg.k, scoring_temperature=SCORING_TEMPERATURE, privileged_context=cfg.privileged_context,
+                logprob_dtype=cfg.logprob_dtype, **engine_footer(cfg), codec=fmt.codec.describe(), width=fmt.width,
+                samples=fmt.samples, selection=cfg.selection, config=run_settings(cfg))
+
+
+def score_parts(work: ScoreWork, owned: int, kind: str) -> dict:
+    """Score this process's parts still to write (of `owned`; here or on the stage's Ray pool) and summarise."""
+    todo = work.pending.todo
+    stats = {"parts_total": len(work.parts), "parts_skipped": owned - len(todo), "parts_written": 0, "rows": 0,
+             "response_tokens": 0, "bytes": 0, "sum_teacher_logprob": 0.0, "sampled_in_topk": 0}
     if not todo:
-        pending.clear_stale()
+        work.pending.clear_stale()
         return stats
-    work = ScoreWork(teachers, cfg, parts, args.out, footer, pending, fmt, selection, privileged, domains)
     start = time.perf_counter()
-    for _, record in run_units(work, todo, cfg.cluster, KIND):
+    for _, record in run_units(work, todo, work.cfg.cluster, kind):
         stats["parts_written"] += 1
         for name, value in record.items():
             stats[name] += value
