@@ -473,6 +473,24 @@ def test_readme_pg_override_works_in_dvc(tmp_path):
     assert cfg.loss == "pg" and cfg.loss_params == {"tau": 2.0}
 
 
+def test_readme_recipe_overrides_work_in_dvc(tmp_path):
+    """The README's `dvc exp run` lines for adaptive TAID, ExOPD and flawed-prefix rejection, applied by DVC's
+    own override code, give params files that load with the intended settings."""
+    from dvc.utils.hydra import apply_overrides
+
+    want = {"schedule": lambda c: c["distill"].loss_params == {"schedule": "adaptive", "alpha": 0.02},
+            "reward_scale": lambda c: c["distill"].loss_params == {"baseline": 1, "trust_region": 0.2,
+                                                                    "reward_scale": 1.25},
+            "max_perplexity": lambda c: (c["rollouts"].max_perplexity, c["rollouts"].resample_budget) == (1.25, 2)}
+    lines = {key: next(ln for ln in README.splitlines() if ln.startswith("dvc exp run") and key in ln) for key in want}
+    for key, line in lines.items():
+        words = shlex.split(line)
+        path = tmp_path / f"{key}.yaml"
+        path.write_text((REPO / "params.yaml").read_text())
+        apply_overrides(path, [words[i + 1] for i, w in enumerate(words) if w == "-S"])
+        assert want[key](check_file(path)), line
+
+
 def test_readme_gpu_prompts_go_where_the_qwen3_preset_reads_them():
     qwen3 = yaml.safe_load((REPO / "configs" / "qwen3.yaml").read_text())
     copy_line = next(ln for ln in README.splitlines() if ln.startswith("cp ") and "prompts" in ln)
