@@ -481,7 +481,7 @@ def test_readme_recipe_overrides_work_in_dvc(tmp_path):
     want = {"schedule": lambda c: c["distill"].loss_params == {"schedule": "adaptive", "alpha": 0.02},
             "reward_scale": lambda c: c["distill"].loss_params == {"baseline": 1, "trust_region": 0.2,
                                                                     "reward_scale": 1.25},
-            "max_perplexity": lambda c: (c["rollouts"].max_perplexity, c["rollouts"].resample_budget) == (1.25, 2)}
+            "max_perplexity": lambda c: (c["rollouts"].max_perplexity, c["rollouts"].resample_budget) == (2.0, 2)}
     lines = {key: next(ln for ln in README.splitlines() if ln.startswith("dvc exp run") and key in ln) for key in want}
     for key, line in lines.items():
         words = shlex.split(line)
