@@ -16,8 +16,8 @@ This module only decides which tokens count and how much:
 * The loss modes are one registry, `LOSSES`: one record per mode with its kernel mode (parameters,
   defaults, ranges, kernel id: `opd_kernels.modes.KERNEL_MODES`), the parameters its term handles itself,
   the parameters that may follow a schedule, and the term class that computes it. The divergence modes
-  are one kernel call (`terms.KernelTerm`); `pg` carries its baseline, trust region and temperature-matched
-  importance ratio in its own term (`offline_opd.train.pg`).
+  are one kernel call (`terms.KernelTerm`); `pg` carries its baseline, trust region, temperature-matched
+  importance ratio and ExOPD's reward extrapolation in its own term (`offline_opd.train.pg`).
 * TAID: `loss_params.schedule` picks how `t` moves: `fixed` (`loss_params.t`), `linear` from `t_start` to
   `t_end` over the training steps (defaults 0.4 → 1.0), or `adaptive`, TAID's momentum rule driven by the
   relative change of the loss, with the linear ramp as its floor (`offline_opd.train.taid`; `alpha`,
@@ -126,37 +126,11 @@ def loss_spec(mode: str, raw: Mapping[str, Any], where: str) -> LossSpec:
     adaptive: dict[str, AdaptiveRule] = {}
     kind = raw.pop(SCHEDULE_KEY, None) if loss.schedules else None
     for param, sch in loss.schedules.items():
-        if kind is None:
-            kind = "fixed" if param in raw else "linear"
-        if kind not in SCHEDULE_KINDS:
-            raise ConfigError(f"{where}.loss_params.{SCHEDULE_KEY}: {kind!r} is not one of {', '.join(SCHEDULE_KINDS)}")
-        rule_keys = [k for k in sch.adaptive if k in raw]
-        if kind != "adaptive" and rule_keys:
-            raise ConfigError(f"{where}.loss_params.{rule_keys[0]}: only the adaptive schedule reads it; set "
-                              f"{SCHEDULE_KEY}: adaptive, or remove it")
-        if param in raw:
-            if kind != "fixed" or sch.start_key in raw or sch.end_key in raw:
-                raise ConfigError(f"{where}.loss_params.{param}: set either {param} (fixed) or "
-                                  f"{sch.start_key}/{sch.end_key} (a {kind if kind != 'fixed' else 'linear'} "
-                                  f"schedule), not both")
-            continue
-        if kind == "fixed":
-            stray = sch.start_key if sch.start_key in raw else sch.end_key if sch.end_key in raw else None
-            if stray is not None:
-                raise ConfigError(f"{where}.loss_params.{stray}: {SCHEDULE_KEY}: fixed reads only {param}; set "
-                                  f"{SCHEDULE_KEY}: linear or adaptive, or remove it")
-            continue
-        ends = (raw.pop(sch.start_key, sch.start), raw.pop(sch.end_key, sch.end))
-        for key, value in zip((sch.start_key, sch.end_key), ends):
-            _check_value(mode, param, value, f"{where}.loss_params.{key}")
-        if kind == "linear":
-            schedule[param] = (float(ends[0]), float(ends[1]))
-            continue
-        if float(ends[0]) > float(ends[1]):
-            raise ConfigError(f"{where}.loss_params.{sch.start_key}: {ends[0]} is above {sch.end_key} {ends[1]}, but "
-                              f"the adaptive {param} only grows; set {sch.start_key} <= {sch.end_key}")
-        rule = {k: _setting(p, raw.pop(k, p.default), f"{where}.loss_params.{k}") for k, p in sch.adaptive.items()}
-        adaptive[param] = AdaptiveRule(float(ends[0]), float(ends[1]), **rule)
+        moving = _schedule(mode, param, sch, kind, raw, f"{where}.loss_params")
+        if isinstance(moving, AdaptiveRule):
+            adaptive[param] = moving
+        elif moving is not None:
+            schedule[param] = moving
     for name, value in raw.items():
         if name not in loss.kernel.params:
             raise ConfigError(f"{where}.loss_params.{name}: not a parameter of loss {mode!r}; "
@@ -164,6 +138,43 @@ def loss_spec(mode: str, raw: Mapping[str, Any], where: str) -> LossSpec:
         _check_value(mode, name, value, f"{where}.loss_params.{name}")
     params = {k: v for k, v in check_mode_params(mode, raw).items() if k not in schedule and k not in adaptive}
     return LossSpec(mode, params, schedule, objective, adaptive)
+
+
+def _schedule(mode: str, param: str, sch: Schedule, kind: Optional[str], raw: dict[str, Any],
+              where: str) -> None | tuple[float, float] | AdaptiveRule:
+    """How `param` moves, its keys popped from `raw`: None (fixed: `param` stays in `raw` for the kernel, or
+    takes the kernel's default), the linear ramp's ends, or the adaptive rule. `kind`: loss_params.schedule,
+    None when unset (fixed if `param` is set, else linear, the meanings from before the key existed)."""
+    if kind is None:
+        kind = "fixed" if param in raw else "linear"
+    if kind not in SCHEDULE_KINDS:
+        raise ConfigError(f"{where}.{SCHEDULE_KEY}: {kind!r} is not one of {', '.join(SCHEDULE_KINDS)}")
+    rule_keys = [k for k in sch.adaptive if k in raw]
+    if kind != "adaptive" and rule_keys:
+        raise ConfigError(f"{where}.{rule_keys[0]}: only the adaptive schedule reads it; set {SCHEDULE_KEY}: "
+                          f"adaptive, or remove it")
+    if param in raw:
+        if kind != "fixed" or sch.start_key in raw or sch.end_key in raw:
+            raise ConfigError(f"{where}.{param}: set either {param} (fixed) or {sch.start_key}/{sch.end_key} "
+                              f"(a {'linear' if kind == 'fixed' else kind} schedule), not both")
+        return None
+    if kind == "fixed":
+        stray = next((k for k in (sch.start_key, sch.end_key) if k in raw), None)
+        if stray is not None:
+            raise ConfigError(f"{where}.{stray}: {SCHEDULE_KEY}: fixed reads only {param}; set {SCHEDULE_KEY}: "
+                              f"linear or adaptive, or remove it")
+        return None
+    ends = (raw.pop(sch.start_key, sch.start), raw.pop(sch.end_key, sch.end))
+    for key, value in zip((sch.start_key, sch.end_key), ends):
+        _check_value(mode, param, value, f"{where}.{key}")
+    start, end = float(ends[0]), float(ends[1])
+    if kind == "linear":
+        return start, end
+    if start > end:
+        raise ConfigError(f"{where}.{sch.start_key}: {ends[0]} is above {sch.end_key} {ends[1]}, but the adaptive "
+                          f"{param} only grows; set {sch.start_key} <= {sch.end_key}")
+    return AdaptiveRule(start, end, **{k: _setting(p, raw.pop(k, p.default), f"{where}.{k}")
+                                       for k, p in sch.adaptive.items()})
 
 
 def _setting(prm: Param | Choice, value: Any, where: str) -> float | str:
