@@ -27,6 +27,10 @@ training. Rows (`--rows`, comma-separated):
                            taid_adaptive (published α 5e-4), taid_adaptive_fast (α 0.02); exopd_1p25 and
                            exopd_1p5 (pg_ppo with reward scale λ; λ = 1 is pg_ppo); reject and reject_resample
                            (fkl on rollouts with flawed-prefix rejection; rows record the teacher tokens saved)
+  gkd<P>                   offline fkl with GKD's mix at a constant λ = P/100 (distill.gkd): that share of each
+                           batch from the rollouts, the rest from the teacher's own SFT answers (sft_topk,
+                           scored once for every seed and row; not in the row's wall time). gkd100 = fkl
+  gkdramp                  the same with λ ramped from 0 to 0.5 over the first half of training
 
 Offline wall time counts rollouts + teacher scoring + distill (π_ref's SFT is common to every row), so the
 offline/online ratio includes the teacher's cost. Each (row, seed) result is cached in `--work`, under a
@@ -79,8 +83,11 @@ RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 REJECTION_METRICS = ("response_tokens", "rejected_rows", "rejected_response_tokens", "dropped_rows")
 DEFAULT_ROWS = "fkl,jsd,rkl,pg,pg_ppo,online_fkl,online_init_fkl,r2,r4,r8,long8,r4eq,inconsistent"
-ROW = re.compile(r"(?P<online>online_(?P<init>init_)?)?(?P<loss>[a-z_]+)$|r(?P<rounds>\d+)(?P<eq>eq)?$"
-                 r"|long(?P<long>\d+)$")
+GKD_ROWS = "gkd0,gkd50,gkd100,gkdramp"   # GKD's mix (README "GKD: mixing in the teacher's own sequences")
+ROW = re.compile(r"gkd(?P<gkd>\d+|ramp)$|(?P<online>online_(?P<init>init_)?)?(?P<loss>[a-z_]+)$"
+                 r"|r(?P<rounds>\d+)(?P<eq>eq)?$|long(?P<long>\d+)$")
+GKD_RAMP = {"lambda_start": 0.0, "lambda_end": 0.5, "ramp_frac": 0.5}
+SFT_TOPK_SECTIONS = ("task", "teacher", "sft_data", "teacher_topk")
 
 
 def parse_row(row: str) -> re.Match | None:
@@ -88,10 +95,19 @@ def parse_row(row: str) -> re.Match | None:
     if row in RECIPES:
         return None
     m = ROW.match(row)
-    if m is None or (m["loss"] and m["loss"] not in LOSSES and row != "inconsistent"):
+    if m is None or (m["loss"] and m["loss"] not in LOSSES and row != "inconsistent") \
+            or (m["gkd"] and m["gkd"] != "ramp" and int(m["gkd"]) > 100):
         raise SystemExit(f"--rows: unknown row {row!r}; rows are {', '.join(LOSSES)}, online_<loss>, "
-                         f"online_init_<loss>, r<R>, r<R>eq, long<M>, inconsistent, {', '.join(RECIPES)}")
+                         "online_init_<loss>, r<R>, r<R>eq, long<M>, inconsistent, gkd<P> (P <= 100), gkdramp, "
+                         f"{', '.join(RECIPES)}")
     return m
+
+
+def gkd_schedule(m: re.Match) -> dict[str, float]:
+    """distill.gkd of a gkd row: a constant λ = P/100, or the ramp."""
+    if m["gkd"] == "ramp":
+        return dict(GKD_RAMP)
+    return {"lambda_start": int(m["gkd"]) / 100, "lambda_end": int(m["gkd"]) / 100, "ramp_frac": 0.0}
 
 
 def write_params(base: dict, work: Path, seed: int, distill: dict[str, Any] | None = None,
@@ -172,8 +188,23 @@ def second_teacher(base: dict, root: Path) -> Path:
     return cached(keyed(root, "teacher2", base, TEACHER_SECTIONS) / "model", make)
 
 
-def offline_round(work: Path, params: Path, policy: Path, teacher: Path, tag: str) -> tuple[Path, float]:
-    """rollouts of `policy` -> teacher_topk by `teacher` -> distill from `policy`; (student, wall seconds)."""
+def sft_scores(base: dict, root: Path) -> Path:
+    """The teacher's scored SFT answers (the sft_topk stage), GKD's off-policy rows: one folder for every seed."""
+    from offline_opd.stages import sft_topk
+
+    def make(out: Path) -> None:
+        work = keyed(root, "sft_topk", base, SFT_TOPK_SECTIONS)
+        params = write_params(base, work, 0, other=("sft_topk", {"enabled": True}))
+        sft_topk.main(stage_args(work, params, "sft_topk") + ["--teacher", TEACHER, "--sft", SFT_DATA,
+                                                              "--prompts", SFT_PROMPTS, "--out", str(out)])
+
+    return cached(keyed(root, "sft_topk", base, SFT_TOPK_SECTIONS) / "shards", make)
+
+
+def offline_round(work: Path, params: Path, policy: Path, teacher: Path, tag: str,
+                  off_policy: Path | None = None) -> tuple[Path, float]:
+    """rollouts of `policy` -> teacher_topk by `teacher` -> distill from `policy` (with GKD's `off_policy`
+    shards, if given); (student, wall seconds)."""
     from offline_opd.stages import distill
     from offline_opd.stages import rollouts
     from offline_opd.stages import teacher_topk
@@ -183,7 +214,8 @@ def offline_round(work: Path, params: Path, policy: Path, teacher: Path, tag: st
     wall = timed(rollouts.main, m + ["--policy", str(policy), "--prompts", PROMPTS, "--out", str(roll)])
     wall += timed(teacher_topk.main, m + ["--teacher", str(teacher), "--rollouts", str(roll), "--prompts", PROMPTS,
                                           "--out", str(shards)])
-    wall += timed(distill.main, m + ["--init", str(policy), "--shards", str(shards), "--out", str(out),
+    off = ["--off-policy", str(off_policy)] if off_policy is not None else []
+    wall += timed(distill.main, m + ["--init", str(policy), "--shards", str(shards), *off, "--out", str(out),
                                      "--logs", str(work / f"logs_{tag}"), "--plots", str(work / f"plots_{tag}")])
     return out, wall
 
@@ -218,6 +250,10 @@ def train_row(row: str, seed: int, base: dict, work: Path, ref: Path, root: Path
             out, w = offline_round(work, params, out, Path(TEACHER), f"r{r}")
             wall += w
         return out, wall
+    if m["gkd"]:
+        params = write_params(base, work, seed, {**LOSSES["fkl"], "gkd": gkd_schedule(m)},
+                              other=("sft_topk", {"enabled": True}))
+        return offline_round(work, params, ref, Path(TEACHER), "r1", sft_scores(base, root))
     if row == "inconsistent":
         params = write_params(base, work, seed, {**LOSSES["fkl"], "allow_inconsistent_teacher": True})
         return offline_round(work, params, ref, second_teacher(base, root), "r1")
@@ -307,7 +343,8 @@ def markdown(table: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated rows (default {DEFAULT_ROWS})")
+    ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated rows (default {DEFAULT_ROWS}; GKD's "
+                                                         f"mix: {GKD_ROWS})")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; at least 3 for a std worth reading")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--work", type=Path, default=Path("bench_runs/opd_table"),

@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # The folders that hold the import packages (offline_opd, opd_kernels): like src/, never packages themselves.
 SOURCE_ROOTS = ("pipeline", "kernels")
-STAGES = ["prepare", "teacher", "sft_data", "sft", "rollouts", "teacher_topk", "distill", "evaluate"]
+STAGES = ["prepare", "teacher", "sft_data", "sft", "rollouts", "teacher_topk", "sft_topk", "distill", "evaluate"]
 
 
 def sh(args: list[str], cwd: Path, env: dict, timeout: int = 1800) -> subprocess.CompletedProcess:

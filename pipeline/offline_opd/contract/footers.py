@@ -111,6 +111,10 @@ class TeacherTopkFooter(RunFooter):
     width: Optional[int] = None
     samples: Optional[int] = None
     selection: Optional[str] = None
+    # What the rows are: None, π_ref's rollouts (`teacher_topk`); "sft_data", the teacher's own answers
+    # (`sft_topk`, GKD's off-policy rows: the policy fields then name the teacher that wrote them).
+    source: Optional[str] = None
+    sft_data_run_key: Optional[str] = None
 
     @classmethod
     def of_rollouts(cls, policy: RolloutsFooter, **fields: Any) -> "TeacherTopkFooter":
@@ -118,6 +122,14 @@ class TeacherTopkFooter(RunFooter):
         return cls(policy_fingerprint=policy.policy_fingerprint, policy_path=policy.policy_path,
                    tokenizer_fingerprint=policy.tokenizer_fingerprint,
                    sampling_temperature=policy.sampling_temperature, rollouts_run_key=policy.run_key, **fields)
+
+    @classmethod
+    def of_sft_data(cls, sft: SftDataFooter, **fields: Any) -> "TeacherTopkFooter":
+        """A footer for the teacher's own SFT answers (`sft_topk`, GKD's off-policy rows): the policy fields name
+        the teacher that wrote them, at sft_data's temperature."""
+        return cls(policy_fingerprint=sft.teacher_fingerprint, policy_path=sft.teacher_path,
+                   tokenizer_fingerprint=sft.tokenizer_fingerprint, sampling_temperature=sft.sampling_temperature,
+                   source="sft_data", sft_data_run_key=sft.run_key, **fields)
 
 
 FOOTERS: dict[str, type[Footer]] = {f.kind: f for f in (RolloutsFooter, SftDataFooter, TeacherTopkFooter)}

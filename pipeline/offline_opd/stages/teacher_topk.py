@@ -91,9 +91,13 @@ class ScoreWork:
             for engine in engines:
                 engine.close()
 
+    def rows(self, j: int) -> pa.Table:
+        """The rows part j scores, in the rollout columns (`sft_topk` reads the teacher's answers instead)."""
+        return pa.concat_tables(shards.iter_row_groups(self.parts[j]))
+
     def part(self, engine: Engine, pi_ref: Engine | None, j: int) -> dict:
         cfg = self.cfg
-        rollouts = pa.concat_tables(shards.iter_row_groups(self.parts[j]))
+        rollouts = self.rows(j)
         extras = rollout_extras(rollouts, self.selection, cfg.seed, pi_ref, cfg.union_student_k)
         scored = engine.score(*teacher_inputs(rollouts, self.privileged), k=cfg.k, extras=extras)
         path = shards.write_shard(self.out / shards.part_name(j), scored_table(rollouts, scored, self.fmt),
@@ -121,21 +125,32 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
                               prompts=privileged.digest if privileged else None)
     args.out.mkdir(parents=True, exist_ok=True)
     pending = shards.pending_parts(args.out, KIND, key, len(parts), shard)
-    todo = pending.todo
     footer = TeacherTopkFooter.of_rollouts(
-        policy, run_key=key, num_parts=len(parts), teacher_fingerprint=teacher_fp, teacher_path=str(args.teacher),
-        k=cfg.k, scoring_temperature=SCORING_TEMPERATURE, privileged_context=cfg.privileged_context,
-        logprob_dtype=cfg.logprob_dtype, **engine_footer(cfg), codec=fmt.codec.describe(), width=fmt.width,
-        samples=fmt.samples, selection=cfg.selection, config=run_settings(cfg))
-    stats = {"parts_total": len(parts), "parts_skipped": len(range(shard[0], len(parts), shard[1])) - len(todo),
-             "parts_written": 0, "rows": 0, "response_tokens": 0, "bytes": 0, "sum_teacher_logprob": 0.0,
-             "sampled_in_topk": 0}
-    if not todo:
-        pending.clear_stale()
-        return stats
+        policy, **scoring_fields(cfg, fmt, args.teacher, teacher_fp, key, len(parts)))
     work = ScoreWork(args.teacher, cfg, parts, args.out, footer, pending, fmt, selection, privileged)
+    return score_parts(work, len(range(shard[0], len(parts), shard[1])), KIND)
+
+
+def scoring_fields(cfg: TeacherTopkConfig, fmt: TeacherFormat, teacher: Path, teacher_fp: str, key: str,
+                   num_parts: int) -> dict:
+    """The footer fields of every scored part, whatever wrote its rows: the run, the teacher, the entry format
+    and the settings (`TeacherTopkFooter.of_rollouts` / `of_sft_data` add who wrote the rows)."""
+    return dict(run_key=key, num_parts=num_parts, teacher_fingerprint=teacher_fp, teacher_path=str(teacher),
+                k=cfg.k, scoring_temperature=SCORING_TEMPERATURE, privileged_context=cfg.privileged_context,
+                logprob_dtype=cfg.logprob_dtype, **engine_footer(cfg), codec=fmt.codec.describe(), width=fmt.width,
+                samples=fmt.samples, selection=cfg.selection, config=run_settings(cfg))
+
+
+def score_parts(work: ScoreWork, owned: int, kind: str) -> dict:
+    """Score this process's parts still to write (of `owned`; here or on the stage's Ray pool) and summarise."""
+    todo = work.pending.todo
+    stats = {"parts_total": len(work.parts), "parts_skipped": owned - len(todo), "parts_written": 0, "rows": 0,
+             "response_tokens": 0, "bytes": 0, "sum_teacher_logprob": 0.0, "sampled_in_topk": 0}
+    if not todo:
+        work.pending.clear_stale()
+        return stats
     start = time.perf_counter()
-    for _, record in run_units(work, todo, cfg.cluster, KIND):
+    for _, record in run_units(work, todo, work.cfg.cluster, kind):
         stats["parts_written"] += 1
         for name, value in record.items():
             stats[name] += value

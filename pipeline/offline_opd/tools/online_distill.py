@@ -133,6 +133,10 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     if cfg.strategy == "fsdp":
         raise UserError(f"{args.params}: distill.strategy: fsdp is not supported by online OPD (it samples from "
                         f"the live model, whose weights FSDP shards); set it to auto or ddp")
+    if cfg.gkd.off_policy:
+        raise UserError(f"{args.params}: distill.gkd mixes in the teacher's scored SFT answers, which online OPD "
+                        f"(every sequence sampled by the live student) does not read; set lambda_start and "
+                        f"lambda_end to 1 for an online run")
     rollouts: RolloutsConfig = load_section("rollouts", args.params)
     topk: TeacherTopkConfig = load_section("teacher_topk", args.params)
     check_online(topk, str(args.params))
