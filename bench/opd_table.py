@@ -55,6 +55,7 @@ import re
 import shutil
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -124,6 +125,13 @@ def write_params(base: dict, work: Path, seed: int, distill: dict[str, Any] | No
     return path
 
 
+def stage(name: str) -> Callable[[list[str]], dict]:
+    """Stage `name`'s entry point, run in this process (`offline_opd.runtime.run_stage`)."""
+    from offline_opd.runtime import run_stage
+
+    return partial(run_stage, name)
+
+
 def timed(fn: Callable[[list[str]], Any], argv: list[str]) -> float:
     start = time.perf_counter()
     fn(argv)
@@ -164,39 +172,33 @@ def keyed(work: Path, kind: str, base: dict, sections: tuple[str, ...] | None = 
 
 def pi_ref(base: dict, root: Path, seed: int) -> Path:
     """π_ref of this seed: SFT on the teacher's answers with sft.seed = seed."""
-    from offline_opd.stages import sft
-
     def make(out: Path) -> None:
         work = keyed(root, "sft", base, SFT_SECTIONS) / f"s{seed}"
         params = write_params(base, work, seed, other=("sft", {"seed": seed}))
-        sft.main(stage_args(work, params, "sft") + ["--data", SFT_DATA, "--teacher", TEACHER, "--out", str(out),
-                                                    "--plots", str(work / "plots"), "--logs", str(work / "logs")])
+        stage("sft")(stage_args(work, params, "sft") + ["--data", SFT_DATA, "--teacher", TEACHER, "--out", str(out),
+                                                        "--plots", str(work / "plots"), "--logs", str(work / "logs")])
 
     return cached(keyed(root, "sft", base, SFT_SECTIONS) / f"s{seed}" / "student_sft", make)
 
 
 def second_teacher(base: dict, root: Path) -> Path:
     """A teacher trained exactly like the project's, from another seed (the inconsistent row's scorer)."""
-    from offline_opd.stages import teacher
-
     def make(out: Path) -> None:
         work = keyed(root, "teacher2", base, TEACHER_SECTIONS)
         params = write_params(base, work, 0, other=("teacher", {"seed": base["teacher"]["seed"] + 1}))
-        teacher.main(stage_args(work, params, "t") + ["--prompts", SFT_PROMPTS, "--out", str(out),
-                                                      "--plots", str(work / "plots"), "--logs", str(work / "logs")])
+        stage("teacher")(stage_args(work, params, "t") + ["--prompts", SFT_PROMPTS, "--out", str(out),
+                                                          "--plots", str(work / "plots"), "--logs", str(work / "logs")])
 
     return cached(keyed(root, "teacher2", base, TEACHER_SECTIONS) / "model", make)
 
 
 def sft_scores(base: dict, root: Path) -> Path:
     """The teacher's scored SFT answers (the sft_topk stage), GKD's off-policy rows: one folder for every seed."""
-    from offline_opd.stages import sft_topk
-
     def make(out: Path) -> None:
         work = keyed(root, "sft_topk", base, SFT_TOPK_SECTIONS)
         params = write_params(base, work, 0, other=("sft_topk", {"enabled": True}))
-        sft_topk.main(stage_args(work, params, "sft_topk") + ["--teacher", TEACHER, "--sft", SFT_DATA,
-                                                              "--prompts", SFT_PROMPTS, "--out", str(out)])
+        stage("sft_topk")(stage_args(work, params, "sft_topk") + ["--teacher", TEACHER, "--sft", SFT_DATA,
+                                                                  "--prompts", SFT_PROMPTS, "--out", str(out)])
 
     return cached(keyed(root, "sft_topk", base, SFT_TOPK_SECTIONS) / "shards", make)
 
@@ -205,28 +207,23 @@ def offline_round(work: Path, params: Path, policy: Path, teacher: Path, tag: st
                   off_policy: Path | None = None) -> tuple[Path, float]:
     """rollouts of `policy` -> teacher_topk by `teacher` -> distill from `policy` (with GKD's `off_policy`
     shards, if given); (student, wall seconds)."""
-    from offline_opd.stages import distill
-    from offline_opd.stages import rollouts
-    from offline_opd.stages import teacher_topk
-
     m = stage_args(work, params, tag)
     roll, shards, out = work / f"rollouts_{tag}", work / f"topk_{tag}", work / f"student_{tag}"
-    wall = timed(rollouts.main, m + ["--policy", str(policy), "--prompts", PROMPTS, "--out", str(roll)])
-    wall += timed(teacher_topk.main, m + ["--teacher", str(teacher), "--rollouts", str(roll), "--prompts", PROMPTS,
-                                          "--out", str(shards)])
+    wall = timed(stage("rollouts"), m + ["--policy", str(policy), "--prompts", PROMPTS, "--out", str(roll)])
+    wall += timed(stage("teacher_topk"), m + ["--teacher", str(teacher), "--rollouts", str(roll), "--prompts",
+                                              PROMPTS, "--out", str(shards)])
     off = ["--off-policy", str(off_policy)] if off_policy is not None else []
-    wall += timed(distill.main, m + ["--init", str(policy), "--shards", str(shards), *off, "--out", str(out),
-                                     "--logs", str(work / f"logs_{tag}"), "--plots", str(work / f"plots_{tag}")])
+    wall += timed(stage("distill"), m + ["--init", str(policy), "--shards", str(shards), *off, "--out", str(out),
+                                         "--logs", str(work / f"logs_{tag}"), "--plots", str(work / f"plots_{tag}")])
     return out, wall
 
 
 def evaluate(work: Path, teacher: Path, ref: Path, student: Path) -> dict:
     """evaluate's metrics for `student` against `ref` (its π_ref) on the held-out prompts."""
-    from offline_opd.stages import evaluate as stage
-
     metrics = work / "eval.json"
-    stage.main(["--teacher", str(teacher), "--ref", str(ref), "--student", str(student), "--prompts", EVAL,
-                "--metrics", str(metrics), "--plots", str(work / "plots_eval"), "--metrics-dir", str(work / "m_eval")])
+    stage("evaluate")(["--teacher", str(teacher), "--ref", str(ref), "--student", str(student), "--prompts", EVAL,
+                       "--metrics", str(metrics), "--plots", str(work / "plots_eval"), "--metrics-dir",
+                       str(work / "m_eval")])
     return json.loads(metrics.read_text())
 
 

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from offline_opd.provenance.fingerprint import model_fingerprint
 from offline_opd.tools.rounds import ROUND_STAGES
-from tests.dvc_project import REPO, STAGES, init_project, ran_stages, sh
+from offline_opd.tools.scratch_project import STAGES, init_project, ran_stages, sh
+from tests.tiny_models import REPO
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from offline_opd.models.loading import build_char_tokenizer
+from offline_opd.models.toy import build_char_tokenizer
 from offline_opd.contract import shards, tables
 from offline_opd.contract.codec import Compact, Plain, make_codec
 from offline_opd.contract.tables import TeacherFormat

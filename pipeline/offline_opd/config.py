@@ -5,7 +5,10 @@ editing a key reruns only the stages downstream of it (`teacher_topk` also reads
 `distill.allow_inconsistent_teacher`, which decides only whether it refuses, never what it writes;
 `sft_topk` scores with the `teacher_topk` section and declares both). All keys are required in the file: a
 default hidden in code would be invisible to DVC's parameter tracking, and a run could change
-behaviour without DVC noticing.
+behaviour without DVC noticing. The one exception is a key that does not apply to the file's own choice
+(a section's `omittable`): the toy architecture and training keys of a pretrained `teacher.source`, the
+architecture of a pretrained `sft.source`, `task.digits` of a prompt file. Such a key may be left out (it
+reads as None, and nothing reads it); where it applies it is required like any other.
 
 Every stage validates the whole file at load, not only its own section (offline_opd.validation, which
 runs this module's `load_params` and then the checks that need the loss registry): ranges in the
@@ -97,6 +100,11 @@ class TaskConfig:
     # `answer` (reference answer for the verifier) and `split` (sft/opd/eval).
     prompt_file: Optional[str]
 
+    @classmethod
+    def omittable(cls, raw: dict) -> set[str]:
+        """`digits` sizes the toy additions only."""
+        return {"digits"} if raw.get("kind") != "addition" else set()
+
     def __post_init__(self) -> None:
         """A prompt file with the toy task would be silently ignored; refuse it."""
         if self.kind == "addition" and self.prompt_file is not None:
@@ -154,6 +162,13 @@ class ModelConfig(TrainConfig):
     num_heads: Count
     intermediate_size: Count
 
+    ARCHITECTURE = ("hidden_size", "num_layers", "num_heads", "intermediate_size")
+
+    @classmethod
+    def omittable(cls, raw: dict) -> set[str]:
+        """The architecture builds a `scratch` model only; a pretrained source brings its own."""
+        return set(cls.ARCHITECTURE) if raw.get("source") != "scratch" else set()
+
     def __post_init__(self) -> None:
         """A scratch Llama splits hidden_size into num_heads heads of an even size (rotary embeddings)."""
         super().__post_init__()
@@ -166,7 +181,21 @@ class ModelConfig(TrainConfig):
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig(ModelConfig):
-    """`teacher`: trains the toy teacher on reference answers, or resolves and fingerprints a real one."""
+    """`teacher`: trains the toy teacher on reference answers, or resolves and fingerprints a real one.
+
+    A scratch teacher holds out the last `holdout` SFT prompts (at most a tenth of them) from training and
+    reports its greedy exact match on them, generating `eval_batch_size` prompts at a time.
+    """
+
+    holdout: NonNegInt
+    eval_batch_size: Count
+
+    @classmethod
+    def omittable(cls, raw: dict) -> set[str]:
+        """A teacher that is not `scratch` is not trained here: every training key is then unused."""
+        if raw.get("source") == "scratch":
+            return set()
+        return {f.name for f in dataclasses.fields(cls)} - {"source"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -572,13 +601,14 @@ def parse_section(cls: type[C], raw: Any, where: str) -> C:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}: unknown key; valid keys are {', '.join(fields)}")
-    missing = [f for f in fields if f not in raw]
+    optional = cls.omittable(raw) if hasattr(cls, "omittable") else set()
+    missing = [f for f in fields if f not in raw and f not in optional]
     if missing:
         raise ConfigError(
             f"{where}.{missing[0]}: missing key (every key must be set in the file so DVC tracks it; "
             f"see configs/toy.yaml)"
         )
-    values = {name: _coerce(raw[name], hints[name], f"{where}.{name}") for name in fields}
+    values = {name: _coerce(raw[name], hints[name], f"{where}.{name}") if name in raw else None for name in fields}
     try:
         return cls(**values)
     except RuleError as exc:
