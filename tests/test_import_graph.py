@@ -161,14 +161,6 @@ def test_only_the_scratch_teacher_builds_toy_models():
     assert {name for name, deps in graph.items() if "offline_opd.models.toy" in deps} == {"offline_opd.stages.teacher"}
 
 
-def test_the_pipeline_does_not_import_polars():
-    """polars is in the `dev` extra only (the tests read shards with it): a pipeline import of it would fail on
-    an install without that extra."""
-    found = [str(p) for root in ROOTS.values() for p in root.rglob("*.py")
-             if any(n.split(".")[0] == "polars" for n in imported_names(p.read_text()))]
-    assert found == []
-
-
 def test_stages_do_not_import_each_other():
     """What two stages share (teacher_topk's and sft_topk's scoring) lives in the library, so a stage's dvc.yaml
     deps never include another stage's entry point."""
