@@ -260,13 +260,17 @@ class StageEngineConfig(EngineConfig):
 
 
 def run_settings(cfg: Any) -> dict:
-    """A section's keys that decide the rows a stage writes: all of them but `cluster` (where the work runs).
+    """A section's keys that decide the rows a stage writes: all of them but `cluster` (where the work runs)
+    and the keys the section calls inert at their values (`inert_keys`: a feature switched off).
 
     Run keys and shard footers are built from these, so moving a stage between `local` and `ray`, or changing
-    `replicas`, keeps every finished part (DVC still reruns the stage, which then only checks the footers).
+    `replicas`, keeps every finished part (DVC still reruns the stage, which then only checks the footers),
+    and a feature left off writes the footers and run keys it wrote before the feature existed.
     """
     values = dataclasses.asdict(cfg)
     values.pop("cluster", None)
+    for key in getattr(cfg, "inert_keys", lambda: ())():
+        values.pop(key)
     return values
 
 
@@ -310,9 +314,26 @@ class SftConfig(ModelConfig):
 
 @dataclasses.dataclass(frozen=True)
 class RolloutsConfig(GenerationConfig):
-    """`rollouts`: π_ref samples `n_samples` responses per OPD prompt, keeping its log-probs."""
+    """`rollouts`: π_ref samples `n_samples` responses per OPD prompt, keeping its log-probs.
+
+    Flawed-prefix rejection (offline_opd.backends.rejection): a response whose perplexity under the sampling
+    policy, exp(−mean of its behaviour log-probs), exceeds `max_perplexity` is dropped before teacher_topk
+    scores it (null: off), and redrawn up to `resample_budget` times (0: dropped for good).
+    """
 
     n_samples: Count
+    max_perplexity: Optional[Annotated[float, Range(ge=1)]]
+    resample_budget: NonNegInt
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.resample_budget and self.max_perplexity is None:
+            refuse("resample_budget", f"{self.resample_budget} redraws rejected responses, but max_perplexity is "
+                                      f"null (rejection off); set max_perplexity, or resample_budget: 0")
+
+    def inert_keys(self) -> tuple[str, ...]:
+        """With rejection off its keys change no row (`run_settings`)."""
+        return ("max_perplexity", "resample_budget") if self.max_perplexity is None else ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,13 +67,19 @@ class RunFooter(Footer):
 
 @dataclass(frozen=True, kw_only=True)
 class RolloutsFooter(RunFooter):
-    """Footer of `rollouts` parts: which policy sampled the rows, how, and from which prompts."""
+    """Footer of `rollouts` parts: which policy sampled the rows, how, and from which prompts; with
+    flawed-prefix rejection on (`rollouts.max_perplexity`), what it did in this part
+    (`backends.rejection.Rejections`; absent when off)."""
 
     kind: ClassVar[str] = "rollouts"
     policy_fingerprint: str
     sampling_temperature: float
     policy_path: Optional[str] = None
     prompts_path: Optional[str] = None
+    rejected_rows: Optional[int] = None
+    rejected_response_tokens: Optional[int] = None
+    resampled_rows: Optional[int] = None
+    dropped_rows: Optional[int] = None
 
 
 @dataclass(frozen=True, kw_only=True)
