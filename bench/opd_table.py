@@ -21,8 +21,10 @@ training. Rows (`--rows`, comma-separated):
                            student, distill.max_steps each (what `python -m offline_opd.tools.rounds --rounds R` runs)
   r<R>eq                   the same with distill.max_steps / R steps per round: equal total optimizer steps
   long<M>                  one round (R = 1) of M x distill.max_steps steps: r<M>'s steps without its refresh
-  inconsistent             shards scored by a second teacher (teacher.seed + 1, trained here once, same
-                           accuracy) for the π_ref fine-tuned on the first teacher's answers, override on
+  inconsistent             shards scored by a second teacher (trained here once like the first, from
+                           teacher.seed + 1, on the same prompts' traces written in another style: README
+                           "The paper's claim") for the π_ref fine-tuned on the first teacher's answers,
+                           override on
 
 Offline wall time counts rollouts + teacher scoring + distill (π_ref's SFT is common to every row), so the
 offline/online ratio includes the teacher's cost. Each (row, seed) result is cached in `--work`, under a
@@ -55,6 +57,7 @@ import yaml
 TEACHER, SFT_DATA, SFT_PROMPTS = "data/models/teacher", "data/sft", "data/prompts/sft.parquet"
 PROMPTS, EVAL = "data/prompts/opd.parquet", "data/prompts/eval.parquet"
 SFT_SECTIONS, TEACHER_SECTIONS = ("task", "teacher", "sft_data", "sft"), ("task", "teacher")
+TEACHER2_STYLE = "terse"   # the inconsistent row's teacher writes "4+4=8 6+9=15 8+3+1=12 =1258"
 LOSSES: dict[str, dict[str, Any]] = {
     "fkl": {"loss": "fkl", "loss_params": {}},
     "jsd": {"loss": "jsd", "loss_params": {}},
@@ -140,14 +143,33 @@ def pi_ref(base: dict, root: Path, seed: int) -> Path:
     return cached(keyed(root, "sft", base, SFT_SECTIONS) / f"s{seed}" / "student_sft", make)
 
 
+def restyled_prompts(src: Path, dest: Path, style: str) -> Path:
+    """The SFT prompts with their reference traces rewritten in another style of the toy task
+    (offline_opd.tasks.addition.STYLES): same prompts and answers, other text."""
+    import pyarrow as pa
+
+    from offline_opd.contract.prompts import read_prompts, write_prompts
+    from offline_opd.tasks.addition import solve
+
+    table = read_prompts(src)
+    references = pa.array([solve(p, style) for p in table.column("prompt").to_pylist()],
+                          table.schema.field("reference").type)
+    write_prompts(dest, table.set_column(table.schema.get_field_index("reference"), "reference", references))
+    return dest
+
+
 def second_teacher(base: dict, root: Path) -> Path:
-    """A teacher trained exactly like the project's, from another seed (the inconsistent row's scorer)."""
+    """The inconsistent row's scorer: a teacher trained like the project's (same sizes, steps, tokenizer and
+    prompts) from another seed, on the same computation written in another style (TEACHER2_STYLE), as
+    two real teachers differ: it is as accurate, but its distribution over π_ref's tokens is not the one
+    π_ref was fine-tuned on."""
     from offline_opd.stages import teacher
 
     def make(out: Path) -> None:
         work = keyed(root, "teacher2", base, TEACHER_SECTIONS)
         params = write_params(base, work, 0, other=("teacher", {"seed": base["teacher"]["seed"] + 1}))
-        teacher.main(stage_args(work, params, "t") + ["--prompts", SFT_PROMPTS, "--out", str(out),
+        prompts = restyled_prompts(Path(SFT_PROMPTS), work / "sft_restyled.parquet", TEACHER2_STYLE)
+        teacher.main(stage_args(work, params, "t") + ["--prompts", str(prompts), "--out", str(out),
                                                       "--plots", str(work / "plots"), "--logs", str(work / "logs")])
 
     return cached(keyed(root, "teacher2", base, TEACHER_SECTIONS) / "model", make)
