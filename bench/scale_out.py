@@ -6,16 +6,16 @@ and `distill` stages run it: loaded on the meta device, each rank reading its ow
 shards. The same global batch runs three ways, each in its own processes:
 
     plain   strategy auto, 1 process (the model loaded whole by from_pretrained)
-    fsdp1   strategy fsdp, 1 rank
-    fsdp2   strategy fsdp, 2 ranks
+    fsdp_1rank    strategy fsdp (FSDP2), 1 rank
+    fsdp_2ranks   strategy fsdp (FSDP2), 2 ranks
 
 Per rank it reports, at the fullest optimizer step (AdamW's moments exist from the second step on):
 the parameter + gradient + AdamW state bytes the rank holds (counted from its tensors: exact), and its
 peak RSS growth over the RSS it had before loading the model (includes activations, the allocator's
 slack and the loading itself). The children run with MALLOC_MMAP_THRESHOLD_=1 MiB: otherwise glibc
 keeps the freed per-layer all-gather buffers in its heap (measured: +1 GiB of RSS per rank that no
-tensor holds), and the RSS would show the allocator, not the training. Ratios are fsdp2 per rank over
-fsdp1, from the same invocation. The figures go to bench/results/scale_out.json under the key "fsdp2"
+tensor holds), and the RSS would show the allocator, not the training. Ratios are fsdp_2ranks per rank over
+fsdp_1rank, from the same invocation. The figures go to bench/results/scale_out.json under the key "fsdp2"
 (other keys of that file are kept).
 
     python bench/scale_out.py                  # 2-core CPU: a few minutes
@@ -39,7 +39,7 @@ sys.path[:0] = [str(ROOT / "pipeline"), str(ROOT / "kernels"), str(ROOT / "bench
 from train_memory import SMOLLM2_135M  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "scale_out.json"
-RUNS = [("plain", "auto", 1), ("fsdp1", "fsdp", 1), ("fsdp2", "fsdp", 2)]
+RUNS = [("plain", "auto", 1), ("fsdp_1rank", "fsdp", 1), ("fsdp_2ranks", "fsdp", 2)]
 MMAP_THRESHOLD = 1 << 20     # bytes: larger allocations are mmapped, and returned to the OS when freed
 
 
@@ -104,25 +104,25 @@ def main() -> None:
     params = results["plain"][0]["full_param_elements"]
     print(f"SmolLM2-135M-shaped Llama, {params / 1e6:.1f}M params, fp32 + AdamW, CPU/gloo, {args.steps} steps "
           f"of {args.batch} x {args.seq} tokens (global); torch {torch.__version__}")
-    print(f"{'run':8s} {'rank':>4s} {'param+grad+adam MiB':>20s} {'vs fsdp1':>9s} {'peak RSS growth MiB':>20s} "
-          f"{'vs fsdp1':>9s} {'placements':>20s}")
-    base_state, base_rss = state_mib(results["fsdp1"][0]), rss_growth(results["fsdp1"][0])
+    print(f"{'run':8s} {'rank':>4s} {'param+grad+adam MiB':>20s} {'vs 1 rank':>9s} {'peak RSS growth MiB':>20s} "
+          f"{'vs 1 rank':>9s} {'placements':>20s}")
+    base_state, base_rss = state_mib(results["fsdp_1rank"][0]), rss_growth(results["fsdp_1rank"][0])
     rows = []
     for name, _, devices in RUNS:
         for r, rank in enumerate(results[name]):
             row = {"run": name, "rank": r, "param_grad_adam_mib": round(state_mib(rank), 1),
                    "param_mib": round(rank["param_bytes"] / 2**20, 1),
                    "adam_mib": round(rank["optimizer_bytes"] / 2**20, 1),
-                   "state_vs_fsdp1": round(state_mib(rank) / base_state, 3),
+                   "state_vs_1rank": round(state_mib(rank) / base_state, 3),
                    "peak_rss_growth_mib": round(rss_growth(rank), 1),
-                   "rss_growth_vs_fsdp1": round(rss_growth(rank) / base_rss, 3),
+                   "rss_growth_vs_1rank": round(rss_growth(rank) / base_rss, 3),
                    "peak_rss_mib": round(rank["peak_rss_mib"], 1), "placements": rank["placements"]}
             rows.append(row)
-            print(f"{name:8s} {r:4d} {row['param_grad_adam_mib']:20.1f} {row['state_vs_fsdp1']:9.3f} "
-                  f"{row['peak_rss_growth_mib']:20.1f} {row['rss_growth_vs_fsdp1']:9.3f} "
+            print(f"{name:8s} {r:4d} {row['param_grad_adam_mib']:20.1f} {row['state_vs_1rank']:9.3f} "
+                  f"{row['peak_rss_growth_mib']:20.1f} {row['rss_growth_vs_1rank']:9.3f} "
                   f"{','.join(rank['placements']) or '-':>20s}")
-    worst = max(r["param_grad_adam_mib"] for r in rows if r["run"] == "fsdp2")
-    print(f"fsdp2 / fsdp1 per-rank parameter + gradient + AdamW memory: {worst / base_state:.3f} (target ~0.5)")
+    worst = max(r["param_grad_adam_mib"] for r in rows if r["run"] == "fsdp_2ranks")
+    print(f"FSDP2 2 ranks / 1 rank per-rank parameter + gradient + AdamW memory: {worst / base_state:.3f} (target ~0.5)")
     print(f"load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f} on {os.cpu_count()} cores")
     if args.no_write:
         return
@@ -132,8 +132,8 @@ def main() -> None:
         "command": " ".join(["python bench/scale_out.py", *sys.argv[1:]]),
         "params": params, "global_batch": args.batch, "seq": args.seq, "steps": args.steps,
         "rows": rows, "seconds": {name: results[name + "_seconds"] for name, _, _ in RUNS},
-        "fsdp2_over_fsdp1_state": round(worst / base_state, 3),
-        "fsdp2_over_fsdp1_rss_growth": round(max(r["rss_growth_vs_fsdp1"] for r in rows if r["run"] == "fsdp2"), 3),
+        "two_ranks_over_one_state": round(worst / base_state, 3),
+        "two_ranks_over_one_rss_growth": round(max(r["rss_growth_vs_1rank"] for r in rows if r["run"] == "fsdp_2ranks"), 3),
         "malloc_mmap_threshold": MMAP_THRESHOLD,
         "machine": {**machine(), "load_avg_1min_before": round(load_before[0], 2),
                     "load_avg_1min_after": round(load_after[0], 2),

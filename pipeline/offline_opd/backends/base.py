@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from offline_opd.contract.sparse_targets import Selection
+from offline_opd.contract.sparse_targets import Selection, draw_uniforms
 from offline_opd.errors import UserError
 
 # Teacher scores are the teacher's own distribution (T = 1); the student's sampling temperature is a
@@ -66,6 +66,20 @@ class Extras:
     selection: Selection
     uniforms: Optional[list[np.ndarray]] = None
     union_ids: Optional[list[np.ndarray]] = None
+
+
+def rollout_extras(rollouts, selection: Selection, seed: int, policy_scorer, union_k: int) -> Extras:
+    """The Extras of one rollouts part (a pyarrow table): per-sequence draws seeded from (seed, sample_id),
+    and π_ref's own top ids (`policy_scorer`, an engine on π_ref, scores the rollouts as sampled)."""
+    ids, plens = rollouts.column("input_ids").to_pylist(), rollouts.column("prompt_len").to_pylist()
+    uniforms = None
+    if selection.sampled:
+        uniforms = [draw_uniforms(seed, sid, len(x) - p, selection.samples)
+                    for sid, x, p in zip(rollouts.column("sample_id").to_pylist(), ids, plens)]
+    union = None
+    if policy_scorer is not None:
+        union = [s.topk_ids for s in policy_scorer.score(ids, plens, k=union_k)]
+    return Extras(selection, uniforms, union)
 
 
 def batch_seed(seed: int, index: int) -> int:

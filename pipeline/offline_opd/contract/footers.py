@@ -106,6 +106,13 @@ class TeacherTopkFooter(RunFooter):
     samples: Optional[int] = None
     selection: Optional[str] = None
 
+    @classmethod
+    def of_rollouts(cls, policy: RolloutsFooter, **fields: Any) -> "TeacherTopkFooter":
+        """A footer that copies the rollouts' policy fields unchanged (which policy sampled the rows, and how)."""
+        return cls(policy_fingerprint=policy.policy_fingerprint, policy_path=policy.policy_path,
+                   tokenizer_fingerprint=policy.tokenizer_fingerprint,
+                   sampling_temperature=policy.sampling_temperature, rollouts_run_key=policy.run_key, **fields)
+
 
 FOOTERS: dict[str, type[Footer]] = {f.kind: f for f in (RolloutsFooter, SftDataFooter, TeacherTopkFooter)}
 REQUIRED_META: dict[str, list[str]] = {kind: footer.required() for kind, footer in FOOTERS.items()}

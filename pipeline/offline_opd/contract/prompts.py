@@ -8,6 +8,9 @@ distilled student tokenize it identically.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import string
 from pathlib import Path
 
 import pyarrow as pa
@@ -101,3 +104,57 @@ def encode_prompt(tokenizer, prompt: str, where: str = "a prompt") -> list[int]:
                               f"them as {tokenizer.unk_token}; remove them from the prompt file, or use models "
                               f"whose tokenizer covers them")
     return ids
+
+
+class PrivilegedPrompts:
+    """Teacher prompt ids under `teacher_topk.privileged_context` (a template over {prompt} and {answer}), per
+    prompt_id: the teacher scores the student's responses after a prompt the student never saw."""
+
+    def __init__(self, template: str, prompts_path: Path, tokenizer) -> None:
+        # The template's fields were checked at params load (config.check_template).
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        table = read_prompts(prompts_path)
+        ids, texts, answers = (table.column(c).to_pylist() for c in ("prompt_id", "prompt", "answer"))
+        if "answer" in fields and None in answers:
+            raise UserError(f"{prompts_path}: prompt {ids[answers.index(None)]} has no answer, but "
+                            f"teacher_topk.privileged_context uses {{answer}}")
+        self.tokenizer, self.template, self.path = tokenizer, template, prompts_path
+        self.rows = dict(zip(ids, zip(texts, answers)))
+        self.digest = hashlib.sha256(json.dumps([ids, texts, answers]).encode()).hexdigest()
+
+    def encode(self, prompt_id: str) -> list[int]:
+        if prompt_id not in self.rows:
+            raise UserError(f"{self.path}: no prompt {prompt_id!r}, which the rollouts hold; pass the OPD "
+                            f"prompt set the rollouts were sampled from with --prompts")
+        prompt, answer = self.rows[prompt_id]
+        return encode_prompt(self.tokenizer, self.template.format(prompt=prompt, answer=answer))
+
+
+def teacher_inputs(table: pa.Table, privileged: PrivilegedPrompts | None) -> tuple[list[list[int]], list[int]]:
+    """What the teacher scores: the rollout rows as they are, or the same responses after the privileged prompt."""
+    ids, plens = table.column("input_ids").to_pylist(), table.column("prompt_len").to_pylist()
+    if privileged is None:
+        return ids, plens
+    cache: dict[str, list[int]] = {}
+    out = []
+    for pid, seq, p in zip(table.column("prompt_id").to_pylist(), ids, plens):
+        if pid not in cache:
+            cache[pid] = privileged.encode(pid)
+        out.append(cache[pid] + seq[p:])
+    return out, [len(cache[pid]) for pid in table.column("prompt_id").to_pylist()]
+
+
+def reference_sequences(tokenizer, prompts: list[str], references: list[str | None],
+                        where: Path) -> list[tuple[list[int], int]]:
+    """Prompt + reference response + eos as ids, with the prompt's length, for each prompt (the toy teacher's
+    training set); refuses prompts without a reference."""
+    out = []
+    for prompt, reference in zip(prompts, references):
+        if reference is None:
+            raise UserError(f"{where}: prompt {prompt!r} has no 'reference' response; teacher.source 'scratch' "
+                            f"trains the embedded toy teacher on the toy task's traces. With your own prompts "
+                            f"set teacher.source to a Hugging Face model folder")
+        prompt_ids = encode_prompt(tokenizer, prompt)
+        response = tokenizer(reference, add_special_tokens=False)["input_ids"]
+        out.append((prompt_ids + response + [tokenizer.eos_token_id], len(prompt_ids)))
+    return out

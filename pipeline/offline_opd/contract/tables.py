@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from offline_opd.contract.codec import Codec, Plain, codec_from_meta, flat, make_codec
 from offline_opd.contract.sparse_targets import Selection, entry_weights
+from offline_opd.errors import UserError
 
 SCHEMA_VERSION = "3"
 READABLE_VERSIONS = ("1", "2", "3")
@@ -112,9 +113,17 @@ def teacher_schema(fmt: TeacherFormat | str = "float16") -> pa.Schema:
     return pa.schema(ROLLOUT_FIELDS + fmt.fields())
 
 
-def teacher_format(cfg: Any, vocab: int) -> TeacherFormat:
+def teacher_format(cfg: Any, vocab: int, params: Path | str = "params.yaml", teacher: Path | str = "the teacher"
+                   ) -> TeacherFormat:
     """The format a `teacher_topk` run with settings `cfg` (`config.TeacherTopkConfig`) writes: its selection's
-    entries plus `union_student_k` of π_ref's, the codec sized to the teacher's vocabulary."""
+    entries plus `union_student_k` of π_ref's, the codec sized to the teacher's vocabulary (`vocab` tokens, of
+    model `teacher`), which k and union_student_k must not exceed (`params` names the file in the error)."""
+    if cfg.k > vocab:
+        raise UserError(f"{params}: teacher_topk.k: {cfg.k} is more than the teacher's vocabulary ({vocab} "
+                        f"tokens, {teacher}); lower k")
+    if cfg.union_student_k > vocab:
+        raise UserError(f"{params}: teacher_topk.union_student_k: {cfg.union_student_k} is more than the "
+                        f"vocabulary ({vocab} tokens, {teacher}); lower union_student_k")
     selection = Selection.of(cfg)
     return TeacherFormat(make_codec(cfg.codec, cfg.logprob_dtype, vocab), selection.width(cfg.union_student_k),
                          selection.samples, exact_tail=True)
@@ -176,6 +185,17 @@ def scored_table(rollouts: pa.Table, scored: Sequence[Any], fmt: TeacherFormat) 
     for field in fmt.fields():
         rollouts = rollouts.append_column(field.name, _ragged([r[field.name] for r in rows], field.type.value_type))
     return rollouts
+
+
+def scored_stats(rollouts: pa.Table, scored: Sequence[Any]) -> dict:
+    """Sums over one scored part for teacher_topk's metrics: response tokens, the teacher's total log-prob of
+    the sampled tokens, and how many sampled tokens are among the stored ids."""
+    stats = {"response_tokens": 0, "sum_teacher_logprob": 0.0, "sampled_in_topk": 0}
+    for s, seq, p in zip(scored, rollouts.column("input_ids").to_pylist(), rollouts.column("prompt_len").to_pylist()):
+        stats["response_tokens"] += s.teacher_logprob.size
+        stats["sum_teacher_logprob"] += float(s.teacher_logprob.sum())
+        stats["sampled_in_topk"] += int((s.topk_ids == np.asarray(seq[p:])[:, None]).any(1).sum())
+    return stats
 
 
 def _ragged(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:

@@ -25,6 +25,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from offline_opd.config import load_params
 from offline_opd.errors import UserError
 from offline_opd.contract import shards
 from offline_opd.provenance.fingerprint import FIX_TOKENIZER, model_fingerprint, tokenizer_fingerprint
@@ -153,6 +154,46 @@ def check_scoring_teacher(teacher: Path, teacher_fp: str, rollouts: shards.Shard
                      f"{policy / PROVENANCE_FILE} (sft_teacher_fingerprint; π_ref sampled {rollouts.path.parent})",
                      FIX_SCORER, True)
     _raise_or_warn([found] if found.found != found.expected else [], allow_inconsistent_teacher)
+
+
+def check_scoring_tokenizer(teacher: Path, teacher_tok: str, rollouts: shards.ShardInfo) -> None:
+    """Teacher and π_ref must read token ids identically (docs/design.md §3), or every score is of the wrong token."""
+    policy_tok = rollouts.meta["tokenizer_fingerprint"]
+    if teacher_tok != policy_tok:
+        raise UserError(
+            f"tokenizer mismatch: teacher {teacher} has tokenizer fingerprint {teacher_tok}, but the rollouts "
+            f"in {rollouts.path} were tokenized with {policy_tok} (policy {rollouts.meta.get('policy_path')}); "
+            f"teacher and student must share one tokenizer: use a teacher with the student's tokenizer, or "
+            f"rebuild the student from the teacher's")
+
+
+def check_sft_teacher(teacher: Path, teacher_fp: str, data: Path, footer) -> None:
+    """sft's half of the chain: the SFT parts in `data` (their footer, `footers.SftDataFooter`) must have been
+    written by `teacher`, the model that sft records as π_ref's SFT teacher."""
+    if teacher_fp != footer.teacher_fingerprint:
+        raise ConsistencyError(
+            f"teacher mismatch: {data} was written by teacher {footer.teacher_fingerprint} "
+            f"({footer.teacher_path or '?'}) but --teacher {teacher} is {teacher_fp}; "
+            f"rerun `dvc repro sft_data` with this teacher")
+
+
+def check_student_tokenizer(source: str, base: Path, data_tokenizer_fp: str, data: Path) -> None:
+    """A real student base (`sft.source`, resolved to `base`) must tokenize exactly like the teacher that
+    wrote the SFT data in `data`, or the teacher's top-k ids would name other tokens in its vocabulary."""
+    base_fp = tokenizer_fingerprint(base)
+    if base_fp != data_tokenizer_fp:
+        raise ConsistencyError(
+            f"tokenizer mismatch: student base {source} has tokenizer {base_fp} but the SFT data in {data} "
+            f"was tokenized by the teacher's tokenizer {data_tokenizer_fp}; fix: {FIX_TOKENIZER} "
+            f"(pick a student base from the teacher's model family)")
+
+
+def override_allowed(params: Path) -> bool:
+    """`distill.allow_inconsistent_teacher`, the one switch for a teacher ablation, read by teacher_topk too so
+    that the ablation's shards can be scored. Not a param of that stage: it decides only whether the stage
+    refuses, never what it writes (and a refusal leaves no output for DVC to cache)."""
+    distill = load_params(params, required=()).get("distill")
+    return distill is not None and distill.allow_inconsistent_teacher
 
 
 def _raise_or_warn(mismatches: list[Mismatch], allow: bool) -> None:

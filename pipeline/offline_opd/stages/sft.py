@@ -17,17 +17,16 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from offline_opd.contract import shards
-from offline_opd.contract.tables import SFT_SCHEMA
 from offline_opd.atomic import write_text
 from offline_opd.config import SftConfig
-from offline_opd.provenance.consistency import FIX_TOKENIZER, ConsistencyError
-from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
-from offline_opd.models.loading import build_llama, parameter_count, prune_layers, resolve_model_dir, resolve_model_source
-from offline_opd.provenance.record import check_unchanged, write_provenance
 from offline_opd.errors import UserError
+from offline_opd.models.loading import build_llama, parameter_count, prune_layers, resolve_model_dir, resolve_model_source
+from offline_opd.provenance.consistency import (FIX_TOKENIZER, ConsistencyError, check_sft_teacher,
+                                                check_student_tokenizer)
+from offline_opd.provenance.fingerprint import model_fingerprint
+from offline_opd.provenance.record import check_unchanged, write_provenance
 from offline_opd.runtime import stage_main
-from offline_opd.train.examples import Example
+from offline_opd.train.sft_shards import read_sft_parts
 
 log = logging.getLogger("opd")
 
@@ -45,21 +44,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logs", type=Path, default=Path("logs/sft"),
                         help="training logs and the resume checkpoint; a rerun of the same run resumes from it "
                              "(default: logs/sft)")
-
-
-def read_sft_parts(folder: Path) -> tuple[list[Example], list[shards.ShardInfo]]:
-    """All parts of one complete sft_data run, checked to come from a single teacher and tokenizer."""
-    infos = shards.open_run(folder, "sft_data", SFT_SCHEMA,
-                            agree=("teacher_fingerprint", "tokenizer_fingerprint", "run_key"))
-    examples = []
-    for info in infos:
-        for group in shards.iter_row_groups(info, columns=["input_ids", "prompt_len"]):
-            for ids, plen in zip(group.column("input_ids").to_pylist(), group.column("prompt_len").to_pylist()):
-                if len(ids) > plen:
-                    examples.append(Example(ids, plen))
-    if not examples:
-        raise UserError(f"{folder}: every response is empty; nothing to fine-tune on")
-    return examples, infos
 
 
 def scratch_student(cfg: SftConfig, teacher_dir: Path, teacher: int):
@@ -82,12 +66,7 @@ def pretrained_student(cfg: SftConfig, base: Path, data_tokenizer_fp: str, data:
     Returns model, tokenizer, stored dtype and, under fsdp, where the weights are."""
     from transformers import AutoTokenizer
 
-    base_fp = tokenizer_fingerprint(base)
-    if base_fp != data_tokenizer_fp:
-        raise ConsistencyError(
-            f"tokenizer mismatch: student base {cfg.source} has tokenizer {base_fp} but the SFT data in {data} "
-            f"was tokenized by the teacher's tokenizer {data_tokenizer_fp}; fix: {FIX_TOKENIZER} "
-            f"(pick a student base from the teacher's model family)")
+    check_student_tokenizer(cfg.source, base, data_tokenizer_fp, data)
     from offline_opd.train.trainer import load_for_training
 
     model, dtype, weights = load_for_training(base, cfg.precision, sharded=cfg.strategy == "fsdp")
@@ -100,11 +79,7 @@ def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
     teacher_dir = resolve_model_dir(args.teacher)
     check_unchanged(args.teacher)  # an edited teacher is named as such, not as a teacher mismatch
     teacher_fp = model_fingerprint(args.teacher)
-    if teacher_fp != footer.teacher_fingerprint:
-        raise ConsistencyError(
-            f"teacher mismatch: {args.data} was written by teacher {footer.teacher_fingerprint} "
-            f"({footer.teacher_path or '?'}) but --teacher {args.teacher} is {teacher_fp}; "
-            f"rerun `dvc repro sft_data` with this teacher")
+    check_sft_teacher(args.teacher, teacher_fp, args.data, footer)
     teacher_params = parameter_count(teacher_dir)
     import torch
 

@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Optional
 
 from offline_opd.atomic import atomic_dir, write_text
-from offline_opd.backends.engine import greedy_responses, load_engine
 from offline_opd.config import EngineConfig, TeacherConfig
+from offline_opd.contract.prompts import read_prompts, reference_sequences
+from offline_opd.errors import UserError
+from offline_opd.eval.exact_match import greedy_exact_match
 from offline_opd.models.gguf import convert_gguf, is_gguf_source, resolve_gguf
 from offline_opd.models.loading import (MAX_POSITIONS, build_char_tokenizer, build_llama, load_config, load_tokenizer,
-                             parameter_count, resolve_model_source, write_model_ref)
-from offline_opd.contract.prompts import encode_prompt, read_prompts
+                                        parameter_count, resolve_model_source, write_model_ref)
 from offline_opd.provenance.record import write_provenance
-from offline_opd.errors import UserError
 from offline_opd.runtime import cli, stage_main
 from offline_opd.train.examples import Example
 
@@ -48,29 +48,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="the toy teacher's training logs and resume checkpoint (default: logs/teacher)")
 
 
-def toy_examples(tokenizer, prompts: list[str], references: list[str | None], where: Path) -> list[Example]:
-    """Prompt + reference response + eos for each prompt; refuses prompts without a reference."""
-    examples = []
-    for prompt, reference in zip(prompts, references):
-        if reference is None:
-            raise UserError(f"{where}: prompt {prompt!r} has no 'reference' response; teacher.source 'scratch' "
-                            f"trains the embedded toy teacher on the toy task's traces. With your own prompts "
-                            f"set teacher.source to a Hugging Face model folder")
-        prompt_ids = encode_prompt(tokenizer, prompt)
-        response = tokenizer(reference, add_special_tokens=False)["input_ids"]
-        examples.append(Example(prompt_ids + response + [tokenizer.eos_token_id], len(prompt_ids)))
-    return examples
-
-
-def heldout_exact_match(model_dir: Path, prompts: list[str], references: list[str], max_new_tokens: int) -> float:
-    """Fraction of held-out prompts the teacher answers greedily with exactly the reference response
-    (no task verifier: the toy reference is the whole trace, so an exact match is a correct answer)."""
-    engine = load_engine(model_dir, EngineConfig("hf", EVAL_BATCH, "auto", MAX_POSITIONS, 1.0), "teacher")
-    responses = greedy_responses(engine, [encode_prompt(engine.tokenizer, p) for p in prompts], max_new_tokens)
-    texts = engine.tokenizer.batch_decode(responses, skip_special_tokens=True)
-    return sum(t == r for t, r in zip(texts, references)) / max(1, len(references))
-
-
 def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     table = read_prompts(args.prompts)
     prompts, references = table.column("prompt").to_pylist(), table.column("reference").to_pylist()
@@ -84,7 +61,8 @@ def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     from offline_opd.train.trainer import save_model, training_dtype
 
     tokenizer = build_char_tokenizer()
-    train_set = toy_examples(tokenizer, prompts, references, args.prompts)[:len(prompts) - holdout]
+    train_set = [Example(ids, plen) for ids, plen in
+                 reference_sequences(tokenizer, prompts, references, args.prompts)[:len(prompts) - holdout]]
     model = build_llama(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
                                  cfg.intermediate_size, cfg.seed).to(training_dtype(cfg.precision))
     params = sum(p.numel() for p in model.parameters())
@@ -95,7 +73,8 @@ def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     def finish(folder: Path) -> Optional[float]:
         """Tokenizer, held-out greedy exact match of the saved folder, provenance."""
         tokenizer.save_pretrained(folder)
-        accuracy = (heldout_exact_match(folder, prompts[-holdout:], references[-holdout:], max_new)
+        engine = EngineConfig("hf", EVAL_BATCH, "auto", MAX_POSITIONS, 1.0)
+        accuracy = (greedy_exact_match(folder, prompts[-holdout:], references[-holdout:], max_new, engine, "teacher")
                     if holdout else None)
         write_provenance(folder, "teacher", source="scratch", config=asdict(cfg),
                          train_prompts=str(args.prompts), heldout_prompts=holdout)

@@ -24,9 +24,6 @@ new rollouts or a new teacher redo every part.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import string
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,23 +31,22 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import pyarrow as pa
 
-from offline_opd.contract import shards
-from offline_opd.config import TeacherTopkConfig, load_params, run_settings
-from offline_opd.provenance.consistency import check_scoring_teacher
-from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
-from offline_opd.provenance.record import check_unchanged
+from offline_opd.backends.base import SCORING_TEMPERATURE, rollout_extras
 from offline_opd.backends.engine import Engine, engine_footer, load_engine
 from offline_opd.backends.pool import run_units
-from offline_opd.models.loading import load_config, load_tokenizer
-from offline_opd.contract.prompts import encode_prompt, read_prompts
-from offline_opd.backends.base import SCORING_TEMPERATURE, Extras
-from offline_opd.errors import UserError
+from offline_opd.config import TeacherTopkConfig, run_settings
+from offline_opd.contract import shards
 from offline_opd.contract.footers import RolloutsFooter, TeacherTopkFooter
-from offline_opd.contract.tables import ROLLOUT_SCHEMA, TeacherFormat, scored_table, teacher_format, teacher_schema
-from offline_opd.contract.sparse_targets import Selection, draw_uniforms
+from offline_opd.contract.prompts import PrivilegedPrompts, teacher_inputs
+from offline_opd.contract.sparse_targets import Selection
+from offline_opd.contract.tables import (ROLLOUT_SCHEMA, TeacherFormat, scored_stats, scored_table, teacher_format,
+                                         teacher_schema)
+from offline_opd.models.loading import load_config, load_tokenizer
+from offline_opd.provenance.consistency import check_scoring_teacher, check_scoring_tokenizer, override_allowed
+from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
+from offline_opd.provenance.record import check_unchanged
 from offline_opd.runtime import add_shard_arg, cli, stage_main
 
 KIND = "teacher_topk"
@@ -64,75 +60,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="prompt set with the answers for teacher_topk.privileged_context (default: the "
                              "prompt file recorded in the rollout footers); unused without privileged context")
     add_shard_arg(parser)
-
-
-def check_tokenizer(teacher: Path, teacher_tok: str, rollouts: shards.ShardInfo) -> None:
-    """Teacher and π_ref must read token ids identically (docs/design.md §3), or every score is of the wrong token."""
-    policy_tok = rollouts.meta["tokenizer_fingerprint"]
-    if teacher_tok != policy_tok:
-        raise UserError(
-            f"tokenizer mismatch: teacher {teacher} has tokenizer fingerprint {teacher_tok}, but the rollouts "
-            f"in {rollouts.path} were tokenized with {policy_tok} (policy {rollouts.meta.get('policy_path')}); "
-            f"teacher and student must share one tokenizer: use a teacher with the student's tokenizer, or "
-            f"rebuild the student from the teacher's")
-
-
-def allow_override(params: Path) -> bool:
-    """`distill.allow_inconsistent_teacher`, the one switch for a teacher ablation, read here too so that
-    the ablation's shards can be scored. Not a param of this stage: it decides only whether the stage
-    refuses, never what it writes (and a refusal leaves no output for DVC to cache)."""
-    distill = load_params(params, required=()).get("distill")
-    return distill is not None and distill.allow_inconsistent_teacher
-
-
-class PrivilegedPrompts:
-    """Teacher prompt ids under the privileged-context template, per prompt_id."""
-
-    def __init__(self, template: str, prompts_path: Path, tokenizer) -> None:
-        # The template's fields were checked at params load (config.check_template).
-        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-        table = read_prompts(prompts_path)
-        ids, texts, answers = (table.column(c).to_pylist() for c in ("prompt_id", "prompt", "answer"))
-        if "answer" in fields and None in answers:
-            raise UserError(f"{prompts_path}: prompt {ids[answers.index(None)]} has no answer, but "
-                            f"teacher_topk.privileged_context uses {{answer}}")
-        self.tokenizer, self.template, self.path = tokenizer, template, prompts_path
-        self.rows = dict(zip(ids, zip(texts, answers)))
-        self.digest = hashlib.sha256(json.dumps([ids, texts, answers]).encode()).hexdigest()
-
-    def encode(self, prompt_id: str) -> list[int]:
-        if prompt_id not in self.rows:
-            raise UserError(f"{self.path}: no prompt {prompt_id!r}, which the rollouts hold; pass the OPD "
-                            f"prompt set the rollouts were sampled from with --prompts")
-        prompt, answer = self.rows[prompt_id]
-        return encode_prompt(self.tokenizer, self.template.format(prompt=prompt, answer=answer))
-
-
-def teacher_inputs(table: pa.Table, privileged: PrivilegedPrompts | None) -> tuple[list[list[int]], list[int]]:
-    """What the teacher scores: the rollout rows as they are, or the same responses after the privileged prompt."""
-    ids, plens = table.column("input_ids").to_pylist(), table.column("prompt_len").to_pylist()
-    if privileged is None:
-        return ids, plens
-    cache: dict[str, list[int]] = {}
-    out = []
-    for pid, seq, p in zip(table.column("prompt_id").to_pylist(), ids, plens):
-        if pid not in cache:
-            cache[pid] = privileged.encode(pid)
-        out.append(cache[pid] + seq[p:])
-    return out, [len(cache[pid]) for pid in table.column("prompt_id").to_pylist()]
-
-
-def extras_for(rollouts: pa.Table, selection: Selection, seed: int, policy_scorer, union_k: int) -> Extras:
-    """Per-sequence draws and π_ref's top ids for one part (π_ref scores the rollouts as sampled)."""
-    ids, plens = rollouts.column("input_ids").to_pylist(), rollouts.column("prompt_len").to_pylist()
-    uniforms = None
-    if selection.sampled:
-        uniforms = [draw_uniforms(seed, sid, len(x) - p, selection.samples)
-                    for sid, x, p in zip(rollouts.column("sample_id").to_pylist(), ids, plens)]
-    union = None
-    if policy_scorer is not None:
-        union = [s.topk_ids for s in policy_scorer.score(ids, plens, k=union_k)]
-    return Extras(selection, uniforms, union)
 
 
 @dataclass(frozen=True)
@@ -167,56 +94,39 @@ class ScoreWork:
     def part(self, engine: Engine, pi_ref: Engine | None, j: int) -> dict:
         cfg = self.cfg
         rollouts = pa.concat_tables(shards.iter_row_groups(self.parts[j]))
-        extras = extras_for(rollouts, self.selection, cfg.seed, pi_ref, cfg.union_student_k)
+        extras = rollout_extras(rollouts, self.selection, cfg.seed, pi_ref, cfg.union_student_k)
         scored = engine.score(*teacher_inputs(rollouts, self.privileged), k=cfg.k, extras=extras)
         path = shards.write_shard(self.out / shards.part_name(j), scored_table(rollouts, scored, self.fmt),
                                   self.footer, teacher_schema(self.fmt), self.fmt.encodings(),
                                   before_replace=self.pending.replaced_by(j))
-        stats = {"rows": rollouts.num_rows, "bytes": path.stat().st_size, "response_tokens": 0,
-                 "sum_teacher_logprob": 0.0, "sampled_in_topk": 0}
-        for s, seq, p in zip(scored, rollouts.column("input_ids").to_pylist(),
-                             rollouts.column("prompt_len").to_pylist()):
-            stats["response_tokens"] += s.teacher_logprob.size
-            stats["sum_teacher_logprob"] += float(s.teacher_logprob.sum())
-            stats["sampled_in_topk"] += int((s.topk_ids == np.asarray(seq[p:])[:, None]).any(1).sum())
-        return stats
+        return {"rows": rollouts.num_rows, "bytes": path.stat().st_size, **scored_stats(rollouts, scored)}
 
 
 def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     shard = args.shard
     selection = Selection.of(cfg)
-    vocab = load_config(args.teacher).vocab_size
-    if cfg.k > vocab:
-        raise UserError(f"{args.params}: teacher_topk.k: {cfg.k} is more than the teacher's vocabulary ({vocab} "
-                        f"tokens, {args.teacher}); lower k")
-    if cfg.union_student_k > vocab:
-        raise UserError(f"{args.params}: teacher_topk.union_student_k: {cfg.union_student_k} is more than the "
-                        f"vocabulary ({vocab} tokens, {args.teacher}); lower union_student_k")
+    fmt = teacher_format(cfg, load_config(args.teacher).vocab_size, args.params, args.teacher)
     parts = shards.open_run(args.rollouts, "rollouts", ROLLOUT_SCHEMA)
     first = parts[0]
     check_unchanged(args.teacher)  # an edited teacher is named as such, not as a tokenizer mismatch
     policy: RolloutsFooter = first.footer
     teacher_fp, teacher_tok = model_fingerprint(args.teacher), tokenizer_fingerprint(args.teacher)
-    check_tokenizer(args.teacher, teacher_tok, first)
-    check_scoring_teacher(args.teacher, teacher_fp, first, allow_override(args.params))
+    check_scoring_tokenizer(args.teacher, teacher_tok, first)
+    check_scoring_teacher(args.teacher, teacher_fp, first, override_allowed(args.params))
     privileged = None
     if cfg.privileged_context is not None:
         prompts_path = args.prompts or Path(policy.prompts_path or "")
         privileged = PrivilegedPrompts(cfg.privileged_context, prompts_path, load_tokenizer(args.teacher))
     key = shards.make_run_key(config=run_settings(cfg), teacher=teacher_fp, rollouts=policy.run_key,
                               prompts=privileged.digest if privileged else None)
-    fmt = teacher_format(cfg, vocab)
     args.out.mkdir(parents=True, exist_ok=True)
     pending = shards.pending_parts(args.out, KIND, key, len(parts), shard)
     todo = pending.todo
-    footer = TeacherTopkFooter(   # the rollouts' policy fields unchanged: which policy sampled the rows, and how
-        policy_fingerprint=policy.policy_fingerprint, policy_path=policy.policy_path,
-        tokenizer_fingerprint=policy.tokenizer_fingerprint, sampling_temperature=policy.sampling_temperature,
-        run_key=key, rollouts_run_key=policy.run_key, num_parts=len(parts), teacher_fingerprint=teacher_fp,
-        teacher_path=str(args.teacher), k=cfg.k, scoring_temperature=SCORING_TEMPERATURE,
-        privileged_context=cfg.privileged_context, logprob_dtype=cfg.logprob_dtype, **engine_footer(cfg),
-        codec=fmt.codec.describe(), width=fmt.width, samples=fmt.samples, selection=cfg.selection,
-        config=run_settings(cfg))
+    footer = TeacherTopkFooter.of_rollouts(
+        policy, run_key=key, num_parts=len(parts), teacher_fingerprint=teacher_fp, teacher_path=str(args.teacher),
+        k=cfg.k, scoring_temperature=SCORING_TEMPERATURE, privileged_context=cfg.privileged_context,
+        logprob_dtype=cfg.logprob_dtype, **engine_footer(cfg), codec=fmt.codec.describe(), width=fmt.width,
+        samples=fmt.samples, selection=cfg.selection, config=run_settings(cfg))
     stats = {"parts_total": len(parts), "parts_skipped": len(range(shard[0], len(parts), shard[1])) - len(todo),
              "parts_written": 0, "rows": 0, "response_tokens": 0, "bytes": 0, "sum_teacher_logprob": 0.0,
              "sampled_in_topk": 0}
