@@ -1,7 +1,8 @@
-"""The embedded default, end to end (slow: about 6 minutes on 2 cores; `make test-all` runs it).
+"""The embedded default, end to end (slow: about 3 CPU-minutes; `make test-all` runs it).
 
-It checks the product's promise on the real default: the teacher solves the task, and offline OPD on
-precomputed shards lifts the student clearly above π_ref.
+It checks what the README promises for the real default: the teacher solves the task, π_ref is trained to its
+plateau next to the teacher (not stopped on its learning cliff), and offline OPD on precomputed shards keeps
+it there (README "The embedded default": on this task a converged π_ref leaves OPD nothing to add).
 """
 
 import json
@@ -12,10 +13,10 @@ from tests.dvc_project import STAGES, init_project, ran_stages, sh
 
 
 @pytest.mark.slow
-def test_default_repro_distilled_student_beats_pi_ref(tmp_path):
+def test_default_repro_trains_pi_ref_to_the_teacher_and_distillation_keeps_it(tmp_path):
     env = init_project(tmp_path, "toy")
     assert ran_stages(sh(["dvc", "repro"], tmp_path, env).stdout) == STAGES
     metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
-    assert metrics["teacher"]["accuracy"] >= 0.9
-    assert metrics["student_opd"]["accuracy"] - metrics["student_sft"]["accuracy"] >= 0.05
-    assert metrics["student_opd"]["fkl"] < metrics["student_sft"]["fkl"]
+    assert metrics["teacher"]["accuracy"] >= 0.95
+    assert metrics["student_sft"]["accuracy"] >= 0.9
+    assert metrics["student_opd"]["accuracy"] >= metrics["student_sft"]["accuracy"] - 0.03
