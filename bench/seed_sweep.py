@@ -42,9 +42,10 @@ def scaled_pi_ref(base: dict, root: Path, seed: int, scale: float) -> float:
     longer["sft"]["max_steps"] = round(base["sft"]["max_steps"] * scale)
     ref = opd_table.pi_ref(longer, root, seed)
     done = ref.parent / "eval_ref.json"
-    if not done.exists():
-        metrics = opd_table.evaluate(ref.parent / "eval", Path(opd_table.TEACHER), ref, ref)
-        done.write_text(json.dumps(metrics))
+    with opd_table.locked(ref.parent / "eval_ref.lock"):   # two sweeps of the same seed evaluate it once
+        if not done.exists():
+            metrics = opd_table.evaluate(ref.parent / "eval", Path(opd_table.TEACHER), ref, ref)
+            done.write_text(json.dumps(metrics))
     return json.loads(done.read_text())["student_sft"]["accuracy"]
 
 
