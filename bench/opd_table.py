@@ -25,6 +25,10 @@ training. Rows (`--rows`, comma-separated):
                            teacher.seed + 1, on the same prompts' traces written in another style: README
                            "The paper's claim") for the π_ref fine-tuned on the first teacher's answers,
                            override on
+  gkd<P>                   offline fkl with GKD's mix at a constant λ = P/100 (distill.gkd): that share of each
+                           batch from the rollouts, the rest from the teacher's own SFT answers (sft_topk,
+                           scored once for every seed and row; not in the row's wall time). gkd100 = fkl
+  gkdramp                  the same with λ ramped from 0 to 0.5 over the first half of training
 
 Offline wall time counts rollouts + teacher scoring + distill (π_ref's SFT is common to every row), so the
 offline/online ratio includes the teacher's cost. Each (row, seed) result is cached in `--work`, under a
@@ -49,6 +53,7 @@ import re
 import shutil
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -66,16 +71,27 @@ LOSSES: dict[str, dict[str, Any]] = {
     "pg_ppo": {"loss": "pg", "loss_params": {"baseline": 1.0, "trust_region": 0.2}},
 }
 DEFAULT_ROWS = "fkl,jsd,rkl,pg,pg_ppo,online_fkl,online_init_fkl,r2,r4,r8,long8,r4eq,inconsistent"
-ROW = re.compile(r"(?P<online>online_(?P<init>init_)?)?(?P<loss>[a-z_]+)$|r(?P<rounds>\d+)(?P<eq>eq)?$"
-                 r"|long(?P<long>\d+)$")
+GKD_ROWS = "gkd0,gkd50,gkd100,gkdramp"   # GKD's mix (README "GKD: mixing in the teacher's own sequences")
+ROW = re.compile(r"gkd(?P<gkd>\d+|ramp)$|(?P<online>online_(?P<init>init_)?)?(?P<loss>[a-z_]+)$"
+                 r"|r(?P<rounds>\d+)(?P<eq>eq)?$|long(?P<long>\d+)$")
+GKD_RAMP = {"lambda_start": 0.0, "lambda_end": 0.5, "ramp_frac": 0.5}
+SFT_TOPK_SECTIONS = ("task", "teacher", "sft_data", "teacher_topk")
 
 
 def parse_row(row: str) -> re.Match:
     m = ROW.match(row)
-    if m is None or (m["loss"] and m["loss"] not in LOSSES and row != "inconsistent"):
+    if m is None or (m["loss"] and m["loss"] not in LOSSES and row != "inconsistent") \
+            or (m["gkd"] and m["gkd"] != "ramp" and int(m["gkd"]) > 100):
         raise SystemExit(f"--rows: unknown row {row!r}; rows are {', '.join(LOSSES)}, online_<loss>, "
-                         "online_init_<loss>, r<R>, r<R>eq, long<M>, inconsistent")
+                         "online_init_<loss>, r<R>, r<R>eq, long<M>, inconsistent, gkd<P> (P <= 100), gkdramp")
     return m
+
+
+def gkd_schedule(m: re.Match) -> dict[str, float]:
+    """distill.gkd of a gkd row: a constant λ = P/100, or the ramp."""
+    if m["gkd"] == "ramp":
+        return dict(GKD_RAMP)
+    return {"lambda_start": int(m["gkd"]) / 100, "lambda_end": int(m["gkd"]) / 100, "ramp_frac": 0.0}
 
 
 def write_params(base: dict, work: Path, seed: int, distill: dict[str, Any] | None = None,
@@ -90,6 +106,13 @@ def write_params(base: dict, work: Path, seed: int, distill: dict[str, Any] | No
     path = work / "params.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def stage(name: str) -> Callable[[list[str]], dict]:
+    """Stage `name`'s entry point, run in this process (`offline_opd.runtime.run_stage`)."""
+    from offline_opd.runtime import run_stage
+
+    return partial(run_stage, name)
 
 
 def timed(fn: Callable[[list[str]], Any], argv: list[str]) -> float:
@@ -132,13 +155,11 @@ def keyed(work: Path, kind: str, base: dict, sections: tuple[str, ...] | None = 
 
 def pi_ref(base: dict, root: Path, seed: int) -> Path:
     """π_ref of this seed: SFT on the teacher's answers with sft.seed = seed."""
-    from offline_opd.stages import sft
-
     def make(out: Path) -> None:
         work = keyed(root, "sft", base, SFT_SECTIONS) / f"s{seed}"
         params = write_params(base, work, seed, other=("sft", {"seed": seed}))
-        sft.main(stage_args(work, params, "sft") + ["--data", SFT_DATA, "--teacher", TEACHER, "--out", str(out),
-                                                    "--plots", str(work / "plots"), "--logs", str(work / "logs")])
+        stage("sft")(stage_args(work, params, "sft") + ["--data", SFT_DATA, "--teacher", TEACHER, "--out", str(out),
+                                                        "--plots", str(work / "plots"), "--logs", str(work / "logs")])
 
     return cached(keyed(root, "sft", base, SFT_SECTIONS) / f"s{seed}" / "student_sft", make)
 
@@ -163,41 +184,48 @@ def second_teacher(base: dict, root: Path) -> Path:
     prompts) from another seed, on the same computation written in another style (TEACHER2_STYLE), as
     two real teachers differ: it is as accurate, but its distribution over π_ref's tokens is not the one
     π_ref was fine-tuned on."""
-    from offline_opd.stages import teacher
-
     def make(out: Path) -> None:
         work = keyed(root, "teacher2", base, TEACHER_SECTIONS)
         params = write_params(base, work, 0, other=("teacher", {"seed": base["teacher"]["seed"] + 1}))
         prompts = restyled_prompts(Path(SFT_PROMPTS), work / "sft_restyled.parquet", TEACHER2_STYLE)
-        teacher.main(stage_args(work, params, "t") + ["--prompts", str(prompts), "--out", str(out),
-                                                      "--plots", str(work / "plots"), "--logs", str(work / "logs")])
+        stage("teacher")(stage_args(work, params, "t") + ["--prompts", str(prompts), "--out", str(out),
+                                                          "--plots", str(work / "plots"), "--logs", str(work / "logs")])
 
     return cached(keyed(root, "teacher2", base, TEACHER_SECTIONS) / "model", make)
 
 
-def offline_round(work: Path, params: Path, policy: Path, teacher: Path, tag: str) -> tuple[Path, float]:
-    """rollouts of `policy` -> teacher_topk by `teacher` -> distill from `policy`; (student, wall seconds)."""
-    from offline_opd.stages import distill
-    from offline_opd.stages import rollouts
-    from offline_opd.stages import teacher_topk
+def sft_scores(base: dict, root: Path) -> Path:
+    """The teacher's scored SFT answers (the sft_topk stage), GKD's off-policy rows: one folder for every seed."""
+    def make(out: Path) -> None:
+        work = keyed(root, "sft_topk", base, SFT_TOPK_SECTIONS)
+        params = write_params(base, work, 0, other=("sft_topk", {"enabled": True}))
+        stage("sft_topk")(stage_args(work, params, "sft_topk") + ["--teacher", TEACHER, "--sft", SFT_DATA,
+                                                                  "--prompts", SFT_PROMPTS, "--out", str(out)])
 
+    return cached(keyed(root, "sft_topk", base, SFT_TOPK_SECTIONS) / "shards", make)
+
+
+def offline_round(work: Path, params: Path, policy: Path, teacher: Path, tag: str,
+                  off_policy: Path | None = None) -> tuple[Path, float]:
+    """rollouts of `policy` -> teacher_topk by `teacher` -> distill from `policy` (with GKD's `off_policy`
+    shards, if given); (student, wall seconds)."""
     m = stage_args(work, params, tag)
     roll, shards, out = work / f"rollouts_{tag}", work / f"topk_{tag}", work / f"student_{tag}"
-    wall = timed(rollouts.main, m + ["--policy", str(policy), "--prompts", PROMPTS, "--out", str(roll)])
-    wall += timed(teacher_topk.main, m + ["--teacher", str(teacher), "--rollouts", str(roll), "--prompts", PROMPTS,
-                                          "--out", str(shards)])
-    wall += timed(distill.main, m + ["--init", str(policy), "--shards", str(shards), "--out", str(out),
-                                     "--logs", str(work / f"logs_{tag}"), "--plots", str(work / f"plots_{tag}")])
+    wall = timed(stage("rollouts"), m + ["--policy", str(policy), "--prompts", PROMPTS, "--out", str(roll)])
+    wall += timed(stage("teacher_topk"), m + ["--teacher", str(teacher), "--rollouts", str(roll), "--prompts",
+                                              PROMPTS, "--out", str(shards)])
+    off = ["--off-policy", str(off_policy)] if off_policy is not None else []
+    wall += timed(stage("distill"), m + ["--init", str(policy), "--shards", str(shards), *off, "--out", str(out),
+                                         "--logs", str(work / f"logs_{tag}"), "--plots", str(work / f"plots_{tag}")])
     return out, wall
 
 
 def evaluate(work: Path, teacher: Path, ref: Path, student: Path) -> dict:
     """evaluate's metrics for `student` against `ref` (its π_ref) on the held-out prompts."""
-    from offline_opd.stages import evaluate as stage
-
     metrics = work / "eval.json"
-    stage.main(["--teacher", str(teacher), "--ref", str(ref), "--student", str(student), "--prompts", EVAL,
-                "--metrics", str(metrics), "--plots", str(work / "plots_eval"), "--metrics-dir", str(work / "m_eval")])
+    stage("evaluate")(["--teacher", str(teacher), "--ref", str(ref), "--student", str(student), "--prompts", EVAL,
+                       "--metrics", str(metrics), "--plots", str(work / "plots_eval"), "--metrics-dir",
+                       str(work / "m_eval")])
     return json.loads(metrics.read_text())
 
 
@@ -217,6 +245,10 @@ def train_row(row: str, seed: int, base: dict, work: Path, ref: Path, root: Path
             out, w = offline_round(work, params, out, Path(TEACHER), f"r{r}")
             wall += w
         return out, wall
+    if m["gkd"]:
+        params = write_params(base, work, seed, {**LOSSES["fkl"], "gkd": gkd_schedule(m)},
+                              other=("sft_topk", {"enabled": True}))
+        return offline_round(work, params, ref, Path(TEACHER), "r1", sft_scores(base, root))
     if row == "inconsistent":
         params = write_params(base, work, seed, {**LOSSES["fkl"], "allow_inconsistent_teacher": True})
         return offline_round(work, params, ref, second_teacher(base, root), "r1")
@@ -299,7 +331,8 @@ def markdown(table: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated rows (default {DEFAULT_ROWS})")
+    ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated rows (default {DEFAULT_ROWS}; GKD's "
+                                                         f"mix: {GKD_ROWS})")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; at least 3 for a std worth reading")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--work", type=Path, default=Path("bench_runs/opd_table"),

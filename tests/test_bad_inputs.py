@@ -269,7 +269,8 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys):
 
     _write(tmp_path, CI)
     with pytest.raises(SystemExit) as exc:
-        stage.stage_main("prepare", None, prepare.add_args, interrupted, section="task", argv=[
+        stage.stage_main("prepare", None, lambda parser: parser.add_argument("--out", type=Path), interrupted,
+                         section="task", argv=[
             "--params", str(tmp_path / "params.yaml"), "--metrics-dir", str(tmp_path / "metrics"), "--out", "x"])
     assert exc.value.code == 130
     err = capsys.readouterr().err

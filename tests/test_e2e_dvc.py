@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from offline_opd.provenance.fingerprint import model_fingerprint
 from offline_opd.tools.rounds import ROUND_STAGES
-from tests.dvc_project import REPO, STAGES, init_project, ran_stages, sh
+from offline_opd.tools.scratch_project import STAGES, init_project, ran_stages, sh
+from tests.tiny_models import REPO
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,28 @@ def test_opd_table_runs_every_kind_of_row_per_seed_and_resumes_from_its_cache(pr
     sh(["python", "bench/opd_table.py", "--rows", "fkl", "--seeds", "0", "--params", "lr2.yaml", "--work", "runs",
         "--out", "results/lr2"], root, env)
     assert [len([*(work / kind).iterdir()]) for kind in ("sft", "rows")] == [1, 2]
+
+
+def test_gkd_scores_the_sft_answers_once_then_a_new_schedule_reruns_only_distill(project):
+    """sft_topk leaves an empty folder by default; GKD's λ < 1 with sft_topk enabled scores the teacher's SFT
+    answers (sft_topk, distill, evaluate), and another λ schedule then reruns only distill and evaluate."""
+    root, env, _ = project
+    assert list((root / "data" / "sft_topk").iterdir()) == []
+    path = root / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    params["sft_topk"]["enabled"] = True
+    params["distill"]["gkd"] = {"lambda_start": 0.5, "lambda_end": 0.5, "ramp_frac": 0.0}
+    try:
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert ran_stages(sh(["dvc", "repro"], root, env).stdout) == ["sft_topk", "distill", "evaluate"]
+        frac = json.loads((root / "metrics" / "distill.json").read_text())["gkd_on_policy_frac"]
+        assert frac == pytest.approx(0.5, abs=0.5 / params["distill"]["batch_size"])
+        rows = [sum(pq.read_metadata(p).num_rows for p in (root / "data" / d).glob("*.parquet"))
+                for d in ("sft", "sft_topk")]
+        assert rows[0] == rows[1] > 0
+        params["distill"]["gkd"] = {"lambda_start": 0.0, "lambda_end": 0.5, "ramp_frac": 0.5}
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert ran_stages(sh(["dvc", "repro"], root, env).stdout) == ["distill", "evaluate"]
+    finally:
+        path.write_text(original)

@@ -16,7 +16,8 @@ from offline_opd.backends.base import Sampling
 from offline_opd.provenance.consistency import ConsistencyError, check_distill_inputs
 from offline_opd.errors import UserError
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
-from offline_opd.models.loading import build_char_tokenizer, build_llama, prune_layers
+from offline_opd.models.loading import build_llama, prune_layers
+from offline_opd.models.toy import build_char_tokenizer
 from offline_opd.contract.prompts import validate_prompts
 from offline_opd.provenance.record import write_provenance
 from tests.tiny_models import LOCAL_CLUSTER, REPO, hf_engine, save_model

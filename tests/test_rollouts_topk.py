@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from offline_opd.models.loading import build_char_tokenizer
+from offline_opd.models.toy import build_char_tokenizer
 from offline_opd.stages import rollouts
 from offline_opd.contract import shards, tables
 from offline_opd.stages import teacher_topk
@@ -69,9 +69,9 @@ def run_topk(env: Path, rollouts_dir: Path, out: Path, *extra: str, teacher: Pat
 
 
 def folder_contents(folder: Path) -> tuple[list[str], pa.Table, list[dict]]:
-    """Part names, all rows, and footers without the creation time (and the file checksum, which covers it): what two equal runs must share."""
+    """Part names, all rows, and footers without the file checksum (it covers the encoded bytes): what two equal runs must share."""
     parts = shards.list_parts(folder)
-    metas = [{k: v for k, v in shards.read_meta(p).items() if k not in ("created_at", "file_sha256")} for p in parts]
+    metas = [{k: v for k, v in shards.read_meta(p).items() if k != "file_sha256"} for p in parts]
     return [p.name for p in parts], pa.concat_tables(pq.read_table(p) for p in parts), metas
 
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from offline_opd.models.loading import build_char_tokenizer, build_llama
+from offline_opd.models.loading import build_llama
+from offline_opd.models.toy import build_char_tokenizer
 from offline_opd.tasks import addition as toy_task
 from offline_opd.tasks.verifiers import numeric
 

@@ -2,9 +2,13 @@
 
 Every stage reads one section, and `dvc.yaml` declares that section as the stage's params, so
 editing a key reruns only the stages downstream of it (`teacher_topk` also reads
-`distill.allow_inconsistent_teacher`, which decides only whether it refuses, never what it writes). All keys are required in the file: a
+`distill.allow_inconsistent_teacher`, which decides only whether it refuses, never what it writes;
+`sft_topk` scores with the `teacher_topk` section and declares both). All keys are required in the file: a
 default hidden in code would be invisible to DVC's parameter tracking, and a run could change
-behaviour without DVC noticing.
+behaviour without DVC noticing. The one exception is a key that does not apply to the file's own choice
+(a section's `omittable`): the toy architecture and training keys of a pretrained `teacher.source`, the
+architecture of a pretrained `sft.source`, `task.digits` of a prompt file. Such a key may be left out (it
+reads as None, and nothing reads it); where it applies it is required like any other.
 
 Every stage validates the whole file at load, not only its own section (offline_opd.validation, which
 runs this module's `load_params` and then the checks that need the loss registry): ranges in the
@@ -96,6 +100,11 @@ class TaskConfig:
     # `answer` (reference answer for the verifier) and `split` (sft/opd/eval).
     prompt_file: Optional[str]
 
+    @classmethod
+    def omittable(cls, raw: dict) -> set[str]:
+        """`digits` sizes the toy additions only."""
+        return {"digits"} if raw.get("kind") != "addition" else set()
+
     def __post_init__(self) -> None:
         """A prompt file with the toy task would be silently ignored; refuse it."""
         if self.kind == "addition" and self.prompt_file is not None:
@@ -153,6 +162,13 @@ class ModelConfig(TrainConfig):
     num_heads: Count
     intermediate_size: Count
 
+    ARCHITECTURE = ("hidden_size", "num_layers", "num_heads", "intermediate_size")
+
+    @classmethod
+    def omittable(cls, raw: dict) -> set[str]:
+        """The architecture builds a `scratch` model only; a pretrained source brings its own."""
+        return set(cls.ARCHITECTURE) if raw.get("source") != "scratch" else set()
+
     def __post_init__(self) -> None:
         """A scratch Llama splits hidden_size into num_heads heads of an even size (rotary embeddings)."""
         super().__post_init__()
@@ -165,7 +181,21 @@ class ModelConfig(TrainConfig):
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig(ModelConfig):
-    """`teacher`: trains the toy teacher on reference answers, or resolves and fingerprints a real one."""
+    """`teacher`: trains the toy teacher on reference answers, or resolves and fingerprints a real one.
+
+    A scratch teacher holds out the last `holdout` SFT prompts (at most a tenth of them) from training and
+    reports its greedy exact match on them, generating `eval_batch_size` prompts at a time.
+    """
+
+    holdout: NonNegInt
+    eval_batch_size: Count
+
+    @classmethod
+    def omittable(cls, raw: dict) -> set[str]:
+        """A teacher that is not `scratch` is not trained here: every training key is then unused."""
+        if raw.get("source") == "scratch":
+            return set()
+        return {f.name for f in dataclasses.fields(cls)} - {"source"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,6 +350,39 @@ class TeacherTopkConfig(StageEngineConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class SftTopkConfig:
+    """`sft_topk`: the teacher also scores its own SFT answers (`data/sft`) into `data/sft_topk`, with every
+    `teacher_topk` setting, for GKD's off-policy share (`distill.gkd`). Off by default: the default DAG then
+    scores nothing more than before (the stage writes an empty folder)."""
+
+    enabled: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class GkdConfig:
+    """`distill.gkd`: GKD's sampling mixture (pipeline/offline_opd/train/gkd.py). A fraction λ of every batch's
+    sequences are π_ref's rollouts (on-policy), 1 − λ the teacher's SFT answers (`sft_topk`); λ goes from
+    `lambda_start` linearly to `lambda_end` over the first `ramp_frac` of training. All 1 (and ramp 0):
+    today's pure on-policy run."""
+
+    lambda_start: Fraction
+    lambda_end: Fraction
+    ramp_frac: Fraction
+
+    def __post_init__(self) -> None:
+        """Without a ramp λ is lambda_end from the first step, so a different lambda_start would never apply."""
+        if self.ramp_frac == 0 and self.lambda_start != self.lambda_end:
+            refuse("ramp_frac", f"0 holds λ at lambda_end ({self.lambda_end:g}) from the first step, so lambda_start "
+                                f"{self.lambda_start:g} would never apply; set ramp_frac > 0 to ramp, or "
+                                f"lambda_start: {self.lambda_end:g}")
+
+    @property
+    def off_policy(self) -> bool:
+        """Whether any step trains on teacher-written rows."""
+        return min(self.lambda_start, self.lambda_end) < 1
+
+
+@dataclasses.dataclass(frozen=True)
 class DistillConfig(TrainConfig):
     """`distill`: trains π_ref on the precomputed teacher shards; no teacher in memory."""
 
@@ -333,6 +396,7 @@ class DistillConfig(TrainConfig):
     # shuffle window (the bounded shuffle buffer). Resuming needs the same values.
     num_workers: NonNegInt
     shuffle_row_groups: Count
+    gkd: GkdConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,6 +450,7 @@ SECTIONS: dict[str, type] = {
     "sft": SftConfig,
     "rollouts": RolloutsConfig,
     "teacher_topk": TeacherTopkConfig,
+    "sft_topk": SftTopkConfig,
     "distill": DistillConfig,
     "evaluate": EvaluateConfig,
 }
@@ -471,6 +536,7 @@ def check_params(cfgs: dict[str, Any], path: str) -> None:
         raise ConfigError(f"{path}: rollouts.temperature: 0 is greedy decoding, but distill weighs π_ref's "
                           f"samples by their log-probs at the sampling temperature, which greedy rollouts do "
                           f"not have; set rollouts.temperature > 0 (1.0 samples π_ref itself)")
+    check_gkd(distill, topk, cfgs.get("sft_topk"), path)
     if topk is not None and rollouts is not None and topk.max_model_len < rollouts.max_model_len:
         raise ConfigError(f"{path}: teacher_topk.max_model_len: {topk.max_model_len} is shorter than the "
                           f"rollouts it scores (rollouts.max_model_len {rollouts.max_model_len}); set it to at "
@@ -485,6 +551,27 @@ def check_params(cfgs: dict[str, Any], path: str) -> None:
                           f"{task.n_eval} eval prompts task.n_eval makes; lower it, or null for all")
 
 
+def check_gkd(distill: Any, topk: Any, sft_topk: Any, path: str) -> None:
+    """GKD's off-policy rows exist only if `sft_topk` scores them, in teacher_topk's format, and only the
+    divergence losses can train on them (pg's ratio is against π_ref, which did not write them)."""
+    if sft_topk is not None and sft_topk.enabled and topk is not None and topk.union_student_k:
+        raise ConfigError(f"{path}: sft_topk.enabled: true scores the teacher's SFT answers in teacher_topk's format, "
+                          f"but teacher_topk.union_student_k: {topk.union_student_k} adds π_ref's top ids, which "
+                          f"sft_topk (no π_ref) cannot; set union_student_k: 0, or sft_topk.enabled: false")
+    if distill is None or not distill.gkd.off_policy:
+        return
+    key = "lambda_start" if distill.gkd.lambda_start < 1 else "lambda_end"
+    value = getattr(distill.gkd, key)
+    if sft_topk is not None and not sft_topk.enabled:
+        raise ConfigError(f"{path}: distill.gkd.{key}: {value:g} trains on the teacher's own sequences, which "
+                          f"sft_topk.enabled: false does not score; set sft_topk.enabled: true (`dvc repro` then "
+                          f"runs sft_topk), or {key}: 1")
+    if distill.loss == "pg":
+        raise ConfigError(f"{path}: distill.gkd.{key}: {value:g} mixes in the teacher's own sequences, but "
+                          f"distill.loss pg weighs π_ref's samples by their ratio to π_ref, which did not write "
+                          f"those; use a divergence loss (fkl, jsd, ...) or {key}: 1")
+
+
 def parse_section(cls: type[C], raw: Any, where: str) -> C:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
@@ -493,13 +580,14 @@ def parse_section(cls: type[C], raw: Any, where: str) -> C:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}: unknown key; valid keys are {', '.join(fields)}")
-    missing = [f for f in fields if f not in raw]
+    optional = cls.omittable(raw) if hasattr(cls, "omittable") else set()
+    missing = [f for f in fields if f not in raw and f not in optional]
     if missing:
         raise ConfigError(
             f"{where}.{missing[0]}: missing key (every key must be set in the file so DVC tracks it; "
             f"see configs/toy.yaml)"
         )
-    values = {name: _coerce(raw[name], hints[name], f"{where}.{name}") for name in fields}
+    values = {name: _coerce(raw[name], hints[name], f"{where}.{name}") if name in raw else None for name in fields}
     try:
         return cls(**values)
     except RuleError as exc:

@@ -3,8 +3,9 @@
 A footer is the Parquet key/value metadata of a shard, each key prefixed `opd.` (`shards.META_PREFIX`),
 each value a string: a `str` field as it is, any other field (and `privileged_context`) as JSON. The keys a
 reader requires are the fields without a default; fields with a default are optional on read because
-older writers did not write them (every writer here writes them all). `schema_version` and `created_at`
-are added by `shards.write_shard`.
+older writers did not write them (every writer here writes them all). `schema_version` is added by
+`shards.write_shard`. No footer holds a time of writing: shards are DVC-hashed outputs, so a rerun with
+identical inputs must write identical bytes (or everything downstream would rerun).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, ClassVar, Mapping, Optional
 
 # Keys every footer carries, whatever its kind (write_shard fills them in).
-COMMON = ("schema_version", "kind", "created_at")
+COMMON = ("schema_version", "kind")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +106,10 @@ class TeacherTopkFooter(RunFooter):
     width: Optional[int] = None
     samples: Optional[int] = None
     selection: Optional[str] = None
+    # What the rows are: None, π_ref's rollouts (`teacher_topk`); "sft_data", the teacher's own answers
+    # (`sft_topk`, GKD's off-policy rows: the policy fields then name the teacher that wrote them).
+    source: Optional[str] = None
+    sft_data_run_key: Optional[str] = None
 
     @classmethod
     def of_rollouts(cls, policy: RolloutsFooter, **fields: Any) -> "TeacherTopkFooter":
@@ -112,6 +117,14 @@ class TeacherTopkFooter(RunFooter):
         return cls(policy_fingerprint=policy.policy_fingerprint, policy_path=policy.policy_path,
                    tokenizer_fingerprint=policy.tokenizer_fingerprint,
                    sampling_temperature=policy.sampling_temperature, rollouts_run_key=policy.run_key, **fields)
+
+    @classmethod
+    def of_sft_data(cls, sft: SftDataFooter, **fields: Any) -> "TeacherTopkFooter":
+        """A footer for the teacher's own SFT answers (`sft_topk`, GKD's off-policy rows): the policy fields name
+        the teacher that wrote them, at sft_data's temperature."""
+        return cls(policy_fingerprint=sft.teacher_fingerprint, policy_path=sft.teacher_path,
+                   tokenizer_fingerprint=sft.tokenizer_fingerprint, sampling_temperature=sft.sampling_temperature,
+                   source="sft_data", sft_data_run_key=sft.run_key, **fields)
 
 
 FOOTERS: dict[str, type[Footer]] = {f.kind: f for f in (RolloutsFooter, SftDataFooter, TeacherTopkFooter)}

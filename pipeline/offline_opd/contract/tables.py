@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from offline_opd.contract.codec import Codec, Plain, codec_from_meta, flat, make_codec
@@ -169,6 +170,24 @@ def sft_table(prompt_ids: list[str], prompts: list[str], prompt_tokens: list[lis
         "input_ids": pa.array([p + s.response_ids for p, s in zip(prompt_tokens, samples)], pa.list_(pa.int32())),
         "prompt_len": pa.array([len(p) for p in prompt_tokens], pa.int32()),
     }, schema=SFT_SCHEMA)
+
+
+def teacher_written_rows(sft: pa.Table, sampling_temperature: float) -> pa.Table:
+    """sft_data rows in the rollout columns, so that `sft_topk` scores the teacher's own answers into the teacher
+    shard contract (GKD's off-policy rows): sample_id `prompt_id#0`; `behavior_logprob` is the writer's
+    log-prob, 0 per token for greedy answers (a point mass: log 1) and NaN for sampled ones, whose log-probs
+    sft_data does not keep (pg, the one loss that reads it, refuses off-policy rows)."""
+    ids = sft.column("input_ids").combine_chunks()
+    lengths = (pc.list_value_length(ids).to_numpy(zero_copy_only=False)
+               - sft.column("prompt_len").to_numpy().astype(np.int64))
+    value = 0.0 if sampling_temperature == 0 else np.nan
+    return pa.table({
+        "sample_id": [f"{pid}#0" for pid in sft.column("prompt_id").to_pylist()],
+        "prompt_id": sft.column("prompt_id"),
+        "input_ids": ids,
+        "prompt_len": sft.column("prompt_len"),
+        BEHAVIOR: _ragged([np.full(n, value, np.float32) for n in lengths], pa.float32()),
+    }, schema=ROLLOUT_SCHEMA)
 
 
 def scored_table(rollouts: pa.Table, scored: Sequence[Any], fmt: TeacherFormat) -> pa.Table:

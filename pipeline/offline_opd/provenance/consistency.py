@@ -68,8 +68,10 @@ class Mismatch:
                 f"{self.expected_what} {self.expected} in {self.expected_from}; fix: {self.fix}")
 
 
-def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inconsistent_teacher: bool) -> dict:
-    """Check that π_ref in `init_dir` and the teacher_topk shards in `shards_dir` belong together.
+def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inconsistent_teacher: bool,
+                         off_policy_dir: Path | str | None = None) -> dict:
+    """Check that π_ref in `init_dir` and the teacher_topk shards in `shards_dir` belong together, and so do
+    the teacher's scored SFT answers in `off_policy_dir` (GKD's off-policy rows, when given).
 
     Raises ConsistencyError (or ShardError for an unreadable shard) naming both fingerprints and
     their files. With the override, teacher/policy mismatches only log a warning; the returned
@@ -102,6 +104,16 @@ def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inc
                  f"{init_dir} (tokenizer fingerprint, recomputed)", FIX_TOKENIZER, False),
     ]
     mismatches += [m for m in checks if m.found != m.expected]
+    if first.meta.get("source") == "sft_data":
+        mismatches.append(Mismatch("shards' source", "the shards hold the teacher's own answers (source sft_data)",
+                                   "sft_data", where.format(key="source"), "--shards takes", "π_ref's rollouts",
+                                   "the teacher_topk stage", "pass data/teacher_topk as --shards and the "
+                                   "sft_topk folder as --off-policy", False))
+    off = None
+    if off_policy_dir is not None:
+        off = shards.open_teacher_shards(off_policy_dir)
+        mismatches += _off_policy_mismatches(infos, off, prov["sft_teacher_fingerprint"],
+                                             f"{prov_path} (sft_teacher_fingerprint, from {sft_files})")
     _raise_or_warn([m for m in mismatches if not m.overridable], allow_inconsistent_teacher)  # structural first
     check_unchanged(init_dir)  # then, never overridable either: an edited π_ref is not the model anything recorded
     _raise_or_warn(mismatches, allow_inconsistent_teacher)
@@ -119,7 +131,64 @@ def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inc
         "allow_inconsistent_teacher": allow_inconsistent_teacher,
         "override_used": bool(mismatches),
         "mismatches": [asdict(m) for m in mismatches],
+        **({} if off is None else {"off_policy_teacher_fingerprint": off[0].meta["teacher_fingerprint"],
+                                   "off_policy_num_shards": len(off), "off_policy_num_rows": sum(i.num_rows for i in off)}),
     }
+
+
+def _off_policy_mismatches(on: list[shards.ShardInfo], off: list[shards.ShardInfo], sft_teacher: str,
+                           sft_teacher_from: str) -> list[Mismatch]:
+    """GKD's off-policy shards (`sft_topk`) against the rollouts' shards they are batched with: the teacher's own
+    answers, in the same format, scored the same way by the same teacher, the one that wrote them and π_ref's
+    SFT data. Format keys are structural (one batch holds one [B, T, W] tensor); the rest overridable."""
+    first, on0 = off[0], on[0]
+    mismatches = _shard_disagreements(off)
+    at = f"{first.path} (footer {shards.META_PREFIX}{{key}}; {len(off)} off-policy shards)"
+    on_at = f"{on0.path} (footer {shards.META_PREFIX}{{key}}; the rollouts' shards)"
+    if first.meta.get("source") != "sft_data":
+        return mismatches + [Mismatch(
+            "off-policy source", "the off-policy shards hold rows of", first.meta.get("source") or "rollouts",
+            at.format(key="source"), "GKD's off-policy rows are", "sft_data", "the teacher's own answers",
+            "pass the folder `sft_topk` writes (--off-policy data/sft_topk)", False)]
+    fix_format = "rerun `dvc repro sft_topk` (it scores with teacher_topk's settings, as the rollouts were)"
+    for key in ("schema_version", "k", "tokenizer_fingerprint", "codec", "width", "samples", "selection",
+                "logprob_dtype"):
+        if first.meta.get(key) != on0.meta.get(key):
+            mismatches.append(Mismatch(f"off-policy {key}", "the off-policy shards have", str(first.meta.get(key)),
+                                       at.format(key=key), "the rollouts' shards", str(on0.meta.get(key)),
+                                       on_at.format(key=key), fix_format, False))
+    fix_teacher = ("rerun `dvc repro sft_topk` with the teacher that scored the rollouts and wrote π_ref's SFT data, "
+                   "or set distill.allow_inconsistent_teacher: true for an ablation")
+    teacher = first.meta["teacher_fingerprint"]
+    checks = [
+        Mismatch("off-policy teacher", "the off-policy shards were scored by teacher", teacher,
+                 at.format(key="teacher_fingerprint"), "π_ref was fine-tuned on answers of teacher", sft_teacher,
+                 sft_teacher_from, fix_teacher, True),
+        Mismatch("off-policy writer", "the off-policy rows were written by", first.meta["policy_fingerprint"],
+                 at.format(key="policy_fingerprint"), "they were scored by teacher", teacher,
+                 at.format(key="teacher_fingerprint"), fix_teacher, True),
+    ]
+    if on0.meta["teacher_fingerprint"] != sft_teacher:   # else the first check covers it
+        checks.append(Mismatch("off-policy teacher", "the off-policy shards were scored by teacher", teacher,
+                               at.format(key="teacher_fingerprint"), "the rollouts by teacher",
+                               on0.meta["teacher_fingerprint"], on_at.format(key="teacher_fingerprint"),
+                               fix_teacher, True))
+    for key in ("scoring_temperature", "privileged_context"):
+        checks.append(Mismatch(f"off-policy {key}", "the off-policy shards have", first.meta[key], at.format(key=key),
+                               "the rollouts' shards", on0.meta[key], on_at.format(key=key), fix_teacher, True))
+    return mismatches + [m for m in checks if m.found != m.expected]
+
+
+def check_sft_scorer(teacher: Path, teacher_fp: str, sft: shards.ShardInfo, allow_inconsistent_teacher: bool) -> None:
+    """sft_topk's half of the chain, before anything is scored: `teacher` must be the teacher that wrote the
+    SFT answers it scores (GKD's off-policy rows are the teacher's own sequences)."""
+    found = Mismatch("teacher", "the scoring teacher is", teacher_fp, f"{teacher} (model fingerprint)",
+                     "the SFT answers were written by teacher", sft.meta["teacher_fingerprint"],
+                     f"{sft.path} (footer {shards.META_PREFIX}teacher_fingerprint)",
+                     "pass the teacher that wrote data/sft as --teacher (`dvc repro sft_topk`), or rerun `dvc repro` "
+                     "from sft_data with this teacher, or set distill.allow_inconsistent_teacher: true for an "
+                     "ablation", True)
+    _raise_or_warn([found] if found.found != found.expected else [], allow_inconsistent_teacher)
 
 
 def _shard_disagreements(infos: list[shards.ShardInfo]) -> list[Mismatch]:

@@ -3,7 +3,9 @@
 Order of work, cheapest checks first: the teacher-consistency check (shard footers, provenance,
 fingerprints; refuses a mismatched teacher, policy or tokenizer unless distill.allow_inconsistent_teacher
 is set, which is then recorded), every shard's footer and schema, the loss settings (pg's importance
-ratio reads the rollouts' sampling temperature from the footers), and only then the student. The teacher is never loaded: the shards hold everything the loss needs.
+ratio reads the rollouts' sampling temperature from the footers), and only then the student. With
+distill.gkd putting λ below 1 (GKD), the batches also hold the teacher's own scored SFT answers
+(--off-policy, the sft_topk stage's folder), checked against the same chain (pipeline/offline_opd/train/gkd.py). The teacher is never loaded: the shards hold everything the loss needs.
 
 Training is the shared stack in pipeline/offline_opd/train/ (strategy, precision, accumulation, checkpointing
 from the distill section): CSV (and TensorBoard, if installed) logs and a `last.ckpt` checkpoint under
@@ -20,13 +22,11 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from offline_opd.atomic import write_text
 from offline_opd.config import DistillConfig
 from offline_opd.provenance.consistency import check_distill_inputs
-from offline_opd.errors import UserError
 from offline_opd.contract.shards import ShardError, ShardInfo
 from offline_opd.runtime import stage_main
 
@@ -38,6 +38,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="π_ref: the Hugging Face model folder training starts from (the sft stage's output)")
     parser.add_argument("--shards", type=Path, required=True,
                         help="folder of teacher_topk part-*.parquet shards (streamed, never loaded whole)")
+    parser.add_argument("--off-policy", type=Path, default=None,
+                        help="GKD's off-policy rows: the teacher's scored SFT answers (the sft_topk stage's "
+                             "data/sft_topk); read only when distill.gkd puts λ below 1")
     parser.add_argument("--out", type=Path, required=True,
                         help="where the distilled model is written (a Hugging Face folder, replaced atomically)")
     parser.add_argument("--logs", type=Path, required=True,
@@ -47,43 +50,39 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def run_key(cfg: DistillConfig, report: dict, infos: list[ShardInfo]) -> str:
     """Identity of a training run: its settings and its exact inputs. A checkpoint resumes only under it."""
-    shard_ids = [[i.path.name, i.meta.get("run_key"), i.meta.get("created_at")] for i in infos]
+    # The sealed sha256 of each part (not a time of writing): a part rewritten with other bytes is another input.
+    shard_ids = [[i.path.name, i.meta.get("run_key"), i.meta.get("file_sha256")] for i in infos]
     payload = {"config": dataclasses.asdict(cfg), "init": report["init_fingerprint"],
                "teacher": report["teacher_fingerprint"], "shards": shard_ids}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def check_kernel_backend(cfg: DistillConfig, params: Path) -> None:
-    """`triton` without a GPU would fail deep in training (or crawl in the interpreter unasked); say so first."""
-    import torch
-
-    if cfg.kernel_backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UserError(f"{params}: distill.kernel_backend: 'triton' needs a CUDA GPU and none is visible; set it to "
-                        f"'auto' (Triton on GPU, PyTorch on CPU) or 'torch'")
-
-
 def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
+    from offline_opd.train.losses import check_kernel_backend, loss_from_config
+
     check_kernel_backend(cfg, args.params)
-    report = check_distill_inputs(args.init, args.shards, cfg.allow_inconsistent_teacher)
+    off_policy = args.off_policy if cfg.gkd.off_policy else None
+    report = check_distill_inputs(args.init, args.shards, cfg.allow_inconsistent_teacher, off_policy)
 
     from transformers import AutoTokenizer
 
     from opd_kernels import backend_for
-    from offline_opd.train.losses import loss_from_config
     from offline_opd.models.loading import resolve_model_dir
     from offline_opd.provenance.record import write_provenance
     from offline_opd.train.module import TrainModule
     from offline_opd.train.shard_data import TeacherShardDataModule, unwrap_worker_error
     from offline_opd.train.trainer import fit, load_for_training, save_model
 
-    data = TeacherShardDataModule(args.shards, cfg.batch_size, cfg.seed, cfg.shuffle_row_groups, cfg.num_workers)
+    data = TeacherShardDataModule(args.shards, cfg.batch_size, cfg.seed, cfg.shuffle_row_groups, cfg.num_workers,
+                                  off_policy, cfg.gkd, cfg.max_steps)
     data.setup()
     objective = loss_from_config(cfg, f"{args.params}: distill",
                                  behavior_temperature=data.infos[0].footer.sampling_temperature)
     model, dtype, weights = load_for_training(args.init, cfg.precision, sharded=cfg.strategy == "fsdp")
     module = TrainModule(model, cfg, objective, weights=weights)
     try:
-        result = fit(module, data, cfg, args.logs, run_key(cfg, report, data.infos), f"{args.params}: distill")
+        result = fit(module, data, cfg, args.logs, run_key(cfg, report, data.infos + (data.off_infos or [])),
+                     f"{args.params}: distill")
     except ShardError as exc:
         raise unwrap_worker_error(exc) from None
 
@@ -112,6 +111,7 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
         "fused_linear": None if device is None else module.fused_on(device),
         "allow_inconsistent_teacher": cfg.allow_inconsistent_teacher,
         "consistency_override_used": report["override_used"],
+        **data.gkd_metrics(result.trainer.global_step),
     }
 
 

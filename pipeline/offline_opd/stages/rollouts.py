@@ -23,7 +23,7 @@ from offline_opd.contract import shards
 from offline_opd.config import RolloutsConfig
 from offline_opd.backends.engine import Engine, load_engine
 from offline_opd.backends.base import Sampling, batch_seed
-from offline_opd.backends.pool import run_units
+from offline_opd.backends import pool
 from offline_opd.contract.parts import PromptParts, plan_parts
 from offline_opd.contract.tables import ROLLOUT_SCHEMA, rollout_table
 from offline_opd.runtime import add_shard_arg, cli, stage_main
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace, cfg: RolloutsConfig) -> dict:
         plan.pending.clear_stale()
         return stats
     start = time.perf_counter()
-    for _, record in run_units(RolloutWork(args.policy, cfg, plan, args.out), plan.todo, cfg.cluster, KIND):
+    for _, record in pool.run_units(RolloutWork(args.policy, cfg, plan, args.out), plan.todo, cfg.cluster, KIND):
         stats["parts_written"] += 1
         for key, value in record.items():
             stats[key] += value

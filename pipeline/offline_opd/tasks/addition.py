@@ -11,7 +11,7 @@ offsets (a digit of the prompt, the carry three tokens back), so a tiny model ca
 locally, yet one wrong carry spoils the final answer. The final answer follows the last '=', which is
 what `verify` reads.
 
-The toy models (pipeline/offline_opd/models/loading.py) are real Llamas on a real character-level Hugging Face tokenizer,
+The toy models (pipeline/offline_opd/models/toy.py) are real Llamas on a real character-level Hugging Face tokenizer,
 so the toy path runs through exactly the same loading, generation and scoring code as a real model;
 this module only makes the prompts, their reference traces and answers (`prepare`).
 """

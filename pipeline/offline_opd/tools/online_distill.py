@@ -121,8 +121,7 @@ def check_online(topk: TeacherTopkConfig, where: str) -> None:
 
 def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     from offline_opd.backends.engine import load_engine
-    from offline_opd.stages.distill import check_kernel_backend
-    from offline_opd.train.losses import loss_from_config
+    from offline_opd.train.losses import check_kernel_backend, loss_from_config
     from offline_opd.models.loading import load_config, load_tokenizer
     from offline_opd.contract.prompts import encode_prompt, read_prompts
     from offline_opd.contract.tables import teacher_format
@@ -133,6 +132,10 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     if cfg.strategy == "fsdp":
         raise UserError(f"{args.params}: distill.strategy: fsdp is not supported by online OPD (it samples from "
                         f"the live model, whose weights FSDP shards); set it to auto or ddp")
+    if cfg.gkd.off_policy:
+        raise UserError(f"{args.params}: distill.gkd mixes in the teacher's scored SFT answers, which online OPD "
+                        f"(every sequence sampled by the live student) does not read; set lambda_start and "
+                        f"lambda_end to 1 for an online run")
     rollouts: RolloutsConfig = load_section("rollouts", args.params)
     topk: TeacherTopkConfig = load_section("teacher_topk", args.params)
     check_online(topk, str(args.params))

@@ -30,7 +30,9 @@ and costs nothing extra, on the logits path and on the fused-linear path alike.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
@@ -38,6 +40,7 @@ import torch
 from opd_kernels import KERNEL_MODES, KernelMode, check_mode_params
 from opd_kernels.modes import Param
 from offline_opd.config import ConfigError, DistillConfig
+from offline_opd.errors import UserError
 from offline_opd.train.pg import PG_PARAMS, PolicyGradient
 from offline_opd.train.terms import KernelTerm, Student, Targets
 
@@ -237,6 +240,13 @@ class DistillLoss:
             entropy[s:e] = lse - (torch.softmax(zf, dim=-1) * zf).sum(-1)
             signal[s:e] = self.term.signal(targets.rows(s, e), params, z, lse, self.backend)
         return entropy, signal
+
+
+def check_kernel_backend(cfg: DistillConfig, params: Path | str) -> None:
+    """`triton` without a GPU would fail deep in training (or crawl in the interpreter unasked); say so first."""
+    if cfg.kernel_backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(f"{params}: distill.kernel_backend: 'triton' needs a CUDA GPU and none is visible; set it to "
+                        f"'auto' (Triton on GPU, PyTorch on CPU) or 'torch'")
 
 
 def loss_from_config(cfg: DistillConfig, where: str, behavior_temperature: float = 1.0) -> DistillLoss:

@@ -14,6 +14,11 @@ i mod W, so the one number a checkpoint stores (micro-batches consumed on each r
 every reader's row offset; a resumed reader skips that many rows using row-group sizes from the
 footers, reading only the window it resumes in, and the resumed workers take over the readers in the
 rotated order that keeps the round-robin sequence of batches unchanged.
+
+GKD (`distill.gkd`): a second pool, the teacher's own scored sequences (`sft_topk`), is read the same
+way; micro-batch j takes `Mix.on_policy(j)` rows from the on-policy reader and the rest from the
+off-policy one (pipeline/offline_opd/train/gkd.py). Those counts depend only on j, so a resumed reader
+still knows how many rows of each pool it has handed out.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from offline_opd.contract import shards
 from offline_opd.config import ConfigError
 from offline_opd.contract.tables import BEHAVIOR, ROLLOUT_SCHEMA, TeacherFormat
 from offline_opd.train.data import GroupedBatches, ResumableDataModule
+from offline_opd.train.gkd import Mix
 
 # The rollout columns a batch needs (all but prompt_id).
 ROLLOUT_COLUMNS = [name for name in ROLLOUT_SCHEMA.names if name != "prompt_id"]
@@ -63,11 +69,6 @@ def reader_units(units: list[Unit], seed: int, epoch: int, reader: int, readers:
     return [units[i] for i in order[reader::readers]]
 
 
-def batches_of_worker(batches: int, worker: int, workers: int) -> int:
-    """How many of the first `batches` batches a DataLoader with `workers` workers took from `worker`."""
-    return max(0, -(-(batches - worker) // workers))
-
-
 def check_readers(row_groups: int, world_size: int, workers: int) -> None:
     """Every reader needs a row group per epoch, or its stream would never yield."""
     if row_groups < world_size * workers:
@@ -75,38 +76,15 @@ def check_readers(row_groups: int, world_size: int, workers: int) -> None:
                           f"({world_size} ranks x {workers} workers): lower distill.num_workers")
 
 
-class TeacherShardStream(IterableDataset):
-    """An endless stream of collated batches for one rank (split further across its DataLoader workers)."""
+class Pool:
+    """The shards of one row source (π_ref's rollouts, or the teacher's SFT answers), read as one stream per
+    reader: per data epoch e its row groups in an order drawn from (seed, e), dealt round-robin to the
+    readers, mixed `window` row groups at a time."""
 
-    def __init__(self, infos: list[shards.ShardInfo], batch_size: int, seed: int, shuffle_row_groups: int,
-                 rank: int = 0, world_size: int = 1, start_batches: int = 0) -> None:
-        super().__init__()
-        if batch_size < 1 or shuffle_row_groups < 1:
-            raise ValueError(f"batch_size and shuffle_row_groups must be >= 1, got {batch_size}, {shuffle_row_groups}")
-        self.infos, self.units, self.fmt = infos, shard_units(infos), shards.teacher_format(infos)
-        self.batch_size, self.seed, self.window = batch_size, seed, shuffle_row_groups
-        self.rank, self.world_size, self.start_batches = rank, world_size, start_batches
+    def __init__(self, infos: list[shards.ShardInfo], fmt: TeacherFormat, seed: int, window: int) -> None:
+        self.infos, self.units, self.fmt, self.seed, self.window = infos, shard_units(infos), fmt, seed, window
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        readers = self.world_size * workers
-        check_readers(len(self.units), self.world_size, workers)
-        # The resumed loader's batch j is the original run's batch start + j, which came from worker
-        # (start + j) mod W: so this worker continues the stream of that one.
-        role = (worker + self.start_batches) % workers
-        skip = batches_of_worker(self.start_batches, role, workers) * self.batch_size
-        pending: list[pa.Table] = []
-        have = 0
-        for table in self._rows(self.rank * workers + role, readers, skip):
-            pending.append(table)
-            have += table.num_rows
-            while have >= self.batch_size:
-                rows = pa.concat_tables(pending)
-                yield collate(rows.slice(0, self.batch_size), self.fmt)
-                pending, have = [rows.slice(self.batch_size)], rows.num_rows - self.batch_size
-
-    def _rows(self, reader: int, readers: int, skip: int) -> Iterator[pa.Table]:
+    def rows(self, reader: int, readers: int, skip: int) -> Iterator[pa.Table]:
         """This reader's row stream, window by window, starting `skip` rows in."""
         for epoch in itertools.count():
             units = reader_units(self.units, self.seed, epoch, reader, readers)
@@ -126,6 +104,64 @@ class TeacherShardStream(IterableDataset):
         (table,) = shards.iter_row_groups(info, ROLLOUT_COLUMNS + [f.name for f in self.fmt.fields()], [unit.group])
         check_rows(table, self.fmt, f"{info.path}: row group {unit.group}")
         return table
+
+
+class RowTaker:
+    """Hands out the next n rows of a stream of tables; the stream is not touched until rows are asked for."""
+
+    def __init__(self, tables: Iterator[pa.Table]) -> None:
+        self.tables, self.pending, self.have = tables, [], 0
+
+    def take(self, n: int) -> pa.Table:
+        while self.have < n:
+            table = next(self.tables)
+            self.pending.append(table)
+            self.have += table.num_rows
+        rows = pa.concat_tables(self.pending)
+        self.pending, self.have = [rows.slice(n)], rows.num_rows - n
+        return rows.slice(0, n)
+
+
+class TeacherShardStream(IterableDataset):
+    """An endless stream of collated batches for one rank (split further across its DataLoader workers).
+
+    With `off_policy` shards and a `mix` (GKD, pipeline/offline_opd/train/gkd.py), micro-batch j holds
+    mix.on_policy(j) rows of the on-policy stream followed by the rest from the off-policy one; both pools
+    are read the same way, with the same seed, so λ = 1 gives exactly the on-policy-only batches and λ = 0
+    exactly those of the off-policy shards alone. A pool is read only once a batch takes rows from it."""
+
+    def __init__(self, infos: list[shards.ShardInfo], batch_size: int, seed: int, shuffle_row_groups: int,
+                 rank: int = 0, world_size: int = 1, start_batches: int = 0,
+                 off_policy: Optional[list[shards.ShardInfo]] = None, mix: Optional[Mix] = None) -> None:
+        super().__init__()
+        if batch_size < 1 or shuffle_row_groups < 1:
+            raise ValueError(f"batch_size and shuffle_row_groups must be >= 1, got {batch_size}, {shuffle_row_groups}")
+        if (off_policy is None) != (mix is None) or (mix is not None and mix.batch_size != batch_size):
+            raise ValueError("off-policy shards need a mix of the same batch size, and a mix needs off-policy shards")
+        self.infos, self.fmt = infos, shards.teacher_format(infos)
+        self.pools = [Pool(infos, self.fmt, seed, shuffle_row_groups)]
+        if off_policy is not None:
+            self.pools.append(Pool(off_policy, self.fmt, seed, shuffle_row_groups))
+        self.mix = mix or Mix(1.0, 1.0, 0, batch_size)
+        self.batch_size = batch_size
+        self.rank, self.world_size, self.start_batches = rank, world_size, start_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        readers = self.world_size * workers
+        for pool in self.pools:
+            check_readers(len(pool.units), self.world_size, workers)
+        # The resumed loader's batch j is the original run's batch start + j, which came from worker
+        # (start + j) mod W: so this worker continues the stream of that one, from its batch start + worker.
+        role = (worker + self.start_batches) % workers
+        skips = self.mix.counts_before(self.start_batches, role, workers)
+        takers = [RowTaker(pool.rows(self.rank * workers + role, readers, skip))
+                  for pool, skip in zip(self.pools, skips)]
+        for j in itertools.count(self.start_batches + worker, workers):
+            on = self.mix.on_policy(j)
+            parts = [t.take(n) for t, n in zip(takers, (on, self.batch_size - on)) if n]
+            yield collate(parts[0] if len(parts) == 1 else pa.concat_tables(parts), self.fmt)
 
 
 def check_rows(table: pa.Table, fmt: TeacherFormat, where: str) -> None:
@@ -202,38 +238,71 @@ def unwrap_worker_error(exc: shards.ShardError) -> shards.ShardError:
 
 
 class TeacherShardDataModule(ResumableDataModule):
-    """The teacher shards of one distill run; its state in a checkpoint is the reader position."""
+    """The teacher shards of one distill run; its state in a checkpoint is the reader position.
+
+    With `off_policy_dir` and a `gkd` schedule that goes below λ = 1 (`config.GkdConfig`), batches mix in
+    the teacher's own scored sequences (`sft_topk`); otherwise that folder is never opened."""
 
     def __init__(self, shards_dir: Path | str, batch_size: int, seed: int, shuffle_row_groups: int,
-                 num_workers: int) -> None:
+                 num_workers: int, off_policy_dir: Path | str | None = None, gkd: Any = None,
+                 max_steps: int = 1) -> None:
         super().__init__()
         self.shards_dir, self.batch_size, self.seed = Path(shards_dir), batch_size, seed
         self.shuffle_row_groups, self.num_workers = shuffle_row_groups, num_workers
+        self.off_policy_dir = Path(off_policy_dir) if off_policy_dir is not None and gkd is not None \
+            and gkd.off_policy else None
+        self.gkd, self.max_steps = gkd, max_steps
         self.infos: Optional[list[shards.ShardInfo]] = None
+        self.off_infos: Optional[list[shards.ShardInfo]] = None
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Validate every shard's footer and schema (idempotent: distill calls it before loading the model)."""
         if self.infos is None:
+            if self.gkd is not None and self.gkd.off_policy and self.off_policy_dir is None:
+                raise ConfigError("distill.gkd mixes in the teacher's own sequences, but no off-policy shard folder "
+                                  "was given: pass --off-policy data/sft_topk")
             self.infos = shards.open_teacher_shards(self.shards_dir)
-            shards.teacher_format(self.infos)
+            if self.off_policy_dir is not None:
+                self.off_infos = shards.open_teacher_shards(self.off_policy_dir)
+            shards.teacher_format(self.infos + (self.off_infos or []))   # one batch, one format
+
+    def mix(self) -> Optional[Mix]:
+        """The GKD schedule in this run's micro-batches (None: on-policy only)."""
+        if self.off_infos is None:
+            return None
+        return Mix.of(self.gkd, self.max_steps, self.batch_size, self.accumulate())
+
+    def gkd_metrics(self, steps: int) -> dict[str, float]:
+        """The on-policy share of the sequences `steps` optimizer steps trained on, as the schedule dealt them."""
+        mix = self.mix()
+        if mix is None:
+            return {"gkd_on_policy_frac": 1.0}
+        batches = steps * mix.accumulate
+        return {"gkd_on_policy_frac": round(mix.cumulative(batches) / max(1, batches * mix.batch_size), 4),
+                "gkd_off_policy_rows_per_rank": batches * mix.batch_size - mix.cumulative(batches)}
 
     def train_dataloader(self) -> GroupedBatches:
         self.setup()
         rank, world = self.rank_world()
         stream = TeacherShardStream(self.infos, self.batch_size, self.seed, self.shuffle_row_groups, rank, world,
-                                    self.start_batches)
-        check_readers(len(stream.units), world, max(1, self.num_workers))  # here, not deep in a worker
+                                    self.start_batches, self.off_infos, self.mix())
+        for pool in stream.pools:   # here, not deep in a worker
+            check_readers(len(pool.units), world, max(1, self.num_workers))
         return self.grouped(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                        pin_memory=torch.cuda.is_available()))
 
     def longest_sequence(self) -> int:
-        """The longest rollout in the first row group of every part: a sample, read before any batch."""
+        """The longest sequence in the first row group of every part: a sample, read before any batch."""
         self.setup()
         return max(max(pc.list_value_length(next(shards.iter_row_groups(i, ["input_ids"]))
-                                             .column("input_ids")).to_pylist(), default=0) for i in self.infos)
+                                             .column("input_ids")).to_pylist(), default=0)
+                   for i in self.infos + (self.off_infos or []))
 
     def layout(self) -> dict[str, Any]:
         self.setup()
-        return {"world_size": self.rank_world()[1], "num_workers": self.num_workers, "batch_size": self.batch_size,
-                "seed": self.seed, "shuffle_row_groups": self.shuffle_row_groups,
-                "shards": [[i.path.name, i.num_rows] for i in self.infos]}
+        out = {"world_size": self.rank_world()[1], "num_workers": self.num_workers, "batch_size": self.batch_size,
+               "seed": self.seed, "shuffle_row_groups": self.shuffle_row_groups,
+               "shards": [[i.path.name, i.num_rows] for i in self.infos]}
+        if self.off_infos is not None:
+            out["off_policy_shards"] = [[i.path.name, i.num_rows] for i in self.off_infos]
+        return out
