@@ -141,7 +141,8 @@ def test_opd_table_runs_every_kind_of_row_per_seed_and_resumes_from_its_cache(pr
     assert not any(re.search(r"\d\+\d\+0=", r) for r in restyled)   # the second teacher's traces are terse
     refused = subprocess.run(   # the consistency check refuses that teacher's shards without the override
         ["python", "-m", "offline_opd.stages.distill", "--init", str(sft / "s0" / "student_sft"), "--shards",
-         str(rows / "inconsistent" / "s0" / "topk_r1"), "--out", "refused", "--metrics-dir", "refused_m"],
+         str(rows / "inconsistent" / "s0" / "topk_r1"), "--out", "refused", "--metrics-dir", "refused_m",
+         "--logs", "refused_logs", "--plots", "refused_plots"],
         cwd=root, env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "teacher mismatch" in refused.stderr
     stamps = {p: p.stat().st_mtime_ns for p in work.rglob("result.json")}
