@@ -105,9 +105,9 @@ def part_vllm_parity(dry: bool, work: Path) -> dict:
 
     from offline_opd.backends.engine import load_engine
     from offline_opd.config import EngineConfig
-    from tests.tiny_models import save_model
+    from offline_opd.models.toy import save_toy_model
 
-    folder = save_model(work / "parity_model", seed=5, hidden=64, layers=2)     # head size 32 (vLLM CPU's minimum)
+    folder = save_toy_model(work / "parity_model", seed=5, hidden=64, layers=2)     # head size 32 (vLLM CPU's minimum)
     device = "cpu" if dry else "cuda"
     cfg = EngineConfig("vllm", 8, "float32", 128, 1.0)
     v = load_engine(folder, cfg, "gpu_check", max_logprobs=PARITY_K, device=device)

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from offline_opd.contract import integrity, shards, tables
-from tests.tiny_models import teacher_meta
+from offline_opd.contract.footers import TeacherTopkFooter
 
 K, VOCAB, PROMPT, RESPONSE = 8, 100, 12, 33   # the embedded default's shape: ~33 response tokens per row
 
@@ -74,8 +74,10 @@ def read_all(pf: pq.ParquetFile) -> list[pa.Table]:
 def measure(rows: int, repeats: int, folder: Path) -> dict[str, float]:
     table = teacher_table(rows)
     schema = tables.teacher_schema("float16")
-    path = shards.write_shard(folder / shards.part_name(0), table, teacher_meta("a" * 16, "b" * 16, "c" * 16, k=8),
-                              schema)
+    footer = TeacherTopkFooter(backend="hf", backend_version="bench", tokenizer_fingerprint="c" * 16,
+                               teacher_fingerprint="a" * 16, policy_fingerprint="b" * 16, k=8, scoring_temperature=1.0,
+                               privileged_context=None, run_key="bench", teacher_path="t", policy_path="p")
+    path = shards.write_shard(folder / shards.part_name(0), table, footer, schema)
     plain = folder / "plain.parquet"
     cast = table.select(schema.names).cast(schema)
     options = dict(compression=shards.COMPRESSION, row_group_size=shards.ROW_GROUP_SIZE,

@@ -48,7 +48,7 @@ def build_model(folder: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from offline_opd.models.loading import build_char_tokenizer
+    from offline_opd.models.toy import build_char_tokenizer
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).save_pretrained(folder)

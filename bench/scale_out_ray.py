@@ -5,7 +5,7 @@ A SmolLM2-135M-shaped Llama (30 layers, hidden 576, 9 heads / 3 KV heads, vocabu
 synthetic rollouts: `--parts` parts of `--rows` sequences, `--prompt-len` + `--response-len` random token
 ids, so every part is one engine batch of the same size. Each of `--rounds` rounds runs, one after the other:
 
-1. `teacher_topk` in this process (`cluster.backend: local`): the stage's own `main`, its `run_units`
+1. `teacher_topk` in this process (`cluster.backend: local`): the stage's own `main`, `pool.run_units`
    wrapped by this script to time the engine load and each part apart, and to run next to each part a
    bare forward of it (the model alone over the batches the scorer makes: length-sorted, left-padded,
    logits of the response positions only; no log-softmax, top-k, tail, encoding or writing), alternately
@@ -51,13 +51,15 @@ from train_memory import SMOLLM2_135M  # noqa: E402  (the one copy of the shape,
 
 from offline_opd.atomic import write_text
 from offline_opd.backends.base import Sample
+from offline_opd.backends import pool
 from offline_opd.backends.generation import left_pad, length_batches
 from offline_opd.contract import shards
 from offline_opd.contract.footers import RolloutsFooter
 from offline_opd.contract.tables import ROLLOUT_SCHEMA, rollout_table
-from offline_opd.models.loading import build_char_tokenizer, load_model, load_tokenizer
+from offline_opd.models.loading import load_model, load_tokenizer
+from offline_opd.models.toy import build_char_tokenizer
 from offline_opd.provenance.fingerprint import tokenizer_fingerprint
-from offline_opd.stages import teacher_topk
+from offline_opd.runtime import run_stage
 
 LOCAL = {"backend": "local", "address": None, "replicas": 1, "cpus_per_replica": 1, "gpus_per_replica": 0}
 
@@ -136,14 +138,14 @@ def steady_tokens_per_s(folder: Path, tokens_per_part: int, replicas: int) -> fl
     return len(later) * tokens_per_part / (later[-1] - done[replicas - 1])
 
 
-def run_stage(work: Path, teacher: Path, rollouts: Path, out: Path, cluster: dict, batch_size: int, k: int) -> dict:
+def topk_stage(work: Path, teacher: Path, rollouts: Path, out: Path, cluster: dict, batch_size: int, k: int) -> dict:
     params = work / f"params-{out.name}.yaml"
     params.write_text(yaml.safe_dump({"teacher_topk": {
         "backend": "hf", "batch_size": batch_size, "dtype": "float32", "max_model_len": 4096, "kv_cache_gib": 1,
         "cluster": cluster, "k": k, "logprob_dtype": "float16", "privileged_context": None, "selection": "topk",
         "samples": 0, "union_student_k": 0, "seed": 0, "codec": "plain"}}))
-    return teacher_topk.main(["--params", str(params), "--metrics-dir", str(work / f"metrics-{out.name}"),
-                              "--teacher", str(teacher), "--rollouts", str(rollouts), "--out", str(out)])
+    return run_stage("teacher_topk", ["--params", str(params), "--metrics-dir", str(work / f"metrics-{out.name}"),
+                                      "--teacher", str(teacher), "--rollouts", str(rollouts), "--out", str(out)])
 
 
 def rows_of(folder: Path) -> list[dict]:
@@ -157,11 +159,11 @@ def loadavg() -> list[float]:
 def local_round(work: Path, teacher: Path, bare: BareForward, out: Path, args) -> dict:
     """The stage in this process, its parts next to their bare forwards."""
     timing: dict = {}
-    real_units, teacher_topk.run_units = teacher_topk.run_units, timed_local_units(timing, bare)
+    real_units, pool.run_units = pool.run_units, timed_local_units(timing, bare)
     try:
-        metrics = run_stage(work, teacher, work / "rollouts", out, LOCAL, args.rows, args.k)
+        metrics = topk_stage(work, teacher, work / "rollouts", out, LOCAL, args.rows, args.k)
     finally:
-        teacher_topk.run_units = real_units
+        pool.run_units = real_units
     part_s = timing["part_s"]
     return {"wall_s": metrics["wall_s"] - timing["bare_s"],   # the bare forwards run inside it taken out
             "engine_load_s": timing["engine_load_s"], "parts_s": sum(part_s), "bare_forward_s": timing["bare_s"],
@@ -169,7 +171,7 @@ def local_round(work: Path, teacher: Path, bare: BareForward, out: Path, args) -
 
 
 def ray_round(work: Path, teacher: Path, out: Path, args, per_part: int) -> dict:
-    metrics = run_stage(work, teacher, work / "rollouts", out, {**LOCAL, "backend": "ray", "replicas": args.replicas},
+    metrics = topk_stage(work, teacher, work / "rollouts", out, {**LOCAL, "backend": "ray", "replicas": args.replicas},
                         args.rows, args.k)
     steady_tps = steady_tokens_per_s(out, per_part, args.replicas)
     return {"wall_s": metrics["wall_s"], "steady_s": (args.parts - args.replicas) * per_part / steady_tps,

@@ -8,7 +8,7 @@ shortened to --steps) run through its CLI, for OPD_NUM_THREADS in {1, cores} (co
 each idle and next to a hog (one busy-looping process per core, started before the stage and killed
 after it). Reported: the stage's own training time (metrics `train_s`, start-up excluded) and wall time,
 the median over --repeats, and hog/idle ratios. Baseline and variants are measured in the same run.
---full: `dvc repro` of the toy preset in a fresh git+DVC project (tests/dvc_project.py), idle and with
+--full: `dvc repro` of the toy preset in a fresh git+DVC project (offline_opd.tools.scratch_project), idle and with
 the hog, with the default policy (and --threads N to compare another setting); prints both wall times.
 The last thing printed is a markdown table.
 """
@@ -56,7 +56,7 @@ def stage_env(threads: int | None) -> dict:
 
 def prepare_inputs(work: Path, steps: int) -> None:
     params = yaml.safe_load((REPO / "configs" / "toy.yaml").read_text())
-    params["teacher"]["steps"] = steps
+    params["teacher"]["max_steps"] = steps
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run([sys.executable, "-m", "offline_opd.stages.prepare", "--out", "data/prompts"], cwd=work,
                    env=stage_env(1), check=True, capture_output=True)
@@ -91,7 +91,7 @@ def short_stage(steps: int, repeats: int) -> str:
 
 
 def full_repro(threads: int | None) -> str:
-    from tests.dvc_project import init_project, sh
+    from offline_opd.tools.scratch_project import init_project, sh
 
     cores = os.cpu_count() or 1
     rows = ["| setting | idle dvc repro s | hog dvc repro s | hog/idle |", "|---|---|---|---|"]

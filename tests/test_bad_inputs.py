@@ -90,6 +90,8 @@ BAD_VALUES = [
     ("rollouts", "temperature", -0.5, ">= 0"),
     ("rollouts", "batch_size", -4, ">= 1"),
     ("rollouts", "seed", -1, ">= 0"),
+    ("rollouts", "max_perplexity", 0.5, ">= 1"),
+    ("rollouts", "resample_budget", -1, ">= 0"),
     ("teacher_topk", "k", -1, ">= 0"),
     ("teacher_topk", "batch_size", 0, ">= 1"),
     ("teacher_topk", "logprob_dtype", "int8", "not one of"),
@@ -269,7 +271,8 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys):
 
     _write(tmp_path, CI)
     with pytest.raises(SystemExit) as exc:
-        stage.stage_main("prepare", None, prepare.add_args, interrupted, section="task", argv=[
+        stage.stage_main("prepare", None, lambda parser: parser.add_argument("--out", type=Path), interrupted,
+                         section="task", argv=[
             "--params", str(tmp_path / "params.yaml"), "--metrics-dir", str(tmp_path / "metrics"), "--out", "x"])
     assert exc.value.code == 130
     err = capsys.readouterr().err

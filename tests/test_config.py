@@ -39,6 +39,33 @@ def test_missing_key_names_key_and_file(tmp_path):
         load_section("distill", path)
 
 
+def test_keys_that_do_not_apply_may_be_left_out_and_no_others(tmp_path):
+    """A pretrained teacher needs only `source`, a prompt file no `digits`, a pretrained sft base no
+    architecture: those keys read as None. Where they apply (scratch, addition) each is still required."""
+    data = base()
+    data["teacher"] = {"source": "some/model"}
+    data["task"] = {**data["task"], "kind": "file", "prompt_file": "prompts.jsonl"}
+    del data["task"]["digits"]
+    data["sft"]["source"] = "teacher"
+    for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        del data["sft"][key]
+    cfgs = load_all(write(tmp_path, data))
+    assert cfgs["teacher"].source == "some/model" and cfgs["teacher"].max_steps is None
+    assert cfgs["task"].digits is None and cfgs["sft"].hidden_size is None and cfgs["sft"].lr == base()["sft"]["lr"]
+    for section, key in [("teacher", "holdout"), ("teacher", "num_layers"), ("task", "digits"), ("sft", "num_heads"),
+                         ("sft", "lr")]:
+        data = base()
+        del data[section][key]
+        with pytest.raises(ConfigError, match=rf"params\.yaml: {section}\.{key}: missing key"):
+            load_all(write(tmp_path, data))
+
+
+def test_pretrained_presets_leave_out_the_toy_teacher_keys():
+    for preset in ("qwen3", "smollm2"):
+        data = yaml.safe_load((ROOT / "configs" / f"{preset}.yaml").read_text())
+        assert set(data["teacher"]) == {"source"} and "digits" not in data["task"], preset
+
+
 def test_unknown_key_is_refused(tmp_path):
     data = base()
     data["rollouts"]["n_sample"] = 3
@@ -51,6 +78,8 @@ def test_unknown_key_is_refused(tmp_path):
     ("distill", "kernel_backend", "cuda", "is not one of"),
     ("distill", "allow_inconsistent_teacher", "yes", "expected true or false"),
     ("task", "prompt_file", 3, "expected a string"),
+    ("teacher", "holdout", -1, "out of range"),
+    ("teacher", "eval_batch_size", 0, "out of range"),
 ])
 def test_malformed_value_names_key(tmp_path, section, key, value, msg):
     data = base()

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.dvc_project import STAGES, init_project, ran_stages, sh
+from offline_opd.tools.scratch_project import STAGES, init_project, ran_stages, sh
 
 
 @pytest.mark.slow

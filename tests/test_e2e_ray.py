@@ -20,7 +20,7 @@ else:
     pytest.importorskip("ray", reason="Ray is not installed (make test installs it: make install EXTRAS=dev,ray)")
 
 from offline_opd.contract import shards
-from tests.dvc_project import STAGES, init_project, ran_stages, sh
+from offline_opd.tools.scratch_project import STAGES, init_project, ran_stages, sh
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from offline_opd.tasks import addition as toy_task
-from tests.dvc_project import STAGES, init_project, ran_stages, sh
+from offline_opd.tools.scratch_project import STAGES, init_project, ran_stages, sh
 from tests.tiny_models import save_model
 
 # Tiny sizes: the run is dominated by each stage's Python start-up, not by compute.

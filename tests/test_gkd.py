@@ -22,7 +22,7 @@ import yaml
 from offline_opd.config import ConfigError, GkdConfig, load_params
 from offline_opd.contract import shards, tables
 from offline_opd.contract.prompts import validate_prompts
-from offline_opd.models.loading import build_char_tokenizer
+from offline_opd.models.toy import build_char_tokenizer
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
 from offline_opd.stages import distill as distill_stage
 from offline_opd.stages import sft_data as sft_data_stage

@@ -109,3 +109,61 @@ def test_vllm_backend_imports_no_hf_backend_code():
     assert closure(graph, "offline_opd.backends.vllm_backend") & (hf_only | {"offline_opd.backends.engine"}) == set()
     assert "offline_opd.backends.vllm_backend" not in closure(graph, "offline_opd.backends.hf")
     assert "offline_opd.backends.engine" not in closure(graph, "offline_opd.backends.hf")
+
+
+def imported_names(source: str) -> set[str]:
+    """Every module an absolute import statement of `source` names (`from a import b`: a and a.b)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def stage_imports(source: str) -> set[str]:
+    """The stage modules `source` imports (`offline_opd.stages.<name>`, however spelt)."""
+    return {n for n in imported_names(source) if n.startswith("offline_opd.stages.")}
+
+
+def test_nothing_outside_stages_imports_a_stage():
+    """Stages are entry points, not libraries: what a tool or benchmark needs of one lives in the library.
+    (Benchmarks run a stage by name through `runtime.run_stage`, as `python -m` would.)"""
+    assert stage_imports("from offline_opd.stages import distill\nimport offline_opd.stages.sft as s\n"
+                         "def f():\n    from offline_opd.stages.distill import check\n") == {
+        "offline_opd.stages.distill", "offline_opd.stages.sft", "offline_opd.stages.distill.check"}
+    stages, graph = ROOTS["offline_opd"] / "offline_opd" / "stages", import_graph(top_level_only=False)
+    relative = [name for name, path in modules().items()      # relative imports too
+                if stages not in path.parents and any(dep.startswith("offline_opd.stages") for dep in graph[name])]
+    files = [p for p in (REPO / "bench").rglob("*.py") if stage_imports(p.read_text())]
+    files += [p for root in ROOTS.values() for p in root.rglob("*.py")
+              if stages not in p.parents and stage_imports(p.read_text())]
+    assert relative == [] and files == [], f"import a stage module: {relative + [str(p) for p in files]}"
+
+
+def test_bench_does_not_import_tests():
+    """Benchmarks are scripts over the library: what they share with the tests (toy models, scratch DVC
+    projects) lives in offline_opd, which both import."""
+    assert {n for n in imported_names("def f():\n    from tests.tiny_models import save_model\n")
+            if n.split(".")[0] == "tests"} == {"tests.tiny_models", "tests.tiny_models.save_model"}
+    found = {str(p): sorted(n for n in imported_names(p.read_text()) if n.split(".")[0] == "tests")
+             for p in (REPO / "bench").rglob("*.py")}
+    assert {p: names for p, names in found.items() if names} == {}
+
+
+def test_only_the_scratch_teacher_builds_toy_models():
+    """The character tokenizer and toy Llamas (models/toy.py) are the toy path's: generic code (loading,
+    backends, training, the other stages) never imports them, so a real model's path cannot depend on them."""
+    graph = import_graph(top_level_only=False)
+    assert {"offline_opd.models.loading"} <= graph["offline_opd.models.toy"]     # the edge the test looks for
+    assert {name for name, deps in graph.items() if "offline_opd.models.toy" in deps} == {"offline_opd.stages.teacher"}
+
+
+def test_stages_do_not_import_each_other():
+    """What two stages share (teacher_topk's and sft_topk's scoring) lives in the library, so a stage's dvc.yaml
+    deps never include another stage's entry point."""
+    graph = import_graph(top_level_only=False)
+    stages = {name for name in graph if name.startswith("offline_opd.stages.")}
+    assert {(s, d) for s in stages for d in graph[s] & stages} == set()

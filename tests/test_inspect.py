@@ -10,12 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from offline_opd.models.loading import build_char_tokenizer
+from offline_opd.models.toy import build_char_tokenizer
 from offline_opd.contract import shards, tables
 from offline_opd.contract.codec import Compact, Plain, make_codec
 from offline_opd.contract.tables import TeacherFormat
 from offline_opd.tools.inspect_shards import (META_SQL, QUERIES, SUMMARY_SQL, TOKENS_SUMMARY_SQL, TOKENS_VIEW_SQL,
-                                              TOP_GAPS_SQL, connect, format_table, main, query, views_sql)
+                                              TOP_GAPS_SQL, connect, format_table, frame, main, query,
+                                              views_sql)
 from tests.tiny_models import legacy, save_model, teacher_meta, write_teacher_shards
 
 META = teacher_meta("a" * 16, "b" * 16, "c" * 16, k=4)
@@ -164,6 +165,17 @@ def test_missing_and_broken_shards_fail_in_one_line(folder, tmp_path, capsys):
         main(["--shards", f"{folder}/*.parquet", "summary"])
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: not a readable Parquet file") and err.count("\n") == 1
+
+
+def test_frame_is_the_decoded_views_as_a_polars_dataframe(tmp_path):
+    import polars as pl
+
+    hand_shard(tmp_path / shards.part_name(0), "float32")
+    spec = f"{tmp_path}/*.parquet"
+    columns, rows = query(connect(spec), "SELECT * FROM shards")
+    df = frame(spec)
+    assert isinstance(df, pl.DataFrame) and df.columns == columns
+    assert df.rows() == rows and len(rows) > 0
 
 
 def test_format_table_aligns_numbers_right():

@@ -16,7 +16,8 @@ from offline_opd.backends.base import Sampling
 from offline_opd.provenance.consistency import ConsistencyError, check_distill_inputs
 from offline_opd.errors import UserError
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
-from offline_opd.models.loading import build_char_tokenizer, build_llama, prune_layers
+from offline_opd.models.loading import build_llama, prune_layers
+from offline_opd.models.toy import build_char_tokenizer
 from offline_opd.contract.prompts import validate_prompts
 from offline_opd.provenance.record import write_provenance
 from tests.tiny_models import LOCAL_CLUSTER, REPO, hf_engine, save_model
@@ -84,7 +85,7 @@ def test_teacher_topk_pointed_at_the_pruned_student_is_refused_naming_both(tmp_p
     pq.write_table(prompts, tmp_path / "opd.parquet")
     sections = {
         "rollouts": {"backend": "hf", **ENGINE, "max_new_tokens": 6, "temperature": 1.0, "rows_per_shard": 8,
-                     "seed": 0, "n_samples": 2},
+                     "seed": 0, "n_samples": 2, "max_perplexity": None, "resample_budget": 0},
         "teacher_topk": {"backend": "hf", **ENGINE, "k": 3, "logprob_dtype": "float16", "privileged_context": None,
                          "selection": "topk", "samples": 0, "union_student_k": 0, "seed": 0, "codec": "plain"}}
     params = tmp_path / "params.yaml"

@@ -16,10 +16,11 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,6 +34,7 @@ else:
     ray = pytest.importorskip("ray", reason="Ray is not installed (make test installs it: make install EXTRAS=dev,ray)")
 
 from offline_opd.backends.engine import greedy_responses, load_engine
+from offline_opd.backends import pool
 from offline_opd.backends.pool import RETRIES, pooled_greedy_responses, run_units
 from offline_opd.config import ClusterConfig, EvaluateConfig
 from offline_opd.contract.prompts import encode_prompt
@@ -49,7 +51,7 @@ N_PROMPTS, N_SAMPLES, ROWS_PER_SHARD = 8, 2, 4          # 2 prompts per part: 4 
 RAY_CLUSTER = {**LOCAL_CLUSTER, "backend": "ray", "replicas": 2, "cpus_per_replica": 1}
 ENGINE = {"backend": "hf", "dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0}
 ROLLOUTS = {**ENGINE, "batch_size": 5, "max_new_tokens": 10, "temperature": 1.0, "rows_per_shard": ROWS_PER_SHARD,
-            "seed": 0, "n_samples": N_SAMPLES}
+            "seed": 0, "n_samples": N_SAMPLES, "max_perplexity": None, "resample_budget": 0}
 TOPK = {**ENGINE, "batch_size": 6, "k": 3, "logprob_dtype": "float16", "privileged_context": None,
         "selection": "topk+sampled", "samples": 4, "union_student_k": 2, "seed": 0, "codec": "plain"}
 
@@ -94,11 +96,11 @@ def run_topk(env: Path, rollouts_dir: Path, out: Path, cluster: dict) -> dict:
 
 
 def contents(folder: Path) -> tuple[list[str], list[dict], list[dict]]:
-    """Part names, decoded rows, and footers without the creation time (and the file checksum, which covers
-    it): what two equal runs must share. `check_folder` first: the parts are one complete run, every row once."""
+    """Part names, decoded rows, and footers without the file checksum (it covers the encoded bytes): what two
+    equal runs must share. `check_folder` first: the parts are one complete run, every row once."""
     shards.check_folder(folder)
     parts = shards.list_parts(folder)
-    metas = [{k: v for k, v in shards.read_meta(p).items() if k not in ("created_at", "file_sha256")} for p in parts]
+    metas = [{k: v for k, v in shards.read_meta(p).items() if k != "file_sha256"} for p in parts]
     return [p.name for p in parts], pa.concat_tables(pq.read_table(p) for p in parts).to_pylist(), metas
 
 
@@ -187,18 +189,25 @@ def test_an_error_in_an_actor_is_the_stage_s_one_line(env, cluster, capsys):
 
 
 @dataclass(frozen=True)
-class KilledOnce(rollouts.RolloutWork):
-    """Rollout parts whose actor is SIGKILLed once: part 1 before it is written, part 2 after (before its
-    record returns). A marker file per part makes each kill happen on the first attempt only."""
+class KilledOnce:
+    """A stage's parts whose actor is SIGKILLed once: part 1 before it is written, part 2 after (before its
+    record returns). A marker file per part makes each kill happen on the first attempt only. It wraps the
+    stage's unit of work (the pool's `Work` protocol), so the stage itself runs unchanged."""
 
-    markers: Path = Path()
+    work: Any
+    markers: Path
 
-    def part(self, engine, j):
+    @contextmanager
+    def open(self) -> Iterator[Callable[[int], dict]]:
+        with self.work.open() as do:
+            yield partial(self.part, do)
+
+    def part(self, do: Callable[[int], dict], j: int) -> dict:
         marker = self.markers / f"killed-{j}"
         if j == 1 and not marker.exists():
             marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
-        record = super().part(engine, j)
+        record = do(j)
         if j == 2 and not marker.exists():
             marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -208,7 +217,8 @@ class KilledOnce(rollouts.RolloutWork):
 def test_killed_actor_is_retried_with_no_row_lost_or_duplicated(env, cluster, local_run, monkeypatch):
     markers = env / "markers"
     markers.mkdir()
-    monkeypatch.setattr(rollouts, "RolloutWork", partial(KilledOnce, markers=markers))
+    real_units = pool.run_units
+    monkeypatch.setattr(pool, "run_units", lambda work, *a, **kw: real_units(KilledOnce(work, markers), *a, **kw))
     out = env / "killed" / "rollouts"
     metrics = rollouts.main(rollouts_args(env, out, RAY_CLUSTER))
     assert sorted(p.name for p in markers.iterdir()) == ["killed-1", "killed-2"], "both kills happened"
@@ -217,22 +227,27 @@ def test_killed_actor_is_retried_with_no_row_lost_or_duplicated(env, cluster, lo
     assert not list(out.glob(".part-*")), "a killed writer's temporary is gone"
 
 
-# The driver: rollouts on the module's cluster, with parts 2 and 3 held until it is killed.
+# The driver: rollouts on the module's cluster, with parts 2 and 3 held until it is killed (the stage's
+# work wrapped at the pool, as above).
 DRIVER = """
 import sys, time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
-from offline_opd.stages import rollouts
+from offline_opd.backends import pool
+from offline_opd.runtime import run_stage
 
 @dataclass(frozen=True)
-class Held(rollouts.RolloutWork):
-    def part(self, engine, j):
-        if j >= 2:
-            time.sleep(600)
-        return super().part(engine, j)
+class Held:
+    work: object
 
-rollouts.RolloutWork = Held
-rollouts.main(sys.argv[1:])
+    @contextmanager
+    def open(self):
+        with self.work.open() as do:
+            yield lambda j: time.sleep(600) if j >= 2 else do(j)
+
+real_units = pool.run_units
+pool.run_units = lambda work, *a, **kw: real_units(Held(work), *a, **kw)
+run_stage("rollouts", sys.argv[1:])
 """
 
 

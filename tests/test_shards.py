@@ -42,7 +42,7 @@ def test_round_trip_and_footer(tmp_path, dtype):
     path = shards.write_shard(tmp_path / shards.part_name(0), table, META, tables.teacher_schema(dtype))
     info = shards.open_shard(path, "teacher_topk", tables.teacher_schema(dtype))
     assert info.num_rows == 5 and info.meta["k"] == "4" and info.meta["privileged_context"] == "null"
-    assert info.meta["schema_version"] == shards.SCHEMA_VERSION and "created_at" in info.meta
+    assert info.meta["schema_version"] == shards.SCHEMA_VERSION and "created_at" not in info.meta
     back = pa.concat_tables(shards.iter_row_groups(info))
     assert back.column("input_ids").to_pylist() == table.column("input_ids").to_pylist()
     got = np.concatenate(back.column("topk_logprobs").to_pylist()).astype(np.float32)
@@ -67,7 +67,7 @@ def test_wrong_schema_names_file_and_column(tmp_path):
     path = tmp_path / shards.part_name(0)
     schema = tables.teacher_schema()
     bad = teacher_table().drop_columns(["teacher_logprob"]).cast(pa.schema([f for f in schema if f.name != "teacher_logprob"]))
-    pq.write_table(bad.replace_schema_metadata({f"opd.{k}": str(v) for k, v in META.items()} | {"opd.schema_version": tables.SCHEMA_VERSION, "opd.created_at": "now"}), path)
+    pq.write_table(bad.replace_schema_metadata({f"opd.{k}": str(v) for k, v in META.items()} | {"opd.schema_version": tables.SCHEMA_VERSION}), path)
     with pytest.raises(shards.ShardError, match=rf"{path.name}.*missing column 'teacher_logprob'"):
         shards.open_shard(path, "teacher_topk", tables.teacher_schema())
 

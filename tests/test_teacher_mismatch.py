@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from offline_opd.models.loading import build_char_tokenizer
+from offline_opd.models.toy import build_char_tokenizer
 from offline_opd.contract import shards, tables
 from offline_opd.provenance.fingerprint import tokenizer_fingerprint
 from offline_opd.tools.teacher_mismatch import main, mismatch_stats

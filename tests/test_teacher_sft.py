@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from offline_opd.models.loading import build_char_tokenizer
+from offline_opd.models.toy import build_char_tokenizer
 from offline_opd.stages import prepare
 from offline_opd.stages import sft
 from offline_opd.stages import sft_data
@@ -27,8 +27,8 @@ SFT_DATA = {"backend": "hf", "batch_size": 32, "dtype": "float32", "max_model_le
             "cluster": tiny_models.LOCAL_CLUSTER,
             "max_new_tokens": 12, "temperature": 0.0, "rows_per_shard": 25,
             "seed": 0}
-SFT = {**{k: v for k, v in TEACHER.items() if k != "domains"}, "hidden_size": 16, "num_layers": 1,
-       "intermediate_size": 32, "prune_to_layers": None}
+SFT = {**{k: v for k, v in TEACHER.items() if k not in ("holdout", "eval_batch_size", "domains")},
+       "hidden_size": 16, "num_layers": 1, "intermediate_size": 32, "prune_to_layers": None}
 
 
 def write_params(folder, **sections):

@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from offline_opd.models.loading import build_char_tokenizer, build_llama
+from offline_opd.models.toy import build_char_tokenizer
+from offline_opd.models.toy import save_toy_model as save_model  # noqa: F401  (the tests' name for it)
 from offline_opd.contract import shards, tables
 from offline_opd.contract.codec import Plain
 from offline_opd.contract.tables import TeacherFormat
@@ -29,14 +30,6 @@ FIRST_CHAR_ID = 4  # ids below are <pad>, <bos>, <eos>, <unk>
 
 # The `cluster` key of an engine stage's section: one engine in the test's own process.
 LOCAL_CLUSTER = {"backend": "local", "address": None, "replicas": 1, "cpus_per_replica": 1, "gpus_per_replica": 0}
-
-
-def save_model(out: Path, seed: int = 0, hidden: int = 16, layers: int = 2) -> Path:
-    """A toy Llama with random (seeded) weights plus the toy tokenizer, saved in `out`."""
-    tok = build_char_tokenizer()
-    build_llama(tok, hidden, layers, 2, 2 * hidden, seed).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def engine_config(backend: str = "hf", batch_size: int = 4, dtype: str = "float32", max_model_len: int = 256):

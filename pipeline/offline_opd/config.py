@@ -5,7 +5,10 @@ editing a key reruns only the stages downstream of it (`teacher_topk` also reads
 `distill.allow_inconsistent_teacher`, which decides only whether it refuses, never what it writes;
 `sft_topk` scores with the `teacher_topk` section and declares both). All keys are required in the file: a
 default hidden in code would be invisible to DVC's parameter tracking, and a run could change
-behaviour without DVC noticing.
+behaviour without DVC noticing. The one exception is a key that does not apply to the file's own choice
+(a section's `omittable`): the toy architecture and training keys of a pretrained `teacher.source`, the
+architecture of a pretrained `sft.source`, `task.digits` of a prompt file. Such a key may be left out (it
+reads as None, and nothing reads it); where it applies it is required like any other.
 
 Every stage validates the whole file at load, not only its own section (offline_opd.validation, which
 runs this module's `load_params` and then the checks that need the loss registry): ranges in the
@@ -99,6 +102,11 @@ class TaskConfig:
     # `answer` (reference answer for the verifier) and `split` (sft/opd/eval).
     prompt_file: Optional[str]
 
+    @classmethod
+    def omittable(cls, raw: dict) -> set[str]:
+        """`digits` sizes the toy additions only."""
+        return {"digits"} if raw.get("kind") != "addition" else set()
+
     def __post_init__(self) -> None:
         """A prompt file with the toy task would be silently ignored; refuse it."""
         if self.kind != "file" and self.prompt_file is not None:
@@ -156,6 +164,13 @@ class ModelConfig(TrainConfig):
     num_heads: Count
     intermediate_size: Count
 
+    ARCHITECTURE = ("hidden_size", "num_layers", "num_heads", "intermediate_size")
+
+    @classmethod
+    def omittable(cls, raw: dict) -> set[str]:
+        """The architecture builds a `scratch` model only; a pretrained source brings its own."""
+        return set(cls.ARCHITECTURE) if raw.get("source") != "scratch" else set()
+
     def __post_init__(self) -> None:
         """A scratch Llama splits hidden_size into num_heads heads of an even size (rotary embeddings)."""
         super().__post_init__()
@@ -179,9 +194,21 @@ class TeacherConfig(ModelConfig):
     a mapping of keys of this section that differ for that domain's teacher (`{}`: the keys above; a
     `source: scratch` teacher trains on its own domain's SFT traces only), or the name of another domain,
     whose teacher then answers and scores this domain too (the single-teacher baselines of the toy).
+
+    A scratch teacher holds out the last `holdout` SFT prompts (at most a tenth of them) from training and
+    reports its greedy exact match on them, generating `eval_batch_size` prompts at a time.
     """
 
+    holdout: NonNegInt
+    eval_batch_size: Count
     domains: dict
+
+    @classmethod
+    def omittable(cls, raw: dict) -> set[str]:
+        """A teacher that is not `scratch` is not trained here: every training key is then unused."""
+        if raw.get("source") == "scratch":
+            return set()
+        return {f.name for f in dataclasses.fields(cls)} - {"source", "domains"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -289,13 +316,17 @@ class StageEngineConfig(EngineConfig):
 
 
 def run_settings(cfg: Any) -> dict:
-    """A section's keys that decide the rows a stage writes: all of them but `cluster` (where the work runs).
+    """A section's keys that decide the rows a stage writes: all of them but `cluster` (where the work runs)
+    and the keys the section calls inert at their values (`inert_keys`: a feature switched off).
 
     Run keys and shard footers are built from these, so moving a stage between `local` and `ray`, or changing
-    `replicas`, keeps every finished part (DVC still reruns the stage, which then only checks the footers).
+    `replicas`, keeps every finished part (DVC still reruns the stage, which then only checks the footers),
+    and a feature left off writes the footers and run keys it wrote before the feature existed.
     """
     values = dataclasses.asdict(cfg)
     values.pop("cluster", None)
+    for key in getattr(cfg, "inert_keys", lambda: ())():
+        values.pop(key)
     return values
 
 
@@ -339,9 +370,26 @@ class SftConfig(ModelConfig):
 
 @dataclasses.dataclass(frozen=True)
 class RolloutsConfig(GenerationConfig):
-    """`rollouts`: π_ref samples `n_samples` responses per OPD prompt, keeping its log-probs."""
+    """`rollouts`: π_ref samples `n_samples` responses per OPD prompt, keeping its log-probs.
+
+    Flawed-prefix rejection (offline_opd.backends.rejection): a response whose perplexity under the sampling
+    policy, exp(−mean of its behaviour log-probs), exceeds `max_perplexity` is dropped before teacher_topk
+    scores it (null: off), and redrawn up to `resample_budget` times (0: dropped for good).
+    """
 
     n_samples: Count
+    max_perplexity: Optional[Annotated[float, Range(ge=1)]]
+    resample_budget: NonNegInt
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.resample_budget and self.max_perplexity is None:
+            refuse("resample_budget", f"{self.resample_budget} redraws rejected responses, but max_perplexity is "
+                                      f"null (rejection off); set max_perplexity, or resample_budget: 0")
+
+    def inert_keys(self) -> tuple[str, ...]:
+        """With rejection off its keys change no row (`run_settings`)."""
+        return ("max_perplexity", "resample_budget") if self.max_perplexity is None else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -609,13 +657,14 @@ def parse_section(cls: type[C], raw: Any, where: str) -> C:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}: unknown key; valid keys are {', '.join(fields)}")
-    missing = [f for f in fields if f not in raw]
+    optional = cls.omittable(raw) if hasattr(cls, "omittable") else set()
+    missing = [f for f in fields if f not in raw and f not in optional]
     if missing:
         raise ConfigError(
             f"{where}.{missing[0]}: missing key (every key must be set in the file so DVC tracks it; "
             f"see configs/toy.yaml)"
         )
-    values = {name: _coerce(raw[name], hints[name], f"{where}.{name}") for name in fields}
+    values = {name: _coerce(raw[name], hints[name], f"{where}.{name}") if name in raw else None for name in fields}
     try:
         return cls(**values)
     except RuleError as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import logging
 import os
 import signal
@@ -222,6 +223,12 @@ def guard_outputs(name: str, args: argparse.Namespace) -> Iterator[None]:
             check_writable(path)
         check_writable(args.metrics_dir / f"{name}.json")
         yield
+
+
+def run_stage(name: str, argv: list[str]) -> dict:
+    """Run stage `name` in this process as `python -m offline_opd.stages.<name>` would (benchmarks and test
+    drivers): a stage is an entry point reached by its name, never a library imported for its helpers."""
+    return importlib.import_module(f"offline_opd.stages.{name}").main(argv)
 
 
 def stage_main(name: str, doc: str | None, add_args: Callable[[argparse.ArgumentParser], None],

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import importlib
 import os
 import re
 import shutil
@@ -82,14 +81,12 @@ def stage_argv(stage: str) -> list[str]:
     return DAG[stage]["cmd"].split(f"offline_opd.stages.{stage}")[1].split()
 
 
-def stage_main(stage: str) -> Callable[[list[str] | None], dict]:
-    return importlib.import_module(f"offline_opd.stages.{stage}").main
-
-
 def run(root: Path, stage: str, *extra: str) -> dict:
     """Run a stage in-process in the project, as `dvc repro` would (its dvc.yaml arguments)."""
+    from offline_opd.runtime import run_stage
+
     with contextlib.chdir(root):
-        return stage_main(stage)(stage_argv(stage) + list(extra))
+        return run_stage(stage, stage_argv(stage) + list(extra))
 
 
 def build(root: Path) -> Path:
@@ -171,7 +168,7 @@ def data_offset(path: Path) -> int:
     return chunk.data_page_offset + chunk.total_compressed_size - 2
 
 
-def footer_offset(path: Path, text: bytes = b"created_at") -> int:
+def footer_offset(path: Path, text: bytes = b"run_key") -> int:
     """A byte of a footer value (after the key `text`): neither page CRCs nor readers notice it changing."""
     data = path.read_bytes()
     (length,) = struct.unpack("<I", data[-8:-4])

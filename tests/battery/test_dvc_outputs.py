@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.battery.project import snapshot, tiny_params
-from tests.dvc_project import init_project, ran_stages, sh
+from offline_opd.tools.scratch_project import init_project, ran_stages, sh
 
 KEPT = ("data/models/student_opd/", "metrics/distill.json", "plots/distill/")
 

@@ -79,7 +79,7 @@ def test_the_reading_stage_refuses_a_damaged_folder(project, capsys, kind, how):
 
 def folder_contents(folder: Path) -> tuple[list[str], pa.Table, list[dict]]:
     parts = shards.list_parts(folder)
-    metas = [{k: v for k, v in shards.read_meta(p).items() if k not in ("created_at", "file_sha256")} for p in parts]
+    metas = [{k: v for k, v in shards.read_meta(p).items() if k != "file_sha256"} for p in parts]
     return [p.name for p in parts], pa.concat_tables(pq.read_table(p) for p in parts), metas
 
 

@@ -45,7 +45,7 @@ def content(root: Path, stage: str):
     if stage in SHARD_FOLDERS:
         parts = shards.list_parts(out)
         return ([p.name for p in parts], pa.concat_tables(pq.read_table(p) for p in parts).to_pylist(),
-                [{k: v for k, v in shards.read_meta(p).items() if k not in ("created_at", "file_sha256")}
+                [{k: v for k, v in shards.read_meta(p).items() if k != "file_sha256"}
                  for p in parts])
     return {p.name: p.read_bytes() for p in sorted(out.rglob("*"))} if out.is_dir() else out.read_bytes()
 

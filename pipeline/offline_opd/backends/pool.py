@@ -110,10 +110,11 @@ def pooled_greedy_responses(model: Path, cfg: StageEngineConfig, section: str, p
 
 def _import_ray(section: str):
     """Ray with its Data library (the `ray` extra), or the one-line error naming the key and the extra."""
-    require("ray.data", f"{INSTALL_HINT}, or set {section}.cluster.backend: local",
-            f"params.yaml: {section}.cluster.backend: ray")
-    import ray
-
+    install = f"{INSTALL_HINT}, or set {section}.cluster.backend: local"
+    purpose = f"params.yaml: {section}.cluster.backend: ray"
+    # The top package first: an already imported `ray.data` is found in sys.modules without importing `ray`.
+    ray = require("ray", install, purpose)
+    require("ray.data", install, purpose)
     return ray
 
 

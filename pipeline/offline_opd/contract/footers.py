@@ -3,8 +3,9 @@
 A footer is the Parquet key/value metadata of a shard, each key prefixed `opd.` (`shards.META_PREFIX`),
 each value a string: a `str` field as it is, any other field (and `privileged_context`) as JSON. The keys a
 reader requires are the fields without a default; fields with a default are optional on read because
-older writers did not write them (every writer here writes them all). `schema_version` and `created_at`
-are added by `shards.write_shard`.
+older writers did not write them (every writer here writes them all). `schema_version` is added by
+`shards.write_shard`. No footer holds a time of writing: shards are DVC-hashed outputs, so a rerun with
+identical inputs must write identical bytes (or everything downstream would rerun).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, ClassVar, Mapping, Optional
 
 # Keys every footer carries, whatever its kind (write_shard fills them in).
-COMMON = ("schema_version", "kind", "created_at")
+COMMON = ("schema_version", "kind")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,13 +67,19 @@ class RunFooter(Footer):
 
 @dataclass(frozen=True, kw_only=True)
 class RolloutsFooter(RunFooter):
-    """Footer of `rollouts` parts: which policy sampled the rows, how, and from which prompts."""
+    """Footer of `rollouts` parts: which policy sampled the rows, how, and from which prompts; with
+    flawed-prefix rejection on (`rollouts.max_perplexity`), what it did in this part
+    (`backends.rejection.Rejections`; absent when off)."""
 
     kind: ClassVar[str] = "rollouts"
     policy_fingerprint: str
     sampling_temperature: float
     policy_path: Optional[str] = None
     prompts_path: Optional[str] = None
+    rejected_rows: Optional[int] = None
+    rejected_response_tokens: Optional[int] = None
+    resampled_rows: Optional[int] = None
+    dropped_rows: Optional[int] = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +81,7 @@ def write_shard(path: Path | str, table: pa.Table, meta: Footer | Mapping[str, A
     """Validate and write one shard atomically: a crash leaves no file that looks complete.
 
     `meta` (a typed footer, or key/values: non-string values are JSON-encoded) is written with the `opd.`
-    prefix, plus the schema version and the time of writing. `encodings`: Parquet encodings per column
+    prefix, plus the schema version (no time of writing: equal inputs give equal bytes). `encodings`: Parquet encodings per column
     (`TeacherFormat.encodings`), those columns compressed at ENCODED_LEVEL. The file gets
     page CRCs and a sealed whole-file checksum (offline_opd.contract.integrity). `before_replace` runs
     once the complete file is on disk under its temporary name, just before it takes its place
@@ -95,7 +94,6 @@ def write_shard(path: Path | str, table: pa.Table, meta: Footer | Mapping[str, A
     if (index := _PART_RE.fullmatch(path.name)) is not None:
         footer[f"{META_PREFIX}part"] = str(int(index.group(1)))   # a copy under another part's name is found
     footer.setdefault(f"{META_PREFIX}schema_version", SCHEMA_VERSION)
-    footer.setdefault(f"{META_PREFIX}created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     table = table.replace_schema_metadata(footer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

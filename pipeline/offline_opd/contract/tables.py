@@ -179,8 +179,10 @@ def rollout_table(prompt_ids: list[str], prompt_tokens: list[list[int]],
                   samples: Sequence[Sequence[Any]]) -> pa.Table:
     """Rows of one rollouts part from the engines' records (`backends.base.Sample`; not imported, so that the
     contract stays out of the backends' dependencies), samples[p][i] the i-th response to prompt p: sample i
-    of prompt p is `p#i`; input_ids are prompt + response, as π_ref saw them."""
-    rows = [(pid, i, ids, s) for pid, ids, row in zip(prompt_ids, prompt_tokens, samples) for i, s in enumerate(row)]
+    of prompt p is `p#i`; input_ids are prompt + response, as π_ref saw them. A None sample (rejected,
+    `backends.rejection`) has no row."""
+    rows = [(pid, i, ids, s) for pid, ids, row in zip(prompt_ids, prompt_tokens, samples) for i, s in enumerate(row)
+            if s is not None]
     return pa.table({
         "sample_id": [f"{pid}#{i}" for pid, i, _, _ in rows],
         "prompt_id": [pid for pid, _, _, _ in rows],

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import string
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -18,11 +17,6 @@ from typing import Iterator
 from offline_opd.errors import UserError
 
 REF_FILE = "opd_model_ref.json"
-PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
-# The toy models' alphabet: printable ASCII plus newline, enough for the toy task and any plain-text
-# prompt. The tokenizer is built from it here, not by the task, so the toy teacher and a scratch
-# student need no task code.
-CHARS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
 MAX_POSITIONS = 256
 
 
@@ -68,22 +62,6 @@ def resolve_model_source(source: str) -> Path:
                              f"Hugging Face hub ({type(exc).__name__}: {exc}); download it first and put "
                              f"its local path in params.yaml") from exc
     return resolve_model_dir(local)
-
-
-def build_char_tokenizer():
-    """A character-level fast tokenizer: one token per character, `<bos>` prepended, exact decoding."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK, *CHARS])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    core.decoder = decoders.Fuse()  # join characters back without the default space separator
-    core.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS,
-                                   unk_token=UNK, clean_up_tokenization_spaces=False,
-                                   model_max_length=MAX_POSITIONS)
 
 
 def build_llama(tokenizer, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int,

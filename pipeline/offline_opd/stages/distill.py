@@ -22,13 +22,11 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from offline_opd.atomic import write_text
 from offline_opd.config import DistillConfig
 from offline_opd.provenance.consistency import check_distill_inputs
-from offline_opd.errors import UserError
 from offline_opd.contract.shards import ShardError, ShardInfo
 from offline_opd.runtime import stage_main
 
@@ -52,22 +50,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def run_key(cfg: DistillConfig, report: dict, infos: list[ShardInfo]) -> str:
     """Identity of a training run: its settings and its exact inputs. A checkpoint resumes only under it."""
-    shard_ids = [[i.path.name, i.meta.get("run_key"), i.meta.get("created_at")] for i in infos]
+    # The sealed sha256 of each part (not a time of writing): a part rewritten with other bytes is another input.
+    shard_ids = [[i.path.name, i.meta.get("run_key"), i.meta.get("file_sha256")] for i in infos]
     payload = {"config": dataclasses.asdict(cfg), "init": report["init_fingerprint"],
                "teacher": report["teacher_fingerprint"], "shards": shard_ids}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def check_kernel_backend(cfg: DistillConfig, params: Path) -> None:
-    """`triton` without a GPU would fail deep in training (or crawl in the interpreter unasked); say so first."""
-    import torch
-
-    if cfg.kernel_backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UserError(f"{params}: distill.kernel_backend: 'triton' needs a CUDA GPU and none is visible; set it to "
-                        f"'auto' (Triton on GPU, PyTorch on CPU) or 'torch'")
-
-
 def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
+    from offline_opd.train.losses import check_kernel_backend, loss_from_config
+
     check_kernel_backend(cfg, args.params)
     off_policy = args.off_policy if cfg.gkd.off_policy else None
     report = check_distill_inputs(args.init, args.shards, cfg.allow_inconsistent_teacher, off_policy)
@@ -75,7 +67,6 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     from transformers import AutoTokenizer
 
     from opd_kernels import backend_for
-    from offline_opd.train.losses import loss_from_config
     from offline_opd.models.loading import resolve_model_dir
     from offline_opd.provenance.record import write_provenance
     from offline_opd.train.module import TrainModule

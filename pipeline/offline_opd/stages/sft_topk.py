@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from offline_opd.backends.score_parts import ScoreWork, score_parts, scoring_fields
 from offline_opd.config import SftTopkConfig, load_params, run_settings
 from offline_opd.contract import shards
 from offline_opd.contract.footers import SftDataFooter, TeacherTopkFooter
@@ -35,7 +36,6 @@ from offline_opd.provenance.consistency import check_sft_scorer, override_allowe
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
 from offline_opd.provenance.record import check_unchanged
 from offline_opd.runtime import add_shard_arg, cli, stage_main
-from offline_opd.stages.teacher_topk import ScoreWork, score_parts, scoring_fields
 
 KIND = "sft_topk"
 SHARD_KIND = "teacher_topk"   # the footer kind: the same contract as the rollouts' teacher shards

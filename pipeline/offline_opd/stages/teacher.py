@@ -31,8 +31,9 @@ from offline_opd.contract.prompts import DOMAIN, prompt_domains, read_prompts, r
 from offline_opd.errors import UserError
 from offline_opd.eval.exact_match import greedy_exact_match
 from offline_opd.models.gguf import convert_gguf, is_gguf_source, resolve_gguf
-from offline_opd.models.loading import (MAX_POSITIONS, build_char_tokenizer, build_llama, load_config, load_tokenizer,
-                                        parameter_count, resolve_model_source, write_model_ref)
+from offline_opd.models.loading import (MAX_POSITIONS, build_llama, load_config, load_tokenizer, parameter_count,
+                                        resolve_model_source, write_model_ref)
+from offline_opd.models.toy import build_char_tokenizer
 from offline_opd.provenance.fingerprint import TokenizerMismatch
 from offline_opd.provenance.record import write_provenance
 from offline_opd.provenance.teachers import Teachers, check_config_domains, write_routes
@@ -40,10 +41,6 @@ from offline_opd.runtime import cli, stage_main
 from offline_opd.train.examples import Example
 
 log = logging.getLogger("opd")
-
-# Prompts kept out of the toy teacher's training to measure its greedy accuracy (capped at a tenth).
-HOLDOUT = 500
-EVAL_BATCH = 500
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +62,7 @@ def domain_record(args: argparse.Namespace) -> dict:
 def train_scratch(args: argparse.Namespace, cfg: TeacherConfig, table=None) -> dict:
     table = read_prompts(args.prompts) if table is None else table
     prompts, references = table.column("prompt").to_pylist(), table.column("reference").to_pylist()
-    holdout = min(HOLDOUT, len(prompts) // 10)
+    holdout = min(cfg.holdout, len(prompts) // 10)   # at most a tenth of the prompts
     if len(prompts) - holdout < 1:
         raise UserError(f"{args.prompts}: {len(prompts)} prompts leave nothing to train the teacher on; "
                         f"raise task.n_sft")
@@ -87,7 +84,9 @@ def train_scratch(args: argparse.Namespace, cfg: TeacherConfig, table=None) -> d
     def finish(folder: Path) -> Optional[float]:
         """Tokenizer, held-out greedy exact match of the saved folder, provenance."""
         tokenizer.save_pretrained(folder)
-        engine = EngineConfig("hf", EVAL_BATCH, "auto", MAX_POSITIONS, 1.0)
+        # The toy model's own engine: hf (what its numbers were measured with), its dtype as saved (auto: fp32 on
+        # CPU), its whole context (MAX_POSITIONS); kv_cache_gib is vLLM's and unused by hf.
+        engine = EngineConfig("hf", cfg.eval_batch_size, "auto", MAX_POSITIONS, kv_cache_gib=1.0)
         accuracy = (greedy_exact_match(folder, prompts[-holdout:], references[-holdout:], max_new, engine, "teacher")
                     if holdout else None)
         write_provenance(folder, "teacher", source="scratch", config=cfg.spec(),

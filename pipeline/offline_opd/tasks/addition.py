@@ -11,7 +11,7 @@ offsets (a digit of the prompt, the carry three tokens back), so a tiny model ca
 locally, yet one wrong carry spoils the final answer. The final answer follows the last '=', which is
 what `verify` reads.
 
-The toy models (pipeline/offline_opd/models/loading.py) are real Llamas on a real character-level Hugging Face tokenizer,
+The toy models (pipeline/offline_opd/models/toy.py) are real Llamas on a real character-level Hugging Face tokenizer,
 so the toy path runs through exactly the same loading, generation and scoring code as a real model;
 this module only makes the prompts, their reference traces and answers (`prepare`).
 """
@@ -37,18 +37,30 @@ class Problem:
     solution: str
 
 
-def solve(prompt: str) -> str:
-    """The reference trace for an addition prompt "a+b="; raises ValueError for anything else."""
+# Trace styles: "columns" is the task's (every step writes both digits, the carry and a two-digit sum);
+# "terse" is how another teacher might write the same computation (the carry only when it is 1, sums
+# without a leading zero: "4+4=8 6+9=15 8+3+1=12 =1258"). Same answers, same tokenizer, other text:
+# bench/opd_table.py trains its mismatched teacher on "terse" traces.
+STYLES = ("columns", "terse")
+
+
+def solve(prompt: str, style: str = "columns") -> str:
+    """The reference trace for an addition prompt "a+b=" in `style`; raises ValueError for anything else."""
     match = re.fullmatch(r"(\d+)\+(\d+)=", prompt)
     if not match:
         raise ValueError(f"not an addition prompt of the toy task: {prompt!r} (expected e.g. '864+394=')")
+    if style not in STYLES:
+        raise ValueError(f"unknown trace style {style!r}; styles are {', '.join(STYLES)}")
     a, b = match.groups()
     width = max(len(a), len(b))
     a, b = a.zfill(width), b.zfill(width)
     steps, carry = [], 0
     for x, y in zip(reversed(a), reversed(b)):
         total = int(x) + int(y) + carry
-        steps.append(f"{x}+{y}+{carry}={total:02d}")
+        if style == "columns":
+            steps.append(f"{x}+{y}+{carry}={total:02d}")
+        else:
+            steps.append(f"{x}+{y}{'+1' if carry else ''}={total}")
         carry = total // 10
     return " ".join(steps) + f" ={int(a) + int(b)}"
 

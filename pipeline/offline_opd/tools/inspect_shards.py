@@ -239,6 +239,17 @@ def query(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], list[tup
     return [d[0] for d in rel.description], rel.fetchall()
 
 
+def frame(spec: str, sql: str = "SELECT * FROM shards") -> Any:
+    """`sql` over the checked, decoded views of the shards `spec` names, as a polars DataFrame.
+
+    The notebook entry point (`frame("data/teacher_topk")`): the same checks and decoding as the CLI, then the
+    analysis in polars, which DuckDB hands the result to through Arrow without a copy per row.
+    """
+    import polars  # noqa: F401  (a core dependency; DuckDB's .pl() needs it importable)
+
+    return connect(spec).sql(sql).pl()
+
+
 def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Aligned plain text: numbers right-aligned, everything else left-aligned."""
     def cell(v: Any) -> str:

@@ -121,8 +121,7 @@ def check_online(topk: TeacherTopkConfig, where: str) -> None:
 
 def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     from offline_opd.backends.engine import load_engine
-    from offline_opd.stages.distill import check_kernel_backend
-    from offline_opd.train.losses import loss_from_config
+    from offline_opd.train.losses import check_kernel_backend, loss_from_config
     from offline_opd.models.loading import load_config, load_tokenizer
     from offline_opd.contract.prompts import encode_prompt, read_prompts
     from offline_opd.contract.tables import teacher_format
