@@ -28,10 +28,12 @@ from offline_opd.tools import inspect_shards
 from tests.tiny_models import LOCAL_CLUSTER, REPO, hf_engine, params_file, save_model, swap_token_ids
 
 ENGINE = {"dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0, "cluster": LOCAL_CLUSTER}
-ROLLOUTS = {"backend": "hf", "batch_size": 8, **ENGINE, "max_new_tokens": 8, "temperature": 1.0,
-            "rows_per_shard": 4, "seed": 0, "n_samples": 2}
-TOPK = {"backend": "hf", "batch_size": 8, **ENGINE, "k": 3, "logprob_dtype": "float32", "privileged_context": None,
-        "selection": "topk", "samples": 0, "union_student_k": 0, "seed": 0, "codec": "plain"}
+DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())   # every key of a section, then the tiny overrides
+ROLLOUTS = {**DEFAULTS["rollouts"], "backend": "hf", "batch_size": 8, **ENGINE, "max_new_tokens": 8,
+            "temperature": 1.0, "rows_per_shard": 4, "seed": 0, "n_samples": 2}
+TOPK = {**DEFAULTS["teacher_topk"], "backend": "hf", "batch_size": 8, **ENGINE, "k": 3, "logprob_dtype": "float32",
+        "privileged_context": None, "selection": "topk", "samples": 0, "union_student_k": 0, "seed": 0,
+        "codec": "plain"}
 
 
 @pytest.fixture(autouse=True)
