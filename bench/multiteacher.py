@@ -4,7 +4,7 @@ from each domain teacher alone, on both sub-tasks, over seeds.
     nice -n 10 python bench/multiteacher.py --work /tmp/mt --seeds 0,1,2 --teacher-steps 600
 
 The merged run is `configs/multiteacher.yaml` through `dvc repro` in a scratch project (`<work>/proj`, made with
-tests/dvc_project.init_project); seed s sets sft.seed, rollouts.seed and distill.seed, so the teachers and prompts
+offline_opd.tools.scratch_project.init_project); seed s sets sft.seed, rollouts.seed and distill.seed, so the teachers and prompts
 are shared by every run and only `sft` onwards reruns. The baselines reuse that project's prompts and domain teachers:
 the one specialist's folder is copied and rerouted to serve both domains (what `teacher.domains: {add: {}, rev: add}`
 rebuilds: same keys, data and seed), then `sft_data` .. `evaluate` run stage by stage under `<work>/runs/<row>/s<seed>`.
@@ -27,11 +27,10 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "pipeline"))
 
 from offline_opd.provenance.teachers import write_routes  # noqa: E402
-from tests.dvc_project import init_project, ran_stages  # noqa: E402
+from offline_opd.tools.scratch_project import init_project, ran_stages  # noqa: E402
 
 BASELINES = {"add_only": {"add": "add", "rev": "add"}, "rev_only": {"add": "rev", "rev": "rev"}}
 ROWS = ("merged", *BASELINES)

@@ -201,18 +201,18 @@ class TeacherConfig(ModelConfig):
 
     holdout: NonNegInt
     eval_batch_size: Count
-    domains: dict
+    domains: Optional[dict]   # None (left out, as every key of a pretrained teacher may be) = {}
 
     @classmethod
     def omittable(cls, raw: dict) -> set[str]:
         """A teacher that is not `scratch` is not trained here: every training key is then unused."""
         if raw.get("source") == "scratch":
             return set()
-        return {f.name for f in dataclasses.fields(cls)} - {"source", "domains"}
+        return {f.name for f in dataclasses.fields(cls)} - {"source"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, spec in self.domains.items():
+        for name, spec in (self.domains or {}).items():
             if not DOMAIN_NAME.fullmatch(name):
                 refuse(f"domains.{name}", "not a domain name; use letters, digits, '_', '-' or '.' (it names a "
                                           "folder under data/models/teacher)")
@@ -227,18 +227,19 @@ class TeacherConfig(ModelConfig):
 
     def experts(self) -> list[str]:
         """The domains with a teacher of their own (one folder each under data/models/teacher)."""
-        return [name for name, spec in self.domains.items() if isinstance(spec, dict)]
+        return [name for name, spec in (self.domains or {}).items() if isinstance(spec, dict)]
 
     def routes(self) -> dict[str, str]:
         """Prompt domain -> the domain whose teacher answers and scores it."""
-        return {name: spec if isinstance(spec, str) else name for name, spec in self.domains.items()}
+        return {name: spec if isinstance(spec, str) else name for name, spec in (self.domains or {}).items()}
 
     def expert(self, name: str) -> "TeacherConfig":
         """Domain `name`'s teacher: this section with the domain's keys in place (and no domains of its own)."""
         overrides = self.domains[name]
         if "domains" in overrides:
             refuse(f"domains.{name}.domains", "a domain's teacher has no domains of its own; remove the key")
-        raw = {**dataclasses.asdict(self), **overrides, "domains": {}}
+        # Keys left out (None: a pretrained teacher's training keys) stay out, so a domain that turns scratch must set them.
+        raw = {**{k: v for k, v in dataclasses.asdict(self).items() if v is not None}, **overrides, "domains": {}}
         try:
             return parse_section(TeacherConfig, raw, f"domains.{name}")
         except RuleError:
