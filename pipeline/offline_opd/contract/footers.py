@@ -91,6 +91,9 @@ class SftDataFooter(RunFooter):
     sampling_temperature: Optional[float] = None
     teacher_path: Optional[str] = None
     prompts_path: Optional[str] = None
+    # Multi-teacher OPD only: domain -> model fingerprint of the teacher that answered it (`teacher_fingerprint`
+    # is then the set's, `provenance.teachers.set_fingerprint`); the rows carry DOMAIN_FIELDS (tables.py).
+    teachers: Optional[dict[str, str]] = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,6 +115,7 @@ class TeacherTopkFooter(RunFooter):
     width: Optional[int] = None
     samples: Optional[int] = None
     selection: Optional[str] = None
+    teachers: Optional[dict[str, str]] = None   # multi-teacher OPD only, as in SftDataFooter
     # What the rows are: None, π_ref's rollouts (`teacher_topk`); "sft_data", the teacher's own answers
     # (`sft_topk`, GKD's off-policy rows: the policy fields then name the teacher that wrote them).
     source: Optional[str] = None
