@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from offline_opd.config import TaskConfig
 from offline_opd.contract.prompts import PROMPT_SCHEMA
+from offline_opd.tasks.sampling import disjoint_splits, draw_distinct
 
 
 @dataclass(frozen=True)
@@ -77,26 +78,16 @@ def make_problems(digits: int, n: int, seed: int, exclude: Collection[str] = ())
         raise ValueError(f"asked for {n} problems, but only {space - len(excluded)} {digits}-digit "
                          f"additions remain; lower the split sizes or raise task.digits")
     rng = random.Random(f"toy-addition/{digits}/{seed}")
-    problems: list[Problem] = []
-    seen = set(excluded)
-    while len(problems) < n:
+
+    def draw() -> Problem:
         a, b = rng.randint(low, high), rng.randint(low, high)
-        prompt = f"{a}+{b}="
-        if prompt in seen:
-            continue
-        seen.add(prompt)
-        problems.append(Problem(f"add{digits}-{a}+{b}", prompt, str(a + b), solve(prompt)))
-    return problems
+        return Problem(f"add{digits}-{a}+{b}", f"{a}+{b}=", str(a + b), solve(f"{a}+{b}="))
+    return draw_distinct(n, draw, excluded)
 
 
 def make_splits(digits: int, sizes: dict[str, int], seed: int) -> dict[str, list[Problem]]:
     """Disjoint splits (e.g. sft/opd/eval) drawn in order, each excluding the prompts before it."""
-    splits: dict[str, list[Problem]] = {}
-    taken: set[str] = set()
-    for index, (name, n) in enumerate(sizes.items()):
-        splits[name] = make_problems(digits, n, seed * 1000 + index, exclude=taken)
-        taken.update(p.prompt for p in splits[name])
-    return splits
+    return disjoint_splits(sizes, seed, lambda n, split_seed, taken: make_problems(digits, n, split_seed, taken))
 
 
 class AdditionTask:

@@ -13,6 +13,7 @@ import random
 from typing import Collection
 
 from offline_opd.tasks.addition import Problem
+from offline_opd.tasks.sampling import disjoint_splits, draw_distinct
 
 
 def make_problems(length: int, n: int, seed: int, exclude: Collection[str] = ()) -> list[Problem]:
@@ -23,23 +24,13 @@ def make_problems(length: int, n: int, seed: int, exclude: Collection[str] = ())
         raise ValueError(f"asked for {n} reversal problems, but only {space - len(excluded)} {length}-digit "
                          f"strings remain; lower the split sizes or raise task.digits")
     rng = random.Random(f"toy-reverse/{length}/{seed}")
-    problems: list[Problem] = []
-    seen = set(excluded)
-    while len(problems) < n:
+
+    def draw() -> Problem:
         digits = "".join(rng.choice("0123456789") for _ in range(length))
-        prompt = f"rev:{digits}="
-        if prompt in seen:
-            continue
-        seen.add(prompt)
-        problems.append(Problem(f"rev{length}-{digits}", prompt, digits[::-1], digits[::-1]))
-    return problems
+        return Problem(f"rev{length}-{digits}", f"rev:{digits}=", digits[::-1], digits[::-1])
+    return draw_distinct(n, draw, excluded)
 
 
 def make_splits(length: int, sizes: dict[str, int], seed: int) -> dict[str, list[Problem]]:
     """Disjoint splits drawn in order, each excluding the prompts before it."""
-    splits: dict[str, list[Problem]] = {}
-    taken: set[str] = set()
-    for index, (name, n) in enumerate(sizes.items()):
-        splits[name] = make_problems(length, n, seed * 1000 + index, exclude=taken)
-        taken.update(p.prompt for p in splits[name])
-    return splits
+    return disjoint_splits(sizes, seed, lambda n, split_seed, taken: make_problems(length, n, split_seed, taken))
