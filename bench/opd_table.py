@@ -21,8 +21,14 @@ training. Rows (`--rows`, comma-separated):
                            student, distill.max_steps each (what `python -m offline_opd.tools.rounds --rounds R` runs)
   r<R>eq                   the same with distill.max_steps / R steps per round: equal total optimizer steps
   long<M>                  one round (R = 1) of M x distill.max_steps steps: r<M>'s steps without its refresh
-  inconsistent             shards scored by a second teacher (teacher.seed + 1, trained here once, same
-                           accuracy) for the π_ref fine-tuned on the first teacher's answers, override on
+  inconsistent             shards scored by a second teacher (trained here once like the first, from
+                           teacher.seed + 1, on the same prompts' traces written in another style: README
+                           "The paper's claim") for the π_ref fine-tuned on the first teacher's answers,
+                           override on
+  <recipe>                 offline OPD with one of the field's recipes (RECIPES, README "Losses"): taid_linear,
+                           taid_adaptive (published α 5e-4), taid_adaptive_fast (α 0.02); exopd_1p25 and
+                           exopd_1p5 (pg_ppo with reward scale λ; λ = 1 is pg_ppo); reject and reject_resample
+                           (fkl on rollouts with flawed-prefix rejection; rows record the teacher tokens saved)
   gkd<P>                   offline fkl with GKD's mix at a constant λ = P/100 (distill.gkd): that share of each
                            batch from the rollouts, the rest from the teacher's own SFT answers (sft_topk,
                            scored once for every seed and row; not in the row's wall time). gkd100 = fkl
@@ -60,6 +66,7 @@ import yaml
 TEACHER, SFT_DATA, SFT_PROMPTS = "data/models/teacher", "data/sft", "data/prompts/sft.parquet"
 PROMPTS, EVAL = "data/prompts/opd.parquet", "data/prompts/eval.parquet"
 SFT_SECTIONS, TEACHER_SECTIONS = ("task", "teacher", "sft_data", "sft"), ("task", "teacher")
+TEACHER2_STYLE = "terse"   # the inconsistent row's teacher writes "4+4=8 6+9=15 8+3+1=12 =1258"
 LOSSES: dict[str, dict[str, Any]] = {
     "fkl": {"loss": "fkl", "loss_params": {}},
     "jsd": {"loss": "jsd", "loss_params": {}},
@@ -67,6 +74,18 @@ LOSSES: dict[str, dict[str, Any]] = {
     "pg": {"loss": "pg", "loss_params": {}},
     "pg_ppo": {"loss": "pg", "loss_params": {"baseline": 1.0, "trust_region": 0.2}},
 }
+# row -> (distill overrides, rollouts overrides): the recipes of issue 20, each one offline round
+REJECT_PERPLEXITY = 2.0   # embedded default, π_ref seed 0: 5.5 % of its 4,096 rollouts (5.7 % of response tokens) are above
+RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "taid_linear": ({"loss": "taid", "loss_params": {}}, {}),
+    "taid_adaptive": ({"loss": "taid", "loss_params": {"schedule": "adaptive"}}, {}),
+    "taid_adaptive_fast": ({"loss": "taid", "loss_params": {"schedule": "adaptive", "alpha": 0.02}}, {}),
+    "exopd_1p25": ({"loss": "pg", "loss_params": {**LOSSES["pg_ppo"]["loss_params"], "reward_scale": 1.25}}, {}),
+    "exopd_1p5": ({"loss": "pg", "loss_params": {**LOSSES["pg_ppo"]["loss_params"], "reward_scale": 1.5}}, {}),
+    "reject": (LOSSES["fkl"], {"max_perplexity": REJECT_PERPLEXITY}),
+    "reject_resample": (LOSSES["fkl"], {"max_perplexity": REJECT_PERPLEXITY, "resample_budget": 2}),
+}
+REJECTION_METRICS = ("response_tokens", "rejected_rows", "rejected_response_tokens", "dropped_rows")
 DEFAULT_ROWS = "fkl,jsd,rkl,pg,pg_ppo,online_fkl,online_init_fkl,r2,r4,r8,long8,r4eq,inconsistent"
 GKD_ROWS = "gkd0,gkd50,gkd100,gkdramp"   # GKD's mix (README "GKD: mixing in the teacher's own sequences")
 ROW = re.compile(r"gkd(?P<gkd>\d+|ramp)$|(?P<online>online_(?P<init>init_)?)?(?P<loss>[a-z_]+)$"
@@ -75,12 +94,16 @@ GKD_RAMP = {"lambda_start": 0.0, "lambda_end": 0.5, "ramp_frac": 0.5}
 SFT_TOPK_SECTIONS = ("task", "teacher", "sft_data", "teacher_topk")
 
 
-def parse_row(row: str) -> re.Match:
+def parse_row(row: str) -> re.Match | None:
+    """The row's parts (None for a recipe row)."""
+    if row in RECIPES:
+        return None
     m = ROW.match(row)
     if m is None or (m["loss"] and m["loss"] not in LOSSES and row != "inconsistent") \
             or (m["gkd"] and m["gkd"] != "ramp" and int(m["gkd"]) > 100):
         raise SystemExit(f"--rows: unknown row {row!r}; rows are {', '.join(LOSSES)}, online_<loss>, "
-                         "online_init_<loss>, r<R>, r<R>eq, long<M>, inconsistent, gkd<P> (P <= 100), gkdramp")
+                         "online_init_<loss>, r<R>, r<R>eq, long<M>, inconsistent, gkd<P> (P <= 100), gkdramp, "
+                         f"{', '.join(RECIPES)}")
     return m
 
 
@@ -161,12 +184,31 @@ def pi_ref(base: dict, root: Path, seed: int) -> Path:
     return cached(keyed(root, "sft", base, SFT_SECTIONS) / f"s{seed}" / "student_sft", make)
 
 
+def restyled_prompts(src: Path, dest: Path, style: str) -> Path:
+    """The SFT prompts with their reference traces rewritten in another style of the toy task
+    (offline_opd.tasks.addition.STYLES): same prompts and answers, other text."""
+    import pyarrow as pa
+
+    from offline_opd.contract.prompts import read_prompts, write_prompts
+    from offline_opd.tasks.addition import solve
+
+    table = read_prompts(src)
+    references = pa.array([solve(p, style) for p in table.column("prompt").to_pylist()],
+                          table.schema.field("reference").type)
+    write_prompts(dest, table.set_column(table.schema.get_field_index("reference"), "reference", references))
+    return dest
+
+
 def second_teacher(base: dict, root: Path) -> Path:
-    """A teacher trained exactly like the project's, from another seed (the inconsistent row's scorer)."""
+    """The inconsistent row's scorer: a teacher trained like the project's (same sizes, steps, tokenizer and
+    prompts) from another seed, on the same computation written in another style (TEACHER2_STYLE), as
+    two real teachers differ: it is as accurate, but its distribution over π_ref's tokens is not the one
+    π_ref was fine-tuned on."""
     def make(out: Path) -> None:
         work = keyed(root, "teacher2", base, TEACHER_SECTIONS)
         params = write_params(base, work, 0, other=("teacher", {"seed": base["teacher"]["seed"] + 1}))
-        stage("teacher")(stage_args(work, params, "t") + ["--prompts", SFT_PROMPTS, "--out", str(out),
+        prompts = restyled_prompts(Path(SFT_PROMPTS), work / "sft_restyled.parquet", TEACHER2_STYLE)
+        stage("teacher")(stage_args(work, params, "t") + ["--prompts", str(prompts), "--out", str(out),
                                                           "--plots", str(work / "plots"), "--logs", str(work / "logs")])
 
     return cached(keyed(root, "teacher2", base, TEACHER_SECTIONS) / "model", make)
@@ -212,6 +254,10 @@ def train_row(row: str, seed: int, base: dict, work: Path, ref: Path, root: Path
     from offline_opd.tools import online_distill
 
     m = parse_row(row)
+    if m is None:
+        distill, rollouts = RECIPES[row]
+        params = write_params(base, work, seed, distill, ("rollouts", rollouts) if rollouts else None)
+        return offline_round(work, params, ref, Path(TEACHER), "r1")
     if m["long"]:
         params = write_params(base, work, seed, {"max_steps": int(m["long"]) * base["distill"]["max_steps"]})
         return offline_round(work, params, ref, Path(TEACHER), "r1")
@@ -254,6 +300,9 @@ def run(row: str, seed: int, base: dict, root: Path) -> dict:
         result = {"accuracy": m["student_opd"]["accuracy"], "pi_ref": m["student_sft"]["accuracy"],
                   "fkl": m["student_opd"]["fkl"], "rkl": m["student_opd"]["rkl"],
                   "teacher": m["teacher"]["accuracy"], "wall_s": round(wall, 1)}
+        rollouts = work / "metrics_r1" / "rollouts.json"
+        if row in RECIPES and RECIPES[row][1]:   # rejection: what the teacher was spared
+            result.update({k: json.loads(rollouts.read_text())[k] for k in REJECTION_METRICS})
         done.write_text(json.dumps(result))
     return result
 
@@ -281,6 +330,10 @@ def summarise(results: dict[str, list[dict]], teacher2: float | None) -> dict:
         rows[row] = {"accuracy_mean": round(am, 4), "accuracy_std": round(asd, 4), "gain_mean": round(gm, 4),
                      "gain_std": round(gsd, 4), "n": len(runs),
                      "wall_s_mean": round(mean_std([r["wall_s"] for r in runs])[0], 1)}
+        if "rejected_response_tokens" in runs[0]:   # teacher tokens saved: rejected / (scored + rejected)
+            saved = [r["rejected_response_tokens"] / (r["response_tokens"] + r["rejected_response_tokens"]) for r in runs]
+            rows[row].update({"rejected_rows_mean": round(mean_std([r["rejected_rows"] for r in runs])[0], 1),
+                              "teacher_tokens_saved_frac_mean": round(mean_std(saved)[0], 4)})
     teacher = first[0]["teacher"]
     best = max((r for r in rows if r != "sft"), key=lambda r: rows[r]["accuracy_mean"])
     claims: dict[str, Any] = {"teacher_accuracy": teacher, "best_row": best,

@@ -90,6 +90,8 @@ BAD_VALUES = [
     ("rollouts", "temperature", -0.5, ">= 0"),
     ("rollouts", "batch_size", -4, ">= 1"),
     ("rollouts", "seed", -1, ">= 0"),
+    ("rollouts", "max_perplexity", 0.5, ">= 1"),
+    ("rollouts", "resample_budget", -1, ">= 0"),
     ("teacher_topk", "k", -1, ">= 0"),
     ("teacher_topk", "batch_size", 0, ">= 1"),
     ("teacher_topk", "logprob_dtype", "int8", "not one of"),

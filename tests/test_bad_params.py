@@ -314,6 +314,14 @@ RULES = [
      "sft_data.max_new_tokens", "no room for a prompt"),
     ("rollouts answer past max_model_len", {"rollouts__max_new_tokens": 300}, "rollouts",
      "rollouts.max_new_tokens", "no room for a prompt"),
+    ("resampling with rejection off", {"rollouts__resample_budget": 2}, "rollouts", "rollouts.resample_budget",
+     "max_perplexity is null"),
+    ("ExOPD π_ref reference on an unknown model", {"distill__loss": "pg",
+                                                  "distill__loss_params": {"reference": "teacher_base"}},
+     "rollouts", "distill.loss_params.reference", "not one of behavior, student"),
+    ("TAID adaptive rule without the adaptive schedule", {"distill__loss": "taid",
+                                                          "distill__loss_params": {"alpha": 0.01}},
+     "rollouts", "distill.loss_params.alpha", "only the adaptive schedule reads it"),
     ("evaluate answer fills max_model_len", {"evaluate__max_new_tokens": 256}, "evaluate",
      "evaluate.max_new_tokens", "no room for a prompt"),
     ("draws without a sampling selection", {"teacher_topk__samples": 4}, "teacher_topk", "teacher_topk.samples",
@@ -463,6 +471,24 @@ def test_readme_pg_override_works_in_dvc(tmp_path):
     apply_overrides(path, sets)
     cfg = check_file(path)["distill"]
     assert cfg.loss == "pg" and cfg.loss_params == {"tau": 2.0}
+
+
+def test_readme_recipe_overrides_work_in_dvc(tmp_path):
+    """The README's `dvc exp run` lines for adaptive TAID, ExOPD and flawed-prefix rejection, applied by DVC's
+    own override code, give params files that load with the intended settings."""
+    from dvc.utils.hydra import apply_overrides
+
+    want = {"schedule": lambda c: c["distill"].loss_params == {"schedule": "adaptive", "alpha": 0.02},
+            "reward_scale": lambda c: c["distill"].loss_params == {"baseline": 1, "trust_region": 0.2,
+                                                                    "reward_scale": 1.25},
+            "max_perplexity": lambda c: (c["rollouts"].max_perplexity, c["rollouts"].resample_budget) == (2.0, 2)}
+    lines = {key: next(ln for ln in README.splitlines() if ln.startswith("dvc exp run") and key in ln) for key in want}
+    for key, line in lines.items():
+        words = shlex.split(line)
+        path = tmp_path / f"{key}.yaml"
+        path.write_text((REPO / "params.yaml").read_text())
+        apply_overrides(path, [words[i + 1] for i, w in enumerate(words) if w == "-S"])
+        assert want[key](check_file(path)), line
 
 
 def test_readme_gpu_prompts_go_where_the_qwen3_preset_reads_them():

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from offline_opd.stages import distill as distill_stage
 from offline_opd.contract import shards
 from offline_opd.config import load_section
-from offline_opd.train.module import TrainModule
+from offline_opd.train.module import OBJECTIVE_KEY, TrainModule
 from offline_opd.train.shard_data import collate
 from offline_opd.train.trainer import load_for_training
 from offline_opd.provenance.fingerprint import model_fingerprint
@@ -139,9 +139,11 @@ def test_training_on_a_fixed_batch_reduces_the_objective(inputs, mode):
         assert losses[-1] < 0.8 * losses[0]
 
 
-def test_interrupted_run_resumes_to_the_same_result(inputs, monkeypatch):
+@pytest.mark.parametrize("loss", [{}, {"loss": "taid", "loss_params": {"schedule": "adaptive", "alpha": 0.9}}])
+def test_interrupted_run_resumes_to_the_same_result(inputs, monkeypatch, loss):
+    """Also with TAID's adaptive t, whose state (t, momentum, previous loss) the checkpoint carries."""
     root, init = inputs
-    run_distill(root, init, tag="_ref", max_steps=5)
+    run_distill(root, init, tag="_ref", max_steps=5, **loss)
     real_step = TrainModule.training_step
 
     def crash_at_3(self, batch, batch_idx):
@@ -151,13 +153,19 @@ def test_interrupted_run_resumes_to_the_same_result(inputs, monkeypatch):
 
     monkeypatch.setattr(TrainModule, "training_step", crash_at_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_distill(root, init, max_steps=5)
-    assert torch.load(root / "logs" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+        run_distill(root, init, max_steps=5, **loss)
+    crashed = torch.load(root / "logs" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert crashed["global_step"] == 3
     assert not (root / "out").exists()
     monkeypatch.setattr(TrainModule, "training_step", real_step)
-    metrics = run_distill(root, init, max_steps=5)
+    metrics = run_distill(root, init, max_steps=5, **loss)
     assert metrics["resumed"] is True and metrics["steps"] == 5
     assert loss_rows(root) == loss_rows(root, "_ref")
+    final = [torch.load(root / f"logs{tag}" / "checkpoints" / "last.ckpt", weights_only=False)[OBJECTIVE_KEY]
+             for tag in ("", "_ref")]
+    assert final[0] == final[1]
+    if loss:   # t had left its start and its linear floor when the run was cut, so the state mattered
+        assert crashed[OBJECTIVE_KEY]["t"]["t"] > 0.4 + 0.6 * 2 / 5
     ref, got = weights(root / "out_ref"), weights(root / "out")
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], rtol=1e-6, atol=1e-7)

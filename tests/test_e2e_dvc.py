@@ -5,8 +5,10 @@ does nothing, and a `distill` parameter change reruns only `distill` and `evalua
 """
 
 import json
+import re
 import shutil
 import statistics
+import subprocess
 
 import pyarrow.parquet as pq
 import pytest
@@ -135,6 +137,14 @@ def test_opd_table_runs_every_kind_of_row_per_seed_and_resumes_from_its_cache(pr
     footer = pq.read_schema(next((rows / "inconsistent" / "s0" / "topk_r1").glob("*.parquet"))).metadata
     assert footer[b"opd.teacher_fingerprint"].decode() == model_fingerprint(teacher2 / "model") \
         != model_fingerprint(root / "data" / "models" / "teacher")
+    restyled = pq.read_table(teacher2 / "sft_restyled.parquet").column("reference").to_pylist()
+    assert not any(re.search(r"\d\+\d\+0=", r) for r in restyled)   # the second teacher's traces are terse
+    refused = subprocess.run(   # the consistency check refuses that teacher's shards without the override
+        ["python", "-m", "offline_opd.stages.distill", "--init", str(sft / "s0" / "student_sft"), "--shards",
+         str(rows / "inconsistent" / "s0" / "topk_r1"), "--out", "refused", "--metrics-dir", "refused_m",
+         "--logs", "refused_logs", "--plots", "refused_plots"],
+        cwd=root, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "teacher mismatch" in refused.stderr
     stamps = {p: p.stat().st_mtime_ns for p in work.rglob("result.json")}
     assert len(stamps) == 14
     assert "distill done" not in sh(cmd, root, env).stderr   # all cached

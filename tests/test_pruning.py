@@ -85,7 +85,7 @@ def test_teacher_topk_pointed_at_the_pruned_student_is_refused_naming_both(tmp_p
     pq.write_table(prompts, tmp_path / "opd.parquet")
     sections = {
         "rollouts": {"backend": "hf", **ENGINE, "max_new_tokens": 6, "temperature": 1.0, "rows_per_shard": 8,
-                     "seed": 0, "n_samples": 2},
+                     "seed": 0, "n_samples": 2, "max_perplexity": None, "resample_budget": 0},
         "teacher_topk": {"backend": "hf", **ENGINE, "k": 3, "logprob_dtype": "float16", "privileged_context": None,
                          "selection": "topk", "samples": 0, "union_student_k": 0, "seed": 0, "codec": "plain"}}
     params = tmp_path / "params.yaml"

@@ -51,7 +51,7 @@ N_PROMPTS, N_SAMPLES, ROWS_PER_SHARD = 8, 2, 4          # 2 prompts per part: 4 
 RAY_CLUSTER = {**LOCAL_CLUSTER, "backend": "ray", "replicas": 2, "cpus_per_replica": 1}
 ENGINE = {"backend": "hf", "dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0}
 ROLLOUTS = {**ENGINE, "batch_size": 5, "max_new_tokens": 10, "temperature": 1.0, "rows_per_shard": ROWS_PER_SHARD,
-            "seed": 0, "n_samples": N_SAMPLES}
+            "seed": 0, "n_samples": N_SAMPLES, "max_perplexity": None, "resample_budget": 0}
 TOPK = {**ENGINE, "batch_size": 6, "k": 3, "logprob_dtype": "float16", "privileged_context": None,
         "selection": "topk+sampled", "samples": 4, "union_student_k": 2, "seed": 0, "codec": "plain"}
 

@@ -27,7 +27,8 @@ from tests.tiny_models import LOCAL_CLUSTER, hf_engine, save_model
 N_PROMPTS, N_SAMPLES, ROWS_PER_SHARD, K = 7, 2, 4, 3   # 2 prompts per part -> 4 parts, the last one short
 ENGINE = {"dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0, "cluster": LOCAL_CLUSTER}
 ROLLOUTS = {"backend": "hf", "batch_size": 5, **ENGINE, "max_new_tokens": 10, "temperature": 1.0,
-            "rows_per_shard": ROWS_PER_SHARD, "seed": 0, "n_samples": N_SAMPLES}
+            "rows_per_shard": ROWS_PER_SHARD, "seed": 0, "n_samples": N_SAMPLES, "max_perplexity": None,
+            "resample_budget": 0}
 TOPK = {"backend": "hf", "batch_size": 6, **ENGINE, "k": K, "logprob_dtype": "float16", "privileged_context": None,
         "selection": "topk", "samples": 0, "union_student_k": 0, "seed": 0, "codec": "plain"}
 
@@ -47,6 +48,15 @@ def env(tmp_path_factory) -> Path:
 
 def without_cluster(section: dict) -> dict:
     return {k: v for k, v in section.items() if k != "cluster"}
+
+
+# Rejection switched off changes no row, so its keys stay out of the run key and the footer's config,
+# which are then exactly what they were before the keys existed.
+REJECTION_KEYS = ("max_perplexity", "resample_budget")
+
+
+def row_settings(section: dict) -> dict:
+    return {k: v for k, v in without_cluster(section).items() if k not in REJECTION_KEYS}
 
 
 def params(root: Path, rollouts_cfg: dict | None = None, topk_cfg: dict | None = None) -> Path:
@@ -96,7 +106,8 @@ def test_shards_follow_the_contract(env, clean_run):
         assert r.meta["tokenizer_fingerprint"] == tok_fp and r.meta["policy_path"] == str(env / "policy")
         assert r.meta["sampling_temperature"] == "1.0" and r.meta["backend"] == "hf"
         # The footer's config is the section without `cluster` (where it ran changes no row).
-        assert json.loads(r.meta["config"]) == without_cluster(ROLLOUTS) and r.meta["backend_version"].startswith("transformers")
+        assert json.loads(r.meta["config"]) == row_settings(ROLLOUTS) and r.meta["backend_version"].startswith("transformers")
+        assert not {"rejected_rows", "rejected_response_tokens", "resampled_rows", "dropped_rows"} & set(r.meta)
         for key in ("policy_fingerprint", "policy_path", "tokenizer_fingerprint", "sampling_temperature"):
             assert t.meta[key] == r.meta[key]   # the rollouts' policy fields, unchanged
         assert t.meta["teacher_fingerprint"] == model_fingerprint(env / "teacher")
@@ -359,3 +370,82 @@ def test_inconsistent_selection_keys_are_one_line_errors(env, clean_run, capsys,
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and key in err and err.count("\n") == 0
     assert not (env / "never").exists()
+
+
+# ---- flawed-prefix rejection (rollouts.max_perplexity, rollouts.resample_budget) ----
+
+def perplexities(folder: Path) -> dict[str, float]:
+    """exp(−mean behaviour log-prob) of every stored response, by sample id (numpy, float64)."""
+    table = folder_contents(folder)[1]
+    return {sid: float(np.exp(-np.mean(np.asarray(lp, dtype=np.float64))))
+            for sid, lp in zip(table.column("sample_id").to_pylist(), table.column("behavior_logprob").to_pylist())}
+
+
+def middle_threshold(ppl: dict[str, float]) -> float:
+    """Halfway between the two middle perplexities: half the rows above, none within rounding of it."""
+    values = sorted(ppl.values())
+    return (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
+
+
+def test_rejection_drops_exactly_the_rows_above_the_threshold_before_the_teacher(env, clean_run):
+    ppl = perplexities(clean_run[0])
+    threshold = middle_threshold(ppl)
+    above = {sid for sid, value in ppl.items() if value > threshold}
+    assert 0 < len(above) < len(ppl)
+    out = env / "rejected"
+    metrics = run_rollouts(env, out / "rollouts", max_perplexity=threshold)
+    _, clean, _ = folder_contents(clean_run[0])
+    _, kept, metas = folder_contents(out / "rollouts")
+    keep = pa.array([sid not in above for sid in clean.column("sample_id").to_pylist()])
+    assert kept.equals(clean.filter(keep))   # the same draws, those above the threshold gone
+    tokens = {row["sample_id"]: len(row["behavior_logprob"]) for row in clean.to_pylist()}
+    assert metrics["rows"] == len(ppl) - len(above) == kept.num_rows
+    assert metrics["rejected_rows"] == metrics["dropped_rows"] == len(above) and metrics["resampled_rows"] == 0
+    assert metrics["rejected_response_tokens"] == sum(tokens[sid] for sid in above) > 0
+    assert sum(int(m["rejected_rows"]) for m in metas) == len(above)   # each part's footer counts its own
+    assert sum(int(m["rejected_response_tokens"]) for m in metas) == metrics["rejected_response_tokens"]
+    assert all(json.loads(m["config"])["max_perplexity"] == threshold for m in metas)
+    run_topk(env, out / "rollouts", out / "topk")
+    _, scored, _ = folder_contents(out / "topk")
+    assert set(scored.column("sample_id").to_pylist()) == set(ppl) - above   # the teacher never saw them
+    _, clean_scored, _ = folder_contents(clean_run[1])
+    for got, want in zip(scored.to_pylist(), clean_scored.filter(keep).to_pylist()):
+        assert got["sample_id"] == want["sample_id"] and got["topk_ids"] == want["topk_ids"]
+        np.testing.assert_allclose(got["teacher_logprob"], want["teacher_logprob"], atol=1e-5)
+
+
+def test_a_threshold_above_every_row_keeps_todays_rows(env, clean_run):
+    """Rejection on but rejecting nothing writes the rows of a run without it; only the settings differ."""
+    out = env / "lenient"
+    metrics = run_rollouts(env, out, max_perplexity=1e6, resample_budget=2)
+    _, table, metas = folder_contents(out)
+    _, clean, clean_metas = folder_contents(clean_run[0])
+    assert table.equals(clean) and metrics["rejected_rows"] == metrics["rejected_response_tokens"] == 0
+    assert all(m["rejected_rows"] == "0" for m in metas)
+    assert {m["run_key"] for m in metas} != {m["run_key"] for m in clean_metas}   # on, the keys are settings
+
+
+def test_resampling_refills_rejected_slots_whatever_the_batch_size(env, clean_run):
+    ppl = perplexities(clean_run[0])
+    threshold = middle_threshold(ppl)
+    above = {sid for sid, value in ppl.items() if value > threshold}
+    a = run_rollouts(env, env / "resampled_a", max_perplexity=threshold, resample_budget=3)
+    b = run_rollouts(env, env / "resampled_b", max_perplexity=threshold, resample_budget=3, batch_size=1)
+    _, table_a, _ = folder_contents(env / "resampled_a")
+    _, table_b, _ = folder_contents(env / "resampled_b")
+    # the same draws (the log-probs of a batch of 1 differ from a padded batch's in the last bit)
+    for column in ("sample_id", "input_ids"):
+        assert table_a.column(column).equals(table_b.column(column))
+    np.testing.assert_allclose(np.concatenate(table_a.column("behavior_logprob").to_pylist()),
+                               np.concatenate(table_b.column("behavior_logprob").to_pylist()), atol=1e-5)
+    timing = ("tokens_per_s", "wall_s")
+    assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    got = perplexities(env / "resampled_a")
+    assert max(got.values()) <= threshold
+    assert a["resampled_rows"] > 0 and a["resampled_rows"] + a["dropped_rows"] == len(above)
+    assert a["rows"] == len(ppl) - a["dropped_rows"] and a["rejected_rows"] >= len(above)
+    _, clean, _ = folder_contents(clean_run[0])
+    first = {r["sample_id"]: r for r in clean.to_pylist()}
+    for row in table_a.to_pylist():   # kept draws are the clean run's; refilled slots hold new draws
+        sid = row["sample_id"]
+        assert (row == first[sid]) == (sid not in above)

@@ -57,6 +57,17 @@ def test_solution_is_a_correct_long_trace(tokenizer):
     assert toy_task.solve("864+394=") == "4+4+0=08 6+9+0=15 8+3+1=12 =1258"
 
 
+def test_terse_style_is_the_same_computation_in_other_text(tokenizer):
+    """The mismatched teacher's style (bench/opd_table.py): the same answer, other tokens, same tokenizer."""
+    assert toy_task.solve("864+394=", "terse") == "4+4=8 6+9=15 8+3+1=12 =1258"
+    for p in toy_task.make_problems(3, 200, seed=2):
+        terse = toy_task.solve(p.prompt, "terse")
+        assert numeric(terse, p.answer) and terse != p.solution
+        assert tokenizer.decode(tokenizer(terse, add_special_tokens=False)["input_ids"]) == terse
+    with pytest.raises(ValueError, match="unknown trace style 'fancy'"):
+        toy_task.solve("1+2=", "fancy")
+
+
 def test_problems_deterministic_and_splits_disjoint():
     assert toy_task.make_problems(3, 50, seed=7) == toy_task.make_problems(3, 50, seed=7)
     assert toy_task.make_problems(3, 50, seed=7) != toy_task.make_problems(3, 50, seed=8)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import string
 import types
 import typing
@@ -88,9 +89,10 @@ Fraction = Annotated[float, Range(ge=0, le=1)]  # fractions and probabilities
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    """`prepare`: the prompt sets. `kind: addition` generates the embedded toy task."""
+    """`prepare`: the prompt sets. `kind: addition` generates the embedded toy task; `addition+reverse` the
+    two-domain toy of multi-teacher OPD (pipeline/offline_opd/tasks/mixture.py)."""
 
-    kind: Literal["addition", "file"]
+    kind: Literal["addition", "file", "addition+reverse"]
     digits: Count
     n_sft: Count
     n_opd: Count
@@ -107,8 +109,8 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         """A prompt file with the toy task would be silently ignored; refuse it."""
-        if self.kind == "addition" and self.prompt_file is not None:
-            refuse("prompt_file", "set, but task.kind 'addition' ignores it; set task.kind: file to use it, "
+        if self.kind != "file" and self.prompt_file is not None:
+            refuse("prompt_file", f"set, but task.kind {self.kind!r} ignores it; set task.kind: file to use it, "
                                   "or prompt_file: null")
 
 
@@ -179,9 +181,19 @@ class ModelConfig(TrainConfig):
                                 f"of an even size; pick num_heads so that hidden_size / num_heads is an even integer")
 
 
+# A domain names a folder under data/models/teacher/ and a value in shard columns: a plain name.
+DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig(ModelConfig):
     """`teacher`: trains the toy teacher on reference answers, or resolves and fingerprints a real one.
+
+    `domains` (multi-teacher OPD, README: Multi-teacher OPD): `{}` is one teacher for every prompt (today's
+    pipeline, unchanged). Otherwise it maps each prompt domain (the prompts' `domain` column) to its teacher:
+    a mapping of keys of this section that differ for that domain's teacher (`{}`: the keys above; a
+    `source: scratch` teacher trains on its own domain's SFT traces only), or the name of another domain,
+    whose teacher then answers and scores this domain too (the single-teacher baselines of the toy).
 
     A scratch teacher holds out the last `holdout` SFT prompts (at most a tenth of them) from training and
     reports its greedy exact match on them, generating `eval_batch_size` prompts at a time.
@@ -193,6 +205,7 @@ class TeacherConfig(ModelConfig):
     holdout: NonNegInt
     eval_batch_size: Count
     finetune_steps: NonNegInt
+    domains: Optional[dict]   # None (left out, as every key of a pretrained teacher may be) = {}
 
     SCRATCH_ONLY = ("max_steps", "holdout", "eval_batch_size")
 
@@ -203,15 +216,57 @@ class TeacherConfig(ModelConfig):
         if raw.get("source") == "scratch":
             return set()
         if raw.get("finetune_steps"):
-            return set(cls.ARCHITECTURE) | set(cls.SCRATCH_ONLY)
+            return set(cls.ARCHITECTURE) | set(cls.SCRATCH_ONLY) | {"domains"}
         return {f.name for f in dataclasses.fields(cls)} - {"source"}
 
     def __post_init__(self) -> None:
-        """A scratch teacher is trained by `max_steps`; a second step count for it would be ignored."""
+        """A scratch teacher is trained by `max_steps` (a second step count would be ignored); domain names and
+        routes are checked."""
         super().__post_init__()
         if self.source == "scratch" and self.finetune_steps:
             refuse("finetune_steps", f"{self.finetune_steps} with source: scratch, which trains for max_steps; "
                                      f"set finetune_steps: 0 (it fine-tunes a real source)")
+        for name, spec in (self.domains or {}).items():
+            if not DOMAIN_NAME.fullmatch(name):
+                refuse(f"domains.{name}", "not a domain name; use letters, digits, '_', '-' or '.' (it names a "
+                                          "folder under data/models/teacher)")
+            if isinstance(spec, str):
+                if not isinstance(self.domains.get(spec), dict):
+                    refuse(f"domains.{name}", f"{spec!r} names no domain with a teacher of its own; name one of "
+                                              f"{', '.join(self.experts()) or 'none'}, or give {name} a mapping")
+            elif isinstance(spec, dict):
+                self.expert(name)
+            else:
+                refuse(f"domains.{name}", f"expected a mapping of teacher keys or another domain's name, got {spec!r}")
+
+    def experts(self) -> list[str]:
+        """The domains with a teacher of their own (one folder each under data/models/teacher)."""
+        return [name for name, spec in (self.domains or {}).items() if isinstance(spec, dict)]
+
+    def routes(self) -> dict[str, str]:
+        """Prompt domain -> the domain whose teacher answers and scores it."""
+        return {name: spec if isinstance(spec, str) else name for name, spec in (self.domains or {}).items()}
+
+    def expert(self, name: str) -> "TeacherConfig":
+        """Domain `name`'s teacher: this section with the domain's keys in place (and no domains of its own)."""
+        overrides = self.domains[name]
+        if "domains" in overrides:
+            refuse(f"domains.{name}.domains", "a domain's teacher has no domains of its own; remove the key")
+        # Keys left out (None: a pretrained teacher's training keys) stay out, so a domain that turns scratch must set them.
+        raw = {**{k: v for k, v in dataclasses.asdict(self).items() if v is not None}, **overrides, "domains": {}}
+        try:
+            return parse_section(TeacherConfig, raw, f"domains.{name}")
+        except RuleError:
+            raise
+        except ConfigError as exc:
+            key, _, detail = str(exc).partition(": ")
+            raise RuleError(key, detail) from None
+
+    def spec(self) -> dict:
+        """The settings a teacher folder's provenance records: every key but `domains` (one teacher's own)."""
+        values = dataclasses.asdict(self)
+        values.pop("domains")
+        return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,13 +331,17 @@ class StageEngineConfig(EngineConfig):
 
 
 def run_settings(cfg: Any) -> dict:
-    """A section's keys that decide the rows a stage writes: all of them but `cluster` (where the work runs).
+    """A section's keys that decide the rows a stage writes: all of them but `cluster` (where the work runs)
+    and the keys the section calls inert at their values (`inert_keys`: a feature switched off).
 
     Run keys and shard footers are built from these, so moving a stage between `local` and `ray`, or changing
-    `replicas`, keeps every finished part (DVC still reruns the stage, which then only checks the footers).
+    `replicas`, keeps every finished part (DVC still reruns the stage, which then only checks the footers),
+    and a feature left off writes the footers and run keys it wrote before the feature existed.
     """
     values = dataclasses.asdict(cfg)
     values.pop("cluster", None)
+    for key in getattr(cfg, "inert_keys", lambda: ())():
+        values.pop(key)
     return values
 
 
@@ -326,9 +385,26 @@ class SftConfig(ModelConfig):
 
 @dataclasses.dataclass(frozen=True)
 class RolloutsConfig(GenerationConfig):
-    """`rollouts`: π_ref samples `n_samples` responses per OPD prompt, keeping its log-probs."""
+    """`rollouts`: π_ref samples `n_samples` responses per OPD prompt, keeping its log-probs.
+
+    Flawed-prefix rejection (offline_opd.backends.rejection): a response whose perplexity under the sampling
+    policy, exp(−mean of its behaviour log-probs), exceeds `max_perplexity` is dropped before teacher_topk
+    scores it (null: off), and redrawn up to `resample_budget` times (0: dropped for good).
+    """
 
     n_samples: Count
+    max_perplexity: Optional[Annotated[float, Range(ge=1)]]
+    resample_budget: NonNegInt
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.resample_budget and self.max_perplexity is None:
+            refuse("resample_budget", f"{self.resample_budget} redraws rejected responses, but max_perplexity is "
+                                      f"null (rejection off); set max_perplexity, or resample_budget: 0")
+
+    def inert_keys(self) -> tuple[str, ...]:
+        """With rejection off its keys change no row (`run_settings`)."""
+        return ("max_perplexity", "resample_budget") if self.max_perplexity is None else ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -130,3 +130,16 @@ def render_folder(folder: Path, stage: str) -> list[Path]:
         write_text(svg, render_csv(path, f"{stage}: {path.stem.replace('_', ' ')}"))
         written.append(svg)
     return written
+
+
+def merge_curves(curves: dict[str, Path]) -> str:
+    """Several `step,value` CSVs as one, columns step,<name>... (blank where a curve has no such step): the
+    `teacher` stage's loss.csv under multi-teacher OPD, one curve per domain teacher."""
+    values = {}
+    for name, path in curves.items():
+        rows = path.read_text().splitlines()[1:]
+        values[name] = dict(line.split(",", 1) for line in rows if line)
+    steps = sorted({int(s) for v in values.values() for s in v})
+    lines = ["step," + ",".join(values)] + [f"{s}," + ",".join(v.get(str(s), "") for v in values.values())
+                                            for s in steps]
+    return "\n".join(lines) + "\n"

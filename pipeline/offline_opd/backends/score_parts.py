@@ -24,7 +24,9 @@ from offline_opd.contract import shards
 from offline_opd.contract.footers import TeacherTopkFooter
 from offline_opd.contract.prompts import PrivilegedPrompts, teacher_inputs
 from offline_opd.contract.sparse_targets import Selection
-from offline_opd.contract.tables import TeacherFormat, scored_stats, scored_table, teacher_schema
+from offline_opd.backends.routing import RoutedEngine
+from offline_opd.contract.tables import TeacherFormat, add_domains, scored_stats, scored_table, teacher_schema
+from offline_opd.provenance.teachers import load_teachers, row_domains
 
 SECTION = "teacher_topk"   # the params section both scoring stages read, named in engine errors
 
@@ -34,7 +36,7 @@ class ScoreWork:
     """Part j of a teacher_topk run: the teacher scores rollouts part j and the scored part is written, by
     whichever process runs it (offline_opd.backends.pool)."""
 
-    teacher: Path
+    teacher: Path                           # a teacher folder, or one with a teacher per domain
     cfg: TeacherTopkConfig
     parts: list[shards.ShardInfo]           # the rollout parts, checked as one run
     out: Path
@@ -43,11 +45,13 @@ class ScoreWork:
     fmt: TeacherFormat
     selection: Selection
     privileged: PrivilegedPrompts | None
+    domains: dict[str, str] | None = None   # prompt_id -> domain, under multi-teacher OPD only
 
     @contextmanager
     def open(self) -> Iterator[Callable[[int], dict]]:
         cfg, tp = self.cfg, self.cfg.cluster.tensor_parallel
-        engines = [load_engine(self.teacher, cfg, SECTION, max_logprobs=cfg.k, tensor_parallel=tp)]
+        engines = [RoutedEngine(load_teachers(self.teacher),
+                                lambda path: load_engine(path, cfg, SECTION, max_logprobs=cfg.k, tensor_parallel=tp))]
         try:
             # π_ref's own top ids for the union targets: a second engine, on the policy the rollouts name.
             if cfg.union_student_k:
@@ -62,13 +66,17 @@ class ScoreWork:
         """The rows part j scores, in the rollout columns (`sft_topk` reads the teacher's answers instead)."""
         return pa.concat_tables(shards.iter_row_groups(self.parts[j]))
 
-    def part(self, engine: Engine, pi_ref: Engine | None, j: int) -> dict:
+    def part(self, engine: RoutedEngine, pi_ref: Engine | None, j: int) -> dict:
         cfg = self.cfg
         rollouts = self.rows(j)
         extras = rollout_extras(rollouts, self.selection, cfg.seed, pi_ref, cfg.union_student_k)
-        scored = engine.score(*teacher_inputs(rollouts, self.privileged), k=cfg.k, extras=extras)
-        path = shards.write_shard(self.out / shards.part_name(j), scored_table(rollouts, scored, self.fmt),
-                                  self.footer, teacher_schema(self.fmt), self.fmt.encodings(),
+        domains = row_domains(self.domains, rollouts.column("prompt_id").to_pylist(), self.parts[j].path)
+        scored = engine.score(*teacher_inputs(rollouts, self.privileged), k=cfg.k, extras=extras, domains=domains)
+        table = scored_table(rollouts, scored, self.fmt)
+        if domains is not None:
+            table = add_domains(table, domains, self.footer.teachers)
+        path = shards.write_shard(self.out / shards.part_name(j), table,
+                                  self.footer, teacher_schema(self.fmt, domains is not None), self.fmt.encodings(),
                                   before_replace=self.pending.replaced_by(j))
         return {"rows": rollouts.num_rows, "bytes": path.stat().st_size, **scored_stats(rollouts, scored)}
 

@@ -67,13 +67,19 @@ class RunFooter(Footer):
 
 @dataclass(frozen=True, kw_only=True)
 class RolloutsFooter(RunFooter):
-    """Footer of `rollouts` parts: which policy sampled the rows, how, and from which prompts."""
+    """Footer of `rollouts` parts: which policy sampled the rows, how, and from which prompts; with
+    flawed-prefix rejection on (`rollouts.max_perplexity`), what it did in this part
+    (`backends.rejection.Rejections`; absent when off)."""
 
     kind: ClassVar[str] = "rollouts"
     policy_fingerprint: str
     sampling_temperature: float
     policy_path: Optional[str] = None
     prompts_path: Optional[str] = None
+    rejected_rows: Optional[int] = None
+    rejected_response_tokens: Optional[int] = None
+    resampled_rows: Optional[int] = None
+    dropped_rows: Optional[int] = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +91,9 @@ class SftDataFooter(RunFooter):
     sampling_temperature: Optional[float] = None
     teacher_path: Optional[str] = None
     prompts_path: Optional[str] = None
+    # Multi-teacher OPD only: domain -> model fingerprint of the teacher that answered it (`teacher_fingerprint`
+    # is then the set's, `provenance.teachers.set_fingerprint`); the rows carry DOMAIN_FIELDS (tables.py).
+    teachers: Optional[dict[str, str]] = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +115,7 @@ class TeacherTopkFooter(RunFooter):
     width: Optional[int] = None
     samples: Optional[int] = None
     selection: Optional[str] = None
+    teachers: Optional[dict[str, str]] = None   # multi-teacher OPD only, as in SftDataFooter
     # What the rows are: None, π_ref's rollouts (`teacher_topk`); "sft_data", the teacher's own answers
     # (`sft_topk`, GKD's off-policy rows: the policy fields then name the teacher that wrote them).
     source: Optional[str] = None

@@ -2,8 +2,10 @@
 
 Columns: `prompt_id` (unique string), `prompt` (text), `answer` (reference answer for the verifier,
 may be null), `reference` (a full reference response, may be null: the toy task's worked trace, which
-the scratch toy teacher trains on). Every model sees a prompt through `encode_prompt`, so the teacher, π_ref and the
-distilled student tokenize it identically.
+the scratch toy teacher trains on), and optionally `domain` (a name: which domain teacher answers and scores the
+prompt under multi-teacher OPD, `teacher.domains`; a prompt set without the column is one domain, and is written
+without it, byte for byte as before). Every model sees a prompt through `encode_prompt`, so the teacher, π_ref
+and the distilled student tokenize it identically.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ PROMPT_SCHEMA = pa.schema([
     pa.field("answer", pa.string(), nullable=True),
     pa.field("reference", pa.string(), nullable=True),
 ])
+DOMAIN = "domain"
+DOMAIN_PROMPT_SCHEMA = PROMPT_SCHEMA.append(pa.field(DOMAIN, pa.string(), nullable=False))
 
 
 class PromptFileError(UserError, ValueError):
@@ -47,8 +51,13 @@ def validate_prompts(table: pa.Table, where: str) -> pa.Table:
         if column.null_count:
             row = column.is_null().to_pylist().index(True)
             raise PromptFileError(f"{where}: '{required}' is null in row {row + 1}; every prompt needs one")
+    schema = DOMAIN_PROMPT_SCHEMA if DOMAIN in table.column_names else PROMPT_SCHEMA
+    if DOMAIN in table.column_names and table.column(DOMAIN).null_count:
+        row = table.column(DOMAIN).is_null().to_pylist().index(True)
+        raise PromptFileError(f"{where}: 'domain' is null in row {row + 1}; give every prompt a domain, or drop "
+                              f"the column (one domain)")
     try:
-        table = table.select(PROMPT_SCHEMA.names).cast(PROMPT_SCHEMA)
+        table = table.select(schema.names).cast(schema)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
         raise PromptFileError(f"{where}: columns prompt_id/prompt/answer/reference must be strings ({exc})") from exc
     ids = table.column("prompt_id")
@@ -62,7 +71,12 @@ def validate_prompts(table: pa.Table, where: str) -> pa.Table:
 
 def write_prompts(path: Path | str, table: pa.Table) -> None:
     """One prompt set, sealed with a whole-file checksum that `read_prompts` verifies."""
-    write_sealed(path, table.cast(PROMPT_SCHEMA))
+    write_sealed(path, table.cast(DOMAIN_PROMPT_SCHEMA if DOMAIN in table.column_names else PROMPT_SCHEMA))
+
+
+def prompt_domains(table: pa.Table) -> list[str] | None:
+    """Each prompt's domain, in row order; None for a prompt set without domains (one domain)."""
+    return table.column(DOMAIN).to_pylist() if DOMAIN in table.column_names else None
 
 
 def read_prompts(path: Path | str) -> pa.Table:

@@ -25,8 +25,9 @@ import pyarrow.parquet as pq
 from offline_opd.errors import UserError
 from offline_opd.contract.footers import FOOTERS, REQUIRED_META, Footer
 from offline_opd.contract.integrity import verify_sealed, write_sealed
-from offline_opd.contract.tables import (READABLE_VERSIONS, ROLLOUT_SCHEMA, SCHEMA_VERSION, SFT_SCHEMA, TeacherFormat,
-                                         current_names, stored_name, teacher_format_of, teacher_schema)
+from offline_opd.contract.tables import (DOMAIN_COLUMNS, READABLE_VERSIONS, ROLLOUT_SCHEMA, SCHEMA_VERSION, SFT_SCHEMA,
+                                         TeacherFormat, current_names, has_domains, stored_name, teacher_format_of,
+                                         teacher_schema, with_domains)
 
 log = logging.getLogger("opd.shards")
 
@@ -101,7 +102,7 @@ def write_shard(path: Path | str, table: pa.Table, meta: Footer | Mapping[str, A
         # Page CRCs let every read detect a flipped bit and name the file and row group (iter_row_groups).
         leaves = _leaf_paths(table.schema, encodings or {})
         write_sealed(tmp, table, compression=COMPRESSION, row_group_size=ROW_GROUP_SIZE,
-                     use_dictionary=["sample_id", "prompt_id"],
+                     use_dictionary=["sample_id", "prompt_id", *DOMAIN_COLUMNS],
                      write_statistics=["sample_id", "prompt_id", "prompt_len"],
                      column_encoding=leaves or None,
                      compression_level={name: ENCODED_LEVEL for name in leaves} or None)
@@ -269,7 +270,8 @@ def open_teacher_shards(folder: Path | str) -> list[ShardInfo]:
     parts = run_parts(folder, "teacher_topk")
     if not parts:
         raise ShardError(f"{folder}: no part-*.parquet teacher shards; run the `teacher_topk` stage")
-    infos = [open_shard(p, "teacher_topk", teacher_schema(shard_format(p, read_meta(p)))) for p in parts]
+    infos = [open_shard(p, "teacher_topk", teacher_schema(shard_format(p, meta := read_meta(p)), has_domains(meta)))
+             for p in parts]
     check_run(folder, infos, "teacher_topk")
     old = [i.path.name for i in infos if i.meta["schema_version"] == "1"]
     if old:
@@ -315,7 +317,8 @@ def check_folder(folder: Path | str) -> list[ShardInfo]:
         return open_teacher_shards(folder)
     if kind not in ("rollouts", "sft_data"):
         raise ShardError(f"{parts[0]}: footer kind {kind!r} is not one of rollouts, teacher_topk, sft_data")
-    return open_run(folder, kind, ROLLOUT_SCHEMA if kind == "rollouts" else SFT_SCHEMA)
+    return open_run(folder, kind, ROLLOUT_SCHEMA if kind == "rollouts" else
+                    with_domains(SFT_SCHEMA, has_domains(read_meta(parts[0]))))
 
 
 def _same_type(a: pa.DataType, b: pa.DataType) -> bool:

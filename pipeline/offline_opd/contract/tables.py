@@ -51,6 +51,35 @@ SFT_SCHEMA = pa.schema([
 ])
 
 
+# Multi-teacher OPD (README: Multi-teacher OPD): the sft_data and teacher_topk rows of a run with domain teachers
+# carry these two columns, and the footer key `teachers` maps each domain to its teacher's fingerprint. Per row
+# and not only per part: one part mixes domains, a row names the teacher that wrote or scored it on its own
+# (a DuckDB `GROUP BY domain, teacher_fingerprint` shows the mix), and the check that each row's teacher is its
+# domain's (provenance.consistency.check_row_teachers) needs nothing but the shard. Both columns are dictionary
+# encoded (a few bytes per row group). Single-teacher shards have neither column nor key, byte for byte as before.
+DOMAIN_FIELDS = [
+    pa.field("domain", pa.string(), nullable=False),
+    pa.field("teacher_fingerprint", pa.string(), nullable=False),
+]
+DOMAIN_COLUMNS = [f.name for f in DOMAIN_FIELDS]
+
+
+def has_domains(meta: Mapping[str, str]) -> bool:
+    """Whether a shard's footer (`shards.read_meta`) describes a multi-teacher run, whose rows carry DOMAIN_FIELDS."""
+    return "teachers" in meta
+
+
+def with_domains(schema: pa.Schema, domains: bool = True) -> pa.Schema:
+    """`schema` plus the multi-teacher columns (when `domains`)."""
+    return pa.schema(list(schema) + DOMAIN_FIELDS) if domains else schema
+
+
+def add_domains(table: pa.Table, domains: Sequence[str], teachers: Mapping[str, str]) -> pa.Table:
+    """The rows of `table` with their domain and the fingerprint of the teacher (`teachers[domain]`) that made them."""
+    table = table.append_column(DOMAIN_FIELDS[0], pa.array(list(domains), pa.string()))
+    return table.append_column(DOMAIN_FIELDS[1], pa.array([teachers[d] for d in domains], pa.string()))
+
+
 def stored_name(name: str, version: str) -> str:
     """The name column `name` has in a shard of schema `version`."""
     old, versions = RENAMED.get(name, (name, ()))
@@ -107,11 +136,12 @@ class TeacherFormat:
         return {"topk_ids": ids, "topk_logprobs": lps, "tail_logprob": tail, "entry_weights": weights}
 
 
-def teacher_schema(fmt: TeacherFormat | str = "float16") -> pa.Schema:
-    """Rollout columns plus the teacher columns of `fmt` (a logprob dtype: plain top-k with exact tail)."""
+def teacher_schema(fmt: TeacherFormat | str = "float16", domains: bool = False) -> pa.Schema:
+    """Rollout columns plus the teacher columns of `fmt` (a logprob dtype: plain top-k with exact tail), plus the
+    multi-teacher columns when `domains`."""
     if isinstance(fmt, str):
         fmt = TeacherFormat(Plain(fmt), width=0, samples=0, exact_tail=True)
-    return pa.schema(ROLLOUT_FIELDS + fmt.fields())
+    return with_domains(pa.schema(ROLLOUT_FIELDS + fmt.fields()), domains)
 
 
 def teacher_format(cfg: Any, vocab: int, params: Path | str = "params.yaml", teacher: Path | str = "the teacher"
@@ -149,8 +179,10 @@ def rollout_table(prompt_ids: list[str], prompt_tokens: list[list[int]],
                   samples: Sequence[Sequence[Any]]) -> pa.Table:
     """Rows of one rollouts part from the engines' records (`backends.base.Sample`; not imported, so that the
     contract stays out of the backends' dependencies), samples[p][i] the i-th response to prompt p: sample i
-    of prompt p is `p#i`; input_ids are prompt + response, as π_ref saw them."""
-    rows = [(pid, i, ids, s) for pid, ids, row in zip(prompt_ids, prompt_tokens, samples) for i, s in enumerate(row)]
+    of prompt p is `p#i`; input_ids are prompt + response, as π_ref saw them. A None sample (rejected,
+    `backends.rejection`) has no row."""
+    rows = [(pid, i, ids, s) for pid, ids, row in zip(prompt_ids, prompt_tokens, samples) for i, s in enumerate(row)
+            if s is not None]
     return pa.table({
         "sample_id": [f"{pid}#{i}" for pid, i, _, _ in rows],
         "prompt_id": [pid for pid, _, _, _ in rows],

@@ -13,6 +13,13 @@ layout would not mean what training assumes. A structural mismatch is reported a
 message never suggests the override. π_ref's tokenizer is fingerprinted from its folder, not taken
 from its provenance: a tokenizer changed after `sft` wrote the folder is a tokenizer mismatch.
 
+Multi-teacher OPD (pipeline/offline_opd/provenance/teachers.py) holds the chain per domain: the footers'
+`teachers` mapping must equal π_ref's `sft_teachers` domain by domain (a teacher mismatch, named by domain,
+overridable like the single one), and every shard row must have been scored by its domain's teacher
+(`check_row_teachers`: a row whose `teacher_fingerprint` is not its footer's teacher for its `domain` is a
+forged or corrupted shard, never overridable). That reads two dictionary-encoded string columns per shard,
+the only data (not metadata) this check reads.
+
 The same rules run earlier where they can: `teacher_topk` checks its teacher against π_ref's SFT
 teacher before scoring (`check_scoring_teacher`), and `evaluate` refuses models whose tokenizers
 differ (`fingerprint.check_same_tokenizer`).
@@ -25,9 +32,12 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pyarrow.compute as pc
+
 from offline_opd.config import load_params
 from offline_opd.errors import UserError
 from offline_opd.contract import shards
+from offline_opd.contract.tables import DOMAIN_COLUMNS, has_domains
 from offline_opd.provenance.fingerprint import FIX_TOKENIZER, model_fingerprint, tokenizer_fingerprint
 from offline_opd.provenance.record import PROVENANCE_FILE, ProvenanceError, check_unchanged, read_provenance
 
@@ -103,7 +113,11 @@ def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inc
                  where.format(key="tokenizer_fingerprint"), "π_ref's tokenizer is", init_tok,
                  f"{init_dir} (tokenizer fingerprint, recomputed)", FIX_TOKENIZER, False),
     ]
+    domain_checks = _domain_mismatches(first, prov, prov_path, where.format(key="teachers"), FIX_TEACHER)
+    if domain_checks is not None:   # per domain instead of the set fingerprint: the message names the domain
+        checks = [m for m in checks if m.check != "teacher"] + domain_checks
     mismatches += [m for m in checks if m.found != m.expected]
+    mismatches += check_row_teachers(infos)
     if first.meta.get("source") == "sft_data":
         mismatches.append(Mismatch("shards' source", "the shards hold the teacher's own answers (source sft_data)",
                                    "sft_data", where.format(key="source"), "--shards takes", "π_ref's rollouts",
@@ -131,9 +145,52 @@ def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inc
         "allow_inconsistent_teacher": allow_inconsistent_teacher,
         "override_used": bool(mismatches),
         "mismatches": [asdict(m) for m in mismatches],
+        **({"teachers": json.loads(first.meta["teachers"])} if has_domains(first.meta) else {}),
+        **({"sft_teachers": prov["sft_teachers"]} if prov.get("sft_teachers") else {}),
         **({} if off is None else {"off_policy_teacher_fingerprint": off[0].meta["teacher_fingerprint"],
                                    "off_policy_num_shards": len(off), "off_policy_num_rows": sum(i.num_rows for i in off)}),
     }
+
+
+def _domain_mismatches(first: shards.ShardInfo, prov: dict, prov_path: Path, where: str,
+                       fix: str) -> list[Mismatch] | None:
+    """Per-domain teacher checks when the shards and π_ref both record domain teachers; None otherwise."""
+    scored, sft = json.loads(first.meta["teachers"]) if has_domains(first.meta) else None, prov.get("sft_teachers")
+    if scored is None and sft is None:
+        return None
+    scored, sft = scored or {}, sft or {}
+    return [Mismatch(f"teacher of domain {d!r}", "the shards were scored by teacher", scored.get(d, "(none)"), where,
+                     "π_ref was fine-tuned on answers of teacher", sft.get(d, "(none)"),
+                     f"{prov_path} (sft_teachers)", fix, True)
+            for d in sorted(set(scored) | set(sft))]
+
+
+def check_row_teachers(infos: list[shards.ShardInfo]) -> list[Mismatch]:
+    """Every row of a multi-teacher shard was scored by its domain's teacher, as the shard's footer maps them.
+
+    Returns at most one (structural) Mismatch, naming the file, the row and its domain. Vectorised: the distinct
+    (domain, teacher) pairs of each row group are compared, and only a bad pair is located row by row.
+    """
+    for info in infos:
+        if not has_domains(info.meta):
+            continue
+        teachers, row = json.loads(info.meta["teachers"]), 0
+        for group in shards.iter_row_groups(info, ["sample_id", *DOMAIN_COLUMNS]):
+            domain, teacher = (group.column(c).combine_chunks() for c in DOMAIN_COLUMNS)
+            pairs = pc.binary_join_element_wise(domain, teacher, "\x00")
+            bad = [p for p in pc.unique(pairs).to_pylist() if teachers.get(p.split("\x00")[0]) != p.split("\x00")[1]]
+            if bad:
+                i = pairs.to_pylist().index(bad[0])
+                d, fp = bad[0].split("\x00")
+                return [Mismatch(
+                    f"row teacher (domain {d!r})", f"row {row + i} (sample_id {group.column('sample_id')[i].as_py()!r}) "
+                    f"was scored by teacher", fp, f"{info.path} (column teacher_fingerprint)",
+                    f"domain {d!r}'s teacher is" if d in teachers else f"no teacher is recorded for domain {d!r}:",
+                    teachers.get(d, "(none)"), f"{info.path} (footer {shards.META_PREFIX}teachers)",
+                    f"the shard was not written by `teacher_topk` as recorded: delete {info.path.parent} and rerun "
+                    f"`dvc repro teacher_topk`", False)]
+            row += group.num_rows
+    return []
 
 
 def _off_policy_mismatches(on: list[shards.ShardInfo], off: list[shards.ShardInfo], sft_teacher: str,
@@ -206,7 +263,7 @@ def _shard_disagreements(infos: list[shards.ShardInfo]) -> list[Mismatch]:
 
 
 def check_scoring_teacher(teacher: Path, teacher_fp: str, rollouts: shards.ShardInfo,
-                          allow_inconsistent_teacher: bool) -> None:
+                          allow_inconsistent_teacher: bool, domain_fps: dict[str, str] | None = None) -> None:
     """teacher_topk's half of the chain, before anything is scored: `teacher` must be the teacher whose
     answers π_ref (the policy the rollouts name) was fine-tuned on. distill checks the same from the
     shards, but only after the most expensive stage ran. A policy without provenance cannot be checked
@@ -218,11 +275,17 @@ def check_scoring_teacher(teacher: Path, teacher_fp: str, rollouts: shards.Shard
     except ProvenanceError as exc:
         log.warning("teacher chain not checked before scoring (π_ref %s: %s); distill checks it", policy, exc)
         return
-    found = Mismatch("teacher", "the scoring teacher is", teacher_fp, f"{teacher} (model fingerprint)",
-                     "π_ref was fine-tuned on answers of teacher", prov["sft_teacher_fingerprint"],
-                     f"{policy / PROVENANCE_FILE} (sft_teacher_fingerprint; π_ref sampled {rollouts.path.parent})",
-                     FIX_SCORER, True)
-    _raise_or_warn([found] if found.found != found.expected else [], allow_inconsistent_teacher)
+    found = [Mismatch("teacher", "the scoring teacher is", teacher_fp, f"{teacher} (model fingerprint)",
+                      "π_ref was fine-tuned on answers of teacher", prov["sft_teacher_fingerprint"],
+                      f"{policy / PROVENANCE_FILE} (sft_teacher_fingerprint; π_ref sampled {rollouts.path.parent})",
+                      FIX_SCORER, True)]
+    sft = prov.get("sft_teachers")
+    if domain_fps or sft:   # multi-teacher: domain by domain, so the message names the domain
+        found = [Mismatch(f"teacher of domain {d!r}", "the scoring teacher is", (domain_fps or {}).get(d, "(none)"),
+                          f"{teacher} (routing and model fingerprints)", "π_ref was fine-tuned on answers of teacher",
+                          (sft or {}).get(d, "(none)"), f"{policy / PROVENANCE_FILE} (sft_teachers)", FIX_SCORER, True)
+                 for d in sorted(set(domain_fps or {}) | set(sft or {}))]
+    _raise_or_warn([m for m in found if m.found != m.expected], allow_inconsistent_teacher)
 
 
 def check_scoring_tokenizer(teacher: Path, teacher_tok: str, rollouts: shards.ShardInfo) -> None:

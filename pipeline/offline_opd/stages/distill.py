@@ -95,6 +95,7 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
             # Carried forward so the next round of multi-round OPD can start from this student: it
             # descends from the same SFT data, and that teacher's shards are what stay consistent with it.
             sft_teacher_fingerprint=report["sft_teacher_fingerprint"],
+            **({"sft_teachers": report["sft_teachers"]} if "sft_teachers" in report else {}),   # multi-teacher OPD
             allow_inconsistent_teacher=cfg.allow_inconsistent_teacher, consistency=report)
 
     save_model(result, args.out, dtype, finish)

@@ -18,6 +18,10 @@ Writes --metrics (metrics/eval.json): {"teacher": {"accuracy"}, "student_sft": {
 "teacher_agreement", "fkl", "rkl"}, "student_opd": {...}, "opd_gain": accuracy(student_opd) −
 accuracy(student_sft), "n_eval"},
 and with --plots DIR also DIR/accuracy.csv (model, accuracy) for `dvc plots`.
+
+Multi-teacher OPD (a --teacher folder with one teacher per domain): each domain's eval prompts are evaluated
+as above against that domain's teacher, under "domains": {domain: {... as above, "n_eval"}}; the top-level
+numbers are their means weighted by each domain's prompts, and accuracy.csv adds a `model@domain` row each.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ from offline_opd.backends.pool import pooled_greedy_responses, session
 from offline_opd.config import EvaluateConfig
 from offline_opd.errors import UserError
 from offline_opd.models.loading import default_device, load_model, load_tokenizer, resolve_model_dir
-from offline_opd.contract.prompts import encode_prompt, read_prompts
+from offline_opd.contract.prompts import encode_prompt, prompt_domains, read_prompts
 from offline_opd.provenance.fingerprint import check_same_tokenizer
 from offline_opd.provenance.record import check_unchanged
+from offline_opd.provenance.teachers import load_teachers
 from offline_opd.runtime import cli, stage_main
 from offline_opd.tasks.verifiers import accuracy, exact, load_verifier
 
@@ -85,12 +90,44 @@ def answer(model: Path, cfg: EvaluateConfig, prompts: list[str]) -> tuple[Answer
     return answers, tokenizer.pad_token_id, load_model(model, device, resolve_dtype(cfg.dtype, device))
 
 
+def compare(teacher: Path, models: dict[str, Path], cfg: EvaluateConfig, verify, prompts: list[str],
+            answers: list[str]) -> dict:
+    """The teacher's accuracy, and each student's accuracy, agreement with the teacher and divergences to it."""
+    teacher_answers, pad_id, teacher_lm = answer(teacher, cfg, prompts)
+    results: dict = {"teacher": {"accuracy": accuracy(verify, teacher_answers.texts, answers)}}
+    for name in ("student_sft", "student_opd"):
+        mine, _, student_lm = answer(models[name], cfg, prompts)
+        results[name] = {"accuracy": accuracy(verify, mine.texts, answers),
+                         # Agreement needs no verifier: the final answer (last segment) equals the teacher's.
+                         "teacher_agreement": accuracy(exact, mine.texts, teacher_answers.texts)}
+        results[name].update(divergences(teacher_lm, student_lm, mine.prompt_ids, mine.responses,
+                                         cfg.divergence_batch_size, pad_id))
+        del student_lm
+    results["opd_gain"] = results["student_opd"]["accuracy"] - results["student_sft"]["accuracy"]
+    return results
+
+
+def weighted_mean(per: dict[str, dict]) -> dict:
+    """Every number of the per-domain results, averaged with each domain's n_eval as its weight."""
+    total = sum(r["n_eval"] for r in per.values())
+    first = next(iter(per.values()))
+    out: dict = {}
+    for key, value in first.items():
+        if isinstance(value, dict):
+            out[key] = {k: sum(r[key][k] * r["n_eval"] for r in per.values()) / total for k in value}
+        elif key != "n_eval":
+            out[key] = sum(r[key] * r["n_eval"] for r in per.values()) / total
+    return out
+
+
 def run(args: argparse.Namespace, cfg: EvaluateConfig) -> dict:
     verify = load_verifier(cfg.verifier, f"{args.params}: evaluate.verifier")
-    models = {"teacher": args.teacher, "student_sft": args.ref, "student_opd": args.student}
-    for path in models.values():
+    teachers = load_teachers(args.teacher)
+    models = {"teacher": teachers.first, "student_sft": args.ref, "student_opd": args.student}
+    for path in [*teachers.folders().values(), args.ref, args.student]:
         resolve_model_dir(path)  # a missing or edited model fails here, before any generation
         check_unchanged(path)
+    teachers.tokenizer_fingerprint()
     check_same_tokenizer(models)  # answers and log-probs are compared token id by token id
     table = read_prompts(args.prompts)
     if cfg.n_eval is not None:
@@ -103,22 +140,25 @@ def run(args: argparse.Namespace, cfg: EvaluateConfig) -> dict:
         raise UserError(f"{args.prompts}: {len(missing)} eval prompts have no reference answer (e.g. "
                         f"prompt_id {missing[0]}); the verifier needs one for every eval prompt")
 
+    domains = prompt_domains(table) if teachers.multi else None
+    teachers.check_domains(domains, str(args.prompts))
     with session(cfg.cluster, "evaluate"):      # with Ray: one cluster for the three models
-        teacher_answers, pad_id, teacher_lm = answer(args.teacher, cfg, prompts)
-        results: dict = {"teacher": {"accuracy": accuracy(verify, teacher_answers.texts, answers)}}
-        for name in ("student_sft", "student_opd"):
-            mine, _, student_lm = answer(models[name], cfg, prompts)
-            results[name] = {"accuracy": accuracy(verify, mine.texts, answers),
-                             # Agreement needs no verifier: the final answer (last segment) equals the teacher's.
-                             "teacher_agreement": accuracy(exact, mine.texts, teacher_answers.texts)}
-            results[name].update(divergences(teacher_lm, student_lm, mine.prompt_ids, mine.responses,
-                                             cfg.divergence_batch_size, pad_id))
-            del student_lm
-    results["opd_gain"] = results["student_opd"]["accuracy"] - results["student_sft"]["accuracy"]
+        if domains is None:
+            results = compare(args.teacher, models, cfg, verify, prompts, answers)
+        else:
+            per = {}
+            for d in sorted(set(domains)):
+                rows = [i for i, x in enumerate(domains) if x == d]
+                per[d] = compare(teachers.folder(d), models, cfg, verify, [prompts[i] for i in rows],
+                                 [answers[i] for i in rows])
+                per[d]["n_eval"] = len(rows)
+            results = {**weighted_mean(per), "domains": per}
     results["n_eval"] = len(prompts)
     write_json(args.metrics, results)
     if args.plots is not None:
         rows = "".join(f"{name},{results[name]['accuracy']}\n" for name in models)
+        rows += "".join(f"{name}@{d},{r[name]['accuracy']}\n" for d, r in results.get("domains", {}).items()
+                        for name in models)
         write_text(args.plots / "accuracy.csv", "model,accuracy\n" + rows)
     return {"n_eval": len(prompts)}
 

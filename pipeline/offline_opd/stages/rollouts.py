@@ -7,11 +7,17 @@ slice of prompts and is seeded from (seed, part index) alone, so parts are indep
 work: a rerun after a crash skips finished parts, `--shard i/n` lets several processes (a SLURM
 array) fill one folder, process i writing the parts whose index is i modulo n, and
 `rollouts.cluster.backend: ray` spreads this process's parts over a Ray Data actor pool.
+
+With `rollouts.max_perplexity` set, responses above that perplexity are dropped (or redrawn, up to
+`rollouts.resample_budget` times) before they are written, so teacher_topk never scores them
+(offline_opd.backends.rejection); each part's footer and the stage's metrics count the rejected rows and
+their response tokens (the teacher tokens saved).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +30,7 @@ from offline_opd.config import RolloutsConfig
 from offline_opd.backends.engine import Engine, load_engine
 from offline_opd.backends.base import Sampling, batch_seed
 from offline_opd.backends import pool
+from offline_opd.backends.rejection import Rejections, sample_with_rejection
 from offline_opd.contract.parts import PromptParts, plan_parts
 from offline_opd.contract.tables import ROLLOUT_SCHEMA, rollout_table
 from offline_opd.runtime import add_shard_arg, cli, stage_main
@@ -58,15 +65,22 @@ class RolloutWork:
             engine.close()
 
     def part(self, engine: Engine, j: int) -> dict:
-        cfg, rows = self.cfg, self.plan.bounds(j)
-        samples = engine.generate(self.plan.tokens[rows], Sampling(cfg.n_samples, cfg.temperature, cfg.max_new_tokens,
-                                                                   seed=batch_seed(cfg.seed, j)))
+        cfg, rows, footer = self.cfg, self.plan.bounds(j), self.plan.footer
+        sampling = Sampling(cfg.n_samples, cfg.temperature, cfg.max_new_tokens, seed=batch_seed(cfg.seed, j))
+        rejected = {}
+        if cfg.max_perplexity is None:
+            samples = engine.generate(self.plan.tokens[rows], sampling)
+        else:
+            samples, stats = sample_with_rejection(engine.generate, self.plan.tokens[rows], sampling,
+                                                   cfg.max_perplexity, cfg.resample_budget)
+            rejected = dataclasses.asdict(stats)
+            footer = dataclasses.replace(footer, **rejected)
         table = rollout_table(self.plan.prompt_ids[rows], self.plan.tokens[rows], samples)
-        shards.write_shard(self.out / shards.part_name(j), table, self.plan.footer, ROLLOUT_SCHEMA,
+        shards.write_shard(self.out / shards.part_name(j), table, footer, ROLLOUT_SCHEMA,
                            before_replace=self.plan.pending.replaced_by(j))
-        flat = [s for row in samples for s in row]
+        flat = [s for row in samples for s in row if s is not None]
         return {"rows": len(flat), "response_tokens": sum(len(s.response_ids) for s in flat),
-                "at_max_new_tokens": sum(len(s.response_ids) == cfg.max_new_tokens for s in flat)}
+                "at_max_new_tokens": sum(len(s.response_ids) == cfg.max_new_tokens for s in flat), **rejected}
 
 
 def run(args: argparse.Namespace, cfg: RolloutsConfig) -> dict:
@@ -74,6 +88,8 @@ def run(args: argparse.Namespace, cfg: RolloutsConfig) -> dict:
                       per_part=max(1, cfg.rows_per_shard // cfg.n_samples), shard=args.shard, size_key="n_opd")
     stats = {"parts_total": plan.footer.num_parts, "parts_skipped": plan.skipped,
              "parts_written": 0, "rows": 0, "response_tokens": 0, "at_max_new_tokens": 0}
+    if cfg.max_perplexity is not None:   # counted over the parts this run wrote
+        stats.update(dataclasses.asdict(Rejections()))
     if not plan.todo:
         plan.pending.clear_stale()
         return stats

@@ -7,7 +7,8 @@ small Llama on the teacher's own tokenizer, at most a quarter of the teacher's s
 something left to distil; `sft.source: teacher` starts from the teacher's weights, and with
 `sft.prune_to_layers` keeps only that many of its layers (Minitron-style depth pruning, healed by SFT).
 The SFT parts must all come from one teacher, the one passed as --teacher; the output's opd_provenance.json records it (`sft_teacher_fingerprint`) and the parts it trained on,
-which is what `distill` checks the teacher_topk shards against.
+which is what `distill` checks the teacher_topk shards against. Under multi-teacher OPD that is the set
+fingerprint of the domain teachers, and `sft_teachers` records which teacher answered each domain.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from offline_opd.errors import UserError
 from offline_opd.models.loading import build_llama, parameter_count, prune_layers, resolve_model_dir, resolve_model_source
 from offline_opd.provenance.consistency import (FIX_TOKENIZER, ConsistencyError, check_sft_teacher,
                                                 check_student_tokenizer)
-from offline_opd.provenance.fingerprint import model_fingerprint
-from offline_opd.provenance.record import check_unchanged, write_provenance
+from offline_opd.provenance.record import write_provenance
+from offline_opd.provenance.teachers import load_teachers
 from offline_opd.runtime import stage_main
 from offline_opd.train.sft_shards import read_sft_parts
 
@@ -76,11 +77,15 @@ def pretrained_student(cfg: SftConfig, base: Path, data_tokenizer_fp: str, data:
 def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
     examples, infos = read_sft_parts(args.data)
     footer = infos[0].footer
-    teacher_dir = resolve_model_dir(args.teacher)
-    check_unchanged(args.teacher)  # an edited teacher is named as such, not as a teacher mismatch
-    teacher_fp = model_fingerprint(args.teacher)
+    teachers = load_teachers(args.teacher)
+    teacher_dir = resolve_model_dir(teachers.first)
+    teachers.check_unchanged()  # an edited teacher is named as such, not as a teacher mismatch
+    teacher_fp = teachers.fingerprint
     check_sft_teacher(args.teacher, teacher_fp, args.data, footer)
-    teacher_params = parameter_count(teacher_dir)
+    if teachers.multi and cfg.source == "teacher":
+        raise UserError(f"{args.params}: sft.source: 'teacher' starts from the teacher's weights, but {args.teacher} "
+                        f"holds one teacher per domain; set sft.source to scratch or a model folder")
+    teacher_params = min(parameter_count(resolve_model_dir(p)) for p in teachers.folders().values())
     import torch
 
     from offline_opd.train.supervised import run_key, train_supervised
@@ -110,7 +115,8 @@ def run(args: argparse.Namespace, cfg: SftConfig) -> dict:
         tokenizer.save_pretrained(folder)
         record = write_provenance(
             folder, "sft", source=source, config=asdict(cfg), sft_teacher_fingerprint=teacher_fp,
-            sft_data_files=[i.path.name for i in infos], teacher_path=str(args.teacher))
+            sft_data_files=[i.path.name for i in infos], teacher_path=str(args.teacher),
+            **({"sft_teachers": footer.teachers} if footer.teachers else {}))
         if record["tokenizer_fingerprint"] != footer.tokenizer_fingerprint:
             raise ConsistencyError(f"the saved student's tokenizer {record['tokenizer_fingerprint']} differs from "
                                    f"the SFT data's {footer.tokenizer_fingerprint} ({args.data}); fix: {FIX_TOKENIZER}")

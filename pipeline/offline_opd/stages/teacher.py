@@ -11,26 +11,34 @@ With `teacher.finetune_steps` > 0 a real source is first fine-tuned on the SFT p
 (pipeline/offline_opd/train/finetune.py) and saved here: downstream sees the fine-tuned teacher.
 Either way the folder gets opd_provenance.json, and the training curve goes to <plots>/loss.csv (a
 real teacher is not trained here, so its curve has the header and no rows; dvc.yaml declares the file).
+
+With `teacher.domains` (multi-teacher OPD) the output holds one such folder per domain with a teacher of its
+own, each built as above from `teacher.expert(domain)` (a scratch teacher on its domain's SFT prompts only),
+plus the routing file (pipeline/offline_opd/provenance/teachers.py); loss.csv then has one column per domain.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+import pyarrow as pa
+
 from offline_opd.atomic import atomic_dir, write_text
+from offline_opd.plots import merge_curves
 from offline_opd.config import EngineConfig, TeacherConfig
-from offline_opd.contract.prompts import read_prompts, reference_sequences
+from offline_opd.contract.prompts import DOMAIN, prompt_domains, read_prompts, reference_sequences
 from offline_opd.errors import UserError
 from offline_opd.eval.exact_match import greedy_exact_match
 from offline_opd.models.gguf import convert_gguf, is_gguf_source, resolve_gguf
 from offline_opd.models.loading import (MAX_POSITIONS, build_llama, load_config, load_tokenizer, parameter_count,
                                         resolve_model_source, write_model_ref)
 from offline_opd.models.toy import build_char_tokenizer
+from offline_opd.provenance.fingerprint import TokenizerMismatch
 from offline_opd.provenance.record import write_provenance
+from offline_opd.provenance.teachers import Teachers, check_config_domains, write_routes
 from offline_opd.runtime import cli, stage_main
 from offline_opd.train.examples import Example
 
@@ -47,8 +55,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="the toy teacher's training logs and resume checkpoint (default: logs/teacher)")
 
 
-def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
-    table = read_prompts(args.prompts)
+def domain_record(args: argparse.Namespace) -> dict:
+    """What a domain teacher's provenance adds: its domain (`teachers.load_teachers` checks it)."""
+    domain = getattr(args, "domain", None)
+    return {} if domain is None else {"domain": domain}
+
+
+def train_scratch(args: argparse.Namespace, cfg: TeacherConfig, table=None) -> dict:
+    table = read_prompts(args.prompts) if table is None else table
     prompts, references = table.column("prompt").to_pylist(), table.column("reference").to_pylist()
     holdout = min(cfg.holdout, len(prompts) // 10)   # at most a tenth of the prompts
     if len(prompts) - holdout < 1:
@@ -77,8 +91,8 @@ def train_scratch(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
         engine = EngineConfig("hf", cfg.eval_batch_size, "auto", MAX_POSITIONS, kv_cache_gib=1.0)
         accuracy = (greedy_exact_match(folder, prompts[-holdout:], references[-holdout:], max_new, engine, "teacher")
                     if holdout else None)
-        write_provenance(folder, "teacher", source="scratch", config=asdict(cfg),
-                         train_prompts=str(args.prompts), heldout_prompts=holdout)
+        write_provenance(folder, "teacher", source="scratch", config=cfg.spec(),
+                         train_prompts=str(args.prompts), heldout_prompts=holdout, **domain_record(args))
         return accuracy
 
     accuracy = save_model(result, args.out, torch.float32, finish)
@@ -100,7 +114,7 @@ def adopt_existing(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     load_tokenizer(target)
     with atomic_dir(args.out) as tmp:
         write_model_ref(tmp, target, {"source": cfg.source})
-        write_provenance(tmp, "teacher", source=str(target), config=asdict(cfg))
+        write_provenance(tmp, "teacher", source=str(target), config=cfg.spec(), **domain_record(args))
     write_untrained_outputs(args)
     return {"params": parameter_count(target)}
 
@@ -117,31 +131,58 @@ def convert_gguf_teacher(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     path = resolve_gguf(cfg.source, f"{args.params}: teacher.source")
     with atomic_dir(args.out) as tmp:
         convert_gguf(path, tmp)
-        write_provenance(tmp, "teacher", source=str(path), config=asdict(cfg))
+        write_provenance(tmp, "teacher", source=str(path), config=cfg.spec(), **domain_record(args))
         params = parameter_count(tmp)
     write_untrained_outputs(args)
     return {"params": params}
 
 
-def finetuned_teacher(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
-    """A real source fine-tuned on the SFT prompts' answers first (pipeline/offline_opd/train/finetune.py)."""
+def finetuned_teacher(args: argparse.Namespace, cfg: TeacherConfig, table=None) -> dict:
+    """A real source fine-tuned on the SFT prompts' answers first (pipeline/offline_opd/train/finetune.py);
+    `table`: a domain's own SFT prompts (default: all of --prompts)."""
     from offline_opd.train.finetune import finetune_stage
 
-    metrics = finetune_stage(args.prompts, cfg, args.out, args.logs, str(args.params))
+    metrics = finetune_stage(args.prompts, cfg, args.out, args.logs, str(args.params), table)
     if metrics:
         write_text(args.plots / "loss.csv", metrics.pop("loss_csv"))
         metrics["params"] = parameter_count(args.out)
     return metrics
 
 
-def run(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
+def build_one(args: argparse.Namespace, cfg: TeacherConfig, table=None) -> dict:
     if cfg.source == "scratch":
-        return train_scratch(args, cfg)
+        return train_scratch(args, cfg, table)
     if cfg.finetune_steps:
-        return finetuned_teacher(args, cfg)
+        return finetuned_teacher(args, cfg, table)
     if is_gguf_source(cfg.source):
         return convert_gguf_teacher(args, cfg)
     return adopt_existing(args, cfg)
+
+
+def build_domains(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
+    """One teacher per domain with a teacher of its own, the routing file, and one shared tokenizer."""
+    table = read_prompts(args.prompts)
+    domains = prompt_domains(table)
+    check_config_domains(cfg.domains, domains, f"{args.params}: teacher.domains", args.prompts)
+    metrics, plots = {}, {}
+    with atomic_dir(args.out) as tmp:
+        for name in cfg.experts():
+            sub = argparse.Namespace(**{**vars(args), "out": tmp / name, "plots": args.plots / name,
+                                        "logs": args.logs / name, "domain": name})
+            rows = table.filter(pa.array([d == name for d in domains])).drop_columns([DOMAIN])
+            log.info("teacher of domain %s (%d SFT prompts)", name, rows.num_rows)
+            metrics[name], plots[name] = build_one(sub, cfg.expert(name), rows), sub.plots
+        write_routes(tmp, cfg.routes())
+        try:
+            Teachers(tmp, cfg.routes()).tokenizer_fingerprint()
+        except TokenizerMismatch as exc:   # the domain teachers must read text into the same ids
+            raise TokenizerMismatch(f"{args.params}: teacher.domains: {exc}") from None
+    write_text(args.plots / "loss.csv", merge_curves({name: folder / "loss.csv" for name, folder in plots.items()}))
+    return {"domains": metrics, "routes": cfg.routes()}
+
+
+def run(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
+    return build_domains(args, cfg) if cfg.domains else build_one(args, cfg)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -16,6 +16,11 @@ draws from the teacher (`sample_counts`), `union_student_k` adds π_ref's own to
 from the rollouts' `policy_path`, is loaded next to the teacher for that), and `codec` sets how ids
 and log-probs are stored. The footer records codec, width (entries per position) and samples.
 
+Multi-teacher OPD (a --teacher folder with one teacher per domain, pipeline/offline_opd/provenance/teachers.py):
+each rollout is scored by the teacher of its prompt's domain (read from --prompts, or the prompt set the
+rollouts recorded), each row records its domain and that teacher's fingerprint, and the footer maps every
+domain to its teacher (`teachers`); `teacher_fingerprint` is then the set's.
+
 Resume, `--shard i/n` and `teacher_topk.cluster` (a Ray Data actor pool) work as in `rollouts`; a part's
 run key covers these settings (but not `cluster`), the teacher's fingerprint and the rollouts' run key, so
 new rollouts or a new teacher redo every part.
@@ -35,8 +40,7 @@ from offline_opd.contract.sparse_targets import Selection
 from offline_opd.contract.tables import ROLLOUT_SCHEMA, teacher_format
 from offline_opd.models.loading import load_config, load_tokenizer
 from offline_opd.provenance.consistency import check_scoring_teacher, check_scoring_tokenizer, override_allowed
-from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
-from offline_opd.provenance.record import check_unchanged
+from offline_opd.provenance.teachers import load_teachers
 from offline_opd.runtime import add_shard_arg, cli, stage_main
 
 KIND = "teacher_topk"
@@ -55,25 +59,29 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     shard = args.shard
     selection = Selection.of(cfg)
-    fmt = teacher_format(cfg, load_config(args.teacher).vocab_size, args.params, args.teacher)
+    teachers = load_teachers(args.teacher)
+    fmt = teacher_format(cfg, load_config(teachers.first).vocab_size, args.params, args.teacher)
     parts = shards.open_run(args.rollouts, "rollouts", ROLLOUT_SCHEMA)
     first = parts[0]
-    check_unchanged(args.teacher)  # an edited teacher is named as such, not as a tokenizer mismatch
+    teachers.check_unchanged()  # an edited teacher is named as such, not as a tokenizer mismatch
     policy: RolloutsFooter = first.footer
-    teacher_fp, teacher_tok = model_fingerprint(args.teacher), tokenizer_fingerprint(args.teacher)
+    teacher_fp, teacher_tok = teachers.fingerprint, teachers.tokenizer_fingerprint()
     check_scoring_tokenizer(args.teacher, teacher_tok, first)
-    check_scoring_teacher(args.teacher, teacher_fp, first, override_allowed(args.params))
+    prompts_path = args.prompts or Path(policy.prompts_path or "")
+    domains = teachers.prompt_domains(prompts_path)   # every domain has a teacher, before the chain names one
+    check_scoring_teacher(args.teacher, teacher_fp, first, override_allowed(args.params), teachers.fingerprints)
     privileged = None
     if cfg.privileged_context is not None:
-        prompts_path = args.prompts or Path(policy.prompts_path or "")
-        privileged = PrivilegedPrompts(cfg.privileged_context, prompts_path, load_tokenizer(args.teacher))
+        privileged = PrivilegedPrompts(cfg.privileged_context, prompts_path, load_tokenizer(teachers.first))
     key = shards.make_run_key(config=run_settings(cfg), teacher=teacher_fp, rollouts=policy.run_key,
-                              prompts=privileged.digest if privileged else None)
+                              prompts=privileged.digest if privileged else None,
+                              **({"domains": sorted(domains.items())} if domains else {}))
     args.out.mkdir(parents=True, exist_ok=True)
     pending = shards.pending_parts(args.out, KIND, key, len(parts), shard)
     footer = TeacherTopkFooter.of_rollouts(
-        policy, **scoring_fields(cfg, fmt, args.teacher, teacher_fp, key, len(parts)))
-    work = ScoreWork(args.teacher, cfg, parts, args.out, footer, pending, fmt, selection, privileged)
+        policy, **scoring_fields(cfg, fmt, args.teacher, teacher_fp, key, len(parts)),
+        **({"teachers": teachers.fingerprints} if teachers.multi else {}))
+    work = ScoreWork(args.teacher, cfg, parts, args.out, footer, pending, fmt, selection, privileged, domains)
     return score_parts(work, len(range(shard[0], len(parts), shard[1])), KIND)
 
 

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from offline_opd.config import TaskConfig
 from offline_opd.contract.prompts import PROMPT_SCHEMA
+from offline_opd.tasks.sampling import disjoint_splits, draw_distinct
 
 
 @dataclass(frozen=True)
@@ -37,18 +38,30 @@ class Problem:
     solution: str
 
 
-def solve(prompt: str) -> str:
-    """The reference trace for an addition prompt "a+b="; raises ValueError for anything else."""
+# Trace styles: "columns" is the task's (every step writes both digits, the carry and a two-digit sum);
+# "terse" is how another teacher might write the same computation (the carry only when it is 1, sums
+# without a leading zero: "4+4=8 6+9=15 8+3+1=12 =1258"). Same answers, same tokenizer, other text:
+# bench/opd_table.py trains its mismatched teacher on "terse" traces.
+STYLES = ("columns", "terse")
+
+
+def solve(prompt: str, style: str = "columns") -> str:
+    """The reference trace for an addition prompt "a+b=" in `style`; raises ValueError for anything else."""
     match = re.fullmatch(r"(\d+)\+(\d+)=", prompt)
     if not match:
         raise ValueError(f"not an addition prompt of the toy task: {prompt!r} (expected e.g. '864+394=')")
+    if style not in STYLES:
+        raise ValueError(f"unknown trace style {style!r}; styles are {', '.join(STYLES)}")
     a, b = match.groups()
     width = max(len(a), len(b))
     a, b = a.zfill(width), b.zfill(width)
     steps, carry = [], 0
     for x, y in zip(reversed(a), reversed(b)):
         total = int(x) + int(y) + carry
-        steps.append(f"{x}+{y}+{carry}={total:02d}")
+        if style == "columns":
+            steps.append(f"{x}+{y}+{carry}={total:02d}")
+        else:
+            steps.append(f"{x}+{y}{'+1' if carry else ''}={total}")
         carry = total // 10
     return " ".join(steps) + f" ={int(a) + int(b)}"
 
@@ -65,26 +78,16 @@ def make_problems(digits: int, n: int, seed: int, exclude: Collection[str] = ())
         raise ValueError(f"asked for {n} problems, but only {space - len(excluded)} {digits}-digit "
                          f"additions remain; lower the split sizes or raise task.digits")
     rng = random.Random(f"toy-addition/{digits}/{seed}")
-    problems: list[Problem] = []
-    seen = set(excluded)
-    while len(problems) < n:
+
+    def draw() -> Problem:
         a, b = rng.randint(low, high), rng.randint(low, high)
-        prompt = f"{a}+{b}="
-        if prompt in seen:
-            continue
-        seen.add(prompt)
-        problems.append(Problem(f"add{digits}-{a}+{b}", prompt, str(a + b), solve(prompt)))
-    return problems
+        return Problem(f"add{digits}-{a}+{b}", f"{a}+{b}=", str(a + b), solve(f"{a}+{b}="))
+    return draw_distinct(n, draw, excluded)
 
 
 def make_splits(digits: int, sizes: dict[str, int], seed: int) -> dict[str, list[Problem]]:
     """Disjoint splits (e.g. sft/opd/eval) drawn in order, each excluding the prompts before it."""
-    splits: dict[str, list[Problem]] = {}
-    taken: set[str] = set()
-    for index, (name, n) in enumerate(sizes.items()):
-        splits[name] = make_problems(digits, n, seed * 1000 + index, exclude=taken)
-        taken.update(p.prompt for p in splits[name])
-    return splits
+    return disjoint_splits(sizes, seed, lambda n, split_seed, taken: make_problems(digits, n, split_seed, taken))
 
 
 class AdditionTask:

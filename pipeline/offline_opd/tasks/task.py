@@ -26,6 +26,10 @@ def make_task(cfg: TaskConfig, params: Path) -> Task:
         from offline_opd.tasks.addition import AdditionTask
 
         return AdditionTask(cfg)
+    if cfg.kind == "addition+reverse":
+        from offline_opd.tasks.mixture import MixtureTask
+
+        return MixtureTask(cfg)
     from offline_opd.tasks.prompt_file import PromptFileTask
 
     return PromptFileTask(cfg, params)

@@ -10,7 +10,8 @@ listed by name (never a glob, which would also read a stray or copied file). Vie
 integers with -1 for an empty slot, `topk_logprobs` as log-probs, whatever the codec; `tail_logprob`
 NULL for shards written before it existed), `shard_meta` (the `opd.*` footer key/values via
 `parquet_kv_metadata`) and `shard_files` (file sizes via `read_blob`, which does not read contents).
-`tokens` (one row per response token) is a view over `shards`. The decoding SQL is generated from the
+`tokens` (one row per response token) is a view over `shards`; `mix` (multi-teacher OPD) counts rows and
+response tokens per domain and teacher. The decoding SQL is generated from the
 codec the footer records (`Codec.sql_columns` in pipeline/offline_opd/contract/codec.py, next to the numpy
 decoder it must equal; tests/test_inspect.py checks them against each other on the same shards).
 `check DIR` and `verify` are not SQL: `check` runs the shard contract's run check
@@ -152,8 +153,30 @@ ORDER BY abs(gap) DESC, sample_id, t
 LIMIT getvariable('top');
 """
 
+# Multi-teacher OPD: the mix of a run, rows and response tokens per domain and the teacher that scored (or, for
+# sft_data, wrote) them, from the per-row columns (contract/tables.py DOMAIN_FIELDS). `mix_rows` is that view;
+# for single-teacher shards it holds one domain, `all`, and the footer's teacher.
+MIX_VIEW_SQL = """
+CREATE OR REPLACE VIEW mix_rows AS
+  SELECT domain, teacher_fingerprint, len(input_ids) - prompt_len AS response_tokens FROM shards;
+"""
+MIX_ONE_TEACHER_VIEW_SQL = """
+CREATE OR REPLACE VIEW mix_rows AS
+  SELECT 'all' AS domain, m.value AS teacher_fingerprint, len(s.input_ids) - s.prompt_len AS response_tokens
+  FROM shards s LEFT JOIN shard_meta m ON m.filename = s.filename AND m.key = 'teacher_fingerprint';
+"""
+MIX_SQL = """
+SELECT coalesce(domain, 'total') AS domain, coalesce(teacher_fingerprint, '') AS teacher,
+       count(*) AS rows, sum(response_tokens) AS response_tokens,
+       round(100.0 * count(*) / (SELECT count(*) FROM mix_rows), 1) AS pct_rows,
+       round(100.0 * sum(response_tokens) / (SELECT sum(response_tokens) FROM mix_rows), 1) AS pct_tokens
+FROM mix_rows
+GROUP BY GROUPING SETS ((domain, teacher_fingerprint), ())
+ORDER BY domain IS NULL, domain, teacher_fingerprint;
+"""
+
 QUERIES = {"views": VIEWS_SQL, "tokens_view": TOKENS_VIEW_SQL, "summary": SUMMARY_SQL, "meta": META_SQL,
-           "tokens": TOKENS_SUMMARY_SQL, "top_gaps": TOP_GAPS_SQL}
+           "tokens": TOKENS_SUMMARY_SQL, "top_gaps": TOP_GAPS_SQL, "mix_view": MIX_VIEW_SQL, "mix": MIX_SQL}
 
 
 class InspectError(UserError, ValueError):
@@ -249,8 +272,9 @@ def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def top_gaps(con: duckdb.DuckDBPyConnection, top: int, context: int, tokenizer_dir: Path) -> str:
     """The tokens where teacher and student disagree most, decoded as `context⟦token⟧`."""
     from offline_opd.models.loading import load_tokenizer
+    from offline_opd.provenance.teachers import load_teachers
 
-    tok = load_tokenizer(tokenizer_dir)
+    tok = load_tokenizer(load_teachers(tokenizer_dir).first)   # a multi-teacher folder: the shared tokenizer
     con.execute(f"SET VARIABLE top = {int(top)}; SET VARIABLE context = {int(context)};")
     columns, rows = query(con, TOP_GAPS_SQL)
     shown = [c for c in columns if c != "context_ids"]
@@ -305,6 +329,10 @@ def run(args: argparse.Namespace) -> str:
         return format_table(*query(con, SUMMARY_SQL))
     if args.command == "meta":
         return format_table(*query(con, META_SQL))
+    if args.command == "mix":
+        columns = {row[0] for row in con.execute("DESCRIBE shards").fetchall()}
+        con.execute(MIX_VIEW_SQL if "teacher_fingerprint" in columns else MIX_ONE_TEACHER_VIEW_SQL)
+        return format_table(*query(con, MIX_SQL))
     if args.command == "sql":
         columns = {row[0] for row in con.execute("DESCRIBE shards").fetchall()}
         if {"teacher_logprob", "topk_ids", "topk_logprobs"} <= columns:  # rollout shards have no `tokens` view
@@ -331,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("summary", parents=[common],
                    help="per shard: rows, response tokens, k, teacher fingerprint, file bytes, bytes/token")
+    sub.add_parser("mix", parents=[common],
+                   help="multi-teacher OPD: rows and response tokens per domain and the teacher that scored them "
+                        "(one domain, 'all', for single-teacher shards)")
     sub.add_parser("meta", parents=[common],
                    help="every opd.* footer key/value (once when all shards agree, else per shard)")
     tokens = sub.add_parser("tokens", parents=[common],

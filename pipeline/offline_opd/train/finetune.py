@@ -16,6 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+import pyarrow as pa
+
 from offline_opd.config import TeacherConfig
 from offline_opd.contract.prompts import read_prompts, reference_sequences
 from offline_opd.models.gguf import convert_gguf, is_gguf_source, resolve_gguf
@@ -34,18 +36,18 @@ def answer_examples(tokenizer, prompts: list[str], answers: list[Optional[str]],
 
 
 def finetune_teacher(source_dir: Path, prompts: Path, cfg: TeacherConfig, out: Path, logs: Path, where: str,
-                     source: str) -> dict:
+                     source: str, table: Optional[pa.Table] = None) -> dict:
     """Train the model in `source_dir` for `cfg.finetune_steps` steps, with the teacher's optimizer keys, on
-    the (prompt, answer) pairs of the prompt set `prompts`, and save it to `out` (weights in the source's
-    dtype, tokenizer, provenance naming `source` and the source folder's fingerprint). `where` names the
-    params file in errors. Resumes `logs` only for the same settings, examples and source weights.
+    the (prompt, answer) pairs of the prompt set `prompts` (or of `table`, a part of it), and save it to
+    `out` (weights in the source's dtype, tokenizer, provenance naming `source` and the source folder's
+    fingerprint). `where` names the params file in errors. Resumes `logs` only for the same settings, examples and source weights.
     Returns the stage metrics with the loss curve as `loss_csv` (empty off rank 0)."""
     from transformers import AutoTokenizer
 
     from offline_opd.train.supervised import run_key, train_supervised
     from offline_opd.train.trainer import load_for_training, save_model
 
-    table = read_prompts(prompts)
+    table = read_prompts(prompts) if table is None else table
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     examples = answer_examples(tokenizer, table.column("prompt").to_pylist(), table.column("answer").to_pylist(),
                                str(prompts))
@@ -69,16 +71,17 @@ def finetune_teacher(source_dir: Path, prompts: Path, cfg: TeacherConfig, out: P
             "loss_csv": result.loss_csv("loss")}
 
 
-def finetune_stage(prompts: Path, cfg: TeacherConfig, out: Path, logs: Path, where: str) -> dict:
+def finetune_stage(prompts: Path, cfg: TeacherConfig, out: Path, logs: Path, where: str,
+                   table: Optional[pa.Table] = None) -> dict:
     """The `teacher` stage with `finetune_steps` > 0: the source fine-tuned on the answers of the SFT prompt
-    set `prompts`, saved to `out`. A GGUF source is dequantized into a temporary folder beside `out` first
-    (deleted afterwards: only the fine-tuned teacher is an output; the conversion is deterministic, so a
-    resumed run finds the same source fingerprint)."""
+    set `prompts` (or `table`, one domain's part of it), saved to `out`. A GGUF source is dequantized into a
+    temporary folder beside `out` first (deleted afterwards: only the fine-tuned teacher is an output; the
+    conversion is deterministic, so a resumed run finds the same source fingerprint)."""
     if not is_gguf_source(cfg.source):
         folder = resolve_model_source(cfg.source)
-        return finetune_teacher(folder, prompts, cfg, out, logs, where, str(folder))
+        return finetune_teacher(folder, prompts, cfg, out, logs, where, str(folder), table)
     path = resolve_gguf(cfg.source, f"{where}: teacher.source")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-source-") as tmp:
         convert_gguf(path, Path(tmp))
-        return finetune_teacher(Path(tmp), prompts, cfg, out, logs, where, str(path))
+        return finetune_teacher(Path(tmp), prompts, cfg, out, logs, where, str(path), table)

@@ -16,12 +16,14 @@ This module only decides which tokens count and how much:
 * The loss modes are one registry, `LOSSES`: one record per mode with its kernel mode (parameters,
   defaults, ranges, kernel id: `opd_kernels.modes.KERNEL_MODES`), the parameters its term handles itself,
   the parameters that may follow a schedule, and the term class that computes it. The divergence modes
-  are one kernel call (`terms.KernelTerm`); `pg` carries its baseline, trust region and temperature-matched
-  importance ratio in its own term (`offline_opd.train.pg`).
-* TAID: `t` is either fixed (`loss_params.t`) or ramped linearly from `t_start` to `t_end` over the
-  training steps (defaults 0.4 → 1.0). TAID's adaptive rule (which raises t faster when the loss
-  stops improving) is deliberately not used: a linear ramp depends only on the step, so a resumed run
-  and an uninterrupted one see the same t.
+  are one kernel call (`terms.KernelTerm`); `pg` carries its baseline, trust region, temperature-matched
+  importance ratio and ExOPD's reward extrapolation in its own term (`offline_opd.train.pg`).
+* TAID: `loss_params.schedule` picks how `t` moves: `fixed` (`loss_params.t`), `linear` from `t_start` to
+  `t_end` over the training steps (defaults 0.4 → 1.0), or `adaptive`, TAID's momentum rule driven by the
+  relative change of the loss, with the linear ramp as its floor (`offline_opd.train.taid`; `alpha`,
+  `beta`). Without `schedule`, setting `t` means fixed and leaving it out linear, as before the key
+  existed. The adaptive state lives in the objective (`DistillLoss.observe`, `state_dict`), and the
+  training module saves it in every checkpoint, so a resumed run and an uninterrupted one see the same t.
 
 All per-token weights are folded into the kernel call (`weights=`), so backward sees grad_output == 1
 and costs nothing extra, on the logits path and on the fused-linear path alike.
@@ -42,18 +44,25 @@ from opd_kernels.modes import Param
 from offline_opd.config import ConfigError, DistillConfig
 from offline_opd.errors import UserError
 from offline_opd.train.pg import PG_PARAMS, PolicyGradient
-from offline_opd.train.terms import KernelTerm, Student, Targets
+from offline_opd.train.taid import AdaptiveRule, AdaptiveT
+from offline_opd.train.terms import Choice, KernelTerm, Student, Targets
+
+# The loss_params key that picks how a mode's scheduled parameter moves (taid's t), and its options.
+SCHEDULE_KEY = "schedule"
+SCHEDULE_KINDS = ("fixed", "linear", "adaptive")
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """A kernel parameter ramped linearly over training: the loss_params keys of its two ends and their defaults.
-    Setting the parameter itself in loss_params fixes it instead."""
+    """A kernel parameter that may move over training: the loss_params keys of its two ends and their
+    defaults (the linear ramp, and the adaptive rule's start, end and floor), and the adaptive rule's own
+    parameters. Setting the parameter itself in loss_params fixes it instead."""
 
     start_key: str
     end_key: str
     start: float
     end: float
+    adaptive: Mapping[str, Param] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -63,13 +72,14 @@ class LossMode:
 
     kernel: KernelMode
     term: type[KernelTerm] = KernelTerm
-    objective: Mapping[str, Param] = field(default_factory=dict)
+    objective: Mapping[str, Param | Choice] = field(default_factory=dict)
     schedules: Mapping[str, Schedule] = field(default_factory=dict)
 
     @property
     def allowed_keys(self) -> list[str]:
         """Every key loss_params may hold for this mode."""
-        return (list(self.kernel.params) + [k for s in self.schedules.values() for k in (s.start_key, s.end_key)]
+        scheduled = [k for s in self.schedules.values() for k in (s.start_key, s.end_key, *s.adaptive)]
+        return (list(self.kernel.params) + ([SCHEDULE_KEY] if self.schedules else []) + scheduled
                 + list(self.objective))
 
 
@@ -80,22 +90,25 @@ LOSSES: dict[str, LossMode] = {loss.kernel.name: loss for loss in (
     LossMode(KERNEL_MODES["jsd"]),
     LossMode(KERNEL_MODES["skew_fkl"]),
     LossMode(KERNEL_MODES["skew_rkl"]),
-    LossMode(KERNEL_MODES["taid"], schedules={"t": Schedule("t_start", "t_end", 0.4, 1.0)}),
+    # alpha, beta: the adaptive rule's step size and momentum, the published defaults (offline_opd.train.taid).
+    LossMode(KERNEL_MODES["taid"], schedules={"t": Schedule("t_start", "t_end", 0.4, 1.0, adaptive={
+        "alpha": Param(5e-4, 0.0, 1.0), "beta": Param(0.99, 0.0, 1.0, high_inclusive=False)})}),
     LossMode(KERNEL_MODES["entropy_aware"]),
 )}
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A validated loss mode with its fixed kernel parameters and the linearly scheduled ones."""
+    """A validated loss mode with its fixed kernel parameters, the linearly scheduled ones and the adaptive ones."""
 
     mode: str
     params: dict[str, float]
     schedule: dict[str, tuple[float, float]] = field(default_factory=dict)
-    objective: dict[str, float] = field(default_factory=dict)   # LossMode.objective values, never sent to kernels
+    objective: dict[str, float | str] = field(default_factory=dict)   # LossMode.objective values, never sent to kernels
+    adaptive: dict[str, AdaptiveRule] = field(default_factory=dict)   # their value is state: DistillLoss holds it
 
     def at(self, progress: float) -> dict[str, float]:
-        """Kernel parameters at `progress` in [0, 1] (fraction of training done)."""
+        """Fixed and linearly scheduled kernel parameters at `progress` in [0, 1] (fraction of training done)."""
         p = min(max(progress, 0.0), 1.0)
         return {**self.params, **{k: a + (b - a) * p for k, (a, b) in self.schedule.items()}}
 
@@ -110,30 +123,72 @@ def loss_spec(mode: str, raw: Mapping[str, Any], where: str) -> LossSpec:
         raise ConfigError(f"{where}.loss: {mode!r} is not a loss mode; use one of {', '.join(LOSSES)}")
     loss = LOSSES[mode]
     raw = dict(raw)
-    objective: dict[str, float] = {}
-    for name, prm in loss.objective.items():
-        value = raw.pop(name, prm.default)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not prm.contains(value):
-            raise ConfigError(f"{where}.loss_params.{name}: {value!r} is not a number in {prm.interval()}")
-        objective[name] = float(value)
+    objective = {name: _setting(prm, raw.pop(name, prm.default), f"{where}.loss_params.{name}")
+                 for name, prm in loss.objective.items()}
     schedule: dict[str, tuple[float, float]] = {}
+    adaptive: dict[str, AdaptiveRule] = {}
+    kind = raw.pop(SCHEDULE_KEY, None) if loss.schedules else None
     for param, sch in loss.schedules.items():
-        if param in raw:
-            if sch.start_key in raw or sch.end_key in raw:
-                raise ConfigError(f"{where}.loss_params.{param}: set either {param} (fixed) or "
-                                  f"{sch.start_key}/{sch.end_key} (linear schedule), not both")
-            continue
-        ends = (raw.pop(sch.start_key, sch.start), raw.pop(sch.end_key, sch.end))
-        for key, value in zip((sch.start_key, sch.end_key), ends):
-            _check_value(mode, param, value, f"{where}.loss_params.{key}")
-        schedule[param] = (float(ends[0]), float(ends[1]))
+        moving = _schedule(mode, param, sch, kind, raw, f"{where}.loss_params")
+        if isinstance(moving, AdaptiveRule):
+            adaptive[param] = moving
+        elif moving is not None:
+            schedule[param] = moving
     for name, value in raw.items():
         if name not in loss.kernel.params:
             raise ConfigError(f"{where}.loss_params.{name}: not a parameter of loss {mode!r}; "
                               f"allowed: {', '.join(loss.allowed_keys) or 'none'}")
         _check_value(mode, name, value, f"{where}.loss_params.{name}")
-    params = {k: v for k, v in check_mode_params(mode, raw).items() if k not in schedule}
-    return LossSpec(mode, params, schedule, objective)
+    params = {k: v for k, v in check_mode_params(mode, raw).items() if k not in schedule and k not in adaptive}
+    return LossSpec(mode, params, schedule, objective, adaptive)
+
+
+def _schedule(mode: str, param: str, sch: Schedule, kind: Optional[str], raw: dict[str, Any],
+              where: str) -> None | tuple[float, float] | AdaptiveRule:
+    """How `param` moves, its keys popped from `raw`: None (fixed: `param` stays in `raw` for the kernel, or
+    takes the kernel's default), the linear ramp's ends, or the adaptive rule. `kind`: loss_params.schedule,
+    None when unset (fixed if `param` is set, else linear, the meanings from before the key existed)."""
+    if kind is None:
+        kind = "fixed" if param in raw else "linear"
+    if kind not in SCHEDULE_KINDS:
+        raise ConfigError(f"{where}.{SCHEDULE_KEY}: {kind!r} is not one of {', '.join(SCHEDULE_KINDS)}")
+    rule_keys = [k for k in sch.adaptive if k in raw]
+    if kind != "adaptive" and rule_keys:
+        raise ConfigError(f"{where}.{rule_keys[0]}: only the adaptive schedule reads it; set {SCHEDULE_KEY}: "
+                          f"adaptive, or remove it")
+    if param in raw:
+        if kind != "fixed" or sch.start_key in raw or sch.end_key in raw:
+            raise ConfigError(f"{where}.{param}: set either {param} (fixed) or {sch.start_key}/{sch.end_key} "
+                              f"(a {'linear' if kind == 'fixed' else kind} schedule), not both")
+        return None
+    if kind == "fixed":
+        stray = next((k for k in (sch.start_key, sch.end_key) if k in raw), None)
+        if stray is not None:
+            raise ConfigError(f"{where}.{stray}: {SCHEDULE_KEY}: fixed reads only {param}; set {SCHEDULE_KEY}: "
+                              f"linear or adaptive, or remove it")
+        return None
+    ends = (raw.pop(sch.start_key, sch.start), raw.pop(sch.end_key, sch.end))
+    for key, value in zip((sch.start_key, sch.end_key), ends):
+        _check_value(mode, param, value, f"{where}.{key}")
+    start, end = float(ends[0]), float(ends[1])
+    if kind == "linear":
+        return start, end
+    if start > end:
+        raise ConfigError(f"{where}.{sch.start_key}: {ends[0]} is above {sch.end_key} {ends[1]}, but the adaptive "
+                          f"{param} only grows; set {sch.start_key} <= {sch.end_key}")
+    return AdaptiveRule(start, end, **{k: _setting(p, raw.pop(k, p.default), f"{where}.{k}")
+                                       for k, p in sch.adaptive.items()})
+
+
+def _setting(prm: Param | Choice, value: Any, where: str) -> float | str:
+    """A loss_params value the objective reads (not the kernels), checked against its range or options."""
+    if isinstance(prm, Choice):
+        if not prm.contains(value):
+            raise ConfigError(f"{where}: {value!r} is not {prm.interval()}")
+        return value
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not prm.contains(value):
+        raise ConfigError(f"{where}: {value!r} is not a number in {prm.interval()}")
+    return float(value)
 
 
 def _check_value(mode: str, param: str, value: Any, where: str) -> None:
@@ -202,6 +257,28 @@ class DistillLoss:
         self.spec, self.backend, self.ce_weight = spec, backend, ce_weight
         self.tip_fraction, self.chunk_size = tip_fraction, chunk_size
         self.term = LOSSES[spec.mode].term(spec.mode, spec.objective, behavior_temperature=behavior_temperature)
+        self.adaptive = {name: AdaptiveT(rule) for name, rule in spec.adaptive.items()}
+
+    def params_at(self, progress: float) -> dict[str, float]:
+        """The kernel parameters of a step at `progress`: fixed, linearly scheduled and adaptive (their state)."""
+        return {**self.spec.at(progress), **{name: state.t for name, state in self.adaptive.items()}}
+
+    def scheduled(self, progress: float) -> dict[str, float]:
+        """The parameters that move over training, at `progress` (for the logs)."""
+        return {k: v for k, v in self.params_at(progress).items() if k in self.spec.schedule or k in self.adaptive}
+
+    def observe(self, divergence: float, progress: float) -> None:
+        """After an optimizer step at `progress`: feed its global divergence to the adaptive parameters."""
+        for state in self.adaptive.values():
+            state.observe(divergence, progress)
+
+    def state_dict(self) -> dict[str, dict]:
+        """What a resumed run needs to continue the adaptive parameters (empty without them)."""
+        return {name: state.state_dict() for name, state in self.adaptive.items()}
+
+    def load_state_dict(self, state: Mapping[str, dict]) -> None:
+        for name, value in state.items():
+            self.adaptive[name].load_state_dict(value)
 
     def __call__(self, targets: Targets, progress: float, *, logits: Optional[torch.Tensor] = None,
                  hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
@@ -214,7 +291,7 @@ class DistillLoss:
         if n == 0:  # nothing to learn from; keep the graph so every rank runs the same backward
             zero = student.source.sum() * 0.0
             return LossOutput(zero, zero.detach(), None, 0, 0)
-        params = self.spec.at(progress)
+        params = self.params_at(progress)
         keep = mask
         if self.tip_fraction < 1.0:
             entropy, signal = self._token_stats(targets, params, student)
@@ -253,6 +330,9 @@ def loss_from_config(cfg: DistillConfig, where: str, behavior_temperature: float
     """The objective `distill` trains with, validated with errors naming `where` (e.g. "params.yaml: distill").
 
     `behavior_temperature`: the temperature the rollouts were sampled at (their footers' `sampling_temperature`)."""
-    return DistillLoss(loss_spec(cfg.loss, cfg.loss_params, where), backend=cfg.kernel_backend,
-                       ce_weight=cfg.ce_weight, tip_fraction=cfg.tip_fraction,
-                       behavior_temperature=behavior_temperature)
+    spec = loss_spec(cfg.loss, cfg.loss_params, where)
+    try:
+        return DistillLoss(spec, backend=cfg.kernel_backend, ce_weight=cfg.ce_weight, tip_fraction=cfg.tip_fraction,
+                           behavior_temperature=behavior_temperature)
+    except ValueError as exc:   # a term refusing these settings against the shards (pg's reference)
+        raise ConfigError(f"{where}.loss_params: {exc}") from None

@@ -35,6 +35,7 @@ from offline_opd.train.losses import DistillLoss, LossOutput, Targets, tip_budge
 from offline_opd.train.sharding import MetaWeights, in_root_forward, materialize, shard_model
 
 HISTORY_KEY = "opd_loss_history"
+OBJECTIVE_KEY = "opd_objective_state"   # the objective's adaptive parameters (TAID's t): DistillLoss.state_dict
 
 
 class TrainModule(pl.LightningModule):
@@ -157,11 +158,16 @@ class TrainModule(pl.LightningModule):
         return out.loss * (self.trainer.accumulate_grad_batches * self.trainer.world_size)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """The step's global loss (one all-reduce), logged and kept for the loss curve."""
+        """The step's global loss (one all-reduce), logged and kept for the loss curve; the scheduled loss
+        parameters this step used are logged, and the adaptive ones then take the step's divergence."""
         loss, divergence, ce = self.trainer.strategy.reduce(self._step_sums, reduce_op="sum").tolist()
         self.loss_history.append([self.global_step, loss])
         self.log("train_loss", loss, prog_bar=True, batch_size=1)
         self.log("divergence", divergence, batch_size=1)
+        progress = self.global_step / max(1, self.cfg.max_steps)
+        for name, value in self.objective.scheduled(progress).items():
+            self.log(f"{self.objective.spec.mode}_{name}", value, batch_size=1)
+        self.objective.observe(divergence, progress)
         if self.objective.ce_weight > 0:
             self.log("ce", ce, batch_size=1)
         self.log("lr", optimizer.param_groups[0]["lr"], batch_size=1)
@@ -191,6 +197,8 @@ class TrainModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[HISTORY_KEY] = self.loss_history
+        checkpoint[OBJECTIVE_KEY] = self.objective.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.loss_history = list(checkpoint.get(HISTORY_KEY, []))
+        self.objective.load_state_dict(checkpoint.get(OBJECTIVE_KEY, {}))

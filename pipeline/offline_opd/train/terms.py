@@ -24,6 +24,21 @@ STATS_CHUNK_ELEMS = 1 << 25
 
 
 @dataclass(frozen=True)
+class Choice:
+    """A loss parameter that names one of a few options (pg's `reference`, taid's `schedule`); the numeric
+    ones are `opd_kernels.modes.Param`."""
+
+    default: str
+    options: tuple[str, ...]
+
+    def contains(self, value: Any) -> bool:
+        return isinstance(value, str) and value in self.options
+
+    def interval(self) -> str:
+        return "one of " + ", ".join(self.options)
+
+
+@dataclass(frozen=True)
 class Targets:
     """Teacher and behaviour-policy data for N response tokens, row-aligned with the student's rows."""
 
