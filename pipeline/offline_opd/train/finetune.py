@@ -40,7 +40,8 @@ def finetune_teacher(source_dir: Path, prompts: Path, cfg: TeacherConfig, out: P
     """Train the model in `source_dir` for `cfg.finetune_steps` steps, with the teacher's optimizer keys, on
     the (prompt, answer) pairs of the prompt set `prompts` (or of `table`, a part of it), and save it to
     `out` (weights in the source's dtype, tokenizer, provenance naming `source` and the source folder's
-    fingerprint). `where` names the params file in errors. Resumes `logs` only for the same settings, examples and source weights.
+    fingerprint). `where` names the params file in errors. Resumes `logs` only for the same settings,
+    examples and source weights.
     Returns the stage metrics with the loss curve as `loss_csv` (empty off rank 0)."""
     from transformers import AutoTokenizer
 
