@@ -1,5 +1,6 @@
 """The params schema: every preset validates, bad files fail naming the file and the key."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -61,9 +62,19 @@ def test_keys_that_do_not_apply_may_be_left_out_and_no_others(tmp_path):
 
 
 def test_pretrained_presets_leave_out_the_toy_teacher_keys():
+    """Only the keys a real teacher uses: its source, and its optimizer's when it is fine-tuned (smollm2)."""
+    from offline_opd.config import TeacherConfig
+
     for preset in ("qwen3", "smollm2"):
         data = yaml.safe_load((ROOT / "configs" / f"{preset}.yaml").read_text())
-        assert set(data["teacher"]) == {"source"} and "digits" not in data["task"], preset
+        teacher = set(data["teacher"])
+        if data["teacher"].get("finetune_steps"):
+            assert not teacher & {*TeacherConfig.ARCHITECTURE, *TeacherConfig.SCRATCH_ONLY}, preset
+            assert teacher == {f.name for f in dataclasses.fields(TeacherConfig)} - TeacherConfig.omittable(
+                data["teacher"]), preset
+        else:
+            assert teacher == {"source"}, preset
+        assert "digits" not in data["task"], preset
 
 
 def test_unknown_key_is_refused(tmp_path):

@@ -38,7 +38,7 @@ def smollm2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts(smollm2):
-    lines = (REPO / "prompt_files/smollm2_addition.jsonl").read_text().splitlines()[::25]
+    lines = (REPO / "prompt_files/smollm2_addition.jsonl").read_text().splitlines()[::125]
     tok = hf_engine(smollm2, batch_size=1, max_model_len=512).tokenizer
     return [encode_prompt(tok, json.loads(line)["prompt"]) for line in lines]
 
@@ -70,3 +70,31 @@ def test_hf_and_vllm_agree_on_smollm2(smollm2, prompts):
           f"max |Δ| {sampled:.2e}")
     v.close()
     assert same >= len(prompts) - 1 and top1 >= 0.99 and shared < 1e-3 and sampled < 1e-3
+
+
+def test_finetuned_gguf_teacher_is_a_new_model_recording_its_source(smollm2, tmp_path):
+    """`teacher.finetune_steps` on the GGUF source: two steps change the weights (a new fingerprint), the
+    provenance names the GGUF and the fingerprint of the unmodified conversion, no conversion is left behind."""
+    import dataclasses
+
+    import yaml
+
+    from offline_opd.config import TeacherConfig
+    from offline_opd.contract.prompts import PROMPT_SCHEMA
+    from offline_opd.provenance.fingerprint import model_fingerprint
+    from offline_opd.provenance.record import read_provenance
+    from offline_opd.train.finetune import finetune_stage
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in (REPO / "prompt_files/smollm2_addition.jsonl").read_text().splitlines()[:8]]
+    prompts = tmp_path / "sft.parquet"
+    pq.write_table(pa.Table.from_pylist([{**r, "reference": None} for r in rows], PROMPT_SCHEMA), prompts)
+    section = yaml.safe_load((REPO / "configs/smollm2.yaml").read_text())["teacher"]
+    cfg = dataclasses.replace(TeacherConfig(**section), finetune_steps=2, batch_size=2)
+    metrics = finetune_stage(prompts, cfg, tmp_path / "models" / "teacher", tmp_path / "logs", "test")
+    record = read_provenance(tmp_path / "models" / "teacher")
+    assert record["finetuned_from_fingerprint"] == model_fingerprint(smollm2)
+    assert record["model_fingerprint"] != record["finetuned_from_fingerprint"]
+    assert record["source"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and metrics["finetune_examples"] == 8
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["teacher"]

@@ -16,6 +16,7 @@ from offline_opd.tasks import addition as toy_task
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
 from offline_opd.models.loading import REF_FILE, ModelPathError, resolve_model_source
 from offline_opd.provenance.record import read_provenance
+from offline_opd.contract.prompts import read_prompts
 from tests import tiny_models
 
 TASK = {"kind": "addition", "digits": 3, "n_sft": 60, "n_opd": 8, "n_eval": 8, "seed": 0, "prompt_file": None}
@@ -27,7 +28,7 @@ SFT_DATA = {"backend": "hf", "batch_size": 32, "dtype": "float32", "max_model_le
             "cluster": tiny_models.LOCAL_CLUSTER,
             "max_new_tokens": 12, "temperature": 0.0, "rows_per_shard": 25,
             "seed": 0}
-SFT = {**{k: v for k, v in TEACHER.items() if k not in ("holdout", "eval_batch_size", "domains")},
+SFT = {**{k: v for k, v in TEACHER.items() if k not in ("holdout", "eval_batch_size", "domains", "finetune_steps")},
        "hidden_size": 16, "num_layers": 1, "intermediate_size": 32, "prune_to_layers": None}
 
 
@@ -218,3 +219,87 @@ def test_sft_from_the_teacher_pruned_to_fewer_layers(pipeline_dir, tmp_path):
     assert config["num_hidden_layers"] == 1 and metrics["params"] < metrics["teacher_params"]
     assert tokenizer_fingerprint(tmp_path / "student") == tokenizer_fingerprint(root / "teacher")
     assert read_provenance(tmp_path / "student")["source"] == str((root / "teacher").resolve())
+
+
+def answer_prompts(tmp_path):
+    """A file task whose prompts carry answers, prepared: the SFT split a fine-tuned teacher trains on."""
+    prompts = tmp_path / "prompt_files" / "sums.jsonl"
+    prompts.parent.mkdir(parents=True)
+    prompts.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
+                               for a in range(8) for b in range(5)))
+    task = {"kind": "file", "prompt_file": str(prompts), "n_sft": 24, "n_opd": 8, "n_eval": 8}
+    prepare.main(write_params(tmp_path, task=task) + ["--out", str(tmp_path / "prompts")])
+    return task
+
+
+def answer_loss(model_dir, table) -> float:
+    """Mean cross-entropy of the answers (+ eos) given their prompts: the fine-tuning objective."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from offline_opd.train.finetune import answer_examples
+
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
+    losses = []
+    for e in answer_examples(tok, table.column("prompt").to_pylist(), table.column("answer").to_pylist(), "t"):
+        ids = torch.tensor([e.input_ids])
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        target = ids[0, 1:]
+        losses.append(-logp[torch.arange(len(target)), target][e.prompt_len - 1:].mean().item())
+    return sum(losses) / len(losses)
+
+
+def run_teacher(tmp_path, task, **overrides) -> dict:
+    argv = write_params(tmp_path, task=task, teacher=overrides)
+    return teacher.main(argv + ["--prompts", str(tmp_path / "prompts/sft.parquet"), "--out", str(tmp_path / "teacher"),
+                                "--plots", str(tmp_path / "plots"), "--logs", str(tmp_path / "logs")])
+
+
+def test_finetune_steps_zero_uses_the_source_as_it_is(tmp_path):
+    base = tiny_models.save_model(tmp_path / "real")
+    run_teacher(tmp_path, answer_prompts(tmp_path), source=str(base), finetune_steps=0)
+    assert model_fingerprint(tmp_path / "teacher") == model_fingerprint(base)
+    assert "finetuned_from_fingerprint" not in read_provenance(tmp_path / "teacher")
+
+
+def test_finetuned_teacher_learns_the_answers_and_is_what_downstream_sees(tmp_path):
+    """finetune_steps > 0: new weights, lower loss on the SFT answers, and sft_data's parts record the
+    fine-tuned teacher (the fingerprint chain starts at it, not at its source)."""
+    from safetensors.torch import load_file
+
+    base = tiny_models.save_model(tmp_path / "real")
+    task = answer_prompts(tmp_path)
+    metrics = run_teacher(tmp_path, task, source=str(base), finetune_steps=12, lr=1e-2, warmup_frac=0.0,
+                          batch_size=8)
+    out = tmp_path / "teacher"
+    before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    sft_table = read_prompts(tmp_path / "prompts/sft.parquet")
+    assert answer_loss(out, sft_table) < answer_loss(base, sft_table)
+    record = read_provenance(out)
+    assert record["finetuned_from_fingerprint"] == model_fingerprint(base) != model_fingerprint(out)
+    assert record["model_fingerprint"] == model_fingerprint(out) and record["source"] == str(base.resolve())
+    assert metrics["finetune_examples"] == 24 and metrics["params"] == sum(t.numel() for t in after.values())
+    assert len((tmp_path / "plots" / "loss.csv").read_text().splitlines()) == 1 + 12
+    argv = write_params(tmp_path, task=task)
+    sft_data.main(argv + ["--teacher", str(out), "--prompts", str(tmp_path / "prompts/sft.parquet"),
+                          "--out", str(tmp_path / "sft")])
+    parts = shards.list_parts(tmp_path / "sft")
+    assert parts and {shards.open_shard(p, "sft_data").meta["teacher_fingerprint"] for p in parts} == \
+        {model_fingerprint(out)}
+
+
+def test_finetune_needs_answers_and_a_real_source(tmp_path, capsys):
+    base = tiny_models.save_model(tmp_path / "real")
+    prompts = tmp_path / "prompt_files" / "mine.jsonl"
+    prompts.parent.mkdir(parents=True)
+    prompts.write_text("\n".join(json.dumps({"prompt": f"What is {i} apples?"}) for i in range(40)))
+    task = {"kind": "file", "prompt_file": str(prompts), "n_sft": 20, "n_opd": 10, "n_eval": 10}
+    prepare.main(write_params(tmp_path, task=task) + ["--out", str(tmp_path / "prompts")])
+    argv = write_params(tmp_path, task=task, teacher={"source": str(base), "finetune_steps": 2})
+    err = stage_error(capsys, teacher.main, argv + ["--prompts", str(tmp_path / "prompts/sft.parquet"),
+                                                    "--out", str(tmp_path / "teacher"), "--logs", str(tmp_path / "l")])
+    assert "has no 'answer'" in err and "teacher.finetune_steps" in err
+    argv = write_params(tmp_path, task=task, teacher={"source": "scratch", "finetune_steps": 2})
+    err = stage_error(capsys, teacher.main, argv + ["--prompts", str(tmp_path / "prompts/sft.parquet"),
+                                                    "--out", str(tmp_path / "teacher")])
+    assert "teacher.finetune_steps" in err and "scratch" in err

@@ -197,21 +197,35 @@ class TeacherConfig(ModelConfig):
 
     A scratch teacher holds out the last `holdout` SFT prompts (at most a tenth of them) from training and
     reports its greedy exact match on them, generating `eval_batch_size` prompts at a time.
+    `finetune_steps` > 0 first fine-tunes a real source (GGUF or model folder) for that many steps on the
+    SFT prompts' answers with the training keys (pipeline/offline_opd/train/finetune.py); 0 (or omitted)
+    uses the source as it is. `max_steps` is the toy teacher's (`source: scratch`) only.
     """
 
     holdout: NonNegInt
     eval_batch_size: Count
+    finetune_steps: NonNegInt
     domains: Optional[dict]   # None (left out, as every key of a pretrained teacher may be) = {}
+
+    SCRATCH_ONLY = ("max_steps", "holdout", "eval_batch_size")
 
     @classmethod
     def omittable(cls, raw: dict) -> set[str]:
-        """A teacher that is not `scratch` is not trained here: every training key is then unused."""
+        """A teacher that is not `scratch` is not trained here unless fine-tuned: then only the architecture and
+        the toy teacher's keys are unused; otherwise every training key is."""
         if raw.get("source") == "scratch":
             return set()
+        if raw.get("finetune_steps"):
+            return set(cls.ARCHITECTURE) | set(cls.SCRATCH_ONLY) | {"domains"}
         return {f.name for f in dataclasses.fields(cls)} - {"source"}
 
     def __post_init__(self) -> None:
+        """A scratch teacher is trained by `max_steps` (a second step count would be ignored); domain names and
+        routes are checked."""
         super().__post_init__()
+        if self.source == "scratch" and self.finetune_steps:
+            refuse("finetune_steps", f"{self.finetune_steps} with source: scratch, which trains for max_steps; "
+                                     f"set finetune_steps: 0 (it fine-tunes a real source)")
         for name, spec in (self.domains or {}).items():
             if not DOMAIN_NAME.fullmatch(name):
                 refuse(f"domains.{name}", "not a domain name; use letters, digits, '_', '-' or '.' (it names a "

@@ -158,16 +158,19 @@ def teacher_inputs(table: pa.Table, privileged: PrivilegedPrompts | None) -> tup
     return out, [len(cache[pid]) for pid in table.column("prompt_id").to_pylist()]
 
 
-def reference_sequences(tokenizer, prompts: list[str], references: list[str | None],
-                        where: Path) -> list[tuple[list[int], int]]:
+TOY_TEACHER_FIX = ("teacher.source 'scratch' trains the embedded toy teacher on the toy task's traces. With your own "
+                   "prompts set teacher.source to a Hugging Face model folder")
+
+
+def reference_sequences(tokenizer, prompts: list[str], references: list[str | None], where: Path | str,
+                        column: str = "reference", fix: str = TOY_TEACHER_FIX) -> list[tuple[list[int], int]]:
     """Prompt + reference response + eos as ids, with the prompt's length, for each prompt (the toy teacher's
-    training set); refuses prompts without a reference."""
+    training set, or a fine-tuned teacher's from the `answer` column); refuses a prompt whose `column`
+    is null, saying `fix`."""
     out = []
     for prompt, reference in zip(prompts, references):
         if reference is None:
-            raise UserError(f"{where}: prompt {prompt!r} has no 'reference' response; teacher.source 'scratch' "
-                            f"trains the embedded toy teacher on the toy task's traces. With your own prompts "
-                            f"set teacher.source to a Hugging Face model folder")
+            raise UserError(f"{where}: prompt {prompt!r} has no {column!r} response; {fix}")
         prompt_ids = encode_prompt(tokenizer, prompt)
         response = tokenizer(reference, add_special_tokens=False)["input_ids"]
         out.append((prompt_ids + response + [tokenizer.eos_token_id], len(prompt_ids)))

@@ -7,6 +7,8 @@ in `.gguf` (a path, or `package:<python package>/<file>`) is dequantized once in
 here (pipeline/offline_opd/models/gguf.py). Any other `teacher.source` is a local model folder (or, only then, a hub id
 fetched with huggingface_hub): it is checked (config and tokenizer load) and
 fingerprinted, and the output folder holds a reference to it instead of a copy of its weights.
+With `teacher.finetune_steps` > 0 a real source is first fine-tuned on the SFT prompts' answers
+(pipeline/offline_opd/train/finetune.py) and saved here: downstream sees the fine-tuned teacher.
 Either way the folder gets opd_provenance.json, and the training curve goes to <plots>/loss.csv (a
 real teacher is not trained here, so its curve has the header and no rows; dvc.yaml declares the file).
 
@@ -135,9 +137,23 @@ def convert_gguf_teacher(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
     return {"params": params}
 
 
+def finetuned_teacher(args: argparse.Namespace, cfg: TeacherConfig, table=None) -> dict:
+    """A real source fine-tuned on the SFT prompts' answers first (pipeline/offline_opd/train/finetune.py);
+    `table`: a domain's own SFT prompts (default: all of --prompts)."""
+    from offline_opd.train.finetune import finetune_stage
+
+    metrics = finetune_stage(args.prompts, cfg, args.out, args.logs, str(args.params), table)
+    if metrics:
+        write_text(args.plots / "loss.csv", metrics.pop("loss_csv"))
+        metrics["params"] = parameter_count(args.out)
+    return metrics
+
+
 def build_one(args: argparse.Namespace, cfg: TeacherConfig, table=None) -> dict:
     if cfg.source == "scratch":
         return train_scratch(args, cfg, table)
+    if cfg.finetune_steps:
+        return finetuned_teacher(args, cfg, table)
     if is_gguf_source(cfg.source):
         return convert_gguf_teacher(args, cfg)
     return adopt_existing(args, cfg)
