@@ -158,7 +158,7 @@ def test_only_the_scratch_teacher_builds_toy_models():
     backends, training, the other stages) never imports them, so a real model's path cannot depend on them."""
     graph = import_graph(top_level_only=False)
     assert {"offline_opd.models.loading"} <= graph["offline_opd.models.toy"]     # the edge the test looks for
-    assert {name for name, deps in graph.items() if "offline_opd.models.toy" in deps} == {"offline_opd.stages.teacher"}
+    assert {name for name, deps in graph.items() if "offline_opd.models.toy" in deps} == {"offline_opd.train.scratch_teacher"}
 
 
 def test_stages_do_not_import_each_other():

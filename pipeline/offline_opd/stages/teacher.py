@@ -22,25 +22,20 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Optional
 
 import pyarrow as pa
 
 from offline_opd.atomic import atomic_dir, write_text
 from offline_opd.plots import merge_curves
-from offline_opd.config import EngineConfig, TeacherConfig
-from offline_opd.contract.prompts import DOMAIN, prompt_domains, read_prompts, reference_sequences
-from offline_opd.errors import UserError
-from offline_opd.eval.exact_match import greedy_exact_match
+from offline_opd.config import TeacherConfig
+from offline_opd.contract.prompts import DOMAIN, prompt_domains, read_prompts
 from offline_opd.models.gguf import convert_gguf, is_gguf_source, resolve_gguf
-from offline_opd.models.loading import (MAX_POSITIONS, build_llama, load_config, load_tokenizer, parameter_count,
-                                        resolve_model_source, write_model_ref)
-from offline_opd.models.toy import build_char_tokenizer
+from offline_opd.models.loading import load_config, load_tokenizer, parameter_count, resolve_model_source, write_model_ref
 from offline_opd.provenance.fingerprint import TokenizerMismatch
 from offline_opd.provenance.record import write_provenance
 from offline_opd.provenance.teachers import Teachers, check_config_domains, write_routes
 from offline_opd.runtime import cli, stage_main
-from offline_opd.train.examples import Example
+from offline_opd.train.scratch_teacher import train_scratch
 
 log = logging.getLogger("opd")
 
@@ -59,52 +54,6 @@ def domain_record(args: argparse.Namespace) -> dict:
     """What a domain teacher's provenance adds: its domain (`teachers.load_teachers` checks it)."""
     domain = getattr(args, "domain", None)
     return {} if domain is None else {"domain": domain}
-
-
-def train_scratch(args: argparse.Namespace, cfg: TeacherConfig, table=None) -> dict:
-    table = read_prompts(args.prompts) if table is None else table
-    prompts, references = table.column("prompt").to_pylist(), table.column("reference").to_pylist()
-    holdout = min(cfg.holdout, len(prompts) // 10)   # at most a tenth of the prompts
-    if len(prompts) - holdout < 1:
-        raise UserError(f"{args.prompts}: {len(prompts)} prompts leave nothing to train the teacher on; "
-                        f"raise task.n_sft")
-    import torch
-
-    from offline_opd.train.supervised import run_key, train_supervised
-    from offline_opd.train.trainer import save_model, training_dtype
-
-    tokenizer = build_char_tokenizer()
-    train_set = [Example(ids, plen) for ids, plen in
-                 reference_sequences(tokenizer, prompts, references, args.prompts)[:len(prompts) - holdout]]
-    model = build_llama(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
-                                 cfg.intermediate_size, cfg.seed).to(training_dtype(cfg.precision))
-    params = sum(p.numel() for p in model.parameters())
-    result = train_supervised(model, train_set, cfg, tokenizer.pad_token_id, args.logs,
-                              run_key(cfg, train_set, holdout=holdout), f"{args.params}: teacher")
-    max_new = max(len(e.input_ids) - e.prompt_len for e in train_set) + 8
-
-    def finish(folder: Path) -> Optional[float]:
-        """Tokenizer, held-out greedy exact match of the saved folder, provenance."""
-        tokenizer.save_pretrained(folder)
-        # The toy model's own engine: hf (what its numbers were measured with), its dtype as saved (auto: fp32 on
-        # CPU), its whole context (MAX_POSITIONS); kv_cache_gib is vLLM's and unused by hf.
-        engine = EngineConfig("hf", cfg.eval_batch_size, "auto", MAX_POSITIONS, kv_cache_gib=1.0)
-        accuracy = (greedy_exact_match(folder, prompts[-holdout:], references[-holdout:], max_new, engine, "teacher")
-                    if holdout else None)
-        write_provenance(folder, "teacher", source="scratch", config=cfg.spec(),
-                         train_prompts=str(args.prompts), heldout_prompts=holdout, **domain_record(args))
-        return accuracy
-
-    accuracy = save_model(result, args.out, torch.float32, finish)
-    if not result.trainer.is_global_zero:
-        return {}
-    write_text(args.plots / "loss.csv", result.loss_csv("loss"))
-    metrics = {"params": params, "final_loss": result.final_loss, "train_s": result.speed()["train_s"],
-               "resumed": result.resumed, "heldout_n": holdout}
-    if accuracy is not None:
-        metrics["heldout_exact_match"] = accuracy
-        log.info("teacher greedy exact match on %d held-out prompts: %.3f", holdout, accuracy)
-    return metrics
 
 
 def adopt_existing(args: argparse.Namespace, cfg: TeacherConfig) -> dict:
@@ -151,7 +100,8 @@ def finetuned_teacher(args: argparse.Namespace, cfg: TeacherConfig, table=None) 
 
 def build_one(args: argparse.Namespace, cfg: TeacherConfig, table=None) -> dict:
     if cfg.source == "scratch":
-        return train_scratch(args, cfg, table)
+        return train_scratch(args.prompts, cfg, args.out, args.plots, args.logs, str(args.params),
+                             domain_record(args), table)
     if cfg.finetune_steps:
         return finetuned_teacher(args, cfg, table)
     if is_gguf_source(cfg.source):
