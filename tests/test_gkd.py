@@ -21,17 +21,15 @@ import yaml
 
 from offline_opd.config import ConfigError, GkdConfig, load_params
 from offline_opd.contract import shards, tables
-from offline_opd.contract.prompts import validate_prompts
 from offline_opd.models.toy import build_char_tokenizer
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
 from offline_opd.stages import distill as distill_stage
 from offline_opd.stages import sft_data as sft_data_stage
 from offline_opd.stages import sft_topk as sft_topk_stage
-from offline_opd.tasks import addition as toy_task
 from offline_opd.train.gkd import Mix
 from offline_opd.train.shard_data import TeacherShardDataModule, TeacherShardStream
 from tests.tiny_models import (LOCAL_CLUSTER, REPO, TEACHER_FP, hf_engine, params_file, pi_ref, pi_ref_meta,
-                               save_model, teacher_meta, teacher_rows, write_teacher_shards)
+                               save_model, teacher_meta, teacher_rows, write_teacher_shards, write_toy_prompts)
 
 K = 3
 OFF_START = 10_000   # off-policy sample ids are s10000 and up, on-policy ones below
@@ -336,10 +334,7 @@ def sft_env(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("sft_topk")
     save_model(root / "teacher", seed=1, hidden=24)
-    problems = toy_task.make_problems(3, 7, seed=0)
-    table = pa.table({"prompt_id": [p.prompt_id for p in problems], "prompt": [p.prompt for p in problems],
-                      "answer": [p.answer for p in problems]})
-    pq.write_table(validate_prompts(table, "test"), root / "sft.parquet")
+    write_toy_prompts(root / "sft.parquet", 7)
     sft_data_stage.main(["--params", str(sft_params(root)), "--metrics-dir", str(root / "metrics"),
                          "--teacher", str(root / "teacher"), "--prompts", str(root / "sft.parquet"),
                          "--out", str(root / "sft")])

@@ -39,11 +39,9 @@ from offline_opd.backends.pool import RETRIES, pooled_greedy_responses, run_unit
 from offline_opd.config import ClusterConfig, EvaluateConfig
 from offline_opd.contract.prompts import encode_prompt
 from offline_opd.contract import shards
-from offline_opd.contract.prompts import validate_prompts
 from offline_opd.errors import UserError
 from offline_opd.stages import rollouts, teacher_topk
-from offline_opd.tasks import addition as toy_task
-from tests.tiny_models import LOCAL_CLUSTER, REPO, save_model
+from tests.tiny_models import LOCAL_CLUSTER, REPO, save_model, write_toy_prompts
 
 pytestmark = pytest.mark.ray
 
@@ -71,10 +69,7 @@ def env(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ray")
     save_model(root / "policy", seed=0, hidden=16)
     save_model(root / "teacher", seed=1, hidden=24)
-    problems = toy_task.make_problems(3, N_PROMPTS, seed=0)
-    table = pa.table({"prompt_id": [p.prompt_id for p in problems], "prompt": [p.prompt for p in problems],
-                      "answer": [p.answer for p in problems]})
-    pq.write_table(validate_prompts(table, "test"), root / "opd.parquet")
+    write_toy_prompts(root / "opd.parquet", N_PROMPTS)
     return root
 
 

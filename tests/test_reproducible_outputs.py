@@ -17,16 +17,14 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from offline_opd.contract.prompts import validate_prompts
 from offline_opd.runtime import run_stage
-from offline_opd.tasks import addition as toy_task
-from tests.tiny_models import LOCAL_CLUSTER, save_model
+from tests.tiny_models import LOCAL_CLUSTER, save_model, write_toy_prompts
 
 ENGINE = {"backend": "hf", "dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0, "cluster": LOCAL_CLUSTER}
 PARAMS = {
     "teacher": {"source": None},    # set to the model folder below: a pretrained teacher needs only its source
     "rollouts": {**ENGINE, "batch_size": 4, "max_new_tokens": 8, "temperature": 1.0, "rows_per_shard": 4, "seed": 0,
-                 "n_samples": 2},
+                 "n_samples": 2, "max_perplexity": None, "resample_budget": 0},
     "teacher_topk": {**ENGINE, "batch_size": 4, "k": 3, "logprob_dtype": "float16", "privileged_context": None,
                      "selection": "topk+sampled", "samples": 2, "union_student_k": 1, "seed": 0, "codec": "q8"},
 }
@@ -51,10 +49,7 @@ def test_a_rerun_on_identical_inputs_writes_identical_bytes(tmp_path):
     torch.set_num_threads(1)
     save_model(tmp_path / "policy", seed=0, hidden=16)
     save_model(tmp_path / "model", seed=1, hidden=24)
-    problems = toy_task.make_problems(3, 5, seed=0)
-    table = pa.table({"prompt_id": [p.prompt_id for p in problems], "prompt": [p.prompt for p in problems],
-                      "answer": [p.answer for p in problems]})
-    pq.write_table(validate_prompts(table, "test"), tmp_path / "prompts.parquet")
+    write_toy_prompts(tmp_path / "prompts.parquet", 5)
     params = {**PARAMS, "teacher": {"source": str(tmp_path / "model")}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "out"
@@ -82,10 +77,7 @@ def test_dvc_forced_rerun_records_the_same_hashes(tmp_path):
     (root / "data").mkdir(parents=True)
     save_model(root / "data" / "policy", seed=0, hidden=16)
     save_model(root / "model", seed=1, hidden=24)
-    problems = toy_task.make_problems(3, 5, seed=0)
-    table = pa.table({"prompt_id": [p.prompt_id for p in problems], "prompt": [p.prompt for p in problems],
-                      "answer": [p.answer for p in problems]})
-    pq.write_table(validate_prompts(table, "test"), root / "data" / "prompts.parquet")
+    write_toy_prompts(root / "data" / "prompts.parquet", 5)
     (root / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "teacher": {"source": str(root / "model")}}))
     stage = f"{sys.executable} -m offline_opd.stages."
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {

@@ -17,12 +17,10 @@ from offline_opd.models.toy import build_char_tokenizer
 from offline_opd.stages import rollouts
 from offline_opd.contract import shards, tables
 from offline_opd.stages import teacher_topk
-from offline_opd.tasks import addition as toy_task
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
 from offline_opd.backends.generation import HFGenerator
-from offline_opd.contract.prompts import validate_prompts
 from offline_opd.backends.scoring import HFScorer
-from tests.tiny_models import LOCAL_CLUSTER, hf_engine, save_model
+from tests.tiny_models import LOCAL_CLUSTER, hf_engine, save_model, write_toy_prompts
 
 N_PROMPTS, N_SAMPLES, ROWS_PER_SHARD, K = 7, 2, 4, 3   # 2 prompts per part -> 4 parts, the last one short
 ENGINE = {"dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0, "cluster": LOCAL_CLUSTER}
@@ -39,10 +37,7 @@ def env(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("stages")
     save_model(root / "policy", seed=0, hidden=16)
     save_model(root / "teacher", seed=1, hidden=24)
-    problems = toy_task.make_problems(3, N_PROMPTS, seed=0)
-    table = pa.table({"prompt_id": [p.prompt_id for p in problems], "prompt": [p.prompt for p in problems],
-                      "answer": [p.answer for p in problems]})
-    pq.write_table(validate_prompts(table, "test"), root / "opd.parquet")
+    write_toy_prompts(root / "opd.parquet", N_PROMPTS)
     return root
 
 

@@ -139,3 +139,17 @@ def params_file(folder: Path, **distill) -> Path:
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def write_toy_prompts(path: Path, n: int, seed: int = 0) -> Path:
+    """`n` toy additions with their answers at `path`, validated as a stage's --prompts file must be."""
+    import pyarrow.parquet as pq
+
+    from offline_opd.contract.prompts import validate_prompts
+    from offline_opd.tasks.addition import make_problems
+
+    problems = make_problems(3, n, seed=seed)
+    table = pa.table({"prompt_id": [p.prompt_id for p in problems], "prompt": [p.prompt for p in problems],
+                      "answer": [p.answer for p in problems]})
+    pq.write_table(validate_prompts(table, "test"), path)
+    return path
