@@ -151,12 +151,27 @@ def exclusive(path: Path | str, owner: str, suffix: str = "") -> Iterator[None]:
         yield                      # (a signal held back above is delivered here, inside the try)
     finally:
         if fd is not None:
-            with signals_deferred():
-                try:
-                    lock.unlink()
-                except OSError:
-                    pass
-                os.close(fd)
+            _release(lock, fd)
+
+
+def _release(lock: Path, fd: int) -> None:
+    """Remove and close the lock, even when a signal lands before the deferring handlers are in place."""
+    done: list[bool] = []
+
+    def release() -> None:
+        if not done:
+            done.append(True)
+            try:
+                lock.unlink()
+            except OSError:
+                pass
+            os.close(fd)
+    try:
+        with signals_deferred():
+            release()
+    except BaseException:   # a Ctrl-C that beat signals_deferred's handlers: release, then let it go on
+        release()
+        raise
 
 
 def _acquire(lock: Path, path: Path, owner: str) -> int:
