@@ -122,6 +122,13 @@ def test_pg_is_clipped_advantage_times_ratio_times_logq():
     torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-7)
 
 
+def sampled_logprobs(z: torch.Tensor, t, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log q over the vocabulary, log q(a) of the sampled tokens, and the tempered log q_T(a) of pg's ratio."""
+    lq_all = torch.log_softmax(z, -1)
+    a = t.sampled_ids[:, None]
+    return lq_all, lq_all.gather(1, a)[:, 0], torch.log_softmax(z / temperature, -1).gather(1, a)[:, 0]
+
+
 @pytest.mark.parametrize("baseline,temperature,k,trust", [(1.0, 1.0, 4, 0.0), (0.5, 0.7, 4, 0.0), (0.0, 1.3, 0, 0.0),
                                                           (1.0, 1.0, V, 0.0), (1.0, 0.8, 4, 0.2), (0.0, 1.0, 0, 0.3)])
 def test_pg_baseline_temperature_trust_region_match_an_independent_formula(baseline, temperature, k, trust):
@@ -134,10 +141,7 @@ def test_pg_baseline_temperature_trust_region_match_an_independent_formula(basel
     out, grad = run(DistillLoss(spec, behavior_temperature=temperature), logits, t)
 
     def ref(z):
-        lq_all = torch.log_softmax(z, -1)
-        a = t.sampled_ids[:, None]
-        lq = lq_all.gather(1, a)[:, 0]
-        lq_t = torch.log_softmax(z / temperature, -1).gather(1, a)[:, 0]
+        lq_all, lq, lq_t = sampled_logprobs(z, t, temperature)
         ratio = torch.exp(lq_t - t.behavior_logprob.double()).clamp(max=is_clip).detach()
         adv = (t.teacher_logprob.double() - lq).clamp(-tau, tau).detach()
         in_s = torch.zeros(N, V, dtype=torch.bool).scatter_(1, t.topk_ids, True)   # outcomes: S and one tail
@@ -300,10 +304,7 @@ def test_exopd_advantage_is_the_papers_dense_reward(reference, scale, baseline, 
     out, grad = run(DistillLoss(spec, behavior_temperature=temperature), logits, t)
 
     def ref(z):
-        lq_all = torch.log_softmax(z, -1)
-        a = t.sampled_ids[:, None]
-        lq = lq_all.gather(1, a)[:, 0]
-        lq_t = torch.log_softmax(z / temperature, -1).gather(1, a)[:, 0]
+        lq_all, lq, lq_t = sampled_logprobs(z, t, temperature)
         log_ref = t.behavior_logprob.double() if reference == "behavior" else lq.detach()
         reward = scale * (t.teacher_logprob.double() - log_ref)       # λ · log(p_T / π_ref)
         kl = lq.detach() - log_ref                                    # log(q / π_ref)

@@ -25,7 +25,6 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 import yaml
 
 if os.environ.get("OPD_REQUIRE_RAY") == "1" or os.environ.get("CI") == "true":
@@ -41,7 +40,7 @@ from offline_opd.contract.prompts import encode_prompt
 from offline_opd.contract import shards
 from offline_opd.errors import UserError
 from offline_opd.stages import rollouts, teacher_topk
-from tests.tiny_models import LOCAL_CLUSTER, REPO, save_model, write_toy_prompts
+from tests.tiny_models import LOCAL_CLUSTER, REPO, save_model, stage_env
 
 pytestmark = pytest.mark.ray
 
@@ -65,12 +64,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("ray")
-    save_model(root / "policy", seed=0, hidden=16)
-    save_model(root / "teacher", seed=1, hidden=24)
-    write_toy_prompts(root / "opd.parquet", N_PROMPTS)
-    return root
+    return stage_env(tmp_path_factory.mktemp("ray"), N_PROMPTS)
 
 
 def params(root: Path, cluster: dict, **rollouts_cfg) -> Path:

@@ -20,7 +20,7 @@ from offline_opd.stages import teacher_topk
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
 from offline_opd.backends.generation import HFGenerator
 from offline_opd.backends.scoring import HFScorer
-from tests.tiny_models import LOCAL_CLUSTER, hf_engine, save_model, write_toy_prompts
+from tests.tiny_models import LOCAL_CLUSTER, hf_engine, stage_env
 
 N_PROMPTS, N_SAMPLES, ROWS_PER_SHARD, K = 7, 2, 4, 3   # 2 prompts per part -> 4 parts, the last one short
 ENGINE = {"dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0, "cluster": LOCAL_CLUSTER}
@@ -33,12 +33,7 @@ TOPK = {"backend": "hf", "batch_size": 6, **ENGINE, "k": K, "logprob_dtype": "fl
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("stages")
-    save_model(root / "policy", seed=0, hidden=16)
-    save_model(root / "teacher", seed=1, hidden=24)
-    write_toy_prompts(root / "opd.parquet", N_PROMPTS)
-    return root
+    return stage_env(tmp_path_factory.mktemp("stages"), N_PROMPTS)
 
 
 def without_cluster(section: dict) -> dict:

@@ -153,3 +153,14 @@ def write_toy_prompts(path: Path, n: int, seed: int = 0) -> Path:
                       "answer": [p.answer for p in problems]})
     pq.write_table(validate_prompts(table, "test"), path)
     return path
+
+
+def stage_env(root: Path, n_prompts: int) -> Path:
+    """What the engine-stage tests run on: a tiny policy, a wider tiny teacher and `n_prompts` OPD prompts."""
+    import torch
+
+    torch.set_num_threads(1)
+    save_model(root / "policy", seed=0, hidden=16)
+    save_model(root / "teacher", seed=1, hidden=24)
+    write_toy_prompts(root / "opd.parquet", n_prompts)
+    return root
