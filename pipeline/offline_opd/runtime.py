@@ -70,6 +70,18 @@ def add_shard_arg(parser: argparse.ArgumentParser) -> None:
                              "several nodes) can fill one folder in parallel (default 0/1: all parts)")
 
 
+def add_scoring_args(parser: argparse.ArgumentParser, rows: str, rows_help: str, writer: str) -> None:
+    """The flags of a stage in which the teacher scores rows into shards (`teacher_topk`, `sft_topk`): the
+    teacher, the `rows` flag naming the shards to score, the output folder, the prompts, `--shard`."""
+    parser.add_argument("--teacher", type=Path, required=True, help="teacher model folder (data/models/teacher)")
+    parser.add_argument(rows, type=Path, required=True, help=rows_help)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the scored part-XXXXX.parquet shards")
+    parser.add_argument("--prompts", type=Path, default=None,
+                        help=f"prompt set with the answers for teacher_topk.privileged_context (default: the "
+                             f"prompt file recorded in the {writer} footers); unused without privileged context")
+    add_shard_arg(parser)
+
+
 # OSErrors a user fixes on the file system, not in the code: one line naming the path, exit 2.
 FILE_SYSTEM_FIXES = {
     errno.ENOSPC: "free space there and rerun",

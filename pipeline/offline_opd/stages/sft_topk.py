@@ -35,20 +35,14 @@ from offline_opd.models.loading import load_config, load_tokenizer
 from offline_opd.provenance.consistency import check_sft_scorer, override_allowed
 from offline_opd.provenance.fingerprint import model_fingerprint, tokenizer_fingerprint
 from offline_opd.provenance.record import check_unchanged
-from offline_opd.runtime import add_shard_arg, cli, stage_main
+from offline_opd.runtime import add_scoring_args, cli, stage_main
 
 KIND = "sft_topk"
 SHARD_KIND = "teacher_topk"   # the footer kind: the same contract as the rollouts' teacher shards
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", type=Path, required=True, help="teacher model folder (data/models/teacher)")
-    parser.add_argument("--sft", type=Path, required=True, help="the teacher's SFT answers (data/sft)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the scored part-XXXXX.parquet shards")
-    parser.add_argument("--prompts", type=Path, default=None,
-                        help="prompt set with the answers for teacher_topk.privileged_context (default: the "
-                             "prompt file recorded in the sft_data footers); unused without privileged context")
-    add_shard_arg(parser)
+    add_scoring_args(parser, "--sft", "the teacher's SFT answers (data/sft)", "sft_data")
 
 
 class SftScoreWork(ScoreWork):

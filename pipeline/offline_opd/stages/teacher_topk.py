@@ -41,19 +41,13 @@ from offline_opd.contract.tables import ROLLOUT_SCHEMA, teacher_format
 from offline_opd.models.loading import load_config, load_tokenizer
 from offline_opd.provenance.consistency import check_scoring_teacher, check_scoring_tokenizer, override_allowed
 from offline_opd.provenance.teachers import load_teachers
-from offline_opd.runtime import add_shard_arg, cli, stage_main
+from offline_opd.runtime import add_scoring_args, cli, stage_main
 
 KIND = "teacher_topk"
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", type=Path, required=True, help="teacher model folder (data/models/teacher)")
-    parser.add_argument("--rollouts", type=Path, required=True, help="rollout shards folder (data/rollouts)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the scored part-XXXXX.parquet shards")
-    parser.add_argument("--prompts", type=Path, default=None,
-                        help="prompt set with the answers for teacher_topk.privileged_context (default: the "
-                             "prompt file recorded in the rollout footers); unused without privileged context")
-    add_shard_arg(parser)
+    add_scoring_args(parser, "--rollouts", "rollout shards folder (data/rollouts)", "rollout")
 
 
 def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:

@@ -18,17 +18,12 @@ from offline_opd.tasks.sampling import disjoint_splits, draw_distinct
 
 def make_problems(length: int, n: int, seed: int, exclude: Collection[str] = ()) -> list[Problem]:
     """`n` distinct reversal problems of `length`-digit strings, deterministic in `seed`, none in `exclude`."""
-    space = 10 ** length
-    excluded = set(exclude)
-    if n > space - len(excluded):
-        raise ValueError(f"asked for {n} reversal problems, but only {space - len(excluded)} {length}-digit "
-                         f"strings remain; lower the split sizes or raise task.digits")
     rng = random.Random(f"toy-reverse/{length}/{seed}")
 
     def draw() -> Problem:
         digits = "".join(rng.choice("0123456789") for _ in range(length))
         return Problem(f"rev{length}-{digits}", f"rev:{digits}=", digits[::-1], digits[::-1])
-    return draw_distinct(n, draw, excluded)
+    return draw_distinct(n, draw, exclude, 10 ** length, f"reversals of {length}-digit strings")
 
 
 def make_splits(length: int, sizes: dict[str, int], seed: int) -> dict[str, list[Problem]]:

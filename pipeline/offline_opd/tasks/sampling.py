@@ -12,11 +12,14 @@ from typing import Callable, Collection, Mapping, TypeVar
 P = TypeVar("P")   # a problem: anything with a `prompt`
 
 
-def draw_distinct(n: int, draw: Callable[[], P], exclude: Collection[str] = ()) -> list[P]:
-    """`n` problems from `draw` with distinct prompts, none in `exclude`, in the order drawn (the caller
-    checks that enough distinct prompts exist, with a message in its own terms)."""
+def draw_distinct(n: int, draw: Callable[[], P], exclude: Collection[str], space: int, what: str) -> list[P]:
+    """`n` problems from `draw` with distinct prompts, none in `exclude`, in the order drawn; `space` is how
+    many distinct prompts `draw` can make, `what` names them in the error when too few are left."""
     problems: list[P] = []
     seen = set(exclude)
+    if n > space - len(seen):
+        raise ValueError(f"asked for {n} {what}, but only {space - len(seen)} remain; lower the split sizes or "
+                         f"raise task.digits")
     while len(problems) < n:
         problem = draw()
         if problem.prompt in seen:
