@@ -28,7 +28,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from offline_opd.atomic import check_writable, exclusive, write_json
+from offline_opd.atomic import DEFERRED_SIGNALS, check_writable, exclusive, write_json
 from offline_opd.errors import UserError
 from offline_opd.plots import render_folder
 from offline_opd.validation import load_checked
@@ -158,7 +158,7 @@ class StopSignals:
     caller ignores stays ignored: `nohup dvc repro` must survive its terminal closing.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    SIGNALS = DEFERRED_SIGNALS   # the signals atomic.signals_deferred holds back: the two must agree
 
     def __init__(self) -> None:
         self.received: int | None = None

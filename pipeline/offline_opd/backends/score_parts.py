@@ -43,7 +43,6 @@ class ScoreWork:
     footer: TeacherTopkFooter
     pending: shards.PartPlan
     fmt: TeacherFormat
-    selection: Selection
     privileged: PrivilegedPrompts | None
     domains: dict[str, str] | None = None   # prompt_id -> domain, under multi-teacher OPD only
 
@@ -69,7 +68,7 @@ class ScoreWork:
     def part(self, engine: RoutedEngine, pi_ref: Engine | None, j: int) -> dict:
         cfg = self.cfg
         rollouts = self.rows(j)
-        extras = rollout_extras(rollouts, self.selection, cfg.seed, pi_ref, cfg.union_student_k)
+        extras = rollout_extras(rollouts, Selection.of(cfg), cfg.seed, pi_ref, cfg.union_student_k)
         domains = row_domains(self.domains, rollouts.column("prompt_id").to_pylist(), self.parts[j].path)
         scored = engine.score(*teacher_inputs(rollouts, self.privileged), k=cfg.k, extras=extras, domains=domains)
         table = scored_table(rollouts, scored, self.fmt)

@@ -28,7 +28,6 @@ from offline_opd.config import SftTopkConfig, load_params, run_settings
 from offline_opd.contract import shards
 from offline_opd.contract.footers import SftDataFooter, TeacherTopkFooter
 from offline_opd.contract.prompts import PrivilegedPrompts
-from offline_opd.contract.sparse_targets import Selection
 from offline_opd.contract.tables import SFT_SCHEMA, teacher_format, teacher_written_rows
 from offline_opd.errors import UserError
 from offline_opd.models.loading import load_config, load_tokenizer
@@ -77,7 +76,7 @@ def run(args: argparse.Namespace, cfg: SftTopkConfig) -> dict:
                               prompts=privileged.digest if privileged else None)
     pending = shards.pending_parts(args.out, SHARD_KIND, key, len(parts), args.shard)
     footer = TeacherTopkFooter.of_sft_data(sft, **scoring_fields(topk, fmt, args.teacher, teacher_fp, key, len(parts)))
-    work = SftScoreWork(args.teacher, topk, parts, args.out, footer, pending, fmt, Selection.of(topk), privileged)
+    work = SftScoreWork(args.teacher, topk, parts, args.out, footer, pending, fmt, privileged)
     return {"enabled": True, **score_parts(work, len(range(args.shard[0], len(parts), args.shard[1])), KIND)}
 
 

@@ -36,7 +36,6 @@ from offline_opd.config import TeacherTopkConfig, run_settings
 from offline_opd.contract import shards
 from offline_opd.contract.footers import RolloutsFooter, TeacherTopkFooter
 from offline_opd.contract.prompts import PrivilegedPrompts
-from offline_opd.contract.sparse_targets import Selection
 from offline_opd.contract.tables import ROLLOUT_SCHEMA, teacher_format
 from offline_opd.models.loading import load_config, load_tokenizer
 from offline_opd.provenance.consistency import check_scoring_teacher, check_scoring_tokenizer, override_allowed
@@ -52,7 +51,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     shard = args.shard
-    selection = Selection.of(cfg)
     teachers = load_teachers(args.teacher)
     fmt = teacher_format(cfg, load_config(teachers.first).vocab_size, args.params, args.teacher)
     parts = shards.open_run(args.rollouts, "rollouts", ROLLOUT_SCHEMA)
@@ -75,7 +73,7 @@ def run(args: argparse.Namespace, cfg: TeacherTopkConfig) -> dict:
     footer = TeacherTopkFooter.of_rollouts(
         policy, **scoring_fields(cfg, fmt, args.teacher, teacher_fp, key, len(parts)),
         **({"teachers": teachers.fingerprints} if teachers.multi else {}))
-    work = ScoreWork(args.teacher, cfg, parts, args.out, footer, pending, fmt, selection, privileged, domains)
+    work = ScoreWork(args.teacher, cfg, parts, args.out, footer, pending, fmt, privileged, domains)
     return score_parts(work, len(range(shard[0], len(parts), shard[1])), KIND)
 
 

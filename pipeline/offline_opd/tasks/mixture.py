@@ -30,7 +30,11 @@ class MixtureTask:
         out = {}
         for name in sizes:
             a, r = adds[name], revs[name]
-            rows = [(p, d) for i in range(len(a)) for p, d in ((a[i], "add"), *(((r[i], "rev"),) if i < len(r) else ()))]
+            rows = []   # interleaved: add, rev, add, rev, ... (an odd split ends with an addition)
+            for i, problem in enumerate(a):
+                rows.append((problem, DOMAINS[0]))
+                if i < len(r):
+                    rows.append((r[i], DOMAINS[1]))
             out[name] = pa.table({"prompt_id": [p.prompt_id for p, _ in rows], "prompt": [p.prompt for p, _ in rows],
                                   "answer": [p.answer for p, _ in rows], "reference": [p.solution for p, _ in rows],
                                   "domain": [d for _, d in rows]}, schema=DOMAIN_PROMPT_SCHEMA)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 TEMPLATE = "What is {a} + {b}? Answer with the number only."
 
+from offline_opd.atomic import write_text
+
 
 def addition_rows(count: int, below: int, seed: int) -> list[dict]:
     """`count` distinct (a, b) pairs with 0 <= a, b < `below`, in a seeded random order."""
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the pair sample (default 0)")
     args = parser.parse_args(argv)
     rows = addition_rows(args.count, args.below, args.seed)
-    args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
     print(f"{args.out}: {len(rows)} prompts, a, b < {args.below}, seed {args.seed}")
 
 

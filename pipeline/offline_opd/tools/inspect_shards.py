@@ -245,8 +245,6 @@ def frame(spec: str, sql: str = "SELECT * FROM shards") -> Any:
     The notebook entry point (`frame("data/teacher_topk")`): the same checks and decoding as the CLI, then the
     analysis in polars, which DuckDB hands the result to through Arrow without a copy per row.
     """
-    import polars  # noqa: F401  (a core dependency; DuckDB's .pl() needs it importable)
-
     return connect(spec).sql(sql).pl()
 
 

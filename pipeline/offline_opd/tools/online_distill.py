@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from offline_opd.config import DistillConfig, RolloutsConfig, TeacherTopkConfig, load_section
+from offline_opd.config import DistillConfig, RolloutsConfig, TeacherTopkConfig, load_params
 from offline_opd.errors import UserError
 from offline_opd.runtime import cli, stage_main
 from offline_opd.train.data import ResumableDataModule
@@ -136,8 +136,9 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
         raise UserError(f"{args.params}: distill.gkd mixes in the teacher's scored SFT answers, which online OPD "
                         f"(every sequence sampled by the live student) does not read; set lambda_start and "
                         f"lambda_end to 1 for an online run")
-    rollouts: RolloutsConfig = load_section("rollouts", args.params)
-    topk: TeacherTopkConfig = load_section("teacher_topk", args.params)
+    sections = load_params(args.params, required=("rollouts", "teacher_topk"))   # one parse for both
+    rollouts: RolloutsConfig = sections["rollouts"]
+    topk: TeacherTopkConfig = sections["teacher_topk"]
     check_online(topk, str(args.params))
     fmt = teacher_format(topk, load_config(args.teacher).vocab_size)
     objective = loss_from_config(cfg, f"{args.params}: distill", behavior_temperature=rollouts.temperature)

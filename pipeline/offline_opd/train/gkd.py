@@ -35,11 +35,6 @@ class Mix:
         """The schedule `distill.gkd` (`config.GkdConfig`) describes for a run of `max_steps` steps."""
         return cls(gkd.lambda_start, gkd.lambda_end, gkd.ramp_frac * max_steps, batch_size, accumulate)
 
-    @property
-    def pure_on_policy(self) -> bool:
-        """λ = 1 at every step: the off-policy pool is never read (today's run)."""
-        return self.lambda_start == self.lambda_end == 1.0
-
     def at(self, step: int) -> float:
         """λ at optimizer step `step`."""
         if step >= self.ramp_steps:

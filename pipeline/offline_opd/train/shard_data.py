@@ -138,7 +138,7 @@ class TeacherShardStream(IterableDataset):
             raise ValueError(f"batch_size and shuffle_row_groups must be >= 1, got {batch_size}, {shuffle_row_groups}")
         if (off_policy is None) != (mix is None) or (mix is not None and mix.batch_size != batch_size):
             raise ValueError("off-policy shards need a mix of the same batch size, and a mix needs off-policy shards")
-        self.infos, self.fmt = infos, shards.teacher_format(infos)
+        self.fmt = shards.teacher_format(infos)
         self.pools = [Pool(infos, self.fmt, seed, shuffle_row_groups)]
         if off_policy is not None:
             self.pools.append(Pool(off_policy, self.fmt, seed, shuffle_row_groups))
