@@ -79,16 +79,19 @@ class Mismatch:
 
 
 def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inconsistent_teacher: bool,
-                         off_policy_dir: Path | str | None = None) -> dict:
+                         off_policy_dir: Path | str | None = None, infos: list[shards.ShardInfo] | None = None,
+                         off_infos: list[shards.ShardInfo] | None = None) -> dict:
     """Check that π_ref in `init_dir` and the teacher_topk shards in `shards_dir` belong together, and so do
     the teacher's scored SFT answers in `off_policy_dir` (GKD's off-policy rows, when given).
 
     Raises ConsistencyError (or ShardError for an unreadable shard) naming both fingerprints and
     their files. With the override, teacher/policy mismatches only log a warning; the returned
     report (fingerprints checked, `override_used`, `mismatches`) is for distill's metadata and metrics.
+    `infos` / `off_infos`: the two folders already opened (distill's data module opens them; opening checks
+    every file's seal, a full read, so it is done once).
     """
     init_dir, shards_dir = Path(init_dir), Path(shards_dir)
-    infos = shards.open_teacher_shards(shards_dir)
+    infos = shards.open_teacher_shards(shards_dir) if infos is None else infos
     first = infos[0]
     mismatches = _shard_disagreements(infos)
     where = f"{first.path} (footer {shards.META_PREFIX}{{key}}; {len(infos)} shards)"
@@ -125,7 +128,7 @@ def check_distill_inputs(init_dir: Path | str, shards_dir: Path | str, allow_inc
                                    "sft_topk folder as --off-policy", False))
     off = None
     if off_policy_dir is not None:
-        off = shards.open_teacher_shards(off_policy_dir)
+        off = shards.open_teacher_shards(off_policy_dir) if off_infos is None else off_infos
         mismatches += _off_policy_mismatches(infos, off, prov["sft_teacher_fingerprint"],
                                              f"{prov_path} (sft_teacher_fingerprint, from {sft_files})")
     _raise_or_warn([m for m in mismatches if not m.overridable], allow_inconsistent_teacher)  # structural first

@@ -62,7 +62,13 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
 
     check_kernel_backend(cfg, args.params)
     off_policy = args.off_policy if cfg.gkd.off_policy else None
-    report = check_distill_inputs(args.init, args.shards, cfg.allow_inconsistent_teacher, off_policy)
+    from offline_opd.train.shard_data import TeacherShardDataModule, unwrap_worker_error
+
+    data = TeacherShardDataModule(args.shards, cfg.batch_size, cfg.seed, cfg.shuffle_row_groups, cfg.num_workers,
+                                  off_policy, cfg.gkd, cfg.max_steps)
+    data.open()   # every shard opened and its seal checked once, for the consistency check and for training
+    report = check_distill_inputs(args.init, args.shards, cfg.allow_inconsistent_teacher, off_policy,
+                                  data.infos, data.off_infos)
 
     from transformers import AutoTokenizer
 
@@ -70,11 +76,8 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     from offline_opd.models.loading import resolve_model_dir
     from offline_opd.provenance.record import write_provenance
     from offline_opd.train.module import TrainModule
-    from offline_opd.train.shard_data import TeacherShardDataModule, unwrap_worker_error
     from offline_opd.train.trainer import fit, load_for_training, save_model
 
-    data = TeacherShardDataModule(args.shards, cfg.batch_size, cfg.seed, cfg.shuffle_row_groups, cfg.num_workers,
-                                  off_policy, cfg.gkd, cfg.max_steps)
     data.setup()
     objective = loss_from_config(cfg, f"{args.params}: distill",
                                  behavior_temperature=data.infos[0].footer.sampling_temperature)

@@ -255,8 +255,8 @@ class TeacherShardDataModule(ResumableDataModule):
         self.infos: Optional[list[shards.ShardInfo]] = None
         self.off_infos: Optional[list[shards.ShardInfo]] = None
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        """Validate every shard's footer and schema (idempotent: distill calls it before loading the model)."""
+    def open(self) -> None:
+        """Open both folders: every shard's footer, schema and seal checked (idempotent)."""
         if self.infos is None:
             if self.gkd is not None and self.gkd.off_policy and self.off_policy_dir is None:
                 raise ConfigError("distill.gkd mixes in the teacher's own sequences, but no off-policy shard folder "
@@ -264,7 +264,12 @@ class TeacherShardDataModule(ResumableDataModule):
             self.infos = shards.open_teacher_shards(self.shards_dir)
             if self.off_policy_dir is not None:
                 self.off_infos = shards.open_teacher_shards(self.off_policy_dir)
-            shards.teacher_format(self.infos + (self.off_infos or []))   # one batch, one format
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Open the shards (if not yet) and check that both pools batch together (distill calls it before
+        loading the model)."""
+        self.open()
+        shards.teacher_format(self.infos + (self.off_infos or []))   # one batch, one format
 
     def mix(self) -> Optional[Mix]:
         """The GKD schedule in this run's micro-batches (None: on-policy only)."""
