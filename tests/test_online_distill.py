@@ -81,7 +81,23 @@ def test_online_opd_samples_and_scores_every_step_and_trains(tmp_path, monkeypat
     first, last = seen[0][1], seen[-1][1]
     assert any(not torch.equal(first[n], last[n]) for n in first)
     assert (tmp_path / "out" / "config.json").exists()
-    assert metrics["generate_s"] > 0 and metrics["score_s"] > 0
+
+
+def test_online_metrics_break_the_run_down_by_phase(tmp_path):
+    """bench/cost.py reads these: every phase timed (wall and CPU), within the run's total, with its tokens."""
+    online_distill.main(setup(tmp_path))
+    metrics = json.loads((tmp_path / "metrics" / "online_distill.json").read_text())
+    phases = metrics["phases"]
+    assert set(phases) == {"load", "generate", "score", "train"}
+    for clock in ("wall_s", "cpu_s"):
+        assert all(p[clock] >= 0 for p in phases.values())
+    assert all(phases[name]["wall_s"] > 0 for name in phases)   # each phase ran
+    assert sum(p["wall_s"] for p in phases.values()) <= metrics["online_wall_s"] <= metrics["wall_s"]
+    assert sum(p["cpu_s"] for p in phases.values()) <= metrics["online_cpu_s"] + 1e-3
+    assert metrics["sequences"] == 3 * 4   # steps x batch: every sequence sampled and scored once
+    assert 0 < metrics["generated_tokens"] <= metrics["sequences"] * 5   # rollouts.max_new_tokens each
+    assert metrics["scored_tokens"] > metrics["generated_tokens"]        # the teacher reads the prompts too
+    assert metrics["train_tokens"] == metrics["scored_tokens"] and metrics["train_cpu_s"] >= 0
 
 
 def test_online_opd_refuses_sampled_teacher_targets(tmp_path, capsys):

@@ -14,11 +14,16 @@ It is not in dvc.yaml: `python -m offline_opd.tools.online_distill --init data/m
 data/models/teacher --prompts data/prompts/opd.parquet --out DIR --logs DIR` (bench/ drives it for the
 offline-vs-online comparison). A rerun does not resume a previous run's sampling: the fresh samples
 depend on the weights, so the logs folder must be new or its checkpoint is discarded.
+
+Its metrics break the run's wall and CPU seconds down by phase (`phases`: load, generate, score, train; the
+rest of `online_wall_s` is Lightning's setup, checkpoints between steps and saving), with the tokens each
+phase handled, so `bench/cost.py` compares it with offline OPD phase by phase instead of by one total.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -31,6 +36,54 @@ from offline_opd.config import DistillConfig, RolloutsConfig, TeacherTopkConfig,
 from offline_opd.errors import UserError
 from offline_opd.runtime import cli, stage_main
 from offline_opd.train.data import ResumableDataModule
+
+PHASES = ("load", "generate", "score", "train")
+
+
+class Phases:
+    """Wall and CPU seconds accumulated per phase: two clock reads per timed block, cheap next to a step.
+    CPU seconds are the process's (all its threads): on a shared machine wall time alone mixes in the load."""
+
+    def __init__(self) -> None:
+        self.seconds = {name: [0.0, 0.0] for name in PHASES}
+        self._open: tuple[float, float] | None = None
+
+    def start(self) -> None:
+        """Open the one block timed across two callbacks (a training batch); `stop(name)` closes it."""
+        self._open = (time.perf_counter(), time.process_time())
+
+    def stop(self, name: str) -> None:
+        wall, cpu = self._open
+        self.seconds[name][0] += time.perf_counter() - wall
+        self.seconds[name][1] += time.process_time() - cpu
+        self._open = None
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds[name][0] += time.perf_counter() - wall
+            self.seconds[name][1] += time.process_time() - cpu
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        return {name: {"wall_s": round(w, 4), "cpu_s": round(c, 4)} for name, (w, c) in self.seconds.items()}
+
+
+def phase_timer(phases: Phases) -> Any:
+    """A Lightning callback timing each training batch (forward, backward, optimizer step, and the
+    checkpoint written at its end) as the `train` phase; fetching the batch (generate, score) is outside it."""
+    import pytorch_lightning as pl
+
+    class PhaseTimer(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            phases.start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            phases.stop("train")
+
+    return PhaseTimer()
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +106,8 @@ class OnlineBatches(ResumableDataModule):
     """
 
     def __init__(self, module: Any, prompts: tuple[list[str], list[list[int]]], tokenizer: Any, scorer: Any,
-                 fmt: Any, cfg: DistillConfig, rollouts: RolloutsConfig, k: int, frozen_sampler: Any = None) -> None:
+                 fmt: Any, cfg: DistillConfig, rollouts: RolloutsConfig, k: int, phases: Phases,
+                 frozen_sampler: Any = None) -> None:
         super().__init__()
         if cfg.batch_size < rollouts.n_samples:
             raise UserError(f"distill.batch_size: {cfg.batch_size} is below rollouts.n_samples "
@@ -62,7 +116,8 @@ class OnlineBatches(ResumableDataModule):
         self.fmt, self.cfg, self.rollouts, self.k = fmt, cfg, rollouts, k
         self.frozen_sampler = frozen_sampler
         self.per_batch = cfg.batch_size // rollouts.n_samples
-        self.seconds = {"generate_s": 0.0, "score_s": 0.0}
+        self.phases = phases
+        self.tokens = {"sequences": 0, "generated_tokens": 0, "scored_tokens": 0}
 
     def layout(self) -> dict[str, Any]:
         return {"online": True, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed}
@@ -95,20 +150,22 @@ class OnlineBatches(ResumableDataModule):
             if b < self.start_batches:
                 continue
             model = self.module.model if self.frozen_sampler is None else self.frozen_sampler
-            t0 = time.perf_counter()
-            was_training = model.training
-            model.eval()
-            generator = HFGenerator(model, self.tokenizer, self.rollouts.batch_size)   # the weights of now
-            samples = generator.generate([tokens[i] for i in pick], Sampling(
-                self.rollouts.n_samples, self.rollouts.temperature, self.rollouts.max_new_tokens,
-                batch_seed(self.rollouts.seed + self.cfg.seed, b)))
-            model.train(was_training)
-            table = rollout_table([ids[i] for i in pick], [tokens[i] for i in pick], samples)
-            t1 = time.perf_counter()
-            scored = self.scorer.score(table.column("input_ids").to_pylist(),
-                                       table.column("prompt_len").to_pylist(), k=self.k)
-            self.seconds["generate_s"] += t1 - t0
-            self.seconds["score_s"] += time.perf_counter() - t1
+            with self.phases.timed("generate"):
+                was_training = model.training
+                model.eval()
+                generator = HFGenerator(model, self.tokenizer, self.rollouts.batch_size)   # the weights of now
+                samples = generator.generate([tokens[i] for i in pick], Sampling(
+                    self.rollouts.n_samples, self.rollouts.temperature, self.rollouts.max_new_tokens,
+                    batch_seed(self.rollouts.seed + self.cfg.seed, b)))
+                model.train(was_training)
+                table = rollout_table([ids[i] for i in pick], [tokens[i] for i in pick], samples)
+            input_ids, prompt_lens = table.column("input_ids").to_pylist(), table.column("prompt_len").to_pylist()
+            with self.phases.timed("score"):
+                scored = self.scorer.score(input_ids, prompt_lens, k=self.k)
+            lengths = list(map(len, input_ids))
+            self.tokens["sequences"] += len(lengths)
+            self.tokens["scored_tokens"] += sum(lengths)
+            self.tokens["generated_tokens"] += sum(lengths) - sum(prompt_lens)
             yield collate(scored_table(table, scored, self.fmt), self.fmt)
 
 
@@ -128,6 +185,7 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     from offline_opd.train.module import TrainModule
     from offline_opd.train.trainer import fit, load_for_training, save_model
 
+    start, start_cpu, phases = time.perf_counter(), time.process_time(), Phases()
     check_kernel_backend(cfg, args.params)
     if cfg.strategy == "fsdp":
         raise UserError(f"{args.params}: distill.strategy: fsdp is not supported by online OPD (it samples from "
@@ -140,27 +198,28 @@ def run(args: argparse.Namespace, cfg: DistillConfig) -> dict:
     rollouts: RolloutsConfig = sections["rollouts"]
     topk: TeacherTopkConfig = sections["teacher_topk"]
     check_online(topk, str(args.params))
-    fmt = teacher_format(topk, load_config(args.teacher).vocab_size)
-    objective = loss_from_config(cfg, f"{args.params}: distill", behavior_temperature=rollouts.temperature)
-    table = read_prompts(args.prompts)
-    tokenizer = load_tokenizer(args.init)
-    prompts = (table.column("prompt_id").to_pylist(),
-               [encode_prompt(tokenizer, t) for t in table.column("prompt").to_pylist()])
-    model, dtype, _ = load_for_training(args.init, cfg.precision)
-    module = TrainModule(model, cfg, objective)
-    scorer = load_engine(args.teacher, topk, "teacher_topk", max_logprobs=topk.k)   # hf or vllm, as configured
-    frozen = copy.deepcopy(model).eval() if args.sampler == "init" else None
-    data = OnlineBatches(module, prompts, tokenizer, scorer, fmt, cfg, rollouts, topk.k, frozen)
-    start = time.perf_counter()
+    with phases.timed("load"):
+        fmt = teacher_format(topk, load_config(args.teacher).vocab_size)
+        objective = loss_from_config(cfg, f"{args.params}: distill", behavior_temperature=rollouts.temperature)
+        table = read_prompts(args.prompts)
+        tokenizer = load_tokenizer(args.init)
+        prompts = (table.column("prompt_id").to_pylist(),
+                   [encode_prompt(tokenizer, t) for t in table.column("prompt").to_pylist()])
+        model, dtype, _ = load_for_training(args.init, cfg.precision)
+        module = TrainModule(model, cfg, objective)
+        scorer = load_engine(args.teacher, topk, "teacher_topk", max_logprobs=topk.k)   # hf or vllm, as configured
+        frozen = copy.deepcopy(model).eval() if args.sampler == "init" else None
+    data = OnlineBatches(module, prompts, tokenizer, scorer, fmt, cfg, rollouts, topk.k, phases, frozen)
     try:
-        result = fit(module, data, cfg, args.logs, f"online-{time.time_ns()}", f"{args.params}: distill")
+        result = fit(module, data, cfg, args.logs, f"online-{time.time_ns()}", f"{args.params}: distill",
+                     callbacks=[phase_timer(phases)])
     finally:
         scorer.close()
-    wall = time.perf_counter() - start
     save_model(result, args.out, dtype, lambda folder: tokenizer.save_pretrained(folder))
-    return {"sampler": args.sampler, "final_loss": result.final_loss, "steps": result.trainer.global_step, "online_wall_s": round(wall, 2),
-            **{k: round(v, 4) for k, v in data.seconds.items()}, **result.speed(),
-            "config": dataclasses.asdict(cfg)}
+    return {"sampler": args.sampler, "final_loss": result.final_loss, "steps": result.trainer.global_step,
+            "online_wall_s": round(time.perf_counter() - start, 4),
+            "online_cpu_s": round(time.process_time() - start_cpu, 4),
+            "phases": phases.metrics(), **data.tokens, **result.speed(), "config": dataclasses.asdict(cfg)}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -71,8 +71,10 @@ class TrainModule(pl.LightningModule):
         self.response_tokens = 0                     # trained in this process (for tokens/s)
         self.all_tokens = 0
         self.train_seconds = 0.0
+        self.train_cpu_seconds = 0.0                 # the process's CPU seconds over the same span
         self.train_device: Optional[torch.device] = None
         self._t0: Optional[float] = None
+        self._c0 = 0.0
         self._norm: tuple[float, float] = (1.0, 1.0)
         self._step_sums = torch.zeros(3)             # loss, divergence, ce of this step so far (this rank)
 
@@ -141,7 +143,7 @@ class TrainModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if self._t0 is None:
-            self._t0 = time.perf_counter()
+            self._t0, self._c0 = time.perf_counter(), time.process_time()
         if batch["group_index"] == 0:       # first micro-batch of an optimizer step
             self._norm = self.global_norm(batch["group_tokens"])
             self._step_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -179,6 +181,7 @@ class TrainModule(pl.LightningModule):
     def on_train_end(self) -> None:
         if self._t0 is not None:
             self.train_seconds = time.perf_counter() - self._t0
+            self.train_cpu_seconds = time.process_time() - self._c0
 
     def configure_optimizers(self) -> dict:
         """AdamW (weight decay on matrices only), linear warmup then cosine to zero (transformers' schedule)."""

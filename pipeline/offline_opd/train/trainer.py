@@ -181,7 +181,7 @@ class FitResult:
     def speed(self) -> dict[str, Any]:
         """Throughput of this process's training (tokens on this rank)."""
         m, secs = self.module, self.module.train_seconds
-        return {"train_s": round(secs, 2),
+        return {"train_s": round(secs, 2), "train_cpu_s": round(m.train_cpu_seconds, 2), "train_tokens": m.all_tokens,
                 "response_tokens_per_s": round(m.response_tokens / secs, 1) if secs else None,
                 "tokens_per_s": round(m.all_tokens / secs, 1) if secs else None,
                 "device": None if m.train_device is None else str(m.train_device)}
