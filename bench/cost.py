@@ -13,18 +13,25 @@ batch, seed):
   online    `python -m offline_opd.tools.online_distill`: every step the current student samples a fresh
             batch and the in-process teacher scores it (its metrics time each phase).
 
-Configurations (`--configs`):
+Configurations: `toy`, then one per `--grow` (default 4,512 and 12,1024):
 
-  toy       the project's teacher (`--teacher`).
-  grown     the same teacher grown to `--grow LAYERS,INTERMEDIATE`: extra decoder layers and MLP neurons whose
-            weights that write into the residual stream (o_proj and down_proj) are zero, so it returns exactly
-            the toy teacher's logits (the online student learns the same thing and samples sequences of the
-            same lengths as in `toy`) at the cost of a bigger model: a dense matmul costs the same with zeros.
-            Its accuracy is the toy teacher's; only its cost matters here. It is not the teacher that wrote
-            π_ref's SFT data, so both methods run with distill.allow_inconsistent_teacher (the check that
+  toy                 the project's teacher (`--teacher`).
+  grown_<L>x<I>       the same teacher grown to L decoder layers and I MLP neurons: extra layers and neurons whose
+            weights that write into the residual stream (o_proj, down_proj) are zero. It returns the toy
+            teacher's logits (to float rounding; the run prints the largest difference), so the online student
+            learns and samples as with `toy`, at the cost of a bigger model (a dense matmul costs the same with
+            zeros). Its accuracy is the toy teacher's; only its cost matters here. It is not the teacher that
+            wrote π_ref's SFT data, so both methods run with distill.allow_inconsistent_teacher (the check that
             would refuse it reads fingerprints, not logits).
 
-Per configuration it prints a table: per phase (student generation, teacher scoring, training, load/other)
+Both methods score in batches of `--score-batch` sequences (default distill.batch_size, the batch online
+scores each step; `params` keeps teacher_topk.batch_size): with the same batch shape the teacher's per-token
+cost is the same on both sides, so the ratio measures how often each method scores. On one CPU thread a
+teacher's forward at teacher_topk.batch_size 512 is slower per token than at 64 (its MLP activations
+outgrow the caches): measured here, that alone halves offline's advantage with the grown teacher.
+
+A first untimed pass of both methods (2 steps, the toy teacher) warms the process up. Per configuration it
+then prints a table: per phase (student generation, teacher scoring, training, load/other)
 the wall seconds, the process's CPU seconds (all threads; the machine may be shared, so the load average is
 printed before and after) and the tokens handled, for both methods; then the measured per-token forward
 cost of the teacher vs the student (a short microbenchmark of both models' forward on the same batch of
@@ -54,8 +61,17 @@ from typing import Any, Callable
 
 import yaml
 
+GROW = ("4,512", "12,1024")
 PHASES = (("generation", "student generation"), ("scoring", "teacher scoring"), ("training", "training"),
           ("other", "load/other"))
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        layers, intermediate = (int(x) for x in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--grow {text!r}: expected LAYERS,INTERMEDIATE, e.g. 12,1024") from None
+    return layers, intermediate
 
 
 def clocked(fn: Callable[[], Any]) -> tuple[Any, float, float]:
@@ -69,11 +85,13 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def write_params(base: dict, path: Path, max_steps: int | None, allow_inconsistent: bool) -> Path:
+def write_params(base: dict, path: Path, max_steps: int | None, score_batch: str, allow_inconsistent: bool) -> Path:
     """The project's params with this comparison's overrides (the same file for both methods)."""
     data = json.loads(json.dumps(base))
     if max_steps is not None:
         data["distill"]["max_steps"] = max_steps
+    if score_batch != "params":
+        data["teacher_topk"]["batch_size"] = int(score_batch) if score_batch else data["distill"]["batch_size"]
     if allow_inconsistent:
         data["distill"]["allow_inconsistent_teacher"] = True
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +112,7 @@ def grown_teacher(teacher: Path, layers: int, intermediate: int, out: Path) -> P
     small = AutoModelForCausalLM.from_pretrained(resolve_model_dir(teacher), torch_dtype=torch.float32)
     if not isinstance(small, LlamaForCausalLM):
         raise SystemExit(f"--grow: {teacher} is a {type(small).__name__}; growing supports Llama teachers "
-                         f"(the toy's); pass --configs toy, or a bigger --teacher")
+                         f"(the toy's); pass --grow none, or a bigger --teacher")
     old = small.config
     if layers < old.num_hidden_layers or intermediate < old.intermediate_size:
         raise SystemExit(f"--grow {layers},{intermediate}: the teacher already has {old.num_hidden_layers} layers "
@@ -222,14 +240,15 @@ def compare(name: str, work: Path, base: dict, args: argparse.Namespace, teacher
     from offline_opd.models.loading import load_tokenizer
 
     load_before = load_average()
-    params = write_params(base, work / "params.yaml", args.max_steps, allow_inconsistent=name != "toy")
+    params = write_params(base, work / "params.yaml", args.max_steps, args.score_batch, allow_inconsistent=name != "toy")
     off = offline(work / "offline", params, args.init, teacher, args.prompts)
     on = online(work / "online", params, args.init, teacher, args.prompts)
-    distill = yaml.safe_load(params.read_text())["distill"]
+    used = yaml.safe_load(params.read_text())
+    distill = used["distill"]
     batch = rollout_batch(off.pop("rollouts"), distill["batch_size"],
                           load_tokenizer(args.init).pad_token_id)
     per_ktok = forward_cost({"teacher": teacher, "student": args.init}, batch, args.repeats)
-    result = {"teacher": str(teacher), "offline": off, "online": on,
+    result = {"teacher": str(teacher), "score_batch": used["teacher_topk"]["batch_size"], "offline": off, "online": on,
               "forward_s_per_1k_tokens": per_ktok,
               "teacher_over_student_per_token": round(per_ktok["teacher"] / per_ktok["student"], 2),
               "reuse": round(distill["max_steps"] * distill["batch_size"] / off["phases"]["generation"]["sequences"], 2),
@@ -239,6 +258,12 @@ def compare(name: str, work: Path, base: dict, args: argparse.Namespace, teacher
     if name != "toy":
         result["max_logit_difference_from_toy_teacher"] = check_same_logits(args.teacher, teacher, batch)
     return result
+
+
+def per_1k(side: dict, phase: str) -> float:
+    """Wall milliseconds per 1,000 tokens of one phase."""
+    p = side["phases"][phase]
+    return 1e6 * p["wall_s"] / max(1, p["tokens"])
 
 
 def table(name: str, r: dict) -> str:
@@ -262,11 +287,22 @@ def table(name: str, r: dict) -> str:
               f"forward per 1,000 tokens: teacher {1000 * r['forward_s_per_1k_tokens']['teacher']:.2f} ms, student "
               f"{1000 * r['forward_s_per_1k_tokens']['student']:.2f} ms: teacher/student "
               f"{r['teacher_over_student_per_token']}x per token",
+              f"teacher scoring per 1,000 tokens (batches of {r['score_batch']}): offline "
+              f"{per_1k(off, 'scoring'):.0f} ms, online {per_1k(on, 'scoring'):.0f} ms",
               f"online / offline: {r['online_over_offline_wall']}x wall, {r['online_over_offline_cpu']}x CPU"]
     if "max_logit_difference_from_toy_teacher" in r:
         lines.append(f"grown teacher's largest logit difference from the toy teacher: "
                      f"{r['max_logit_difference_from_toy_teacher']:.2g}")
     return "\n".join(lines)
+
+
+def rounded(value: Any) -> Any:
+    """Floats to 4 decimals, all the way down (timings are not more precise than that)."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    return value
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -275,8 +311,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--init", type=Path, default=Path("data/models/student_sft"), help="π_ref")
     ap.add_argument("--teacher", type=Path, default=Path("data/models/teacher"))
     ap.add_argument("--prompts", type=Path, default=Path("data/prompts/opd.parquet"), help="the OPD prompts")
-    ap.add_argument("--configs", default="toy,grown", help="comma-separated: toy, grown (default both)")
-    ap.add_argument("--grow", default="12,1024", help="LAYERS,INTERMEDIATE of the grown teacher (default 12,1024)")
+    ap.add_argument("--grow", action="append", default=None,
+                    help="LAYERS,INTERMEDIATE of a grown teacher, one configuration each (repeatable; default "
+                         f"{' and '.join(GROW)}; `none`: the toy only)")
+    ap.add_argument("--score-batch", default="",
+                    help="teacher_topk.batch_size for both methods (default distill.batch_size; `params`: the params')")
     ap.add_argument("--max-steps", type=int, default=None,
                     help="distill.max_steps for both methods (default: the params'); fewer steps also lower "
                          "online's re-sampling, so the ratio falls with them")
@@ -284,27 +323,30 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, default=Path("bench_runs/cost"), help="scratch folder (replaced)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/cost.json"))
     args = ap.parse_args(argv)
-    configs = args.configs.split(",")
-    if not set(configs) <= {"toy", "grown"}:
-        raise SystemExit(f"--configs: {args.configs!r}; choose from toy, grown")
-    layers, intermediate = (int(x) for x in args.grow.split(","))
+    sizes = [] if args.grow == ["none"] else [parse_size(g) for g in (args.grow or GROW)]
     base = yaml.safe_load(args.params.read_text())
     shutil.rmtree(args.work, ignore_errors=True)
     import torch
 
+    from offline_opd.runtime import torch_threads   # what every stage (and online_distill) runs with
+
     results: dict[str, Any] = {
         "command": " ".join(["python", "bench/cost.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch_threads(), "platform": platform.platform(),
                     "cuda": torch.cuda.is_available()},
         "configs": {}}
-    for name in configs:
-        teacher = args.teacher if name == "toy" else grown_teacher(args.teacher, layers, intermediate,
-                                                                   args.work / "grown_teacher")
+    # Untimed: both methods for 2 steps, so that neither side of the first comparison pays this process's
+    # first imports and kernel warm-ups (the offline side would, running first).
+    warm = argparse.Namespace(**{**vars(args), "max_steps": 2, "repeats": 1})
+    compare("toy", args.work / "warm_up", base, warm, args.teacher)
+    for size in [None, *sizes]:
+        name = "toy" if size is None else f"grown_{size[0]}x{size[1]}"
+        teacher = args.teacher if size is None else grown_teacher(args.teacher, *size, args.work / f"{name}_teacher")
         results["configs"][name] = compare(name, args.work / name, base, args, teacher)
         print(table(name, results["configs"][name]), flush=True)
         print(flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    args.out.write_text(json.dumps(rounded(results), indent=1, default=str) + "\n")
     return results
 
 
