@@ -26,9 +26,9 @@ Configurations: `toy`, then one per `--grow` (default 4,512 and 12,1024):
 
 Both methods score in batches of `--score-batch` sequences (default distill.batch_size, the batch online
 scores each step; `params` keeps teacher_topk.batch_size): with the same batch shape the teacher's per-token
-cost is the same on both sides, so the ratio measures how often each method scores. On one CPU thread a
-teacher's forward at teacher_topk.batch_size 512 is slower per token than at 64 (its MLP activations
-outgrow the caches): measured here, that alone halves offline's advantage with the grown teacher.
+cost is about the same on both sides, so the ratio measures how often each method scores. On one CPU thread
+the 12 x 1,024 teacher scored 1.7x slower per token in teacher_topk's batches of 512 than online's of 64, and
+online / offline fell from 3.35-3.87x to 2.3x (README "Offline vs online cost, phase by phase").
 
 A first untimed pass of both methods (2 steps, the toy teacher) warms the process up. Per configuration it
 then prints a table: per phase (student generation, teacher scoring, training, load/other)
