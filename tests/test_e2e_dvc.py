@@ -122,6 +122,8 @@ def test_opd_table_runs_every_kind_of_row_per_seed_and_resumes_from_its_cache(pr
             assert [r["seed"] for r in runs[row]] == [0, 1]
             assert stats["accuracy_mean"] == pytest.approx(statistics.fmean(accs), abs=1e-4)
             assert stats["accuracy_std"] == pytest.approx(statistics.stdev(accs), abs=1e-4)
+            gains = [r["accuracy"] - r["pi_ref"] for r in runs[row]]   # 95 % t-interval, 1 degree of freedom
+            assert stats["gain_ci95"] == pytest.approx(12.706 * statistics.stdev(gains) / 2 ** 0.5, abs=1e-4)
     assert {"offline_minus_online_fkl", "online_over_offline_wall_fkl", "inconsistent_minus_consistent",
             "teacher2_accuracy"} <= set(table["claims"])
     work = root / "runs"
