@@ -323,7 +323,7 @@ def test_a_valid_ramp_loads(tmp_path):
 
 ENGINE = {"backend": "hf", "batch_size": 5, "dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0,
           "cluster": LOCAL_CLUSTER}
-SFT_DATA = {**ENGINE, "max_new_tokens": 12, "temperature": 0.0, "rows_per_shard": 4, "seed": 0}
+SFT_DATA = {**ENGINE, "max_new_tokens": 12, "temperature": 0.0, "rows_per_shard": 4, "seed": 0, "n_prompts": None}
 TOPK = {**ENGINE, "batch_size": 6, "k": K, "logprob_dtype": "float16", "privileged_context": None,
         "selection": "topk", "samples": 0, "union_student_k": 0, "seed": 0, "codec": "plain"}
 

@@ -27,7 +27,7 @@ TEACHER = {**yaml.safe_load((tiny_models.REPO / "params.yaml").read_text())["tea
 SFT_DATA = {"backend": "hf", "batch_size": 32, "dtype": "float32", "max_model_len": 256, "kv_cache_gib": 1.0,
             "cluster": tiny_models.LOCAL_CLUSTER,
             "max_new_tokens": 12, "temperature": 0.0, "rows_per_shard": 25,
-            "seed": 0}
+            "seed": 0, "n_prompts": None}
 SFT = {**{k: v for k, v in TEACHER.items() if k not in ("holdout", "eval_batch_size", "domains", "finetune_steps")},
        "hidden_size": 16, "num_layers": 1, "intermediate_size": 32, "prune_to_layers": None}
 
@@ -102,6 +102,21 @@ def test_sft_data_parts_carry_the_teacher(pipeline_dir):
                             "--out", str(root / "sft")])
     assert json.loads((root / "metrics" / "sft_data.json").read_text())["parts_written"] == 0   # resumed: all done
     assert [p.stat().st_mtime_ns for p in parts] == mtimes
+
+
+def test_n_prompts_answers_only_the_first_prompts_and_refuses_more_than_there_are(pipeline_dir, tmp_path, capsys):
+    """sft_data.n_prompts is π_ref's SFT budget: the first n SFT prompts answered, the rest never generated."""
+    root, _ = pipeline_dir
+    argv = ["--teacher", str(root / "teacher"), "--prompts", str(root / "prompts/sft.parquet")]
+    sft_data.main(write_params(tmp_path / "p", sft_data={"n_prompts": 30}) + argv + ["--out", str(tmp_path / "sft")])
+    rows = [r for p in shards.list_parts(tmp_path / "sft")
+            for g in shards.iter_row_groups(shards.open_shard(p, "sft_data")) for r in g.to_pylist()]
+    first = read_prompts(root / "prompts/sft.parquet").column("prompt_id").to_pylist()[:30]
+    assert [r["prompt_id"] for r in rows] == first
+    assert len(shards.list_parts(tmp_path / "sft")) == 2   # 30 prompts / 25 per part
+    err = stage_error(capsys, sft_data.main, write_params(tmp_path / "q", sft_data={"n_prompts": 61}) + argv +
+                      ["--out", str(tmp_path / "sft2")])
+    assert "sft_data.n_prompts: 61 is more than the 60 prompts" in err
 
 
 def test_sft_trains_pi_ref_with_teacher_provenance(pipeline_dir):

@@ -361,7 +361,15 @@ class GenerationConfig(StageEngineConfig):
 
 @dataclasses.dataclass(frozen=True)
 class SftDataConfig(GenerationConfig):
-    """`sft_data`: the teacher answers the SFT prompts (this ties SFT to the teacher)."""
+    """`sft_data`: the teacher answers the SFT prompts (this ties SFT to the teacher).
+
+    `n_prompts`: the teacher answers only the first n SFT prompts (null: all of them), π_ref's SFT budget. A
+    teacher's answers are the expensive data, so a student is often fine-tuned on far fewer of them than the
+    teacher was trained on; the toy default uses it to give π_ref a plateau below the teacher (README
+    "The embedded default").
+    """
+
+    n_prompts: Optional[Count]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,13 +60,14 @@ class PromptParts:
 
 
 def plan_parts(kind: str, model: Path | Teachers, prompts_path: Path, out: Path, cfg: GenerationConfig,
-               per_part: int, shard: tuple[int, int], size_key: str) -> PromptParts:
+               per_part: int, shard: tuple[int, int], size_key: str, limit: int | None = None) -> PromptParts:
     """Read and tokenize the prompts and list the parts left to write (and the stale parts they replace,
     removed only once a new part is ready: `shards.PartPlan`).
 
     `kind` ("sft_data": the teacher generates, or "rollouts": the policy) names the model's run-key input
     and footer fields (`teacher_fingerprint` or `policy_fingerprint`, and its path); `size_key` is the
     `task` key to raise when there are no prompts. `model` is a model folder or a `Teachers` set (sft_data).
+    `limit` keeps only the first `limit` prompts (`sft_data.n_prompts`); more than the file holds is refused.
     """
     role = ROLES[kind]
     teachers = model if isinstance(model, Teachers) else Teachers(model, None)
@@ -74,6 +75,11 @@ def plan_parts(kind: str, model: Path | Teachers, prompts_path: Path, out: Path,
     table = read_prompts(prompts_path)
     if table.num_rows == 0:
         raise UserError(f"{prompts_path}: no prompts; rerun `dvc repro prepare` with task.{size_key} > 0")
+    if limit is not None:
+        if limit > table.num_rows:
+            raise UserError(f"{kind}.n_prompts: {limit} is more than the {table.num_rows} prompts in {prompts_path}; "
+                            f"lower it, raise task.{size_key}, or set it to null (all)")
+        table = table.slice(0, limit)
     prompt_ids, texts, answers = (table.column(c).to_pylist() for c in ("prompt_id", "prompt", "answer"))
     domains = prompt_domains(table) if teachers.multi else None
     teachers.check_domains(domains, str(prompts_path))

@@ -2,7 +2,7 @@
 
 This is what ties SFT to the teacher (docs/design.md §5): every part's footer records the teacher's and the
 tokenizer's fingerprints, so `sft` and `distill` can prove later that the teacher scoring the rollouts
-is the one that wrote this data. Output: data/sft/part-XXXXX.parquet (prompt_id, prompt, response,
+is the one that wrote this data. `sft_data.n_prompts` answers only the first n prompts. Output: data/sft/part-XXXXX.parquet (prompt_id, prompt, response,
 input_ids = prompt + response ids, prompt_len), `sft_data.rows_per_shard` prompts per part. Decoding is
 greedy with `sft_data.temperature: 0`, else sampled with seeds from (seed, part index), so parts are
 independent: a rerun skips finished parts, `--shard i/n` lets n processes fill one folder, and
@@ -77,7 +77,8 @@ class SftDataWork:
 def run(args: argparse.Namespace, cfg: SftDataConfig) -> dict:
     teachers = load_teachers(args.teacher)
     plan = plan_parts(KIND, teachers, args.prompts, args.out, cfg,
-                      per_part=cfg.rows_per_shard, shard=args.shard, size_key="n_sft")
+                      per_part=cfg.rows_per_shard, shard=args.shard, size_key="n_sft",
+                      limit=cfg.n_prompts)
     stats = {"parts_total": plan.footer.num_parts, "parts_skipped": plan.skipped, "parts_written": 0, "rows": 0,
              "response_tokens": 0, "at_max_new_tokens": 0}
     if not plan.todo:
