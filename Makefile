@@ -47,7 +47,7 @@ endif
 	@echo "accuracy (teacher, pi_ref = student_sft, distilled = student_opd); all metrics: dvc metrics show"
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show metrics/eval.json
 
-# The paper's table (README "The paper's claim"): every row x 3 seeds on the embedded default, resumable.
+# The paper's table (README "The paper's claim"): every row x 5 seeds on the embedded default, resumable.
 paper-table: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro sft_data
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/opd_table.py
