@@ -114,6 +114,12 @@ def test_n_prompts_answers_only_the_first_prompts_and_refuses_more_than_there_ar
     first = read_prompts(root / "prompts/sft.parquet").column("prompt_id").to_pylist()[:30]
     assert [r["prompt_id"] for r in rows] == first
     assert len(shards.list_parts(tmp_path / "sft")) == 2   # 30 prompts / 25 per part
+
+    def config(folder):
+        return json.loads(shards.read_meta(shards.list_parts(folder)[0])["config"])
+
+    assert config(tmp_path / "sft")["n_prompts"] == 30
+    assert "n_prompts" not in config(root / "sft")   # null: the footers of before the key existed
     err = stage_error(capsys, sft_data.main, write_params(tmp_path / "q", sft_data={"n_prompts": 61}) + argv +
                       ["--out", str(tmp_path / "sft2")])
     assert "sft_data.n_prompts: 61 is more than the 60 prompts" in err

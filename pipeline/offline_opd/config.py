@@ -365,11 +365,14 @@ class SftDataConfig(GenerationConfig):
 
     `n_prompts`: the teacher answers only the first n SFT prompts (null: all of them), π_ref's SFT budget. A
     teacher's answers are the expensive data, so a student is often fine-tuned on far fewer of them than the
-    teacher was trained on; the toy default uses it to give π_ref a plateau below the teacher (README
-    "The embedded default").
+    teacher was trained on (configs/toy_sft_budget.yaml: README "The paper's claim").
     """
 
     n_prompts: Optional[Count]
+
+    def inert_keys(self) -> tuple[str, ...]:
+        """null answers every prompt, as before the key existed: the parts' run keys and footers stay the same."""
+        return ("n_prompts",) if self.n_prompts is None else ()
 
 
 @dataclasses.dataclass(frozen=True)

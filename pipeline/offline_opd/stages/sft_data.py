@@ -2,9 +2,10 @@
 
 This is what ties SFT to the teacher (docs/design.md §5): every part's footer records the teacher's and the
 tokenizer's fingerprints, so `sft` and `distill` can prove later that the teacher scoring the rollouts
-is the one that wrote this data. `sft_data.n_prompts` answers only the first n prompts. Output: data/sft/part-XXXXX.parquet (prompt_id, prompt, response,
-input_ids = prompt + response ids, prompt_len), `sft_data.rows_per_shard` prompts per part. Decoding is
-greedy with `sft_data.temperature: 0`, else sampled with seeds from (seed, part index), so parts are
+is the one that wrote this data (only the first `sft_data.n_prompts` prompts, when set). Output:
+data/sft/part-XXXXX.parquet (prompt_id, prompt, response, input_ids = prompt + response ids, prompt_len),
+`sft_data.rows_per_shard` prompts per part. Decoding is greedy with `sft_data.temperature: 0`, else sampled
+with seeds from (seed, part index), so parts are
 independent: a rerun skips finished parts, `--shard i/n` lets n processes fill one folder, and
 `sft_data.cluster.backend: ray` spreads this process's parts over a Ray Data actor pool. Under
 multi-teacher OPD (a --teacher folder with one teacher per domain) each prompt is answered by its domain's
