@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "pipeline"))
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="model folder, hub id or package:<pkg>/<file>.gguf")
     ap.add_argument("--prompts", type=Path, default=REPO / "prompt_files/smollm2_addition.jsonl",
@@ -44,11 +44,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--eval-at", default="60,120,180,240", help="steps at which to evaluate (comma-separated)")
     ap.add_argument("--max-new-tokens", type=int, default=6)
     ap.add_argument("--out", type=Path, required=True, help="JSON log, rewritten after every evaluation")
-    return ap.parse_args()
+    return ap.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     import torch
 
     from offline_opd.models.gguf import convert_gguf, is_gguf_source, resolve_gguf
