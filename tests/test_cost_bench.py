@@ -1,25 +1,16 @@
 """bench/cost.py's grown teacher: a bigger model (more layers, more MLP neurons) that says exactly what the
 teacher says, so the cost comparison's online student learns and samples as with the real teacher."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from offline_opd.provenance.fingerprint import tokenizer_fingerprint
-from tests.tiny_models import save_model
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "cost.py"
-
+from tests.tiny_models import load_bench, save_model
 
 @pytest.fixture(scope="module")
 def cost():
-    spec = importlib.util.spec_from_file_location("cost_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("cost")
 
 
 def test_grown_teacher_is_bigger_and_returns_the_same_logits(tmp_path, cost):

@@ -6,20 +6,11 @@ chain plus two runs per stage, each paying the Python/torch start-up. `bench/fau
 is the full measurement.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
-import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "fault_injection.py"
+from tests.tiny_models import load_bench
 
 
-def test_one_kill_per_stage_resumes_to_identical_outputs(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("fault_injection", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up while building
-    spec.loader.exec_module(bench)
+def test_one_kill_per_stage_resumes_to_identical_outputs(tmp_path):
+    bench = load_bench("fault_injection")
     times, results = bench.run_trials(bench.STAGES, trials=1, seed=0, work=tmp_path)
     assert [r.stage for r in results] == bench.STAGES
     for r in results:

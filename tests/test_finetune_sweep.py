@@ -1,23 +1,16 @@
 """bench/finetune_sweep.py, the loop that chose the SmolLM2 preset's teacher.lr and finetune_steps: it must train
 on the prompt file's answers and score held-out prompts with the verifier, or its table says nothing."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from tests.tiny_models import save_model
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "finetune_sweep.py"
-
+from tests.tiny_models import load_bench, save_model
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("finetune_sweep", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("finetune_sweep")
 
 
 def prompt_file(path: Path, n: int) -> Path:

@@ -8,7 +8,9 @@ whose top-k lists are drawn from random teacher distributions.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,16 @@ from offline_opd.provenance.record import write_provenance
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_FP = "feedc0de" * 2
 FIRST_CHAR_ID = 4  # ids below are <pad>, <bos>, <eos>, <unk>
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (bench/ is scripts, not a package), registered in sys.modules under `name`:
+    dataclasses look their module up there while they are built."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 # The `cluster` key of an engine stage's section: one engine in the test's own process.
