@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import tempfile
@@ -67,7 +66,10 @@ def main(argv: list[str] | None = None) -> None:
 def sweep(args: argparse.Namespace, folder: Path) -> None:
     """Train `folder`'s model as the module docstring says, evaluating at --eval-at."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+
+    from offline_opd.backends.engine import greedy_responses
+    from offline_opd.backends.generation import HFGenerator
 
     from offline_opd.contract.prompts import encode_prompt
     from offline_opd.models.loading import prune_layers
@@ -90,27 +92,19 @@ def sweep(args: argparse.Namespace, folder: Path) -> None:
         examples.append((prompt + tok(row["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
                          len(prompt)))
 
+    generator = HFGenerator(model, tok, batch_size=32)   # the stages' own batched greedy decoding
+
     def accuracy(subset: list[dict]) -> float:
         model.eval()
-        right = 0
         with torch.no_grad():
-            for i in range(0, len(subset), 32):
-                batch = subset[i:i + 32]
-                ids = [encode_prompt(tok, r["prompt"]) for r in batch]
-                width = max(map(len, ids))
-                x = torch.tensor([[pad] * (width - len(s)) + s for s in ids])
-                mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids])
-                out = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                                     do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id)
-                right += sum(numeric(tok.decode(s, skip_special_tokens=True), r["answer"])
-                             for r, s in zip(batch, out[:, width:]))
+            responses = greedy_responses(generator, [encode_prompt(tok, r["prompt"]) for r in subset],
+                                         args.max_new_tokens)
         model.train()
-        return right / len(subset)
+        return sum(numeric(tok.decode(ids, skip_special_tokens=True), r["answer"])
+                   for r, ids in zip(subset, responses)) / len(subset)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warm = max(1, round(args.steps * args.warmup_frac))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    sched = get_cosine_schedule_with_warmup(opt, round(args.steps * args.warmup_frac), args.steps)  # as the stage
     eval_at = {int(s) for s in args.eval_at.split(",")}
     log, order, start = [], [], time.time()
     model.train()
