@@ -329,8 +329,17 @@ def cli(main: Callable[[], Any]) -> None:
     leftover threads can abort the process at teardown ("terminate called without an active exception",
     exit -6), and DVC would then mark a finished stage as failed. The hard exit skips the finalizers that
     stop vLLM's engine-core process, so `end_children` stops it first. In-process callers (tests, bench/)
-    call `main` directly and keep the normal exit."""
-    main()
+    call `main` directly and keep the normal exit.
+
+    Whatever `main` ends with, a string `exec` runs first, because of a CPython quirk (3.11, 3.12): a Ctrl-C that
+    lands inside a string `exec` (dataclasses, namedtuple and others build code that way, at import time too)
+    sets a flag that the caller's catching it does not clear, and a `python -m` process with that flag set dies
+    by SIGINT at exit (status -2) whatever its SystemExit said: the stage's 130, or 0. Each string `exec` starts
+    by clearing the flag; the stage has already said how it ended."""
+    try:
+        main()
+    finally:
+        exec("None")
     if "vllm" in sys.modules:
         end_children()
         logging.shutdown()
