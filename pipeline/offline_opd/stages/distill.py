@@ -28,7 +28,7 @@ from offline_opd.atomic import write_text
 from offline_opd.config import DistillConfig
 from offline_opd.provenance.consistency import check_distill_inputs
 from offline_opd.contract.shards import ShardError, ShardInfo
-from offline_opd.runtime import stage_main
+from offline_opd.runtime import cli, stage_main
 
 log = logging.getLogger("opd.distill")
 
@@ -124,4 +124,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -22,7 +22,7 @@ from pathlib import Path
 from offline_opd.atomic import atomic_dir
 from offline_opd.config import TaskConfig
 from offline_opd.contract.prompts import write_prompts
-from offline_opd.runtime import stage_main
+from offline_opd.runtime import cli, stage_main
 from offline_opd.tasks.task import make_task
 
 
@@ -44,4 +44,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

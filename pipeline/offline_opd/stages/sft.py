@@ -26,7 +26,7 @@ from offline_opd.provenance.consistency import (FIX_TOKENIZER, ConsistencyError,
                                                 check_student_tokenizer)
 from offline_opd.provenance.record import write_provenance
 from offline_opd.provenance.teachers import load_teachers
-from offline_opd.runtime import stage_main
+from offline_opd.runtime import cli, stage_main
 from offline_opd.train.sft_shards import read_sft_parts
 
 log = logging.getLogger("opd")
@@ -134,4 +134,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)
