@@ -1,5 +1,6 @@
 """`offline_opd.runtime.cli`: after a successful stage that loaded vLLM, the process exits 0 without interpreter
-teardown (where vLLM's threads can abort it and DVC would fail a finished stage); otherwise exit is normal."""
+teardown (where vLLM's threads can abort it and DVC would fail a finished stage); otherwise exit is normal, and
+the exit status is the stage's own even after a Ctrl-C caught inside a string `exec`."""
 
 import os
 import subprocess
