@@ -422,6 +422,7 @@ BROKEN_PRESETS = [
     ("greedy rollouts", {"rollouts__temperature": 0.0}, "rollouts.temperature"),
     ("prune a scratch student", {"sft__prune_to_layers": 1}, "sft.prune_to_layers"),
     ("huge seed", {"teacher__seed": 2**40}, "teacher.seed"),
+    ("carry-out gap the budget runs past", {"task__carry_out_gap": 20}, "task.carry_out_gap"),
 ]
 
 

@@ -46,13 +46,13 @@ def test_keys_that_do_not_apply_may_be_left_out_and_no_others(tmp_path):
     data = base()
     data["teacher"] = {"source": "some/model"}
     data["task"] = {**data["task"], "kind": "file", "prompt_file": "prompts.jsonl"}
-    del data["task"]["digits"]
+    del data["task"]["digits"], data["task"]["carry_out_gap"]
     data["sft"]["source"] = "teacher"
     for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
         del data["sft"][key]
     cfgs = load_all(write(tmp_path, data))
     assert cfgs["teacher"].source == "some/model" and cfgs["teacher"].max_steps is None
-    assert cfgs["task"].digits is None and cfgs["sft"].hidden_size is None and cfgs["sft"].lr == base()["sft"]["lr"]
+    assert cfgs["task"].digits is None and cfgs["task"].carry_out_gap is None and cfgs["sft"].hidden_size is None and cfgs["sft"].lr == base()["sft"]["lr"]
     for section, key in [("teacher", "holdout"), ("teacher", "num_layers"), ("task", "digits"), ("sft", "num_heads"),
                          ("sft", "lr")]:
         data = base()
@@ -74,7 +74,7 @@ def test_pretrained_presets_leave_out_the_toy_teacher_keys():
                 data["teacher"]), preset
         else:
             assert teacher == {"source"}, preset
-        assert "digits" not in data["task"], preset
+        assert not {"digits", "carry_out_gap"} & set(data["task"]), preset
 
 
 def test_unknown_key_is_refused(tmp_path):
@@ -144,6 +144,23 @@ def test_out_of_range_value_names_key_and_bound(tmp_path, section, key, value):
     data[section][key] = value
     with pytest.raises(ConfigError, match=rf"params\.yaml: {section}\.{key}: .* out of range; it must be"):
         load_section(section, write(tmp_path, data))
+
+
+def test_carry_out_gap_needs_a_student_budget_inside_it(tmp_path):
+    """A gap the student's budget reaches past is no gap: refused naming both keys; inside it, accepted."""
+    data = base()
+    data["task"]["carry_out_gap"] = 3000
+    with pytest.raises(ConfigError, match=r"params\.yaml: task\.carry_out_gap: 3000 .* sft_data\.n_prompts gives the "
+                                          r"student all of them.*set sft_data\.n_prompts <= 3000"):
+        load_all(write(tmp_path, data))
+    data["sft_data"]["n_prompts"] = 3001
+    with pytest.raises(ConfigError, match=r"the first 3001, carries included"):
+        load_all(write(tmp_path, data))
+    data["sft_data"]["n_prompts"] = 3000
+    assert load_all(write(tmp_path, data))["task"].carry_out_gap == 3000
+    data["task"]["carry_out_gap"] = data["task"]["n_sft"] + 1
+    with pytest.raises(ConfigError, match=r"task\.carry_out_gap: 8001 is more than the 8000 SFT prompts"):
+        load_all(write(tmp_path, data))
 
 
 @pytest.mark.parametrize("section", ["teacher", "sft", "distill"])

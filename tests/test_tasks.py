@@ -64,7 +64,7 @@ def test_bad_verifier_names_the_key_and_the_fix(spec, message):
 
 
 def test_both_tasks_give_the_prompt_contract(tmp_path):
-    base = dict(digits=2, n_sft=6, n_opd=3, n_eval=3, seed=0)
+    base = dict(digits=2, n_sft=6, n_opd=3, n_eval=3, seed=0, carry_out_gap=None)
     params = tmp_path / "params.yaml"
     toy = make_task(TaskConfig(kind="addition", prompt_file=None, **base), params).splits()
     (tmp_path / "prompt_files").mkdir()

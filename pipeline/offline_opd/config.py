@@ -101,17 +101,24 @@ class TaskConfig:
     # For kind=file: a JSONL or Parquet file with columns `prompt` and optionally `prompt_id`,
     # `answer` (reference answer for the verifier) and `split` (sft/opd/eval).
     prompt_file: Optional[str]
+    # kind=addition: the SFT split opens with this many of its prompts whose sum has no carry out of the top
+    # column (< 10^digits), so a student budget of sft_data.n_prompts <= it never shows π_ref a
+    # digits+1-digit sum, while the teacher trains on the whole split (null: the split in drawn order).
+    carry_out_gap: Optional[Count]
 
     @classmethod
     def omittable(cls, raw: dict) -> set[str]:
-        """`digits` sizes the toy additions only."""
-        return {"digits"} if raw.get("kind") != "addition" else set()
+        """`digits` and `carry_out_gap` shape the toy additions only."""
+        return {"digits", "carry_out_gap"} if raw.get("kind") != "addition" else set()
 
     def __post_init__(self) -> None:
-        """A prompt file with the toy task would be silently ignored; refuse it."""
+        """A prompt file with the toy task would be silently ignored; refuse it, and a gap the split cannot hold."""
         if self.kind != "file" and self.prompt_file is not None:
             refuse("prompt_file", f"set, but task.kind {self.kind!r} ignores it; set task.kind: file to use it, "
                                   "or prompt_file: null")
+        if self.carry_out_gap is not None and self.carry_out_gap > self.n_sft:
+            refuse("carry_out_gap", f"{self.carry_out_gap} is more than the {self.n_sft} SFT prompts (task.n_sft); "
+                                    "lower it, or raise n_sft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -648,6 +655,14 @@ def check_params(cfgs: dict[str, Any], path: str) -> None:
             and sft.prune_to_layers is not None and sft.prune_to_layers > teacher.num_layers:
         raise ConfigError(f"{path}: sft.prune_to_layers: {sft.prune_to_layers} keeps more layers than the "
                           f"scratch teacher has (teacher.num_layers {teacher.num_layers}); lower it, or null")
+    sft_data = cfgs.get("sft_data")
+    if task is not None and sft_data is not None and task.kind == "addition" and task.carry_out_gap is not None \
+            and (sft_data.n_prompts is None or sft_data.n_prompts > task.carry_out_gap):
+        budget = "all of them" if sft_data.n_prompts is None else f"the first {sft_data.n_prompts}"
+        raise ConfigError(f"{path}: task.carry_out_gap: {task.carry_out_gap} keeps carries out of only the first "
+                          f"{task.carry_out_gap} SFT prompts, but sft_data.n_prompts gives the student {budget}, "
+                          f"carries included; set sft_data.n_prompts <= {task.carry_out_gap}, or "
+                          f"task.carry_out_gap: null")
     if evaluate is not None and task is not None and task.kind == "addition" and evaluate.n_eval is not None \
             and evaluate.n_eval > task.n_eval:
         raise ConfigError(f"{path}: evaluate.n_eval: {evaluate.n_eval} is more than the "

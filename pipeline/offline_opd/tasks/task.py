@@ -25,7 +25,7 @@ def make_task(cfg: TaskConfig, params: Path) -> Task:
     if cfg.kind == "addition":
         from offline_opd.tasks.addition import AdditionTask
 
-        return AdditionTask(cfg)
+        return AdditionTask(cfg, params)
     if cfg.kind == "addition+reverse":
         from offline_opd.tasks.mixture import MixtureTask
 
