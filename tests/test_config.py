@@ -46,13 +46,14 @@ def test_keys_that_do_not_apply_may_be_left_out_and_no_others(tmp_path):
     data = base()
     data["teacher"] = {"source": "some/model"}
     data["task"] = {**data["task"], "kind": "file", "prompt_file": "prompts.jsonl"}
-    del data["task"]["digits"], data["task"]["carry_out_gap"]
+    del data["task"]["digits"], data["task"]["carry_out_gap"], data["task"]["style"]
     data["sft"]["source"] = "teacher"
     for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
         del data["sft"][key]
     cfgs = load_all(write(tmp_path, data))
     assert cfgs["teacher"].source == "some/model" and cfgs["teacher"].max_steps is None
-    assert cfgs["task"].digits is None and cfgs["task"].carry_out_gap is None and cfgs["sft"].hidden_size is None and cfgs["sft"].lr == base()["sft"]["lr"]
+    assert cfgs["task"].digits is None and cfgs["task"].carry_out_gap is None and cfgs["task"].style is None
+    assert cfgs["sft"].hidden_size is None and cfgs["sft"].lr == base()["sft"]["lr"]
     for section, key in [("teacher", "holdout"), ("teacher", "num_layers"), ("task", "digits"), ("sft", "num_heads"),
                          ("sft", "lr")]:
         data = base()
@@ -74,7 +75,7 @@ def test_pretrained_presets_leave_out_the_toy_teacher_keys():
                 data["teacher"]), preset
         else:
             assert teacher == {"source"}, preset
-        assert not {"digits", "carry_out_gap"} & set(data["task"]), preset
+        assert not {"digits", "style", "carry_out_gap"} & set(data["task"]), preset
 
 
 def test_unknown_key_is_refused(tmp_path):

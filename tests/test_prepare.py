@@ -11,7 +11,7 @@ from offline_opd.stages import prepare
 from offline_opd.contract.prompts import PROMPT_SCHEMA, read_prompts
 
 TASK = {"kind": "addition", "digits": 3, "n_sft": 60, "n_opd": 20, "n_eval": 10, "seed": 0, "prompt_file": None,
-        "carry_out_gap": None}
+        "carry_out_gap": None, "style": "columns"}
 
 
 def run_prepare(tmp_path, out_name: str = "prompts", **task):

@@ -64,7 +64,7 @@ def test_bad_verifier_names_the_key_and_the_fix(spec, message):
 
 
 def test_both_tasks_give_the_prompt_contract(tmp_path):
-    base = dict(digits=2, n_sft=6, n_opd=3, n_eval=3, seed=0, carry_out_gap=None)
+    base = dict(digits=2, n_sft=6, n_opd=3, n_eval=3, seed=0, carry_out_gap=None, style="columns")
     params = tmp_path / "params.yaml"
     toy = make_task(TaskConfig(kind="addition", prompt_file=None, **base), params).splits()
     (tmp_path / "prompt_files").mkdir()
@@ -76,3 +76,28 @@ def test_both_tasks_give_the_prompt_contract(tmp_path):
         assert [t.num_rows for t in splits.values()] == [6, 3, 3]
     assert all(r is not None for r in toy["sft"].column("reference").to_pylist())
     assert mine["sft"].column("reference").null_count == 6
+
+
+@pytest.mark.parametrize("prompt,padded", [("431+146=", "1+6+0=07 3+4+0=07 4+1+0=05 =0577"),
+                                           ("297+808=", "7+8+0=15 9+0+1=10 2+8+1=11 =1105"),
+                                           ("5+7=", "5+7+0=12 =12"), ("3+4=", "3+4+0=07 =07")])
+def test_padded_traces_read_a_carry_out_the_way_they_read_none(prompt, padded):
+    """The answer is one digit wider than the operands, so its first two digits are always the last column's
+    sum; the steps are the columns style's, and the numeric verifier takes the padded answer by value."""
+    from offline_opd.tasks.addition import solve
+
+    assert solve(prompt, "padded") == padded
+    assert solve(prompt, "padded").rpartition(" =")[0] == solve(prompt).rpartition(" =")[0]
+    a, b = prompt[:-1].split("+")
+    assert numeric(solve(prompt, "padded"), str(int(a) + int(b)))
+
+
+def test_task_style_writes_the_references_and_keeps_the_prompts(tmp_path):
+    base = dict(digits=3, n_sft=40, n_opd=4, n_eval=4, seed=0, carry_out_gap=None, prompt_file=None, kind="addition")
+    params = tmp_path / "params.yaml"
+    columns = make_task(TaskConfig(style="columns", **base), params).splits()["sft"].to_pylist()
+    padded = make_task(TaskConfig(style="padded", **base), params).splits()["sft"].to_pylist()
+    assert [r["prompt"] for r in padded] == [r["prompt"] for r in columns]
+    assert [r["answer"] for r in padded] == [r["answer"] for r in columns]
+    assert all(r["reference"].endswith(" =" + r["answer"].zfill(4)) for r in padded)
+    assert any(len(r["answer"]) == 3 for r in padded) and any(len(r["answer"]) == 4 for r in padded)

@@ -105,11 +105,13 @@ class TaskConfig:
     # column (< 10^digits), so a student budget of sft_data.n_prompts <= it never shows π_ref a
     # digits+1-digit sum, while the teacher trains on the whole split (null: the split in drawn order).
     carry_out_gap: Optional[Count]
+    # kind=addition: how the reference traces are written (tasks/addition.py STYLES: columns, terse, padded).
+    style: Literal["columns", "terse", "padded"]
 
     @classmethod
     def omittable(cls, raw: dict) -> set[str]:
-        """`digits` and `carry_out_gap` shape the toy additions only."""
-        return {"digits", "carry_out_gap"} if raw.get("kind") != "addition" else set()
+        """`digits`, `style` and `carry_out_gap` shape the toy additions only."""
+        return {"digits", "style", "carry_out_gap"} if raw.get("kind") != "addition" else set()
 
     def __post_init__(self) -> None:
         """A prompt file with the toy task would be silently ignored; refuse it, and a gap the split cannot hold."""

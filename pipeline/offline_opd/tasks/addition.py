@@ -40,11 +40,14 @@ class Problem:
     solution: str
 
 
-# Trace styles: "columns" is the task's (every step writes both digits, the carry and a two-digit sum);
-# "terse" is how another teacher might write the same computation (the carry only when it is 1, sums
+# Trace styles (`task.style`): "columns" is the task's (every step writes both digits, the carry and a two-digit
+# sum); "terse" is how another teacher might write the same computation (the carry only when it is 1, sums
 # without a leading zero: "4+4=8 6+9=15 8+3+1=12 =1258"). Same answers, same tokenizer, other text:
-# bench/opd_table.py trains its mismatched teacher on "terse" traces.
-STYLES = ("columns", "terse")
+# bench/opd_table.py trains its mismatched teacher on "terse" traces. "padded" is "columns" with the answer
+# written one digit wider than the operands ("... 4+1+0=05 =0577"): its first two digits are the last
+# column's sum whether or not that column carries out, so a sum with a carry out is read off the trace the
+# same way as one without (what configs/toy_carry_gap.yaml's gap needs; the numeric verifier reads 0577 as 577).
+STYLES = ("columns", "terse", "padded")
 
 
 def solve(prompt: str, style: str = "columns") -> str:
@@ -60,17 +63,19 @@ def solve(prompt: str, style: str = "columns") -> str:
     steps, carry = [], 0
     for x, y in zip(reversed(a), reversed(b)):
         total = int(x) + int(y) + carry
-        if style == "columns":
-            steps.append(f"{x}+{y}+{carry}={total:02d}")
-        else:
+        if style == "terse":
             steps.append(f"{x}+{y}{'+1' if carry else ''}={total}")
+        else:
+            steps.append(f"{x}+{y}+{carry}={total:02d}")
         carry = total // 10
-    return " ".join(steps) + f" ={int(a) + int(b)}"
+    answer = str(int(a) + int(b))
+    return " ".join(steps) + f" ={answer.zfill(width + 1) if style == 'padded' else answer}"
 
 
-def make_problems(digits: int, n: int, seed: int, exclude: Collection[str] = ()) -> list[Problem]:
-    """`n` distinct problems with `digits`-digit operands, deterministic in `seed`, none of whose
-    prompts is in `exclude` (pass the other splits' prompts to keep held-out sets held out)."""
+def make_problems(digits: int, n: int, seed: int, exclude: Collection[str] = (),
+                  style: str = "columns") -> list[Problem]:
+    """`n` distinct problems with `digits`-digit operands and `style` traces, deterministic in `seed`, none of
+    whose prompts is in `exclude` (pass the other splits' prompts to keep held-out sets held out)."""
     if digits < 1:
         raise ValueError(f"digits must be >= 1, got {digits}")
     low, high = 10 ** (digits - 1), 10 ** digits - 1
@@ -78,13 +83,14 @@ def make_problems(digits: int, n: int, seed: int, exclude: Collection[str] = ())
 
     def draw() -> Problem:
         a, b = rng.randint(low, high), rng.randint(low, high)
-        return Problem(f"add{digits}-{a}+{b}", f"{a}+{b}=", str(a + b), solve(f"{a}+{b}="))
+        return Problem(f"add{digits}-{a}+{b}", f"{a}+{b}=", str(a + b), solve(f"{a}+{b}=", style))
     return draw_distinct(n, draw, exclude, (high - low + 1) ** 2, f"{digits}-digit additions")
 
 
-def make_splits(digits: int, sizes: dict[str, int], seed: int) -> dict[str, list[Problem]]:
+def make_splits(digits: int, sizes: dict[str, int], seed: int, style: str = "columns") -> dict[str, list[Problem]]:
     """Disjoint splits (e.g. sft/opd/eval) drawn in order, each excluding the prompts before it."""
-    return disjoint_splits(sizes, seed, lambda n, split_seed, taken: make_problems(digits, n, split_seed, taken))
+    return disjoint_splits(sizes, seed, lambda n, split_seed, taken: make_problems(digits, n, split_seed, taken,
+                                                                                   style))
 
 
 def carry_out_last(problems: list[Problem], digits: int, gap: int, params: Path) -> list[Problem]:
@@ -96,8 +102,8 @@ def carry_out_last(problems: list[Problem], digits: int, gap: int, params: Path)
     """
     short = [p for p in problems if len(p.answer) <= digits]
     if len(short) < gap:
-        raise UserError(f"{params}: task.carry_out_gap: {gap}, but only {len(short)} of the {len(problems)} SFT prompts "
-                        f"have no carry out of the top column; lower carry_out_gap to at most {len(short)}, "
+        raise UserError(f"{params}: task.carry_out_gap: {gap}, but only {len(short)} of the {len(problems)} SFT "
+                        f"prompts have no carry out of the top column; lower carry_out_gap to at most {len(short)}, "
                         f"or raise task.n_sft")
     head = {p.prompt_id for p in short[:gap]}
     return short[:gap] + [p for p in problems if p.prompt_id not in head]
@@ -115,7 +121,7 @@ class AdditionTask:
 
     def splits(self) -> dict[str, pa.Table]:
         sizes = {"sft": self.cfg.n_sft, "opd": self.cfg.n_opd, "eval": self.cfg.n_eval}
-        problems = make_splits(self.cfg.digits, sizes, self.cfg.seed)
+        problems = make_splits(self.cfg.digits, sizes, self.cfg.seed, self.cfg.style)
         if self.cfg.carry_out_gap is not None:
             problems["sft"] = carry_out_last(problems["sft"], self.cfg.digits, self.cfg.carry_out_gap, self.params)
         return {name: pa.table({"prompt_id": [p.prompt_id for p in rows], "prompt": [p.prompt for p in rows],
