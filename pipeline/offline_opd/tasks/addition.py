@@ -96,9 +96,9 @@ def make_splits(digits: int, sizes: dict[str, int], seed: int, style: str = "col
 def carry_out_last(problems: list[Problem], digits: int, gap: int, params: Path) -> list[Problem]:
     """The same problems, `gap` of those without a carry out of the top column first, then the rest in order.
 
-    Why reorder rather than draw a separate set: the teacher still trains on exactly the split it would
-    have had, and only the student's budget (the first sft_data.n_prompts) changes what it sees. About 40 %
-    of 3-digit additions have no carry out, so `gap` must fit the split; the error says by how much.
+    Why reorder rather than draw a separate set: the teacher still trains on the same prompts it would have
+    had, and only the student's budget (the first sft_data.n_prompts) changes what it sees. About 40 % of
+    3-digit additions have no carry out, so `gap` must fit the split; the error names the most it can be.
     """
     short = [p for p in problems if len(p.answer) <= digits]
     if len(short) < gap:
