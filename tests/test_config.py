@@ -147,6 +147,37 @@ def test_out_of_range_value_names_key_and_bound(tmp_path, section, key, value):
         load_section(section, write(tmp_path, data))
 
 
+@pytest.mark.parametrize("key,value", [("carry_out_gap", 10), ("style", "padded")])
+def test_toy_keys_switched_on_for_another_kind_are_refused(tmp_path, key, value):
+    """A prompt file or the mixture would silently ignore them; left at their off values they may stay."""
+    data = base()
+    data["task"] = {**data["task"], "kind": "addition+reverse", key: value}
+    with pytest.raises(ConfigError, match=rf"params\.yaml: task\.{key}: .*task\.kind 'addition\+reverse' ignores it"):
+        load_all(write(tmp_path, data))
+    data["task"][key] = base()["task"][key]
+    assert load_all(write(tmp_path, data))["task"].kind == "addition+reverse"
+
+
+def test_padded_answers_with_the_exact_verifier_are_refused(tmp_path):
+    data = base()
+    data["task"]["style"], data["evaluate"]["verifier"] = "padded", "exact"
+    with pytest.raises(ConfigError, match=r"task\.style: padded .* evaluate\.verifier: exact never accepts"):
+        load_all(write(tmp_path, data))
+    data["evaluate"]["verifier"] = "numeric"
+    assert load_all(write(tmp_path, data))["task"].style == "padded"
+
+
+def test_the_carry_gap_presets_gap_fits_its_split():
+    """`opd-preset check` validates keys, not the draw: this draws the preset's SFT split as prepare does."""
+    from offline_opd.tasks.addition import carry_out_last, make_splits
+
+    task = yaml.safe_load((ROOT / "configs/toy_carry_gap.yaml").read_text(encoding="latin-1"))["task"]
+    sft = make_splits(task["digits"], {"sft": task["n_sft"], "opd": task["n_opd"], "eval": task["n_eval"]},
+                      task["seed"], task["style"])["sft"]
+    ordered = carry_out_last(sft, task["digits"], task["carry_out_gap"], ROOT / "configs/toy_carry_gap.yaml")
+    assert all(int(p.answer) < 10 ** task["digits"] for p in ordered[:task["carry_out_gap"]])
+
+
 def test_carry_out_gap_needs_a_student_budget_inside_it(tmp_path):
     """A gap the student's budget reaches past is no gap: refused naming both keys; inside it, accepted."""
     data = base()

@@ -80,7 +80,8 @@ def test_both_tasks_give_the_prompt_contract(tmp_path):
 
 @pytest.mark.parametrize("prompt,padded", [("431+146=", "1+6+0=07 3+4+0=07 4+1+0=05 =0577"),
                                            ("297+808=", "7+8+0=15 9+0+1=10 2+8+1=11 =1105"),
-                                           ("5+7=", "5+7+0=12 =12"), ("3+4=", "3+4+0=07 =07")])
+                                           ("5+7=", "5+7+0=12 =12"), ("3+4=", "3+4+0=07 =07"),
+                                           ("5+123=", "5+3+0=08 0+2+0=02 0+1+0=01 =0128")])
 def test_padded_traces_read_a_carry_out_the_way_they_read_none(prompt, padded):
     """The answer is one digit wider than the operands, so its first two digits are always the last column's
     sum; the steps are the columns style's, and the numeric verifier takes the padded answer by value."""

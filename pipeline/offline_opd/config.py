@@ -114,10 +114,16 @@ class TaskConfig:
         return {"digits", "style", "carry_out_gap"} if raw.get("kind") != "addition" else set()
 
     def __post_init__(self) -> None:
-        """A prompt file with the toy task would be silently ignored; refuse it, and a gap the split cannot hold."""
+        """A key the chosen kind would silently ignore is refused, and so is a gap the split cannot hold."""
         if self.kind != "file" and self.prompt_file is not None:
             refuse("prompt_file", f"set, but task.kind {self.kind!r} ignores it; set task.kind: file to use it, "
                                   "or prompt_file: null")
+        # Like `digits`, the toy's keys may stay in a file switched to another kind, but not switched on there.
+        switched_on = {"style": self.style not in (None, "columns"), "carry_out_gap": self.carry_out_gap is not None}
+        for key, on in switched_on.items():
+            if self.kind != "addition" and on:
+                refuse(key, f"{getattr(self, key)!r}, but task.kind {self.kind!r} ignores it (it shapes the toy "
+                            "additions only); leave it out, or set task.kind: addition")
         if self.carry_out_gap is not None and self.carry_out_gap > self.n_sft:
             refuse("carry_out_gap", f"{self.carry_out_gap} is more than the {self.n_sft} SFT prompts (task.n_sft); "
                                     "lower it, or raise n_sft")
@@ -665,6 +671,10 @@ def check_params(cfgs: dict[str, Any], path: str) -> None:
                           f"{task.carry_out_gap} SFT prompts, but sft_data.n_prompts gives the student {budget}, "
                           f"carries included; set sft_data.n_prompts <= {task.carry_out_gap}, or "
                           f"task.carry_out_gap: null")
+    if evaluate is not None and task is not None and task.style == "padded" and evaluate.verifier == "exact":
+        raise ConfigError(f"{path}: task.style: padded writes answers one digit wider (=0577 for 577), which "
+                          f"evaluate.verifier: exact never accepts; use verifier: numeric (compares by value), or "
+                          f"style: columns")
     if evaluate is not None and task is not None and task.kind == "addition" and evaluate.n_eval is not None \
             and evaluate.n_eval > task.n_eval:
         raise ConfigError(f"{path}: evaluate.n_eval: {evaluate.n_eval} is more than the "
