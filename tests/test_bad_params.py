@@ -201,6 +201,8 @@ COMPANIONS: dict[tuple[str, str, Any], dict[str, Any]] = {
     ("sft", "hidden_size", 1): {"sft__source": "some/model"},
     # A scratch student has no layers to prune.
     ("sft", "prune_to_layers", 1): {"sft__source": "teacher"},
+    # A carry-out gap holds the student's whole SFT budget.
+    ("task", "carry_out_gap", 1): {"sft_data__n_prompts": 1},
 }
 
 
