@@ -664,7 +664,7 @@ def check_params(cfgs: dict[str, Any], path: str) -> None:
         raise ConfigError(f"{path}: sft.prune_to_layers: {sft.prune_to_layers} keeps more layers than the "
                           f"scratch teacher has (teacher.num_layers {teacher.num_layers}); lower it, or null")
     sft_data = cfgs.get("sft_data")
-    if task is not None and sft_data is not None and task.kind == "addition" and task.carry_out_gap is not None \
+    if task is not None and sft_data is not None and task.carry_out_gap is not None \
             and (sft_data.n_prompts is None or sft_data.n_prompts > task.carry_out_gap):
         budget = "all of them" if sft_data.n_prompts is None else f"the first {sft_data.n_prompts}"
         raise ConfigError(f"{path}: task.carry_out_gap: {task.carry_out_gap} keeps carries out of only the first "

@@ -331,11 +331,12 @@ def cli(main: Callable[[], Any]) -> None:
     stop vLLM's engine-core process, so `end_children` stops it first. In-process callers (tests, bench/)
     call `main` directly and keep the normal exit.
 
-    Whatever `main` ends with, a string `exec` runs first, because of a CPython quirk (seen here on 3.11; 3.12's source does the same): a Ctrl-C that
-    lands inside a string `exec` (dataclasses, namedtuple and others build code that way, at import time too)
-    sets a flag that the caller's catching it does not clear, and a `python -m` process with that flag set dies
-    by SIGINT at exit (status -2) whatever its SystemExit said: the stage's 130, or 0. Each string `exec` starts
-    by clearing the flag; the stage has already said how it ended."""
+    Whatever `main` ends with, a string `exec` runs first, because of a CPython quirk (seen here on 3.11;
+    3.12's source does the same): a Ctrl-C that lands inside a string `exec` (dataclasses, namedtuple and
+    others build code that way, at import time too) sets a flag that the caller's catching it does not clear,
+    and a `python -m` process with that flag set dies by SIGINT at exit (status -2) whatever its SystemExit
+    said: the stage's 130, or 0. Each string `exec` starts by clearing the flag; the stage has already said
+    how it ended."""
     try:
         main()
     finally:
