@@ -201,8 +201,8 @@ COMPANIONS: dict[tuple[str, str, Any], dict[str, Any]] = {
     ("sft", "hidden_size", 1): {"sft__source": "some/model"},
     # A scratch student has no layers to prune.
     ("sft", "prune_to_layers", 1): {"sft__source": "teacher"},
-    # A carry-out gap holds the student's whole SFT budget.
-    ("task", "carry_out_gap", 1): {"sft_data__n_prompts": 1},
+    # A gap names what it leaves out, and holds the student's whole SFT budget.
+    ("task", "gap_prompts", 1): {"task__gap": "big_column", "sft_data__n_prompts": 1},
 }
 
 
@@ -424,7 +424,7 @@ BROKEN_PRESETS = [
     ("greedy rollouts", {"rollouts__temperature": 0.0}, "rollouts.temperature"),
     ("prune a scratch student", {"sft__prune_to_layers": 1}, "sft.prune_to_layers"),
     ("huge seed", {"teacher__seed": 2**40}, "teacher.seed"),
-    ("carry-out gap the budget runs past", {"task__carry_out_gap": 20}, "task.carry_out_gap"),
+    ("gap the budget runs past", {"task__gap": "carry_out", "task__gap_prompts": 20}, "task.gap_prompts"),
 ]
 
 

@@ -46,13 +46,13 @@ def test_keys_that_do_not_apply_may_be_left_out_and_no_others(tmp_path):
     data = base()
     data["teacher"] = {"source": "some/model"}
     data["task"] = {**data["task"], "kind": "file", "prompt_file": "prompts.jsonl"}
-    del data["task"]["digits"], data["task"]["carry_out_gap"], data["task"]["style"]
+    del data["task"]["digits"], data["task"]["gap"], data["task"]["gap_prompts"], data["task"]["style"]
     data["sft"]["source"] = "teacher"
     for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
         del data["sft"][key]
     cfgs = load_all(write(tmp_path, data))
     assert cfgs["teacher"].source == "some/model" and cfgs["teacher"].max_steps is None
-    assert cfgs["task"].digits is None and cfgs["task"].carry_out_gap is None and cfgs["task"].style is None
+    assert cfgs["task"].digits is None and cfgs["task"].gap is None and cfgs["task"].style is None
     assert cfgs["sft"].hidden_size is None and cfgs["sft"].lr == base()["sft"]["lr"]
     for section, key in [("teacher", "holdout"), ("teacher", "num_layers"), ("task", "digits"), ("sft", "num_heads"),
                          ("sft", "lr")]:
@@ -75,7 +75,7 @@ def test_pretrained_presets_leave_out_the_toy_teacher_keys():
                 data["teacher"]), preset
         else:
             assert teacher == {"source"}, preset
-        assert not {"digits", "style", "carry_out_gap"} & set(data["task"]), preset
+        assert not {"digits", "style", "gap", "gap_prompts"} & set(data["task"]), preset
 
 
 def test_unknown_key_is_refused(tmp_path):
@@ -147,7 +147,7 @@ def test_out_of_range_value_names_key_and_bound(tmp_path, section, key, value):
         load_section(section, write(tmp_path, data))
 
 
-@pytest.mark.parametrize("key,value", [("carry_out_gap", 10), ("style", "padded")])
+@pytest.mark.parametrize("key,value", [("gap", "big_column"), ("gap_prompts", 10), ("style", "padded")])
 def test_toy_keys_switched_on_for_another_kind_are_refused(tmp_path, key, value):
     """A prompt file or the mixture would silently ignore them; left at their off values they may stay."""
     data = base()
@@ -167,31 +167,42 @@ def test_padded_answers_with_the_exact_verifier_are_refused(tmp_path):
     assert load_all(write(tmp_path, data))["task"].style == "padded"
 
 
-def test_the_carry_gap_presets_gap_fits_its_split():
+@pytest.mark.parametrize("preset", ["toy_carry_gap"])
+def test_a_gap_presets_gap_fits_its_split(preset):
     """`opd-preset check` validates keys, not the draw: this draws the preset's SFT split as prepare does."""
-    from offline_opd.tasks.addition import carry_out_last, make_splits
+    from offline_opd.tasks.addition import GAPS, gap_first, make_splits
 
-    task = yaml.safe_load((ROOT / "configs/toy_carry_gap.yaml").read_text(encoding="latin-1"))["task"]
+    path = ROOT / "configs" / f"{preset}.yaml"
+    task = yaml.safe_load(path.read_text(encoding="latin-1"))["task"]
+    assert task["gap"] is not None, f"{preset} has no gap: this test checks a gap"
     sft = make_splits(task["digits"], {"sft": task["n_sft"], "opd": task["n_opd"], "eval": task["n_eval"]},
                       task["seed"], task["style"])["sft"]
-    ordered = carry_out_last(sft, task["digits"], task["carry_out_gap"], ROOT / "configs/toy_carry_gap.yaml")
-    assert all(int(p.answer) < 10 ** task["digits"] for p in ordered[:task["carry_out_gap"]])
+    ordered = gap_first(sft, task["digits"], task["gap"], task["gap_prompts"], path)
+    assert not any(GAPS[task["gap"]](p, task["digits"]) for p in ordered[:task["gap_prompts"]])
 
 
-def test_carry_out_gap_needs_a_student_budget_inside_it(tmp_path):
+def test_a_gap_needs_its_size_and_a_student_budget_inside_it(tmp_path):
     """A gap the student's budget reaches past is no gap: refused naming both keys; inside it, accepted."""
     data = base()
-    data["task"]["carry_out_gap"] = 3000
-    with pytest.raises(ConfigError, match=r"params\.yaml: task\.carry_out_gap: 3000 .* sft_data\.n_prompts gives the "
-                                          r"student all of them.*set sft_data\.n_prompts <= 3000"):
+    data["task"]["gap"] = "big_column"
+    with pytest.raises(ConfigError, match=r"params\.yaml: task\.gap_prompts: null, but task\.gap and task\.gap_prompts "
+                                          r"go together"):
+        load_all(write(tmp_path, data))
+    data["task"]["gap_prompts"] = 3000
+    with pytest.raises(ConfigError, match=r"params\.yaml: task\.gap_prompts: 3000 keeps task\.gap 'big_column' out of "
+                                          r"only the first 3000 .* sft_data\.n_prompts gives the student all of them"
+                                          r".*set sft_data\.n_prompts <= 3000"):
         load_all(write(tmp_path, data))
     data["sft_data"]["n_prompts"] = 3001
-    with pytest.raises(ConfigError, match=r"the first 3001, carries included"):
+    with pytest.raises(ConfigError, match=r"the first 3001, the gap included"):
         load_all(write(tmp_path, data))
     data["sft_data"]["n_prompts"] = 3000
-    assert load_all(write(tmp_path, data))["task"].carry_out_gap == 3000
-    data["task"]["carry_out_gap"] = data["task"]["n_sft"] + 1
-    with pytest.raises(ConfigError, match=r"task\.carry_out_gap: 8001 is more than the 8000 SFT prompts"):
+    assert load_all(write(tmp_path, data))["task"].gap_prompts == 3000
+    data["task"]["gap_prompts"] = data["task"]["n_sft"] + 1
+    with pytest.raises(ConfigError, match=r"task\.gap_prompts: 8001 is more than the 8000 SFT prompts"):
+        load_all(write(tmp_path, data))
+    data["task"]["gap"], data["task"]["gap_prompts"] = None, 10
+    with pytest.raises(ConfigError, match=r"task\.gap: null, but task\.gap and task\.gap_prompts go together"):
         load_all(write(tmp_path, data))
 
 

@@ -11,7 +11,7 @@ from offline_opd.stages import prepare
 from offline_opd.contract.prompts import PROMPT_SCHEMA, read_prompts
 
 TASK = {"kind": "addition", "digits": 3, "n_sft": 60, "n_opd": 20, "n_eval": 10, "seed": 0, "prompt_file": None,
-        "carry_out_gap": None, "style": "columns"}
+        "gap": None, "gap_prompts": None, "style": "columns"}
 
 
 def run_prepare(tmp_path, out_name: str = "prompts", **task):
@@ -54,25 +54,32 @@ def test_addition_splits_are_disjoint_and_sized(tmp_path):
     assert again["sft"].equals(splits["sft"])
 
 
-def test_carry_out_gap_puts_sums_without_a_carry_out_first_and_keeps_every_split(tmp_path):
+@pytest.mark.parametrize("gap", ["big_column", "carry_out"])
+def test_a_gap_puts_prompts_without_it_first_and_keeps_every_split(tmp_path, gap):
     """The teacher's split is the same set of prompts; only the student's budget (its head) is gap-free."""
+    from offline_opd.tasks.addition import column_sums
+
+    def has_gap(row: dict) -> bool:
+        a, b = row["prompt"][:-1].split("+")
+        return max(column_sums(a, b)) >= 15 if gap == "big_column" else int(row["answer"]) >= 1000
+
     plain = run_prepare(tmp_path / "plain", n_sft=200)
-    gapped = run_prepare(tmp_path / "gap", n_sft=200, carry_out_gap=50)
+    gapped = run_prepare(tmp_path / "gap", n_sft=200, gap=gap, gap_prompts=50)
     head = gapped["sft"].to_pylist()[:50]
-    assert all(int(r["answer"]) < 1000 for r in head)
+    assert not any(has_gap(r) for r in head)
     assert sorted(gapped["sft"].column("prompt_id").to_pylist()) == sorted(plain["sft"].column("prompt_id").to_pylist())
-    assert any(int(r["answer"]) >= 1000 for r in plain["sft"].to_pylist()[:50])   # the drawn order has carries there
+    assert any(has_gap(r) for r in plain["sft"].to_pylist()[:50])   # the drawn order has the gap's prompts there
     rest = [r["prompt_id"] for r in gapped["sft"].to_pylist()[50:]]
     assert rest == [p for p in plain["sft"].column("prompt_id").to_pylist() if p not in {r["prompt_id"] for r in head}]
     for split in ("opd", "eval"):
         assert gapped[split].equals(plain[split])
 
 
-def test_carry_out_gap_larger_than_the_split_holds_names_the_key_and_the_most_it_can_be(tmp_path, capsys):
+def test_a_gap_larger_than_the_split_holds_names_the_key_and_the_most_it_can_be(tmp_path, capsys):
     plain = run_prepare(tmp_path / "plain")
     short = sum(int(a) < 1000 for a in plain["sft"].column("answer").to_pylist())
-    err = expect_error(tmp_path, capsys, "task.carry_out_gap: 59", carry_out_gap=59)
-    assert f"only {short} of the 60 SFT prompts" in err and "params.yaml" in err
+    err = expect_error(tmp_path, capsys, "task.gap_prompts: 59", gap="carry_out", gap_prompts=59)
+    assert f"only {short} of the 60 SFT prompts are without task.gap 'carry_out'" in err and "params.yaml" in err
 
 
 def test_jsonl_with_split_column_and_numeric_answers(tmp_path):

@@ -64,7 +64,7 @@ def test_bad_verifier_names_the_key_and_the_fix(spec, message):
 
 
 def test_both_tasks_give_the_prompt_contract(tmp_path):
-    base = dict(digits=2, n_sft=6, n_opd=3, n_eval=3, seed=0, carry_out_gap=None, style="columns")
+    base = dict(digits=2, n_sft=6, n_opd=3, n_eval=3, seed=0, gap=None, gap_prompts=None, style="columns")
     params = tmp_path / "params.yaml"
     toy = make_task(TaskConfig(kind="addition", prompt_file=None, **base), params).splits()
     (tmp_path / "prompt_files").mkdir()
@@ -94,7 +94,7 @@ def test_padded_traces_read_a_carry_out_the_way_they_read_none(prompt, padded):
 
 
 def test_task_style_writes_the_references_and_keeps_the_prompts(tmp_path):
-    base = dict(digits=3, n_sft=40, n_opd=4, n_eval=4, seed=0, carry_out_gap=None, prompt_file=None, kind="addition")
+    base = dict(digits=3, n_sft=40, n_opd=4, n_eval=4, seed=0, gap=None, gap_prompts=None, prompt_file=None, kind="addition")
     params = tmp_path / "params.yaml"
     columns = make_task(TaskConfig(style="columns", **base), params).splits()["sft"].to_pylist()
     padded = make_task(TaskConfig(style="padded", **base), params).splits()["sft"].to_pylist()

@@ -20,7 +20,7 @@ from offline_opd.contract.prompts import read_prompts
 from tests import tiny_models
 
 TASK = {"kind": "addition", "digits": 3, "n_sft": 60, "n_opd": 8, "n_eval": 8, "seed": 0, "prompt_file": None,
-        "carry_out_gap": None, "style": "columns"}
+        "gap": None, "gap_prompts": None, "style": "columns"}
 TEACHER = {**yaml.safe_load((tiny_models.REPO / "params.yaml").read_text())["teacher"],
            "source": "scratch", "hidden_size": 48, "num_layers": 2, "num_heads": 2, "intermediate_size": 96,
            "max_steps": 4, "batch_size": 16, "lr": 3.0e-3, "warmup_frac": 0.25, "seed": 0,

@@ -35,7 +35,7 @@ from offline_opd.train.trainer import load_for_training
 from tests.tiny_models import REPO, save_model
 
 TASK = {"kind": "addition", "digits": 3, "n_sft": 110, "n_opd": 8, "n_eval": 8, "seed": 0, "prompt_file": None,
-        "carry_out_gap": None, "style": "columns"}
+        "gap": None, "gap_prompts": None, "style": "columns"}
 # 8 steps of 16 rows: a few hundred tokens per step, so per-micro-batch means and the global mean differ.
 TEACHER = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_steps": 8,
            "batch_size": 16, "lr": 3.0e-3, "warmup_frac": 0.25, "checkpoint_every_n_steps": 1}

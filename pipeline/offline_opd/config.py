@@ -101,17 +101,19 @@ class TaskConfig:
     # For kind=file: a JSONL or Parquet file with columns `prompt` and optionally `prompt_id`,
     # `answer` (reference answer for the verifier) and `split` (sft/opd/eval).
     prompt_file: Optional[str]
-    # kind=addition: the SFT split opens with this many of its prompts whose sum has no carry out of the top
-    # column (< 10^digits), so a student budget of sft_data.n_prompts <= it never shows π_ref a
-    # digits+1-digit sum, while the teacher trains on the whole split (null: the split in drawn order).
-    carry_out_gap: Optional[Count]
+    # kind=addition: what the student's SFT budget never shows (tasks/addition.py GAPS: big_column, a column
+    # summing to 15 or more; carry_out, a sum one digit wider than the operands). The SFT split opens with
+    # gap_prompts prompts without it, so a budget of sft_data.n_prompts <= gap_prompts keeps it from π_ref, while
+    # the teacher trains on the whole split (null: the split in drawn order).
+    gap: Optional[Literal["big_column", "carry_out"]]
+    gap_prompts: Optional[Count]
     # kind=addition: how the reference traces are written (tasks/addition.py STYLES: columns, terse, padded).
     style: Literal["columns", "terse", "padded"]
 
     @classmethod
     def omittable(cls, raw: dict) -> set[str]:
-        """`digits`, `style` and `carry_out_gap` shape the toy additions only."""
-        return {"digits", "style", "carry_out_gap"} if raw.get("kind") != "addition" else set()
+        """`digits`, `style`, `gap` and `gap_prompts` shape the toy additions only."""
+        return {"digits", "style", "gap", "gap_prompts"} if raw.get("kind") != "addition" else set()
 
     def __post_init__(self) -> None:
         """A key the chosen kind would silently ignore is refused, and so is a gap the split cannot hold."""
@@ -119,14 +121,19 @@ class TaskConfig:
             refuse("prompt_file", f"set, but task.kind {self.kind!r} ignores it; set task.kind: file to use it, "
                                   "or prompt_file: null")
         # Like `digits`, the toy's keys may stay in a file switched to another kind, but not switched on there.
-        switched_on = {"style": self.style not in (None, "columns"), "carry_out_gap": self.carry_out_gap is not None}
+        switched_on = {"style": self.style not in (None, "columns"), "gap": self.gap is not None,
+                       "gap_prompts": self.gap_prompts is not None}
         for key, on in switched_on.items():
             if self.kind != "addition" and on:
                 refuse(key, f"{getattr(self, key)!r}, but task.kind {self.kind!r} ignores it (it shapes the toy "
                             "additions only); leave it out, or set task.kind: addition")
-        if self.carry_out_gap is not None and self.carry_out_gap > self.n_sft:
-            refuse("carry_out_gap", f"{self.carry_out_gap} is more than the {self.n_sft} SFT prompts (task.n_sft); "
-                                    "lower it, or raise n_sft")
+        if self.kind == "addition" and (self.gap is None) != (self.gap_prompts is None):
+            refuse("gap_prompts" if self.gap is not None else "gap",
+                   "null, but task.gap and task.gap_prompts go together (what the student's SFT budget never "
+                   "shows, and how many prompts without it open the split); set both, or both null")
+        if self.gap_prompts is not None and self.gap_prompts > self.n_sft:
+            refuse("gap_prompts", f"{self.gap_prompts} is more than the {self.n_sft} SFT prompts (task.n_sft); "
+                                  "lower it, or raise n_sft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -664,13 +671,13 @@ def check_params(cfgs: dict[str, Any], path: str) -> None:
         raise ConfigError(f"{path}: sft.prune_to_layers: {sft.prune_to_layers} keeps more layers than the "
                           f"scratch teacher has (teacher.num_layers {teacher.num_layers}); lower it, or null")
     sft_data = cfgs.get("sft_data")
-    if task is not None and sft_data is not None and task.carry_out_gap is not None \
-            and (sft_data.n_prompts is None or sft_data.n_prompts > task.carry_out_gap):
+    if task is not None and sft_data is not None and task.gap_prompts is not None \
+            and (sft_data.n_prompts is None or sft_data.n_prompts > task.gap_prompts):
         budget = "all of them" if sft_data.n_prompts is None else f"the first {sft_data.n_prompts}"
-        raise ConfigError(f"{path}: task.carry_out_gap: {task.carry_out_gap} keeps carries out of only the first "
-                          f"{task.carry_out_gap} SFT prompts, but sft_data.n_prompts gives the student {budget}, "
-                          f"carries included; set sft_data.n_prompts <= {task.carry_out_gap}, or "
-                          f"task.carry_out_gap: null")
+        raise ConfigError(f"{path}: task.gap_prompts: {task.gap_prompts} keeps task.gap {task.gap!r} out of only "
+                          f"the first {task.gap_prompts} SFT prompts, but sft_data.n_prompts gives the student "
+                          f"{budget}, the gap included; set sft_data.n_prompts <= {task.gap_prompts}, or "
+                          f"task.gap and task.gap_prompts: null")
     if evaluate is not None and task is not None and task.style == "padded" and evaluate.verifier == "exact":
         raise ConfigError(f"{path}: task.style: padded writes answers one digit wider (=0577 for 577), which "
                           f"evaluate.verifier: exact never accepts; use verifier: numeric (compares by value), or "

@@ -50,6 +50,32 @@ class Problem:
 STYLES = ("columns", "terse", "padded")
 
 
+def column_sums(a: str, b: str) -> list[int]:
+    """Each column's sum with its incoming carry, least significant first (the trace's `08 15 12`)."""
+    width = max(len(a), len(b))
+    sums, carry = [], 0
+    for x, y in zip(reversed(a.zfill(width)), reversed(b.zfill(width))):
+        sums.append(int(x) + int(y) + carry)
+        carry = sums[-1] // 10
+    return sums
+
+
+# What a gap in the student's SFT data can leave out (`task.gap`), as a test on a problem with `digits`-digit
+# operands. Both are things the teacher's data has and π_ref never sees, so only the teacher's log-probs can
+# teach them; they differ in how many rounds that takes (README "A gap the teacher fills"):
+# - "big_column": a column summing to 15 or more (with its carry), in about a third of 3-digit additions. The
+#   student never writes "15".."19", and everything after that sum it has learned to copy (the carry, the answer's
+#   digits vary in its data), so one offline round's targets at that one sum fix the whole answer.
+# - "carry_out": a sum one digit wider than the operands (about 60 %). The student's data has the top column's
+#   carry and the answer's leading digit always 0: it learns them as constants, not copies, so each round
+#   fixes only the first of them in its rollouts, and the gap takes several rounds to fill.
+BIG_COLUMN = 15
+GAPS = {
+    "big_column": lambda p, digits: max(column_sums(*p.prompt[:-1].split("+"))) >= BIG_COLUMN,
+    "carry_out": lambda p, digits: len(p.answer) > digits,
+}
+
+
 def solve(prompt: str, style: str = "columns") -> str:
     """The reference trace for an addition prompt "a+b=" in `style`; raises ValueError for anything else."""
     match = re.fullmatch(r"(\d+)\+(\d+)=", prompt)
@@ -61,8 +87,7 @@ def solve(prompt: str, style: str = "columns") -> str:
     width = max(len(a), len(b))
     a, b = a.zfill(width), b.zfill(width)
     steps, carry = [], 0
-    for x, y in zip(reversed(a), reversed(b)):
-        total = int(x) + int(y) + carry
+    for x, y, total in zip(reversed(a), reversed(b), column_sums(a, b)):
         if style == "terse":
             steps.append(f"{x}+{y}{'+1' if carry else ''}={total}")
         else:
@@ -93,20 +118,20 @@ def make_splits(digits: int, sizes: dict[str, int], seed: int, style: str = "col
                                                                                    style))
 
 
-def carry_out_last(problems: list[Problem], digits: int, gap: int, params: Path) -> list[Problem]:
-    """The same problems, `gap` of those without a carry out of the top column first, then the rest in order.
+def gap_first(problems: list[Problem], digits: int, gap: str, size: int, params: Path) -> list[Problem]:
+    """The same problems, `size` of those without `gap` (GAPS) first, then the rest in drawn order.
 
     Why reorder rather than draw a separate set: the teacher still trains on the same prompts it would have
-    had, and only the student's budget (the first sft_data.n_prompts) changes what it sees. About 40 % of
-    3-digit additions have no carry out, so `gap` must fit the split; the error names the most it can be.
+    had, and only the student's budget (the first sft_data.n_prompts) changes what it sees. The prompts without
+    the gap are a fraction of the split, so `size` must fit; the error names the most it can be.
     """
-    short = [p for p in problems if len(p.answer) <= digits]
-    if len(short) < gap:
-        raise UserError(f"{params}: task.carry_out_gap: {gap}, but only {len(short)} of the {len(problems)} SFT "
-                        f"prompts have no carry out of the top column; lower carry_out_gap to at most {len(short)}, "
+    without = [p for p in problems if not GAPS[gap](p, digits)]
+    if len(without) < size:
+        raise UserError(f"{params}: task.gap_prompts: {size}, but only {len(without)} of the {len(problems)} SFT "
+                        f"prompts are without task.gap {gap!r}; lower gap_prompts to at most {len(without)}, "
                         f"or raise task.n_sft")
-    head = {p.prompt_id for p in short[:gap]}
-    return short[:gap] + [p for p in problems if p.prompt_id not in head]
+    head = {p.prompt_id for p in without[:size]}
+    return without[:size] + [p for p in problems if p.prompt_id not in head]
 
 
 class AdditionTask:
@@ -122,8 +147,9 @@ class AdditionTask:
     def splits(self) -> dict[str, pa.Table]:
         sizes = {"sft": self.cfg.n_sft, "opd": self.cfg.n_opd, "eval": self.cfg.n_eval}
         problems = make_splits(self.cfg.digits, sizes, self.cfg.seed, self.cfg.style)
-        if self.cfg.carry_out_gap is not None:
-            problems["sft"] = carry_out_last(problems["sft"], self.cfg.digits, self.cfg.carry_out_gap, self.params)
+        if self.cfg.gap is not None:
+            problems["sft"] = gap_first(problems["sft"], self.cfg.digits, self.cfg.gap, self.cfg.gap_prompts,
+                                        self.params)
         return {name: pa.table({"prompt_id": [p.prompt_id for p in rows], "prompt": [p.prompt for p in rows],
                                 "answer": [p.answer for p in rows], "reference": [p.solution for p in rows]},
                                schema=PROMPT_SCHEMA)
