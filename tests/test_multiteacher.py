@@ -51,7 +51,7 @@ def teacher_set(root: Path, seeds: dict[str, int]) -> Path:
 
 
 def mixture_prompts(n: int) -> pa.Table:
-    return MixtureTask(TaskConfig("addition+reverse", 2, 2, n, 2, 0, None, None, None)).splits()["opd"]
+    return MixtureTask(TaskConfig("addition+reverse", 2, 2, n, 2, 0, None, None, None, None)).splits()["opd"]
 
 
 def run(module, root: Path, argv: list[str], **sections) -> dict:
@@ -252,7 +252,7 @@ def test_inspect_tokens_decodes_with_the_teachers_shared_tokenizer(world, capsys
 
 
 def test_mixture_task_tags_and_interleaves_domains():
-    splits = MixtureTask(TaskConfig("addition+reverse", 3, 9, 4, 5, 0, None, None, None)).splits()
+    splits = MixtureTask(TaskConfig("addition+reverse", 3, 9, 4, 5, 0, None, None, None, None)).splits()
     sft = splits["sft"]
     assert sft.column("domain").to_pylist() == ["add", "rev"] * 4 + ["add"]
     seen = [set(t.column("prompt").to_pylist()) for t in splits.values()]
@@ -299,7 +299,7 @@ def teacher_stage(tmp_path: Path, capsys=None, **domains_and_task) -> dict:
                        "batch_size": 8, "domains": domains_and_task.get("domains", {"add": {}, "rev": {"seed": 3}})}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"teacher": data["teacher"]}))
-    mixture = TaskConfig("addition+reverse", 2, 24, 2, 2, 0, None, None, None)
+    mixture = TaskConfig("addition+reverse", 2, 24, 2, 2, 0, None, None, None, None)
     write_prompts(tmp_path / "sft.parquet", MixtureTask(mixture)
                   .splits()["sft"])
     return teacher.main(["--params", str(path), "--metrics-dir", str(tmp_path / "metrics"), "--prompts",
@@ -336,7 +336,7 @@ def test_a_prompt_file_with_a_domain_column_keeps_it(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": str(i), "domain": "ab"[i % 2],
                                         "split": ("sft", "opd", "eval")[i % 3]}) + "\n" for i in range(12)))
-    splits = file_splits(TaskConfig("file", 1, 1, 1, 1, 0, str(path), None, None), path)
+    splits = file_splits(TaskConfig("file", 1, 1, 1, 1, 0, str(path), None, None, None), path)
     assert all(t.column("domain").to_pylist() == ["ab"[int(a) % 2] for a in t.column("answer").to_pylist()]
                for t in splits.values())
     write_prompts(tmp_path / "sft.parquet", splits["sft"])
