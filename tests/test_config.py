@@ -151,10 +151,11 @@ def test_out_of_range_value_names_key_and_bound(tmp_path, section, key, value):
 def test_toy_keys_switched_on_for_another_kind_are_refused(tmp_path, key, value):
     """A prompt file or the mixture would silently ignore them; left at their off values they may stay."""
     data = base()
-    data["task"] = {**data["task"], "kind": "addition+reverse", key: value}
+    off = {"gap": None, "gap_prompts": None, "style": "columns"}
+    data["task"] = {**data["task"], **off, "kind": "addition+reverse", key: value}
     with pytest.raises(ConfigError, match=rf"params\.yaml: task\.{key}: .*task\.kind 'addition\+reverse' ignores it"):
         load_all(write(tmp_path, data))
-    data["task"][key] = base()["task"][key]
+    data["task"][key] = off[key]
     assert load_all(write(tmp_path, data))["task"].kind == "addition+reverse"
 
 
@@ -167,7 +168,7 @@ def test_padded_answers_with_the_exact_verifier_are_refused(tmp_path):
     assert load_all(write(tmp_path, data))["task"].style == "padded"
 
 
-@pytest.mark.parametrize("preset", ["toy_carry_gap"])
+@pytest.mark.parametrize("preset", ["toy_carry_gap", "toy"])
 def test_a_gap_presets_gap_fits_its_split(preset):
     """`opd-preset check` validates keys, not the draw: this draws the preset's SFT split as prepare does."""
     from offline_opd.tasks.addition import GAPS, gap_first, make_splits
@@ -184,7 +185,7 @@ def test_a_gap_presets_gap_fits_its_split(preset):
 def test_a_gap_needs_its_size_and_a_student_budget_inside_it(tmp_path):
     """A gap the student's budget reaches past is no gap: refused naming both keys; inside it, accepted."""
     data = base()
-    data["task"]["gap"] = "big_column"
+    data["task"]["gap"], data["task"]["gap_prompts"], data["sft_data"]["n_prompts"] = "big_column", None, None
     with pytest.raises(ConfigError, match=r"params\.yaml: task\.gap_prompts: null, but task\.gap and task\.gap_prompts "
                                           r"go together"):
         load_all(write(tmp_path, data))
