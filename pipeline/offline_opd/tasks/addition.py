@@ -64,8 +64,9 @@ def column_sums(a: str, b: str) -> list[int]:
 # operands. Both are things the teacher's data has and π_ref never sees, so only the teacher's log-probs can
 # teach them; they differ in how many rounds that takes (README "A gap the teacher fills"):
 # - "big_column": a column summing to 15 or more (with its carry), in about a third of 3-digit additions. The
-#   student never writes "15".."19", and everything after that sum it has learned to copy (the carry, the answer's
-#   digits vary in its data), so one offline round's targets at that one sum fix the whole answer.
+#   student never writes "15".."19". The teacher's targets at each such sum are right on π_ref's rollouts, since
+#   a column step depends only on what is written before it, so one offline round fixes every column; what it
+#   leaves is the final answer, which copies those sums (a second divergence, which a second round reaches).
 # - "carry_out": a sum one digit wider than the operands (about 60 %). The student's data has the top column's
 #   carry and the answer's leading digit always 0: it learns them as constants, not copies, so each round
 #   fixes only the first of them in its rollouts, and the gap takes several rounds to fill.
