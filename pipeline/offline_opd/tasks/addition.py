@@ -87,13 +87,10 @@ def solve(prompt: str, style: str = "columns") -> str:
     a, b = match.groups()
     width = max(len(a), len(b))
     a, b = a.zfill(width), b.zfill(width)
-    steps, carry = [], 0
-    for x, y, total in zip(reversed(a), reversed(b), column_sums(a, b)):
-        if style == "terse":
-            steps.append(f"{x}+{y}{'+1' if carry else ''}={total}")
-        else:
-            steps.append(f"{x}+{y}+{carry}={total:02d}")
-        carry = total // 10
+    sums = column_sums(a, b)
+    carries = [0] + [total // 10 for total in sums[:-1]]   # each column's incoming carry
+    steps = [f"{x}+{y}{'+1' if carry else ''}={total}" if style == "terse" else f"{x}+{y}+{carry}={total:02d}"
+             for x, y, carry, total in zip(reversed(a), reversed(b), carries, sums)]
     answer = str(int(a) + int(b))
     return " ".join(steps) + f" ={answer.zfill(width + 1) if style == 'padded' else answer}"
 
