@@ -39,11 +39,15 @@ endif
 	touch $@
 
 # PRESET=NAME first switches params.yaml to configs/NAME.yaml (validated); CI runs `make run PRESET=ci`.
+# One torch thread per stage is the stages' default (it does not collapse beside other jobs); `make run`
+# asks once for the cores idle now and gives each stage that many (OPD_NUM_THREADS, when set, wins).
 run: install
 ifdef PRESET
 	$(BIN)/opd-preset $(PRESET)
 endif
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	threads=$${OPD_NUM_THREADS:-$$($(BIN)/python -m offline_opd.tools.idle_cores)}; \
+	echo "make run: $$threads torch thread(s) per stage"; \
+	OPD_NUM_THREADS=$$threads PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@echo "accuracy (teacher, pi_ref = student_sft, distilled = student_opd); all metrics: dvc metrics show"
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show metrics/eval.json
 
