@@ -13,6 +13,7 @@ training. Rows (`--rows`, comma-separated):
   pg                       offline, the paper's loss exactly as stated (advantage log p_T(a) − log q(a), clipped)
   pg_ppo                   offline pg with a baseline and a PPO trust region (loss_params baseline 1,
                            trust_region 0.2: README "Losses")
+  pg_baseline              offline pg with the baseline alone (baseline 1, no trust region)
   online_<loss>            online OPD (pipeline/offline_opd/tools/online_distill.py): same loss, optimizer steps and batch; the
                            current student samples every step and the in-process teacher scores
   online_init_<loss>       the same with a frozen π_ref sampling every step (`--sampler init`): fresh but
@@ -73,6 +74,7 @@ LOSSES: dict[str, dict[str, Any]] = {
     "rkl": {"loss": "rkl", "loss_params": {}},
     "pg": {"loss": "pg", "loss_params": {}},
     "pg_ppo": {"loss": "pg", "loss_params": {"baseline": 1.0, "trust_region": 0.2}},
+    "pg_baseline": {"loss": "pg", "loss_params": {"baseline": 1.0}},
 }
 # row -> (distill overrides, rollouts overrides): the recipes of issue 20, each one offline round
 REJECT_PERPLEXITY = 2.0   # embedded default, π_ref seed 0: 5.5 % of its 4,096 rollouts (5.7 % of response tokens) are above
