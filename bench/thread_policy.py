@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -63,7 +64,10 @@ def prepare_inputs(work: Path, steps: int) -> None:
 
 
 def time_teacher(work: Path, threads: int) -> tuple[float, float]:
-    """(train_s, wall_s) of one `teacher` run with `threads` torch threads."""
+    """(train_s, wall_s) of one `teacher` run with `threads` torch threads, from scratch: the previous run's
+    model, metrics and resume checkpoint are removed first (else the stage would resume a finished run)."""
+    for done in ("data/models", "metrics", "plots", "logs"):
+        shutil.rmtree(work / done, ignore_errors=True)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "offline_opd.stages.teacher", "--prompts", "data/prompts/sft.parquet",
                     "--out", "data/models/teacher", "--plots", "plots/teacher"], cwd=work, env=stage_env(threads),
