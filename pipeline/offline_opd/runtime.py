@@ -109,7 +109,8 @@ def torch_threads() -> int:
     contention: on a shared machine (other jobs, parallel DVC stages, DataLoader workers) spinning
     threads wait on each other. bench/thread_policy.py measures both settings with and without a
     concurrent CPU hog. Real models on GPU do not use these threads for compute; a large model on CPU
-    should set OPD_NUM_THREADS to the cores it may use.
+    should set OPD_NUM_THREADS to the cores it may use. `make run` sets it once for the whole DAG to the
+    cores idle when it starts (offline_opd.tools.idle_cores).
     """
     for name in (THREADS_ENV, "OMP_NUM_THREADS"):
         raw = os.environ.get(name)
